@@ -1,0 +1,138 @@
+"""The noise schedule of a discrete-time VP diffusion model (SPEC §1).
+
+``z_t = α_t z_0 + σ_t ε`` with ``α_t = √ᾱ_t``, ``σ_t = √(1 − ᾱ_t)`` and ``λ_t = log(α_t / σ_t)``, for integer
+``t ∈ {0, …, T−1}``. Non-integer ``t`` (the midpoints of the 2nd-order solvers) is handled as DPM-Solver's discrete
+``NoiseScheduleVP`` does: ``log α`` is interpolated piecewise-linearly over ``t``. All tables are float64; callers
+cast the coefficients they finally multiply with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["NoiseSchedule", "betas_from_config"]
+
+
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Algorithm 1: shift and scale √ᾱ so that the last step has zero SNR."""
+    sqrt_ac = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_ac[0].clone(), sqrt_ac[-1].clone()
+    sqrt_ac = (sqrt_ac - last) * first / (first - last)
+    alphas_cumprod = sqrt_ac**2
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1.0 - alphas
+
+
+def betas_from_config(config: Mapping[str, Any]) -> torch.Tensor:
+    """β_1..β_T (float64) for a diffusers scheduler config (``beta_schedule``, ``beta_start``, ``beta_end``, …)."""
+    num = int(config.get("num_train_timesteps", 1000))
+    trained = config.get("trained_betas")
+    schedule = config.get("beta_schedule", "linear")
+    start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+    if trained is not None:
+        betas = torch.tensor(trained, dtype=torch.float64)
+    elif schedule == "linear":
+        betas = torch.linspace(start, end, num, dtype=torch.float64)
+    elif schedule == "scaled_linear":
+        betas = torch.linspace(start**0.5, end**0.5, num, dtype=torch.float64) ** 2
+    elif schedule == "squaredcos_cap_v2":
+        steps = torch.arange(num + 1, dtype=torch.float64) / num
+        alpha_bar = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = (1.0 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    else:
+        raise ValueError(
+            f"beta_schedule {schedule!r} is not supported; use one of 'linear', 'scaled_linear', 'squaredcos_cap_v2' "
+            "or give trained_betas"
+        )
+    if config.get("rescale_betas_zero_snr", False):
+        betas = _rescale_zero_terminal_snr(betas)
+    return betas
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of (xp, fp) at x, xp increasing; x is clamped to [xp[0], xp[-1]]."""
+    x = x.clamp(xp[0], xp[-1])
+    idx = torch.searchsorted(xp, x, right=True).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+    return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
+
+
+@dataclass(frozen=True, eq=False)
+class NoiseSchedule:
+    """α_t, σ_t and λ_t of a VP schedule, from its cumulative product ᾱ_t (float64, shape [T])."""
+
+    alphas_cumprod: torch.Tensor  # (T,) float64, ᾱ_t for t = 0..T-1
+    final_alpha_cumprod: float = 1.0  # ᾱ "below t = 0", where DDIM's last step lands (diffusers' set_alpha_to_one)
+
+    def __post_init__(self) -> None:
+        ac = self.alphas_cumprod
+        if ac.ndim != 1 or len(ac) < 2:
+            raise ValueError("alphas_cumprod must be a 1-D table of at least two timesteps")
+        if ac.dtype != torch.float64:
+            object.__setattr__(self, "alphas_cumprod", ac.to(torch.float64))
+        # log α_t = ½ log ᾱ_t, the quantity interpolated for non-integer t.
+        object.__setattr__(self, "_log_alpha", 0.5 * torch.log(self.alphas_cumprod))
+
+    # --- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> NoiseSchedule:
+        """From a diffusers scheduler config (any of DDPM/DDIM/PNDM/LCM/DPMSolver… share these keys)."""
+        betas = betas_from_config(config)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        if config.get("rescale_betas_zero_snr", False):
+            alphas_cumprod[-1] = 2.0**-24  # as diffusers: keep σ/α finite at the zero-SNR end
+        set_alpha_to_one = config.get("set_alpha_to_one", True)
+        final = 1.0 if set_alpha_to_one else float(alphas_cumprod[0])
+        return cls(alphas_cumprod, final)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> NoiseSchedule:
+        """From a diffusers model folder (``scheduler/scheduler_config.json``) or the config file itself."""
+        path = Path(path)
+        candidates = [path, path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"]
+        for candidate in candidates:
+            if candidate.is_file():
+                return cls.from_config(json.loads(candidate.read_text()))
+        raise ValueError(f"no scheduler_config.json under {path} (looked for {', '.join(map(str, candidates[1:]))})")
+
+    # --- tables -------------------------------------------------------------------------------------------------
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """log α_t for t of any shape (integer or real, in [0, T−1]), float64."""
+        t = torch.as_tensor(t).to(torch.float64)
+        if not torch.all((t >= 0) & (t <= self.num_train_timesteps - 1)):
+            raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}], got {t.tolist()}")
+        grid = torch.arange(self.num_train_timesteps, dtype=torch.float64)
+        return _interp(t, grid, self._log_alpha)  # exact table lookup at integer t
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return self.log_alpha(t).exp()
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return (-torch.expm1(2.0 * self.log_alpha(t))).sqrt()  # √(1 − α²), accurate when α → 1
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_alpha = self.log_alpha(t)
+        return log_alpha.exp(), (-torch.expm1(2.0 * log_alpha)).sqrt()
+
+    def lambda_(self, t: torch.Tensor) -> torch.Tensor:
+        """Half log-SNR λ_t = log α_t − log σ_t."""
+        log_alpha = self.log_alpha(t)
+        return log_alpha - 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
+
+    def t_of_lambda(self, lam: torch.Tensor) -> torch.Tensor:
+        """Inverse of λ_t (real-valued t): log α = −½ log(1 + e^{−2λ}), then invert the interpolated log α."""
+        log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam, dtype=torch.float64), -2.0 * lam.to(torch.float64))
+        grid = torch.arange(self.num_train_timesteps, dtype=torch.float64)
+        # log α decreases with t: interpolate on the flipped (increasing) table.
+        return _interp(log_alpha, self._log_alpha.flip(0), grid.flip(0))
