@@ -1,0 +1,117 @@
+"""Samplers: multistep consistency sampling (SPEC §4) and the teacher's DDIM / DPM-Solver baselines.
+
+Every sampler is a free function over a callable (as k-diffusion's): the consistency function
+``f(z [B,C,H,W], t [B]) → x̂0`` for LCMs, a denoiser ``(z, t) → Denoised(x0, eps)`` for the teacher. Guidance,
+conditioning and the network live in the callable. Timesteps are float64/long ``[N]`` lists from
+:mod:`lcm.timesteps`; randomness comes from one generator per image, so image i is the same whatever the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .parameterization import append_dims
+from .schedule import NoiseSchedule
+from .solvers import Denoiser, dpm_solver_1_update, dpm_solver_pp_1_update
+
+__all__ = ["ConsistencyFn", "randn_per_image", "sample_ddim", "sample_dpm_solver", "sample_lcm"]
+
+ConsistencyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def randn_per_image(
+    shape: Sequence[int],
+    generators: Sequence[torch.Generator],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Standard normal ``[B, *shape[1:]]``, image i drawn from ``generators[i]`` (as diffusers' ``randn_tensor``)."""
+    if len(generators) != shape[0]:
+        raise ValueError(f"need one generator per image: {len(generators)} generators for a batch of {shape[0]}")
+    one = (1, *shape[1:])
+    return torch.cat([torch.randn(one, generator=g, device=g.device, dtype=dtype) for g in generators]).to(device)
+
+
+def _batched(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return t.reshape(1).expand(z.shape[0]).to(z.device)
+
+
+@torch.no_grad()
+def sample_lcm(
+    f: ConsistencyFn,
+    z: torch.Tensor,
+    timesteps: torch.Tensor,
+    schedule: NoiseSchedule,
+    generators: Sequence[torch.Generator],
+) -> torch.Tensor:
+    """Multistep consistency sampling (Algorithm 1, Luo et al. 2023); ``z`` is the initial noise ``z_T``."""
+    x0 = z
+    for i, t in enumerate(timesteps):
+        x0 = f(z, _batched(t, z))  # jump to the trajectory's origin
+        if i + 1 < len(timesteps):  # re-noise to the next, lower, timestep
+            alpha, sigma = schedule.alpha_sigma(_batched(timesteps[i + 1], z))
+            noise = randn_per_image(z.shape, generators, z.device, z.dtype)
+            z = append_dims(alpha, x0) * x0 + append_dims(sigma, x0) * noise
+    return x0
+
+
+@torch.no_grad()
+def sample_ddim(denoiser: Denoiser, z: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """Deterministic DDIM (η = 0) along ``timesteps``; the last step lands on ``schedule.final_alpha_cumprod``.
+
+    The step after ``timesteps[i]`` is ``timesteps[i+1]``; for the spacings diffusers uses with SD ("leading",
+    and "trailing" when N divides T) this is the same as diffusers' ``t − T // N``.
+    """
+    final = torch.tensor(schedule.final_alpha_cumprod, dtype=torch.float64)
+    for i, t in enumerate(timesteps):
+        d = denoiser(z, _batched(t, z))
+        if i + 1 < len(timesteps):
+            alpha, sigma = schedule.alpha_sigma(_batched(timesteps[i + 1], z))
+        else:
+            alpha, sigma = final.sqrt().expand(z.shape[0]), (1 - final).sqrt().expand(z.shape[0])
+        z = append_dims(alpha, z) * d.x0 + append_dims(sigma, z) * d.eps
+    return z
+
+
+@torch.no_grad()
+def sample_dpm_solver(
+    denoiser: Denoiser,
+    z: torch.Tensor,
+    timesteps: torch.Tensor,
+    schedule: NoiseSchedule,
+    data_prediction: bool,
+    lower_order_final: bool = True,
+) -> torch.Tensor:
+    """2nd-order multistep DPM-Solver (noise form) or DPM-Solver++(2M) (data form), midpoint variant.
+
+    As diffusers' ``DPMSolverMultistepScheduler`` (solver_order=2): the first step is 1st order; DPM-Solver++ ends
+    at σ = 0 (returns x̂0), DPM-Solver at t = 0 (its noise form cannot reach σ = 0); the last step is 1st order
+    when it lands on σ = 0, or with ``lower_order_final`` and fewer than 15 steps.
+    """
+    n, batch = len(timesteps), z.shape[0]
+    alphas, sigmas = schedule.alpha_sigma(timesteps.to(torch.float64))
+    if data_prediction:
+        alphas, sigmas = torch.cat([alphas, alphas.new_ones(1)]), torch.cat([sigmas, sigmas.new_zeros(1)])
+    else:
+        a0, s0 = schedule.alpha_sigma(torch.zeros(1))
+        alphas, sigmas = torch.cat([alphas, a0]), torch.cat([sigmas, s0])
+    lambdas = alphas.log() - sigmas.log()
+    update = dpm_solver_pp_1_update if data_prediction else dpm_solver_1_update
+    prev = None  # the previous model output (x̂0 or ε̂)
+    for i, t in enumerate(timesteps):
+        d = denoiser(z, _batched(t, z))
+        m = d.x0 if data_prediction else d.eps
+        a_s, s_s, a_t, s_t = (v.expand(batch) for v in (alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1]))
+        last = i == n - 1
+        first_order = prev is None or (last and (data_prediction or (lower_order_final and n < 15)))
+        if first_order:
+            z = update(z, m, a_s, s_s, a_t, s_t)
+        else:
+            # D1 = (m0 − m1)/r0 with r0 = h_{i−1}/h_i; the midpoint rule adds ½·(first-order coefficient)·D1.
+            h, h_prev = lambdas[i + 1] - lambdas[i], lambdas[i] - lambdas[i - 1]
+            m_ext = m + 0.5 * float(h / h_prev) * (m - prev)
+            z = update(z, m_ext, a_s, s_s, a_t, s_t)
+        prev = m
+    return z

@@ -1,0 +1,122 @@
+"""ODE solvers Ψ(z_s, s → t) for the (guidance-augmented) probability-flow ODE (SPEC §2).
+
+A solver takes a *denoiser* — any callable ``(z [B,C,H,W], t [B]) → Denoised(x0, eps)``, typically the guided
+teacher — so that 2nd-order solvers can call it twice. ``s > t`` per sample; t may differ across the batch.
+
+- DDIM (Song et al. 2021): ``z_t = α_t x̂0 + σ_t ε̂``. One denoiser call.
+- DPM-Solver-2 (Lu et al. 2022a, Alg. 1, r₁ = ½): singlestep, noise form, midpoint ``λ_u = λ_s + h/2``. Two calls.
+- DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1, r = ½): singlestep, data form, same midpoint. Two calls.
+
+The 1st-order exponential-integrator updates of both families are written out too: they are algebraically DDIM
+(a test) and serve the multistep samplers in :mod:`lcm.sampling`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+
+import torch
+
+from .parameterization import Denoised, append_dims
+from .schedule import NoiseSchedule
+
+__all__ = [
+    "Denoiser",
+    "Solver",
+    "ddim_step",
+    "dpm_solver_1_update",
+    "dpm_solver_2_step",
+    "dpm_solver_pp_1_update",
+    "dpm_solver_pp_2s_step",
+    "solve",
+]
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], Denoised]
+
+
+class Solver(str, Enum):
+    """The ODE solver of LCD; values are the CLI's spellings."""
+
+    DDIM = "ddim"
+    DPM = "dpm"  # DPM-Solver-2
+    DPMPP = "dpmpp"  # DPM-Solver++(2S)
+
+    @property
+    def denoiser_calls(self) -> int:
+        return 1 if self is Solver.DDIM else 2
+
+
+def _log_snr_step(
+    alpha_s: torch.Tensor, sigma_s: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor
+) -> torch.Tensor:
+    """h = λ_t − λ_s (float64); +∞ when σ_t = 0."""
+    return (alpha_t.log() - sigma_t.log()) - (alpha_s.log() - sigma_s.log())
+
+
+def dpm_solver_1_update(
+    z: torch.Tensor,
+    eps: torch.Tensor,
+    alpha_s: torch.Tensor,
+    sigma_s: torch.Tensor,
+    alpha_t: torch.Tensor,
+    sigma_t: torch.Tensor,
+) -> torch.Tensor:
+    """1st-order DPM-Solver (noise form): ``z_t = (α_t/α_s) z_s − σ_t (e^h − 1) ε̂``."""
+    h = _log_snr_step(alpha_s, sigma_s, alpha_t, sigma_t)
+    return append_dims(alpha_t / alpha_s, z) * z - append_dims(sigma_t * torch.expm1(h), z) * eps
+
+
+def dpm_solver_pp_1_update(
+    z: torch.Tensor,
+    x0: torch.Tensor,
+    alpha_s: torch.Tensor,
+    sigma_s: torch.Tensor,
+    alpha_t: torch.Tensor,
+    sigma_t: torch.Tensor,
+) -> torch.Tensor:
+    """1st-order DPM-Solver++ (data form): ``z_t = (σ_t/σ_s) z_s − α_t (e^{−h} − 1) x̂0``; exact at σ_t = 0."""
+    h = _log_snr_step(alpha_s, sigma_s, alpha_t, sigma_t)
+    return append_dims(sigma_t / sigma_s, z) * z - append_dims(alpha_t * torch.expm1(-h), z) * x0
+
+
+def ddim_step(denoiser: Denoiser, z: torch.Tensor, s: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule):
+    """Deterministic DDIM from s to t: ``α_t x̂0 + σ_t ε̂`` (exact for an exact denoiser)."""
+    d = denoiser(z, s)
+    alpha_t, sigma_t = schedule.alpha_sigma(t)
+    return append_dims(alpha_t, z) * d.x0 + append_dims(sigma_t, z) * d.eps
+
+
+def _midpoint(schedule: NoiseSchedule, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """u with λ_u = (λ_s + λ_t)/2, real-valued, mapped back through the interpolated schedule."""
+    return schedule.t_of_lambda(0.5 * (schedule.lambda_(s) + schedule.lambda_(t)))
+
+
+def dpm_solver_2_step(denoiser: Denoiser, z: torch.Tensor, s: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule):
+    """DPM-Solver-2: ``z_u = (α_u/α_s) z_s − σ_u (e^{h/2} − 1) ε̂(z_s, s)``,
+    ``z_t = (α_t/α_s) z_s − σ_t (e^h − 1) ε̂(z_u, u)``."""
+    u = _midpoint(schedule, s, t)
+    (alpha_s, sigma_s), (alpha_u, sigma_u), (alpha_t, sigma_t) = map(schedule.alpha_sigma, (s, u, t))
+    z_u = dpm_solver_1_update(z, denoiser(z, s).eps, alpha_s, sigma_s, alpha_u, sigma_u)
+    return dpm_solver_1_update(z, denoiser(z_u, u).eps, alpha_s, sigma_s, alpha_t, sigma_t)
+
+
+def dpm_solver_pp_2s_step(
+    denoiser: Denoiser, z: torch.Tensor, s: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule
+):
+    """DPM-Solver++(2S): ``z_u = (σ_u/σ_s) z_s − α_u (e^{−h/2} − 1) x̂0(z_s, s)``,
+    ``z_t = (σ_t/σ_s) z_s − α_t (e^{−h} − 1) x̂0(z_u, u)`` (with r = ½, D = x̂0(z_u, u))."""
+    u = _midpoint(schedule, s, t)
+    (alpha_s, sigma_s), (alpha_u, sigma_u), (alpha_t, sigma_t) = map(schedule.alpha_sigma, (s, u, t))
+    z_u = dpm_solver_pp_1_update(z, denoiser(z, s).x0, alpha_s, sigma_s, alpha_u, sigma_u)
+    return dpm_solver_pp_1_update(z, denoiser(z_u, u).x0, alpha_s, sigma_s, alpha_t, sigma_t)
+
+
+_STEPS = {Solver.DDIM: ddim_step, Solver.DPM: dpm_solver_2_step, Solver.DPMPP: dpm_solver_pp_2s_step}
+
+
+def solve(
+    solver: Solver, denoiser: Denoiser, z: torch.Tensor, s: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule
+) -> torch.Tensor:
+    """Ψ(z_s, s → t) with the chosen solver: the estimate ẑ_t of LCD's target."""
+    return _STEPS[Solver(solver)](denoiser, z, s, t, schedule)
