@@ -28,6 +28,15 @@ class ParityRecorder:
         return diff
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Caches (text embeddings, downloads) go to a temporary folder, never the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LCM_CACHE", str(tmp_path_factory.mktemp("lcm-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def parity(request) -> ParityRecorder:
     return ParityRecorder(request.node.name)

