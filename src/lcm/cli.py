@@ -46,6 +46,47 @@ def _cmd_timesteps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_teacher(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .train_teacher import TeacherTrainConfig, train_teacher
+
+    cfg = TeacherTrainConfig(
+        out=Path(args.out),
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        seed=args.seed,
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        classifier_steps=args.classifier_steps,
+        unet_batch=args.batch_size,
+        unet_channels=tuple(int(c) for c in args.unet_channels.split(",")),
+        max_train_images=args.max_train_images,
+        checkpoint_every=args.checkpoint_every,
+        sample_every=args.sample_every,
+    )
+    report = train_teacher(cfg)
+    print(json.dumps({k: report[k] for k in ("scaling_factor", "vae_test_mse", "classifier_test_accuracy")}))
+    print(f"teacher written to {cfg.out} (sample grids in {cfg.out / 'samples'})")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from .generate import Sampler, default_model_path, generate
+    from .images import save_grid
+    from .teacher import LatentDiffusion
+
+    model = LatentDiffusion.from_pretrained(args.model or default_model_path())
+    sampler = Sampler(args.sampler) if args.sampler else (Sampler.LCM if model.is_lcm else Sampler.DDIM)
+    steps = args.steps or (4 if sampler is Sampler.LCM else 25)
+    w = args.guidance if args.guidance is not None else (6.0 if model.is_lcm else 3.0)
+    prompts = [p for p in args.prompt for _ in range(args.num_images)]
+    seeds = [args.seed + i for _ in args.prompt for i in range(args.num_images)]
+    images = generate(model, prompts, sampler, steps, w, seeds, batch_size=args.batch_size, progress=True)
+    path = save_grid(images, args.out, nrow=args.num_images, scale=args.scale)
+    print(f"{len(images)} images ({sampler.value}, {steps} steps, w={w}) written to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lcm",
@@ -56,6 +97,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="distil the embedded Fashion-MNIST teacher and compare (see its --help)")
     demo.set_defaults(func=_cmd_demo)
+
+    tt = sub.add_parser(
+        "train-teacher",
+        help="train the embedded Fashion-MNIST teacher (VAE, UNet, evaluation classifier)",
+        description=(
+            "Train the embedded default: an AutoencoderKL, an epsilon-prediction UNet2DConditionModel conditioned on "
+            "MiniLM token states, and the classifier behind the offline metrics. Writes a diffusers-format folder. "
+            "Rerunning the same command resumes from the last checkpoint of each stage."
+        ),
+    )
+    tt.add_argument("--out", required=True, help="output model folder (checkpoints go to OUT/checkpoints)")
+    tt.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: Debian package or download)")
+    tt.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give equal weights (default 0)")
+    tt.add_argument("--vae-steps", type=int, default=3000, help="VAE optimisation steps, batch 128 (default 3000)")
+    tt.add_argument("--unet-steps", type=int, default=9000, help="UNet optimisation steps (default 9000)")
+    tt.add_argument("--classifier-steps", type=int, default=2500, help="classifier steps, batch 128 (default 2500)")
+    tt.add_argument("--batch-size", type=int, default=128, help="UNet batch size (default 128)")
+    tt.add_argument("--unet-channels", default="32,64,64", help="UNet block widths (default 32,64,64)")
+    tt.add_argument("--max-train-images", type=int, help="train on the first N images only (for smoke runs)")
+    tt.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    tt.add_argument("--sample-every", type=int, default=1000, help="UNet steps between sample grids (default 1000)")
+    tt.set_defaults(func=_cmd_train_teacher)
+
+    sp = sub.add_parser(
+        "sample",
+        help="generate a PNG grid from prompts with a teacher or an LCM",
+        description=(
+            "Generate images from text prompts. Rows are prompts, columns are --num-images seeds. "
+            "Guidance --guidance is the paper's w (diffusers' guidance_scale is w + 1)."
+        ),
+    )
+    sp.add_argument("--model", help="diffusers-format model folder or hub id (default: the shipped Fashion teacher)")
+    sp.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several rows")
+    sp.add_argument(
+        "--sampler",
+        choices=["lcm", "ddim", "dpm", "dpmpp"],
+        help="lcm (LCMs), ddim, dpm (DPM-Solver 2M) or dpmpp (DPM-Solver++ 2M); default lcm for LCMs, else ddim",
+    )
+    sp.add_argument("--steps", type=int, help="sampling steps (default 4 for lcm, 25 otherwise)")
+    sp.add_argument("--guidance", type=float, help="guidance weight w (default 6 for LCMs, 3 for teachers)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (default 0)")
+    sp.add_argument("--num-images", type=int, default=8, help="images per prompt (default 8)")
+    sp.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    sp.add_argument("--scale", type=int, default=2, help="pixel upscaling of the saved grid (default 2)")
+    sp.add_argument("--out", default="grid.png", help="output PNG (default grid.png)")
+    sp.set_defaults(func=_cmd_sample)
 
     ts = sub.add_parser(
         "timesteps",
