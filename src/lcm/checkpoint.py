@@ -10,7 +10,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["load_training_state", "latest_checkpoint", "save_training_state"]
+__all__ = ["latest_checkpoint", "load_training_state", "module_state", "restore_modules", "save_training_state"]
+
+
+def module_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """State dicts of named modules as one flat ``{"name.param": tensor}`` dict."""
+    return {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+
+
+def restore_modules(state: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module]) -> None:
+    for name, module in modules.items():
+        prefix = name + "."
+        module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -18,17 +29,18 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     for pid, values in state["state"].items():
         for name, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"optim.{pid}.{name}"] = value.contiguous()
+                tensors[f"optim.{pid}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{pid}.{name}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict, device: torch.device) -> dict:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, pid, name = key.split(".", 2)
+            value = value.to(device)
             state.setdefault(int(pid), {})[name] = value
     for key, value in meta["scalars"].items():
         pid, name = key.split(".", 1)
@@ -38,17 +50,17 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def save_training_state(
     directory: str | Path,
-    modules: dict[str, torch.nn.Module],
+    state: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer | None,
     meta: dict[str, Any],
     rng: torch.Generator | None = None,
 ) -> Path:
-    """Write modules' state dicts, optimiser state, RNG state and ``meta`` atomically into ``directory``."""
+    """Write model tensors, optimiser state, RNG state and ``meta`` atomically into ``directory``."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
     meta = dict(meta)
     if optimizer is not None:
         opt_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
@@ -65,22 +77,22 @@ def save_training_state(
 
 def load_training_state(
     directory: str | Path,
-    modules: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer | None = None,
     rng: torch.Generator | None = None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Restore optimiser and RNG states in place; return (model tensors, meta)."""
     directory = Path(directory)
+    if not (directory / "state.safetensors").is_file():
+        raise ValueError(f"{directory} is not a training checkpoint (no state.safetensors)")
     tensors = load_file(str(directory / "state.safetensors"))
     meta = json.loads((directory / "meta.json").read_text())
-    for name, module in modules.items():
-        prefix = name + "."
-        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
     if optimizer is not None and "optimizer" in meta:
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        device = optimizer.param_groups[0]["params"][0].device
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"], device))
     torch.set_rng_state(tensors["rng.torch"])
     if rng is not None and "rng.generator" in tensors:
         rng.set_state(tensors["rng.generator"])
-    return meta
+    return {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}, meta
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import latest_checkpoint, load_training_state, save_training_state
+from .checkpoint import latest_checkpoint, load_training_state, module_state, restore_modules, save_training_state
 from .data.captions import CaptionSet, class_prompts
 from .data.fashion_mnist import load_fashion_mnist
 from .ema import ema_update
@@ -108,7 +108,8 @@ def _run_stage(name, cfg, modules, optimizer, scheduler, steps, step_fn, after_s
     start, elapsed = 0, 0.0
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
-        meta = load_training_state(latest, modules, optimizer, rng)
+        state, meta = load_training_state(latest, optimizer, rng)
+        restore_modules(state, modules)
         start, elapsed = meta["step"], meta.get("elapsed", 0.0)
         if scheduler is not None:  # LambdaLR is a pure function of the step: put it there
             scheduler.last_epoch = start
@@ -131,7 +132,11 @@ def _run_stage(name, cfg, modules, optimizer, scheduler, steps, step_fn, after_s
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == steps:
             save_training_state(
-                ckpt_root / f"step-{done}", modules, optimizer, {"step": done, "elapsed": time.time() - t0}, rng
+                ckpt_root / f"step-{done}",
+                module_state(modules),
+                optimizer,
+                {"step": done, "elapsed": time.time() - t0},
+                rng,
             )
             for old in ckpt_root.glob("step-*"):  # keep the latest only
                 if old.name != f"step-{done}":
