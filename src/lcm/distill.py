@@ -1,0 +1,119 @@
+"""The Latent Consistency Distillation step (Algorithm 1 of Luo et al. 2023; SPEC §2). Knows no Accelerate.
+
+One call of :meth:`LCD.loss`, for a batch of clean latents z0 and their text conditions:
+
+1. draw (t_{n+k}, t_n) on the skipping grid, noise ε and a guidance weight w ~ U[w_min, w_max] per sample;
+2. ``z_{t_{n+k}} = α z0 + σ ε``;
+3. the student's consistency output ``f_θ(z_{t_{n+k}}, w, c, t_{n+k})``;
+4. without gradients: one solver step of the guided teacher, ``ẑ_{t_n} = Ψ(z_{t_{n+k}}, t_{n+k} → t_n)``
+   (Eq. 8 with the augmented PF-ODE, Eq. 13), and the target's ``f_θ⁻(ẑ_{t_n}, w, c, t_n)``;
+5. ``d(f_θ, f_θ⁻)`` per sample.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .consistency import SIGMA_DATA, TIMESTEP_SCALING, consistency_function
+from .ema import ema_update
+from .guidance import w_embedding
+from .losses import LossType, consistency_loss
+from .parameterization import append_dims, to_denoised
+from .solvers import Solver, solve
+from .student import StudentKind, adapters_disabled
+from .teacher import LatentDiffusion
+from .text import TextEmbeddings
+from .timesteps import SkippingGrid
+
+__all__ = ["LCD", "LCDConfig", "LCDOutput"]
+
+
+@dataclass(frozen=True)
+class LCDConfig:
+    num_solver_steps: int = 50  # N: the skipping grid has N points, k = T // N (20)
+    solver: Solver = Solver.DDIM  # ODE solver Ψ of the guided teacher
+    w_min: float = 2.0  # guidance weight range, paper's w (diffusers' guidance_scale − 1)
+    w_max: float = 14.0
+    loss: LossType = LossType.HUBER
+    huber_c: float = 0.001
+    ema_decay: float = 0.95  # μ of the target network (full student only)
+    timestep_scaling: float = TIMESTEP_SCALING
+    sigma_data: float = SIGMA_DATA
+
+    def __post_init__(self):
+        object.__setattr__(self, "solver", Solver(self.solver))
+        object.__setattr__(self, "loss", LossType(self.loss))
+        if not 0 <= self.w_min <= self.w_max:
+            raise ValueError(f"need 0 <= w_min <= w_max, got [{self.w_min}, {self.w_max}]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
+
+
+class LCDOutput(NamedTuple):
+    loss: torch.Tensor  # (B,) per-sample distance
+    t_start: torch.Tensor  # (B,) t_{n+k}
+    w: torch.Tensor  # (B,)
+
+
+class LCD:
+    """Owns student, target and teacher UNets of one distillation run and computes the LCD loss."""
+
+    def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg: LCDConfig, target=None):
+        self.model, self.student, self.kind, self.cfg = model, student, StudentKind(kind), cfg
+        self.grid = SkippingGrid(cfg.num_solver_steps, model.schedule.num_train_timesteps)
+        if self.kind is StudentKind.FULL:
+            if target is None:
+                raise ValueError("a full student needs an EMA target UNet")
+            self.target = target.requires_grad_(False)
+            self.teacher_unet = model.unet  # frozen
+        else:
+            self.target = student  # same weights, used under no_grad
+            self.teacher_unet = student  # with adapters disabled
+        self.w_conditioned = student.config.get("time_cond_proj_dim") is not None
+        self.student_forward = student  # replaced by the distributed wrapper when training under Accelerate
+
+    # --- the networks -----------------------------------------------------------------------------------------
+    def _f(self, unet, z, t, text, w_emb):
+        """Consistency function of ``unet`` at (z, t): c_skip z + c_out x̂0."""
+        out = self.model.unet_output(unet, z, t, text, w_emb)
+        alpha, sigma = self.model.schedule.alpha_sigma(t.cpu())
+        x0 = to_denoised(out.float(), z, alpha, sigma, self.model.prediction_type).x0
+        return consistency_function(z, x0, t, self.cfg.sigma_data, self.cfg.timestep_scaling)
+
+    def _teacher_context(self):
+        return adapters_disabled(self.student) if self.kind is StudentKind.LORA else nullcontext()
+
+    # --- the step ---------------------------------------------------------------------------------------------
+    def loss(
+        self, z0: torch.Tensor, cond: TextEmbeddings, uncond: TextEmbeddings, generator: torch.Generator
+    ) -> LCDOutput:
+        """Per-sample LCD loss for clean latents ``z0`` ``[B, C, h, w]`` (already VAE-scaled)."""
+        batch, device = z0.shape[0], z0.device
+        t_start, t_end = self.grid.sample(batch, generator)  # t_{n+k}, t_n
+        noise = torch.randn(z0.shape, generator=generator).to(device)
+        w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand(batch, generator=generator)
+        w_emb = w_embedding(w).to(device) if self.w_conditioned else None
+        t_start, t_end = t_start.to(device), t_end.to(device)
+
+        alpha, sigma = self.model.schedule.alpha_sigma(t_start.cpu())
+        z_start = append_dims(alpha, z0) * z0 + append_dims(sigma, z0) * noise
+
+        prediction = self._f(self.student_forward, z_start, t_start, cond, w_emb)
+
+        with torch.no_grad():
+            with self._teacher_context():
+                teacher = self.model.guided_denoiser(cond, uncond, w.to(device), unet=self.teacher_unet)
+                z_end = solve(self.cfg.solver, teacher, z_start, t_start, t_end, self.model.schedule)
+            target = self._f(self.target, z_end.to(z0.dtype), t_end, cond, w_emb)
+
+        loss = consistency_loss(prediction, target, self.cfg.loss, self.cfg.huber_c)
+        return LCDOutput(loss, t_start, w)
+
+    def update_target(self) -> None:
+        """θ⁻ ← μθ⁻ + (1 − μ)θ after each optimiser step (full student; the LoRA target is the student itself)."""
+        if self.kind is StudentKind.FULL:
+            ema_update(self.target, self.student, self.cfg.ema_decay)

@@ -1,0 +1,108 @@
+"""The student of LCD: a full UNet with the w-embedding, or LoRA adapters on the teacher's UNet (SPEC §2)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from enum import Enum
+
+import torch
+
+from .guidance import W_EMBEDDING_DIM
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "StudentKind",
+    "adapters_disabled",
+    "add_lora",
+    "full_student",
+    "lora_state_dict",
+]
+
+# The layers LCM-LoRA adapts (attention, feed-forward, resnet convolutions, samplers, time projections).
+DEFAULT_LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+)
+
+
+class StudentKind(str, Enum):
+    FULL = "full"  # every UNet weight trained, w-conditioned, EMA target
+    LORA = "lora"  # LoRA adapters only; teacher = adapters off; target = adapters on under no_grad
+
+
+def full_student(teacher_unet, w_embedding_dim: int = W_EMBEDDING_DIM):
+    """A copy of the teacher UNet that also takes the w-embedding as ``timestep_cond``.
+
+    The new projection ``time_embedding.cond_proj`` is zero-initialised, so the student starts exactly equal to the
+    teacher (diffusers' script leaves it random).
+    """
+    from diffusers import UNet2DConditionModel
+
+    if teacher_unet.config.get("time_cond_proj_dim") is not None:
+        student = copy.deepcopy(teacher_unet)  # already w-conditioned (e.g. distilling an LCM further)
+    else:
+        config = {**teacher_unet.config, "time_cond_proj_dim": w_embedding_dim}
+        student = UNet2DConditionModel.from_config(config)
+        missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+        assert missing == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
+        torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student.to(teacher_unet.device).float().train().requires_grad_(True)
+
+
+def add_lora(unet, rank: int = 64, alpha: float | None = None, targets: Sequence[str] = DEFAULT_LORA_TARGETS):
+    """Add trainable LoRA adapters (peft) to ``unet`` in place; everything else frozen.
+
+    ``alpha`` defaults to ``rank`` (scale 1): the official LCM-LoRA code omitted it and trained at scale 0.125.
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"--lora-rank must be at least 1, got {rank}")
+    names = {name for name, _ in unet.named_modules()}
+    present = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+    if not present:
+        raise ValueError(f"none of the LoRA target modules {list(targets)} exist in this UNet")
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=present)
+    unet.add_adapter(config)
+    return unet
+
+
+@contextmanager
+def adapters_disabled(unet) -> Iterator[None]:
+    """The teacher inside an LCM-LoRA student: the same UNet with its adapters switched off."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """LoRA weights in diffusers' ``load_lora_weights`` naming, with the alpha/rank scale folded into ``lora_B``.
+
+    Folding the scale makes the file mean the same thing in every client, including those that ignore alpha
+    metadata and assume alpha = rank.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    config = unet.peft_config["default"]
+    state = get_peft_model_state_dict(unet)
+    scale = config.lora_alpha / config.r
+    folded = {k: (v * scale if "lora_B" in k else v).detach().float().cpu().contiguous() for k, v in state.items()}
+    return convert_state_dict_to_diffusers(folded)
