@@ -1,0 +1,210 @@
+"""The training loop shared by distillation (LCD) and fine-tuning (LCF). Knows no LCM maths.
+
+A :class:`Task` supplies the per-sample loss of a batch, the trainable parameters, what to checkpoint, and how to
+validate and export; the loop supplies Accelerate (devices, mixed precision, gradient accumulation, many GPUs through
+``accelerate launch``), the optimiser and its schedule, gradient clipping, safetensors checkpoints that resume exactly,
+TensorBoard logging and progress.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import latest_checkpoint, load_training_state, save_training_state
+
+__all__ = ["Task", "TrainConfig", "train"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: Path  # run folder: checkpoints/, logs/, validation/, and the export
+    max_steps: int = 1000  # optimiser steps
+    learning_rate: float = 1e-6
+    lr_schedule: str = "constant"  # any diffusers.optimization scheduler name: constant, cosine, linear, …
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    use_8bit_adam: bool = False  # bitsandbytes AdamW8bit (GPU)
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    validate_every: int = 500  # 0: only at the end
+    log_every: int = 10
+    resume: str | None = None  # "latest" or a checkpoint folder
+
+    def __post_init__(self):
+        if self.max_steps < 1:
+            raise ValueError("--max-steps must be at least 1")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError("--gradient-accumulation-steps must be at least 1")
+        if self.learning_rate <= 0:
+            raise ValueError("--learning-rate must be positive")
+
+
+class Task(Protocol):
+    """What the loop needs from a training method (LCD, LCF)."""
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def wrap(self, prepare) -> list[torch.nn.Module]:
+        """Let Accelerate wrap the modules that receive gradients (``prepare`` is ``accelerator.prepare``); return
+        the wrapped modules (gradient accumulation skips their all-reduce on non-final micro-batches)."""
+
+    def loss(self, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        """Per-sample losses ``[B]`` of one batch."""
+
+    def after_optimizer_step(self) -> None: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def validate(self, step: int, folder: Path) -> dict[str, float]: ...
+
+    def export(self, folder: Path) -> None: ...
+
+
+def _optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay)
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ValueError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from err
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _resolve_resume(cfg: TrainConfig) -> Path | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "latest":
+        return latest_checkpoint(cfg.out / "checkpoints")  # nothing yet: a fresh start
+    path = Path(cfg.resume)
+    if not path.is_dir():
+        raise ValueError(f"--resume {cfg.resume}: no such checkpoint folder (or use --resume latest)")
+    return path
+
+
+def train(task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig) -> dict[str, Any]:
+    """Run ``cfg.max_steps`` optimiser steps of ``task``. ``batches(start)`` returns the endless batch stream from
+    micro-batch ``start`` on (see :func:`lcm.data.loader.batch_stream`), so a resumed run continues at the same data
+    position. Returns a summary."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(cfg.out), logging_dir=str(cfg.out / "logs")),
+    )
+    params = task.trainable_parameters()
+    optimizer = _optimizer(params, cfg)
+    # The schedule counts optimiser steps; Accelerate would count micro-batches × processes.
+    lr_scheduler = get_scheduler(cfg.lr_schedule, optimizer, cfg.lr_warmup_steps, cfg.max_steps)
+    wrapped = task.wrap(accelerator.prepare)
+    optimizer = accelerator.prepare(optimizer)
+    generator = torch.Generator().manual_seed(cfg.seed * 1009 + accelerator.process_index)
+
+    step, elapsed = 0, 0.0
+    resume = _resolve_resume(cfg)
+    if resume is not None:
+        state, meta = load_training_state(resume, optimizer.optimizer, generator)
+        task.load_state_dict(state)
+        step, elapsed = int(meta["step"]), float(meta.get("elapsed", 0.0))
+        if accelerator.process_index > 0:  # the checkpoint holds rank 0's generator: give each rank its own stream
+            generator.manual_seed((cfg.seed * 1009 + accelerator.process_index) * 100003 + step)
+        for _ in range(step):  # schedules are functions of the step: replay them, no state to trust
+            lr_scheduler.step()
+        accelerator.print(f"resumed from {resume} at step {step}")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("lcm", config=_flat_config(cfg))
+        (cfg.out / "train_config.json").write_text(json.dumps(_flat_config(cfg), indent=2) + "\n")
+
+    micro = step * cfg.gradient_accumulation_steps
+    stream: Iterator[Any] = iter(batches(micro))
+    bar = tqdm(
+        total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not accelerator.is_local_main_process
+    )
+    t0, samples_since, t_log = time.time() - elapsed, 0, time.time()
+    history: list[dict[str, float]] = []
+    while step < cfg.max_steps:
+        for _ in range(cfg.gradient_accumulation_steps):
+            batch = next(stream)
+            with accelerator.accumulate(*wrapped):
+                with accelerator.autocast():
+                    losses = task.loss(batch, generator)
+                loss = losses.mean()
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            samples_since += losses.shape[0] * accelerator.num_processes
+        lr_scheduler.step()
+        task.after_optimizer_step()
+        step += 1
+        bar.update()
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            rate = samples_since / max(time.time() - t_log, 1e-9)
+            logs = {
+                "loss": float(accelerator.gather(loss.detach()).mean()),  # one sync per log, not per step
+                "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "samples_per_second": rate,
+            }
+            accelerator.log(logs, step=step)
+            history.append({"step": step, **logs})
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", samples_s=f"{rate:.1f}")
+            samples_since, t_log = 0, time.time()
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            _checkpoint(accelerator, task, optimizer, generator, cfg, step, time.time() - t0)
+        if accelerator.is_main_process and (
+            (cfg.validate_every and step % cfg.validate_every == 0) or step == cfg.max_steps
+        ):
+            metrics = task.validate(step, cfg.out / "validation")
+            if metrics:
+                accelerator.log(metrics, step=step)
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        task.export(cfg.out)
+        (cfg.out / "train_history.json").write_text(json.dumps(history, indent=1) + "\n")
+    accelerator.end_training()
+    return {"steps": step, "wall_seconds": time.time() - t0, "history": history}
+
+
+def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) or v is None else v) for k, v in asdict(cfg).items()}
+
+
+def _checkpoint(accelerator, task, optimizer, generator, cfg: TrainConfig, step: int, elapsed: float) -> None:
+    if not accelerator.is_main_process:
+        return
+    root = cfg.out / "checkpoints"
+    save_training_state(
+        root / f"step-{step}", task.state_dict(), optimizer.optimizer, {"step": step, "elapsed": elapsed}, generator
+    )
+    done = sorted((int(p.name.split("-")[1]), p) for p in root.glob("step-*") if p.name.split("-")[1].isdigit())
+    for _, old in done[: -cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
