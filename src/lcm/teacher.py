@@ -7,6 +7,7 @@ embedded Fashion-MNIST teacher, loaded by the same code. The model turns into th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ class LatentDiffusion:
     vae: Any  # diffusers AutoencoderKL
     scheduler_config: dict
     text_encoder: TextEncoder | None
+    source: str | None = None  # where it was loaded from (folder or hub id)
 
     def __post_init__(self) -> None:
         self.schedule = NoiseSchedule.from_config(self.scheduler_config)
@@ -37,16 +39,27 @@ class LatentDiffusion:
     def from_pretrained(
         cls, path: str | Path, device: str | torch.device = "cpu", with_text_encoder: bool = True
     ) -> LatentDiffusion:
+        """Load a model folder or hub id; a folder holding an exported LCM-LoRA loads its base model plus the LoRA."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+        from .export import LORA_FILE, LORA_META, lcm_scheduler_config
+
         path = str(path)
+        if (Path(path) / LORA_META).is_file():
+            meta = json.loads((Path(path) / LORA_META).read_text())
+            model = cls.from_pretrained(meta["base_model"], device, with_text_encoder)
+            model.unet.load_lora_adapter(str(Path(path) / LORA_FILE), prefix="unet")
+            model.unet.requires_grad_(False)
+            model.scheduler_config = lcm_scheduler_config(model.scheduler_config, meta["original_inference_steps"])
+            model.__post_init__()
+            return model
         if Path(path).exists() and not (Path(path) / "unet").is_dir():
             raise ValueError(f"{path} is not a diffusers model folder: it has no unet/ subfolder")
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device).eval().requires_grad_(False)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device).eval().requires_grad_(False)
         scheduler_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
         text_encoder = load_text_encoder(path).to(device) if with_text_encoder else None
-        return cls(unet, vae, scheduler_config, text_encoder)
+        return cls(unet, vae, scheduler_config, text_encoder, source=path)
 
     # --- properties -----------------------------------------------------------------------------------------
     @property
@@ -91,13 +104,29 @@ class LatentDiffusion:
     def unet_output(
         self, unet, z: torch.Tensor, t: torch.Tensor, text: TextEmbeddings, timestep_cond: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """One UNet call at real-valued ``t`` ``[B]``."""
+        """One UNet call at real-valued ``t`` ``[B]`` (``unet`` may be wrapped for distributed training)."""
+        dtype = getattr(unet, "module", unet).dtype
         return unet(
-            z.to(unet.dtype),
+            z.to(dtype),
             t.to(device=z.device, dtype=torch.float32),
-            encoder_hidden_states=text.hidden_states.to(unet.dtype),
-            timestep_cond=None if timestep_cond is None else timestep_cond.to(unet.dtype),
+            encoder_hidden_states=text.hidden_states.to(dtype),
+            timestep_cond=None if timestep_cond is None else timestep_cond.to(dtype),
+            added_cond_kwargs=self._added_conditions(text, z, dtype),
         ).sample
+
+    def _added_conditions(self, text: TextEmbeddings, z: torch.Tensor, dtype) -> dict | None:
+        """SDXL's micro-conditioning: pooled text embedding and (original size, crop, target size) time ids."""
+        if self.unet.config.get("addition_embed_type") != "text_time":
+            return None
+        if text.pooled is None:
+            raise ValueError("an SDXL UNet needs pooled text embeddings (use its two text encoders)")
+        size = z.shape[-1] * self.vae_scale_factor
+        time_ids = torch.tensor([size, size, 0, 0, size, size], device=z.device, dtype=dtype)
+        return {"text_embeds": text.pooled.to(dtype), "time_ids": time_ids.expand(z.shape[0], 6)}
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def _to_denoised(self, out: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> Denoised:
         alpha, sigma = self.schedule.alpha_sigma(t.cpu())

@@ -24,6 +24,7 @@ __all__ = [
     "CLIPTextEncoder",
     "CachedPromptEmbeddings",
     "MiniLMTextEncoder",
+    "SDXLTextEncoder",
     "TextEmbeddings",
     "TextEncoder",
     "load_text_encoder",
@@ -134,6 +135,60 @@ class CLIPTextEncoder(_TransformersEncoder):
         return tokens.attention_mask.to(device) if use_mask else None
 
 
+class SDXLTextEncoder(TextEncoder):
+    """SDXL's two CLIP encoders: penultimate hidden states of both, concatenated, and the second's pooled
+    projection. The empty prompt encodes to zeros when the model says so (``force_zeros_for_empty_prompt``)."""
+
+    def __init__(self, model_dir: str, revision: str | None = None):
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        self.tokenizers = [
+            CLIPTokenizer.from_pretrained(model_dir, subfolder=sub, revision=revision)
+            for sub in ("tokenizer", "tokenizer_2")
+        ]
+        self.models = [
+            CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", revision=revision),
+            CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2", revision=revision),
+        ]
+        for model in self.models:
+            model.eval().requires_grad_(False)
+        self.max_length = self.tokenizers[0].model_max_length
+        self.hidden_size = sum(m.config.hidden_size for m in self.models)
+        self.name = f"SDXL CLIP x2 ({model_dir})"
+        index = Path(model_dir) / "model_index.json"
+        self.zeros_for_empty = (
+            json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True) if (index.is_file()) else True
+        )
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
+        if isinstance(prompts, str):
+            raise TypeError("encode takes a list of prompts, not a single string")
+        states, pooled = [], None
+        for tokenizer, model in zip(self.tokenizers, self.models, strict=True):
+            ids = tokenizer(
+                list(prompts),
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(model.device)
+            out = model(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled = out[0]  # the projection model's text_embeds
+        emb = TextEmbeddings(torch.cat(states, dim=-1), pooled)
+        if self.zeros_for_empty:
+            empty = torch.tensor([p == "" for p in prompts], device=emb.hidden_states.device)
+            emb.hidden_states[empty] = 0.0
+            emb.pooled[empty] = 0.0
+        return emb
+
+    def to(self, device) -> TextEncoder:
+        for model in self.models:
+            model.to(device)
+        return self
+
+
 def write_reference(model_dir: Path, kind: str = "minilm", max_length: int = 16) -> None:
     """Record in a model folder which packaged text encoder it was trained with (weights are not copied)."""
     folder = Path(model_dir) / "text_encoder"
@@ -150,7 +205,17 @@ def load_text_encoder(model_dir: str | Path) -> TextEncoder:
         if spec.get("kind") != "minilm":
             raise ValueError(f"{ref}: unknown packaged text encoder {spec.get('kind')!r}")
         return MiniLMTextEncoder(int(spec.get("max_length", 16)))
+    if _has_subfolder(model_dir, "text_encoder_2"):
+        return SDXLTextEncoder(str(model_dir))
     return CLIPTextEncoder(str(model_dir))
+
+
+def _has_subfolder(model_dir: str | Path, name: str) -> bool:
+    if Path(model_dir).is_dir():
+        return (Path(model_dir) / name).is_dir()
+    from huggingface_hub import file_exists
+
+    return file_exists(str(model_dir), f"{name}/config.json")
 
 
 class CachedPromptEmbeddings:
