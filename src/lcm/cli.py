@@ -87,6 +87,134 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_training_args(p: argparse.ArgumentParser, lr: float, steps: int) -> None:
+    """Flags of the shared training loop (distill and finetune)."""
+    g = p.add_argument_group("training loop")
+    g.add_argument("--out", required=True, help="run folder: checkpoints/, logs/ (TensorBoard), validation/, export")
+    g.add_argument("--max-steps", type=int, default=steps, help=f"optimiser steps (default {steps})")
+    g.add_argument("--batch-size", type=int, default=32, help="samples per device per micro-batch (default 32)")
+    g.add_argument("--learning-rate", type=float, default=lr, help=f"AdamW learning rate (default {lr:g})")
+    g.add_argument("--lr-schedule", default="constant", help="constant, constant_with_warmup, linear, cosine, …")
+    g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
+    g.add_argument("--adam-weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    g.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes AdamW8bit (GPU, saves memory)")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step (default 1)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1)")
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast (VAE stays fp32)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for UNet activation memory")
+    g.add_argument("--seed", type=int, default=0, help="seed of data order, noise, t and w draws (default 0)")
+    g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
+    g.add_argument("--validate-every", type=int, default=500, help="steps between validation grids (default 500)")
+    g.add_argument("--log-every", type=int, default=10, help="steps between log lines (default 10)")
+    g.add_argument("--resume", help="'latest' or a checkpoint folder: continue exactly where it stopped")
+    d = p.add_argument_group("data")
+    d.add_argument(
+        "--data",
+        default="fashion-mnist",
+        help="fashion-mnist[:classes], an image folder with metadata.jsonl, a datasets name or saved folder, "
+        "or WebDataset shards (path, brace pattern or URL) (default fashion-mnist)",
+    )
+    d.add_argument("--image-column", help="image column of a datasets dataset (default image)")
+    d.add_argument("--caption-column", help="caption column / metadata key (default text)")
+    d.add_argument("--resolution", type=int, help="training resolution (default: the model's native size)")
+    d.add_argument("--random-crop", action="store_true", help="random instead of centre crop")
+    d.add_argument("--random-flip", action="store_true", help="random horizontal flips")
+    d.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    d.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: Debian package or download)")
+    v = p.add_argument_group("validation")
+    v.add_argument("--validation-prompt", action="append", help="prompt of the validation grid (repeatable)")
+    v.add_argument("--validation-w", type=float, default=None, help="guidance w of the validation grid")
+
+
+def _loop_config(args: argparse.Namespace):
+    from pathlib import Path
+
+    from .trainer import TrainConfig
+
+    return TrainConfig(
+        out=Path(args.out),
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        lr_schedule=args.lr_schedule,
+        lr_warmup_steps=args.lr_warmup_steps,
+        adam_weight_decay=args.adam_weight_decay,
+        use_8bit_adam=args.use_8bit_adam,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+        mixed_precision=args.mixed_precision,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        validate_every=args.validate_every,
+        log_every=args.log_every,
+        resume=args.resume,
+    )
+
+
+def _data_config(args: argparse.Namespace):
+    from pathlib import Path
+
+    from .run_distill import DataConfig
+
+    return DataConfig(
+        source=args.data,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        resolution=args.resolution,
+        center_crop=not args.random_crop,
+        random_flip=args.random_flip,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+    )
+
+
+def _validation_prompts(args: argparse.Namespace, model_is_embedded: bool) -> tuple[str, ...]:
+    if args.validation_prompt:
+        return tuple(args.validation_prompt)
+    if model_is_embedded:
+        from .data.captions import class_prompts
+
+        return tuple(class_prompts())
+    return ("a photo of an astronaut riding a horse", "a cosy cabin in a snowy forest, golden hour")
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import LCDConfig
+    from .generate import default_model_path
+    from .run_distill import run_distillation
+    from .student import StudentKind
+
+    teacher = args.teacher or str(default_model_path())
+    lcd = LCDConfig(
+        num_solver_steps=args.num_solver_steps,
+        solver=args.solver,
+        w_min=args.w_min,
+        w_max=args.w_max,
+        loss=args.loss,
+        huber_c=args.huber_c,
+        ema_decay=args.ema_decay,
+    )
+    targets = tuple(args.lora_targets.split(",")) if args.lora_targets else None
+    summary = run_distillation(
+        teacher,
+        _data_config(args),
+        lcd,
+        _loop_config(args),
+        student=StudentKind(args.student),
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        **({"lora_targets": targets} if targets else {}),
+        fuse_lora=args.fuse_lora,
+        gradient_checkpointing=args.gradient_checkpointing,
+        validation_prompts=_validation_prompts(args, args.teacher is None),
+        validation_w=args.validation_w if args.validation_w is not None else (args.w_min + args.w_max) / 2,
+    )
+    print(f"distilled {summary['steps']} steps in {summary['wall_seconds']:.0f} s; model in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lcm",
@@ -143,6 +271,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--scale", type=int, default=2, help="pixel upscaling of the saved grid (default 2)")
     sp.add_argument("--out", default="grid.png", help="output PNG (default grid.png)")
     sp.set_defaults(func=_cmd_sample)
+
+    ds = sub.add_parser(
+        "distill",
+        help="Latent Consistency Distillation of a teacher into a few-step LCM (full UNet or LCM-LoRA)",
+        description=(
+            "Distil a diffusers-format latent diffusion model (SD 1.x/2.x epsilon or v, SDXL, or the embedded "
+            "Fashion teacher) into an LCM by consistency distillation over the guidance-augmented PF-ODE. "
+            "Runs on many GPUs with `accelerate launch -m lcm.cli distill ...`. The export lands in --out."
+        ),
+    )
+    ds.add_argument("--teacher", help="teacher model folder or hub id (default: the shipped Fashion teacher)")
+    m = ds.add_argument_group("LCD")
+    m.add_argument("--student", choices=["full", "lora"], default="full", help="full UNet (+w-embedding) or LoRA")
+    m.add_argument("--solver", choices=["ddim", "dpm", "dpmpp"], default="ddim", help="ODE solver of the teacher")
+    m.add_argument("--num-solver-steps", type=int, default=50, help="N of the skipping grid; k = 1000 // N (50)")
+    m.add_argument("--w-min", type=float, default=2.0, help="smallest guidance w drawn (paper's w; default 2)")
+    m.add_argument("--w-max", type=float, default=14.0, help="largest guidance w drawn (default 14)")
+    m.add_argument("--loss", choices=["l2", "huber"], default="huber", help="consistency distance (default huber)")
+    m.add_argument("--huber-c", type=float, default=0.001, help="pseudo-Huber c (default 0.001)")
+    m.add_argument("--ema-decay", type=float, default=0.95, help="target EMA decay mu, full student (default 0.95)")
+    m.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (default 64)")
+    m.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: = rank, i.e. scale 1)")
+    m.add_argument("--lora-targets", help="comma-separated module names to adapt (default: LCM-LoRA's list)")
+    m.add_argument("--fuse-lora", action="store_true", help="export the LoRA merged into a full LCM folder")
+    _add_training_args(ds, lr=1e-6, steps=1000)
+    ds.set_defaults(func=_cmd_distill)
 
     ts = sub.add_parser(
         "timesteps",

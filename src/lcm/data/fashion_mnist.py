@@ -162,3 +162,32 @@ def load_fashion_mnist(split: str = "train", data_dir: str | Path | None = None,
     x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)
     x = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)[:, None]  # background is black: pad with −1
     return FashionMNIST(x, torch.from_numpy(labels.astype(np.int64)))
+
+
+class FashionCaptionDataset(torch.utils.data.Dataset):
+    """Fashion-MNIST as an image–caption dataset: ``{"pixel_values": [1, 32, 32], "caption": str}``.
+
+    Each image gets one caption of its class, fixed by its index (a multiplicative hash spreads the class's
+    templates × synonyms evenly over its images), so an epoch is reproducible whatever the data order.
+    """
+
+    def __init__(self, split: str = "train", data_dir: str | Path | None = None, classes: list[int] | None = None):
+        from .captions import CaptionSet
+
+        data = load_fashion_mnist(split, data_dir)
+        keep = torch.ones(len(data), dtype=torch.bool)
+        if classes is not None:
+            if not classes or not all(0 <= c < len(CLASS_NAMES) for c in classes):
+                raise ValueError(f"classes must be a non-empty subset of 0..{len(CLASS_NAMES) - 1}, got {classes}")
+            keep = torch.isin(data.labels, torch.tensor(classes))
+        self.images, self.labels = data.images[keep], data.labels[keep]
+        self.captions = CaptionSet()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        label = int(self.labels[i])
+        options = self.captions.by_class[label]
+        caption = self.captions.captions[options[(i * 2654435761) % len(options)]]
+        return {"pixel_values": self.images[i], "caption": caption}

@@ -1,0 +1,178 @@
+"""Training tasks for :func:`lcm.trainer.train`: batches → latents and text conditions → the method's loss.
+
+:class:`DistillTask` wraps :class:`lcm.distill.LCD` (teacher-guided); the fine-tuning task wraps LCF the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .distill import LCD, LCDConfig
+from .export import export_lcm_folder, export_lora
+from .images import save_grid
+from .sampling import randn_per_image, sample_lcm
+from .student import DEFAULT_LORA_TARGETS, StudentKind, add_lora, full_student
+from .teacher import LatentDiffusion
+from .text import TextEmbeddings
+from .timesteps import lcm_timesteps
+
+__all__ = ["DistillTask", "collate_samples"]
+
+
+def collate_samples(samples: list[dict | None]) -> dict[str, Any]:
+    """Stack ``{"pixel_values", "caption"}`` samples, dropping the ``None`` of unreadable ones."""
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        return {"pixel_values": torch.empty(0), "caption": []}
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+    }
+
+
+class _TextCache:
+    """Text embeddings by caption, least-recently-used: datasets repeat captions (the embedded one has 321)."""
+
+    def __init__(self, model: LatentDiffusion, capacity: int = 4096):
+        self.model, self.capacity, self.table = model, capacity, OrderedDict()
+
+    def __call__(self, captions: list[str]) -> TextEmbeddings:
+        missing = list(dict.fromkeys(c for c in captions if c not in self.table))
+        if missing:
+            emb = self.model.encode_prompts(missing)
+            for i, c in enumerate(missing):
+                self.table[c] = emb.index(torch.tensor([i]))
+        for c in captions:
+            self.table.move_to_end(c)
+        while len(self.table) > self.capacity:
+            self.table.popitem(last=False)
+        return TextEmbeddings.cat([self.table[c] for c in captions])
+
+
+class DistillTask:
+    """Latent Consistency Distillation of ``model`` into a full or LoRA student."""
+
+    def __init__(
+        self,
+        model: LatentDiffusion,
+        kind: StudentKind,
+        cfg: LCDConfig,
+        lora_rank: int = 64,
+        lora_alpha: float | None = None,
+        lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+        validation_prompts: tuple[str, ...] = (),
+        validation_w: float = 6.0,
+        validation_seeds: tuple[int, ...] = (0, 1),
+        gradient_checkpointing: bool = False,
+        fuse_lora: bool = False,
+        provenance: dict | None = None,
+    ):
+        self.model, self.kind, self.cfg = model, StudentKind(kind), cfg
+        if self.kind is StudentKind.FULL:
+            student = full_student(model.unet)
+            target = copy.deepcopy(student).requires_grad_(False)
+        else:
+            student = add_lora(model.unet, lora_rank, lora_alpha, lora_targets)
+            target = None
+        if gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        self.student = student
+        self.lcd = LCD(model, student, self.kind, cfg, target)
+        self.text = _TextCache(model)
+        self.uncond = model.encode_prompts([""])
+        self.validation_prompts, self.validation_w = tuple(validation_prompts), validation_w
+        self.validation_seeds, self.fuse_lora = tuple(validation_seeds), fuse_lora
+        self.provenance = {"method": "LCD", "student": self.kind.value, **(provenance or {})}
+
+    # --- trainer protocol --------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def wrap(self, prepare) -> list[torch.nn.Module]:
+        self.lcd.student_forward = prepare(self.student)
+        return [self.lcd.student_forward]
+
+    def encode_batch(self, batch: dict[str, Any], generator: torch.Generator):
+        """(z0, cond, uncond) of a collated batch; precomputed latents are used when the batch carries them."""
+        if "latents" in batch:
+            mean, std = batch["latents"].chunk(2, dim=1)  # cached posterior: sample it afresh each time
+            z0 = (mean + std * torch.randn(mean.shape, generator=generator)) * self.model.scaling_factor
+        else:
+            z0 = self.model.encode_images(batch["pixel_values"], generator)
+        cond = self.text(batch["caption"]).to(self.model.device)
+        uncond = TextEmbeddings.cat([self.uncond] * len(batch["caption"]))
+        return z0.to(self.model.device).float(), cond, uncond
+
+    def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        if len(batch["caption"]) == 0:
+            raise ValueError("a whole batch was unreadable: check the data (see the skipped-sample report)")
+        z0, cond, uncond = self.encode_batch(batch, generator)
+        return self.lcd.loss(z0, cond, uncond, generator).loss
+
+    def after_optimizer_step(self) -> None:
+        self.lcd.update_target()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.kind is StudentKind.FULL:
+            state = {f"student.{k}": v for k, v in self.student.state_dict().items()}
+            state.update({f"target.{k}": v for k, v in self.lcd.target.state_dict().items()})
+            return state
+        return {f"lora.{n}": p for n, p in self.student.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.kind is StudentKind.FULL:
+            self.student.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("student.")})
+            self.lcd.target.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("target.")})
+            return
+        params = dict(self.student.named_parameters())
+        with torch.no_grad():
+            for key, value in state.items():
+                params[key[5:]].copy_(value)
+
+    @property
+    def sampling_unet(self):
+        """The network that is exported and sampled: the EMA target (full) or the LoRA student."""
+        return self.lcd.target
+
+    @torch.no_grad()
+    def validate(self, step: int, folder: Path) -> dict[str, float]:
+        """A grid: rows = LCM at 1, 2, 4, 8 steps; columns = validation prompts × seeds (fixed across steps)."""
+        if not self.validation_prompts:
+            return {}
+        unet = self.sampling_unet
+        was_training = unet.training
+        unet.eval()
+        prompts = [p for p in self.validation_prompts for _ in self.validation_seeds]
+        seeds = [s for _ in self.validation_prompts for s in self.validation_seeds]
+        cond = self.model.encode_prompts(prompts)
+        w = torch.full((len(prompts),), self.validation_w)
+        f = self.model.consistency_fn(cond, w if self.lcd.w_conditioned else None, unet=unet)
+        rows = []
+        for steps in (1, 2, 4, 8):
+            gens = [torch.Generator().manual_seed(s) for s in seeds]
+            z = randn_per_image((len(prompts), *self.model.latent_shape), gens).to(self.model.device)
+            ts = lcm_timesteps(steps, self.cfg.num_solver_steps, self.model.schedule.num_train_timesteps)
+            rows.append(self.model.decode(sample_lcm(f, z, ts, self.model.schedule, gens)).cpu())
+        save_grid(torch.cat(rows), folder / f"step-{step:06d}.png", nrow=len(prompts), scale=2)
+        unet.train(was_training)
+        return {}
+
+    def export(self, folder: Path) -> None:
+        provenance = {**self.provenance, "lcd": {k: str(v) for k, v in vars(self.cfg).items()}}
+        source = self.model.source or "unknown"
+        if self.kind is StudentKind.FULL:
+            export_lcm_folder(
+                source, self.lcd.target, self.model.scheduler_config, self.cfg.num_solver_steps, folder, provenance
+            )
+        elif self.fuse_lora:
+            unet = copy.deepcopy(self.student)
+            unet.fuse_lora()
+            unet.unload_lora()
+            export_lcm_folder(source, unet, self.model.scheduler_config, self.cfg.num_solver_steps, folder, provenance)
+        else:
+            export_lora(self.student, source, self.cfg.num_solver_steps, folder, provenance)
