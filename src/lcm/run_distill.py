@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data.loader import batch_stream
+from .data.sources import collate_skip_none
 from .distill import LCDConfig
 from .student import DEFAULT_LORA_TARGETS, StudentKind
-from .tasks import DistillTask, collate_samples
+from .tasks import DistillTask
 from .teacher import LatentDiffusion
 from .trainer import TrainConfig, train
 
@@ -89,13 +90,14 @@ def run_distillation(
         gradient_checkpointing=gradient_checkpointing,
         fuse_lora=fuse_lora,
         provenance={"teacher": str(teacher), "data": data.source},
+        seed=loop.seed,
     )
 
     def batches(start: int):
         return batch_stream(
             dataset,
             data.batch_size,
-            collate_samples,
+            collate_skip_none,
             seed=loop.seed,
             start=start,
             rank=state.process_index,

@@ -63,8 +63,11 @@ def full_student(teacher_unet, w_embedding_dim: int = W_EMBEDDING_DIM):
     return student.to(teacher_unet.device).float().train().requires_grad_(True)
 
 
-def add_lora(unet, rank: int = 64, alpha: float | None = None, targets: Sequence[str] = DEFAULT_LORA_TARGETS):
-    """Add trainable LoRA adapters (peft) to ``unet`` in place; everything else frozen.
+def add_lora(
+    unet, rank: int = 64, alpha: float | None = None, targets: Sequence[str] = DEFAULT_LORA_TARGETS, seed: int = 0
+):
+    """Add trainable LoRA adapters (peft) to ``unet`` in place; everything else frozen. ``lora_A`` is drawn from
+    ``seed`` (``lora_B`` starts at zero, so the student starts equal to the teacher).
 
     ``alpha`` defaults to ``rank`` (scale 1): the official LCM-LoRA code omitted it and trained at scale 0.125.
     """
@@ -78,7 +81,9 @@ def add_lora(unet, rank: int = 64, alpha: float | None = None, targets: Sequence
         raise ValueError(f"none of the LoRA target modules {list(targets)} exist in this UNet")
     unet.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=present)
-    unet.add_adapter(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(config)
     return unet
 
 

@@ -21,7 +21,7 @@ from .teacher import LatentDiffusion
 from .text import TextEmbeddings
 from .timesteps import lcm_timesteps
 
-__all__ = ["DistillTask", "collate_samples"]
+__all__ = ["DistillTask"]
 
 
 def collate_samples(samples: list[dict | None]) -> dict[str, Any]:
@@ -42,11 +42,10 @@ class _TextCache:
         self.model, self.capacity, self.table = model, capacity, OrderedDict()
 
     def __call__(self, captions: list[str]) -> TextEmbeddings:
-        missing = list(dict.fromkeys(c for c in captions if c not in self.table))
-        if missing:
-            emb = self.model.encode_prompts(missing)
-            for i, c in enumerate(missing):
-                self.table[c] = emb.index(torch.tensor([i]))
+        for c in dict.fromkeys(c for c in captions if c not in self.table):
+            # One caption per call: a caption's embedding must not depend on which others shared its batch
+            # (GEMM blocking changes the last bits), or a resumed run would drift from an uninterrupted one.
+            self.table[c] = self.model.encode_prompts([c])
         for c in captions:
             self.table.move_to_end(c)
         while len(self.table) > self.capacity:
@@ -71,13 +70,14 @@ class DistillTask:
         gradient_checkpointing: bool = False,
         fuse_lora: bool = False,
         provenance: dict | None = None,
+        seed: int = 0,
     ):
         self.model, self.kind, self.cfg = model, StudentKind(kind), cfg
         if self.kind is StudentKind.FULL:
             student = full_student(model.unet)
             target = copy.deepcopy(student).requires_grad_(False)
         else:
-            student = add_lora(model.unet, lora_rank, lora_alpha, lora_targets)
+            student = add_lora(model.unet, lora_rank, lora_alpha, lora_targets, seed)
             target = None
         if gradient_checkpointing:
             student.enable_gradient_checkpointing()
@@ -109,8 +109,6 @@ class DistillTask:
         return z0.to(self.model.device).float(), cond, uncond
 
     def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        if len(batch["caption"]) == 0:
-            raise ValueError("a whole batch was unreadable: check the data (see the skipped-sample report)")
         z0, cond, uncond = self.encode_batch(batch, generator)
         return self.lcd.loss(z0, cond, uncond, generator).loss
 

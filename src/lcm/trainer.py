@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -133,8 +134,10 @@ def train(task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig)
         step, elapsed = int(meta["step"]), float(meta.get("elapsed", 0.0))
         if accelerator.process_index > 0:  # the checkpoint holds rank 0's generator: give each rank its own stream
             generator.manual_seed((cfg.seed * 1009 + accelerator.process_index) * 100003 + step)
-        for _ in range(step):  # schedules are functions of the step: replay them, no state to trust
-            lr_scheduler.step()
+        with warnings.catch_warnings():  # replaying before any optimizer.step() is intended here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):  # schedules are functions of the step: replay them, no state to trust
+                lr_scheduler.step()
         accelerator.print(f"resumed from {resume} at step {step}")
     if accelerator.is_main_process:
         accelerator.init_trackers("lcm", config=_flat_config(cfg))
@@ -149,7 +152,7 @@ def train(task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig)
     history: list[dict[str, float]] = []
     while step < cfg.max_steps:
         for _ in range(cfg.gradient_accumulation_steps):
-            batch = next(stream)
+            batch = _next_readable(stream)
             with accelerator.accumulate(*wrapped):
                 with accelerator.autocast():
                     losses = task.loss(batch, generator)
@@ -192,6 +195,15 @@ def train(task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig)
         (cfg.out / "train_history.json").write_text(json.dumps(history, indent=1) + "\n")
     accelerator.end_training()
     return {"steps": step, "wall_seconds": time.time() - t0, "history": history}
+
+
+def _next_readable(stream: Iterator[Any], patience: int = 1000) -> Any:
+    """The next batch that holds at least one sample (a batch of unreadable files collates to None)."""
+    for _ in range(patience):
+        batch = next(stream)
+        if batch is not None:
+            return batch
+    raise ValueError(f"{patience} batches in a row held no readable sample: check the data")
 
 
 def _flat_config(cfg: TrainConfig) -> dict[str, Any]:

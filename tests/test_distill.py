@@ -1,0 +1,251 @@
+"""The LCD step against a hand-computed reference, EMA by name, exact resume, and target/student set-up."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from lcm.distill import LCD, LCDConfig
+from lcm.ema import ema_update
+from lcm.guidance import w_embedding
+from lcm.solvers import Solver
+from lcm.student import StudentKind, add_lora, full_student
+from lcm.teacher import LatentDiffusion
+from lcm.trainer import TrainConfig, train
+from tiny_models import build_tiny_sd
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("sd"), "epsilon")
+
+
+@pytest.fixture(scope="module")
+def sd_v_folder(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("sdv"), "v_prediction", seed=3)
+
+
+def _batch(model, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(n, *model.latent_shape, generator=g)
+    cond = model.encode_prompts(["a photo of a cat", "a red car", "a dog"][:n])
+    uncond = model.encode_prompts([""] * n)
+    return z0, cond, uncond
+
+
+def _perturb(unet, seed=1):
+    """Make student ≠ teacher so the reference exercises every term."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+
+
+def _hand_reference(model, student, target, teacher, z0, cond, uncond, cfg, seed):
+    """LCD written out from the paper's equations with the same random draws, independently of lcm.solvers."""
+    g = torch.Generator().manual_seed(seed)
+    n = z0.shape[0]
+    k = 1000 // cfg.num_solver_steps
+    grid = torch.arange(1, cfg.num_solver_steps + 1) * k - 1
+    s = grid[torch.randint(0, cfg.num_solver_steps, (n,), generator=g)]  # t_{n+k}
+    t = (s - k).clamp(min=0)  # t_n
+    eps = torch.randn(z0.shape, generator=g)
+    w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(n, generator=g)
+    ac = model.schedule.alphas_cumprod
+
+    def a_s(tt):  # α, σ as [B,1,1,1] float32 at integer or real timesteps
+        la = model.schedule.log_alpha(tt)
+        return la.exp().float().view(-1, 1, 1, 1), (1 - (2 * la).exp()).sqrt().float().view(-1, 1, 1, 1)
+
+    assert torch.allclose(a_s(s)[0].flatten() ** 2, ac[s].float())
+    a, sg = a_s(s)
+    z = a * z0 + sg * eps
+
+    def unet_out(unet, zz, tt, text, emb=None):
+        return unet(zz, tt.float(), encoder_hidden_states=text.hidden_states, timestep_cond=emb).sample
+
+    def x0_eps(out, zz, tt):
+        aa, ss = a_s(tt)
+        if model.prediction_type.value == "epsilon":
+            return (zz - ss * out) / aa, out
+        return aa * zz - ss * out, ss * zz + aa * out  # v
+
+    def f(unet, zz, tt, emb):
+        scaled = tt.double() * 10.0
+        c_skip = (0.25 / (scaled**2 + 0.25)).float().view(-1, 1, 1, 1)
+        c_out = (scaled / (scaled**2 + 0.25).sqrt()).float().view(-1, 1, 1, 1)
+        return c_skip * zz + c_out * x0_eps(unet_out(unet, zz, tt, cond, emb), zz, tt)[0]
+
+    def guided(zz, tt):
+        oc, ou = unet_out(teacher, zz, tt, cond), unet_out(teacher, zz, tt, uncond)  # two separate calls here
+        out = oc + w.view(-1, 1, 1, 1) * (oc - ou)
+        return x0_eps(out, zz, tt)
+
+    emb = w_embedding(w) if student.config.get("time_cond_proj_dim") else None
+    pred = f(student, z, s, emb)
+    with torch.no_grad():
+        at, st = a_s(t)
+        if cfg.solver is Solver.DDIM:
+            x0, e = guided(z, s)
+            z_t = at * x0 + st * e
+        else:
+            lam = lambda tt: model.schedule.lambda_(tt)  # noqa: E731
+            u = model.schedule.t_of_lambda((lam(s) + lam(t)) / 2)
+            au, su = a_s(u)
+            h = (lam(t) - lam(s)).float().view(-1, 1, 1, 1)
+            if cfg.solver is Solver.DPM:  # DPM-Solver-2, noise form
+                z_u = (au / a) * z - su * torch.expm1(h / 2) * guided(z, s)[1]
+                z_t = (at / a) * z - st * torch.expm1(h) * guided(z_u, u)[1]
+            else:  # DPM-Solver++(2S), data form
+                z_u = (su / sg) * z - au * torch.expm1(-h / 2) * guided(z, s)[0]
+                z_t = (st / sg) * z - at * torch.expm1(-h) * guided(z_u, u)[0]
+        tgt = f(target, z_t, t, emb)
+    d2 = (pred - tgt) ** 2
+    return (torch.sqrt(d2 + cfg.huber_c**2) - cfg.huber_c).flatten(1).mean(1)
+
+
+@pytest.mark.parametrize("solver", list(Solver))
+@pytest.mark.parametrize("which", ["sd", "sd_v"])
+def test_lcd_step_equals_hand_computed_reference(solver, which, request):
+    folder = request.getfixturevalue(f"{which}_folder")
+    model = LatentDiffusion.from_pretrained(folder)
+    student = full_student(model.unet)
+    _perturb(student)
+    target = copy.deepcopy(student)
+    _perturb(target, seed=2)
+    cfg = LCDConfig(num_solver_steps=50, solver=solver, w_min=2, w_max=8, huber_c=0.01)
+    lcd = LCD(model, student, StudentKind.FULL, cfg, target)
+    z0, cond, uncond = _batch(model)
+    ours = lcd.loss(z0, cond, uncond, torch.Generator().manual_seed(7)).loss
+    ref = _hand_reference(model, student, target, model.unet, z0, cond, uncond, cfg, seed=7)
+    torch.testing.assert_close(ours, ref, rtol=2e-4, atol=1e-7)
+    ours.mean().backward()  # gradients reach the student only
+    assert student.conv_in.weight.grad is not None and target.conv_in.weight.grad is None
+
+
+def test_lora_lcd_step_uses_adapter_free_teacher(sd_folder):
+    model = LatentDiffusion.from_pretrained(sd_folder)
+    teacher = copy.deepcopy(model.unet)
+    student = add_lora(model.unet, rank=4)
+    with torch.no_grad():  # non-zero B so that adapters change the output
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    cfg = LCDConfig(solver=Solver.DPMPP, w_min=3, w_max=3)
+    lcd = LCD(model, student, StudentKind.LORA, cfg)
+    z0, cond, uncond = _batch(model, n=2)
+    ours = lcd.loss(z0, cond, uncond, torch.Generator().manual_seed(3)).loss
+    ref = _hand_reference(model, student, student, teacher, z0, cond, uncond, cfg, seed=3)
+    torch.testing.assert_close(ours, ref, rtol=2e-4, atol=1e-7)
+    assert all(p.requires_grad == ("lora" in n) for n, p in student.named_parameters())
+
+
+def test_full_student_starts_equal_to_teacher(sd_folder):
+    model = LatentDiffusion.from_pretrained(sd_folder)
+    student = full_student(model.unet)
+    assert student.config.time_cond_proj_dim == 256
+    assert torch.all(student.time_embedding.cond_proj.weight == 0)
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0])
+    ctx = model.encode_prompts(["a cat", ""]).hidden_states
+    with torch.no_grad():
+        ref = model.unet(z, t, encoder_hidden_states=ctx).sample
+        out = student(z, t, encoder_hidden_states=ctx, timestep_cond=w_embedding(torch.tensor([3.0, 9.0]))).sample
+    torch.testing.assert_close(out, ref)
+
+
+def test_lcd_config_validation():
+    with pytest.raises(ValueError, match="w_min"):
+        LCDConfig(w_min=5, w_max=2)
+    with pytest.raises(ValueError):
+        LCDConfig(solver="euler")
+    with pytest.raises(ValueError, match="ema-decay"):
+        LCDConfig(ema_decay=1.0)
+
+
+class _Reordered(torch.nn.Module):
+    """Same parameter names as _Plain, registered in the opposite order."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = torch.nn.Linear(3, 2)
+        self.a = torch.nn.Linear(2, 3)
+
+
+class _Plain(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(2, 3)
+        self.b = torch.nn.Linear(3, 2)
+
+
+def test_ema_matches_parameters_by_name():
+    source, target = _Plain(), _Reordered()
+    before = {n: p.detach().clone() for n, p in target.named_parameters()}
+    ema_update(target, source, 0.9)
+    src = dict(source.named_parameters())
+    for name, p in target.named_parameters():
+        torch.testing.assert_close(p, 0.9 * before[name] + 0.1 * src[name])
+    ema_update(target, source, 0.0)  # decay 0 copies
+    for name, p in target.named_parameters():
+        torch.testing.assert_close(p, src[name])
+    with pytest.raises(ValueError, match="differ"):
+        ema_update(torch.nn.Linear(2, 2), source, 0.5)
+
+
+class _ListData(torch.utils.data.Dataset):
+    def __init__(self, n=24, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 3, 64, 64, generator=g) * 2 - 1
+        self.captions = [f"a photo of a {w}" for w in ("cat", "dog", "red car", "tree")] * (n // 4)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.images[i], "caption": self.captions[i]}
+
+
+class _Crash(Exception):
+    pass
+
+
+def _run(folder, out, max_steps, resume=None, crash_after=None, kind=StudentKind.FULL):
+    from lcm.data.loader import batch_stream
+    from lcm.data.sources import collate_skip_none
+    from lcm.tasks import DistillTask
+
+    model = LatentDiffusion.from_pretrained(folder)
+    cfg = LCDConfig(solver=Solver.DPMPP, w_min=2, w_max=6)
+    task = DistillTask(model, kind, cfg, lora_rank=4)
+    data = _ListData()
+
+    def batches(start):
+        for i, b in enumerate(batch_stream(data, 4, collate_skip_none, seed=0, start=start)):
+            if crash_after is not None and i == crash_after:
+                raise _Crash  # the process dies between steps
+            yield b
+
+    loop = TrainConfig(
+        out=out, max_steps=max_steps, learning_rate=1e-3, checkpoint_every=2, validate_every=0, resume=resume, seed=5
+    )
+    try:
+        train(task, batches, loop)
+    except _Crash:
+        pass
+    return task
+
+
+@pytest.mark.parametrize("kind", [StudentKind.FULL, StudentKind.LORA])
+def test_resume_after_a_crash_equals_an_uninterrupted_run(sd_folder, tmp_path, kind):
+    straight = _run(sd_folder, tmp_path / "a", 6, kind=kind)
+    _run(sd_folder, tmp_path / "b", 6, crash_after=5, kind=kind)  # dies during step 6; checkpoint at step 4
+    assert (tmp_path / "b" / "checkpoints" / "step-4").is_dir()
+    assert not (tmp_path / "b" / "checkpoints" / "step-6").exists()
+    resumed = _run(sd_folder, tmp_path / "b", 6, resume="latest", kind=kind)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+    history = (tmp_path / "a" / "train_history.json").read_text()
+    assert "samples_per_second" in history and not math.isnan(straight.state_dict()[next(iter(a))].sum().item())
