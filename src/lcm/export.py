@@ -51,12 +51,12 @@ def lcm_scheduler_config(teacher_config: dict[str, Any], num_solver_steps: int) 
     return {**LCMScheduler.from_config(config).config, "_class_name": "LCMScheduler"}
 
 
-def _write_model_index(source: Path, out: Path, sdxl: bool) -> None:
+def _write_model_index(source: Path, out: Path, sdxl: bool, w_conditioned: bool) -> None:
     index_path = source / "model_index.json"
     if not index_path.is_file():
         return  # a bare folder (the embedded teacher): nothing to describe
     index = json.loads(index_path.read_text())
-    if not sdxl:
+    if not sdxl and w_conditioned:  # LatentConsistencyModelPipeline always feeds the w-embedding
         index["_class_name"] = "LatentConsistencyModelPipeline"
         index.setdefault("requires_safety_checker", False)
     index["scheduler"] = ["diffusers", "LCMScheduler"]
@@ -77,7 +77,7 @@ def export_lcm_folder(
     unet.save_pretrained(out / "unet", safe_serialization=True)
     LCMScheduler.from_config(lcm_scheduler_config(scheduler_config, num_solver_steps)).save_config(out / "scheduler")
     sdxl = unet.config.get("addition_embed_type") == "text_time"
-    _write_model_index(src, out, sdxl)
+    _write_model_index(src, out, sdxl, unet.config.get("time_cond_proj_dim") is not None)
     (out / "lcm_distill.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     return out
 

@@ -53,6 +53,9 @@ class LatentDiffusion:
             model.scheduler_config = lcm_scheduler_config(model.scheduler_config, meta["original_inference_steps"])
             model.__post_init__()
             return model
+        looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
+        if looks_local and not Path(path).expanduser().is_dir():
+            raise ValueError(f"no model folder at {path} (and it is not a hub id of the form owner/name)")
         if Path(path).exists() and not (Path(path) / "unet").is_dir():
             raise ValueError(f"{path} is not a diffusers model folder: it has no unet/ subfolder")
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device).eval().requires_grad_(False)
