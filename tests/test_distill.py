@@ -213,11 +213,11 @@ class _Crash(Exception):
 def _run(folder, out, max_steps, resume=None, crash_after=None, kind=StudentKind.FULL):
     from lcm.data.loader import batch_stream
     from lcm.data.sources import collate_skip_none
-    from lcm.tasks import DistillTask
+    from lcm.tasks import DistillTask, LoraSettings
 
     model = LatentDiffusion.from_pretrained(folder)
     cfg = LCDConfig(solver=Solver.DPMPP, w_min=2, w_max=6)
-    task = DistillTask(model, kind, cfg, lora_rank=4)
+    task = DistillTask(model, kind, cfg, LoraSettings(rank=4))
     data = _ListData()
 
     def batches(start):

@@ -191,6 +191,15 @@ def _validation_prompts(args: argparse.Namespace, model_is_embedded: bool) -> tu
     return ("a photo of an astronaut riding a horse", "a cosy cabin in a snowy forest, golden hour")
 
 
+def _lora_settings(args: argparse.Namespace):
+    from .tasks import LoraSettings
+
+    targets = tuple(args.lora_targets.split(",")) if args.lora_targets else None
+    return LoraSettings(
+        rank=args.lora_rank, alpha=args.lora_alpha, fuse=args.fuse_lora, **({"targets": targets} if targets else {})
+    )
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
     from .distill import LCDConfig
     from .generate import default_model_path
@@ -207,22 +216,44 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         huber_c=args.huber_c,
         ema_decay=args.ema_decay,
     )
-    targets = tuple(args.lora_targets.split(",")) if args.lora_targets else None
     summary = run_distillation(
         teacher,
         _data_config(args),
         lcd,
         _loop_config(args, 1e-4 if args.student == "lora" else 1e-6),
         student=StudentKind(args.student),
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        **({"lora_targets": targets} if targets else {}),
-        fuse_lora=args.fuse_lora,
+        lora=_lora_settings(args),
         gradient_checkpointing=args.gradient_checkpointing,
         validation_prompts=_validation_prompts(args, args.teacher is None),
         validation_w=args.validation_w if args.validation_w is not None else (args.w_min + args.w_max) / 2,
     )
     print(f"distilled {summary['steps']} steps in {summary['wall_seconds']:.0f} s; model in {args.out}")
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import LCFConfig
+    from .run_distill import run_finetune
+    from .student import StudentKind
+
+    lcf = LCFConfig(
+        num_solver_steps=args.num_solver_steps,
+        w=args.lcf_w,
+        loss=args.loss,
+        huber_c=args.huber_c,
+        ema_decay=args.ema_decay,
+    )
+    summary = run_finetune(
+        args.model,
+        _data_config(args),
+        lcf,
+        _loop_config(args, 1e-4 if args.student == "lora" else 1e-5),
+        student=StudentKind(args.student),
+        lora=_lora_settings(args),
+        gradient_checkpointing=args.gradient_checkpointing,
+        validation_prompts=_validation_prompts(args, args.data.startswith("fashion-mnist")),
+    )
+    print(f"fine-tuned {summary['steps']} steps in {summary['wall_seconds']:.0f} s; model in {args.out}")
     return 0
 
 
@@ -326,6 +357,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(ds, lr_help="default 1e-6 for a full student, 1e-4 for LoRA, as diffusers' scripts", steps=1000)
     ds.set_defaults(func=_cmd_distill)
 
+    ft = sub.add_parser(
+        "finetune",
+        help="Latent Consistency Fine-tuning: adapt an LCM to your image-caption data without a teacher",
+        description=(
+            "Teacher-free consistency fine-tuning (LCF) of an LCM made by lcm distill: both ends of each skipping "
+            "step share one noise sample, the target is an EMA of the student. The LCM's guidance input is held at "
+            "--lcf-w during fine-tuning (no teacher means no guided ODE to distil other w from)."
+        ),
+    )
+    ft.add_argument("--model", required=True, help="the LCM to fine-tune: a full LCM folder or an LCM-LoRA folder")
+    f = ft.add_argument_group("LCF")
+    f.add_argument("--student", choices=["full", "lora"], default="full", help="train every weight or LoRA adapters")
+    f.add_argument("--lcf-w", type=float, default=3.0, help="guidance w fed to the LCM while fine-tuning (default 3)")
+    f.add_argument("--num-solver-steps", type=int, default=50, help="N of the skipping grid (default 50)")
+    f.add_argument("--loss", choices=["l2", "huber"], default="huber", help="consistency distance (default huber)")
+    f.add_argument("--huber-c", type=float, default=0.001, help="pseudo-Huber c (default 0.001)")
+    f.add_argument("--ema-decay", type=float, default=0.95, help="target EMA decay mu (default 0.95)")
+    f.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (default 64)")
+    f.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: = rank)")
+    f.add_argument("--lora-targets", help="comma-separated module names to adapt (default: LCM-LoRA's list)")
+    f.add_argument("--fuse-lora", action="store_true", help="export the LoRA merged into a full LCM folder")
+    _add_training_args(ft, lr_help="default 1e-5 for a full student, 1e-4 for LoRA", steps=1000)
+    ft.set_defaults(func=_cmd_finetune)
+
     ts = sub.add_parser(
         "timesteps",
         help="print a sampler's timesteps with their alpha_t and sigma_t",
@@ -348,9 +403,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_progress() -> None:
+    """transformers draws a bar for every local weight load; ours (training, sampling) are the ones that matter."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_library_progress()
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

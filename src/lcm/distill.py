@@ -29,7 +29,7 @@ from .teacher import LatentDiffusion
 from .text import TextEmbeddings
 from .timesteps import SkippingGrid
 
-__all__ = ["LCD", "LCDConfig", "LCDOutput"]
+__all__ = ["LCD", "LCDConfig", "LCDOutput", "StudentTarget"]
 
 
 @dataclass(frozen=True)
@@ -59,20 +59,18 @@ class LCDOutput(NamedTuple):
     w: torch.Tensor  # (B,)
 
 
-class LCD:
-    """Owns student, target and teacher UNets of one distillation run and computes the LCD loss."""
+class StudentTarget:
+    """Student, target and the consistency function shared by LCD and LCF."""
 
-    def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg: LCDConfig, target=None):
+    def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg, target=None):
         self.model, self.student, self.kind, self.cfg = model, student, StudentKind(kind), cfg
         self.grid = SkippingGrid(cfg.num_solver_steps, model.schedule.num_train_timesteps)
         if self.kind is StudentKind.FULL:
             if target is None:
                 raise ValueError("a full student needs an EMA target UNet")
             self.target = target.requires_grad_(False)
-            self.teacher_unet = model.unet  # frozen
         else:
-            self.target = student  # same weights, used under no_grad
-            self.teacher_unet = student  # with adapters disabled
+            self.target = student  # LoRA: the same weights, used under no_grad, no EMA
         self.w_conditioned = student.config.get("time_cond_proj_dim") is not None
         self.student_forward = student  # replaced by the distributed wrapper when training under Accelerate
 
@@ -83,6 +81,20 @@ class LCD:
         alpha, sigma = self.model.schedule.alpha_sigma(t.cpu())
         x0 = to_denoised(out.float(), z, alpha, sigma, self.model.prediction_type).x0
         return consistency_function(z, x0, t, self.cfg.sigma_data, self.cfg.timestep_scaling)
+
+    def update_target(self) -> None:
+        """θ⁻ ← μθ⁻ + (1 − μ)θ after each optimiser step (full student; the LoRA target is the student itself)."""
+        if self.kind is StudentKind.FULL:
+            ema_update(self.target, self.student, self.cfg.ema_decay)
+
+
+class LCD(StudentTarget):
+    """Owns student, target and teacher UNets of one distillation run and computes the LCD loss."""
+
+    def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg: LCDConfig, target=None):
+        super().__init__(model, student, kind, cfg, target)
+        # the teacher: the frozen original UNet, or for LoRA the student with its adapters disabled
+        self.teacher_unet = model.unet if self.kind is StudentKind.FULL else student
 
     def _teacher_context(self):
         return adapters_disabled(self.student) if self.kind is StudentKind.LORA else nullcontext()
@@ -112,8 +124,3 @@ class LCD:
 
         loss = consistency_loss(prediction, target, self.cfg.loss, self.cfg.huber_c)
         return LCDOutput(loss, t_start, w)
-
-    def update_target(self) -> None:
-        """θ⁻ ← μθ⁻ + (1 − μ)θ after each optimiser step (full student; the LoRA target is the student itself)."""
-        if self.kind is StudentKind.FULL:
-            ema_update(self.target, self.student, self.cfg.ema_decay)

@@ -1,5 +1,5 @@
-"""Building a distillation run from user-facing settings: model, data, task, loop. Used by ``lcm distill`` and
-``lcm demo``; nothing here knows argparse."""
+"""Building a training run from user-facing settings: model, data, task, loop. Used by ``lcm distill``,
+``lcm finetune`` and ``lcm demo``; nothing here knows argparse."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from pathlib import Path
 from .data.loader import batch_stream
 from .data.sources import collate_skip_none
 from .distill import LCDConfig
-from .student import DEFAULT_LORA_TARGETS, StudentKind
-from .tasks import DistillTask
+from .finetune import LCFConfig
+from .student import StudentKind
+from .tasks import DistillTask, FinetuneTask, LoraSettings
 from .teacher import LatentDiffusion
 from .trainer import TrainConfig, train
 
-__all__ = ["DataConfig", "build_dataset", "run_distillation"]
+__all__ = ["DataConfig", "build_dataset", "run_distillation", "run_finetune"]
 
 FASHION = "fashion-mnist"
 
@@ -30,6 +31,15 @@ class DataConfig:
     batch_size: int = 32  # per device
     num_workers: int = 0
     data_dir: Path | None = None  # Fashion-MNIST files
+
+    def check(self) -> None:
+        """Refuse a local path that does not exist (hub names and URLs are checked when opened)."""
+        spec = self.source
+        if spec == FASHION or spec.startswith(FASHION + ":") or "://" in spec or spec.startswith("pipe:"):
+            return
+        local = spec.startswith((".", "/", "~")) or "{" in spec or spec.endswith(".tar")
+        if local and "{" not in spec and not Path(spec).expanduser().exists():
+            raise ValueError(f"--data {spec}: no such file or directory")
 
 
 def build_dataset(cfg: DataConfig, model: LatentDiffusion):
@@ -64,34 +74,65 @@ def run_distillation(
     lcd: LCDConfig,
     loop: TrainConfig,
     student: StudentKind = StudentKind.FULL,
-    lora_rank: int = 64,
-    lora_alpha: float | None = None,
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
-    fuse_lora: bool = False,
+    lora: LoraSettings | None = None,
     gradient_checkpointing: bool = False,
     validation_prompts: tuple[str, ...] = (),
     validation_w: float = 6.0,
 ) -> dict:
     """Distil ``teacher`` and export the student into ``loop.out``; returns the training summary."""
+
+    def task(model: LatentDiffusion):
+        return DistillTask(
+            model,
+            student,
+            lcd,
+            lora,
+            seed=loop.seed,
+            validation_prompts=validation_prompts,
+            validation_w=validation_w,
+            gradient_checkpointing=gradient_checkpointing,
+            provenance={"teacher": str(teacher), "data": data.source},
+        )
+
+    return _run(teacher, task, data, loop)
+
+
+def run_finetune(
+    lcm: str | Path,
+    data: DataConfig,
+    lcf: LCFConfig,
+    loop: TrainConfig,
+    student: StudentKind = StudentKind.FULL,
+    lora: LoraSettings | None = None,
+    gradient_checkpointing: bool = False,
+    validation_prompts: tuple[str, ...] = (),
+) -> dict:
+    """Fine-tune the LCM ``lcm`` on ``data`` without a teacher (LCF) and export it into ``loop.out``."""
+
+    def task(model: LatentDiffusion):
+        return FinetuneTask(
+            model,
+            student,
+            lcf,
+            lora,
+            seed=loop.seed,
+            validation_prompts=validation_prompts,
+            validation_w=lcf.w,
+            gradient_checkpointing=gradient_checkpointing,
+            provenance={"lcm": str(lcm), "data": data.source},
+        )
+
+    return _run(lcm, task, data, loop)
+
+
+def _run(model_path: str | Path, make_task, data: DataConfig, loop: TrainConfig) -> dict:
     from accelerate import PartialState
 
+    data.check()  # fail on a mistyped path before minutes of model loading
     state = PartialState()
-    model = LatentDiffusion.from_pretrained(teacher, device=state.device)
+    model = LatentDiffusion.from_pretrained(model_path, device=state.device)
     dataset = build_dataset(data, model)
-    task = DistillTask(
-        model,
-        student,
-        lcd,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_targets=lora_targets,
-        validation_prompts=validation_prompts,
-        validation_w=validation_w,
-        gradient_checkpointing=gradient_checkpointing,
-        fuse_lora=fuse_lora,
-        provenance={"teacher": str(teacher), "data": data.source},
-        seed=loop.seed,
-    )
+    task = make_task(model)
 
     def batches(start: int):
         return batch_stream(

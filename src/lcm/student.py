@@ -106,8 +106,9 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    config = unet.peft_config["default"]
-    state = get_peft_model_state_dict(unet)
+    name = next(iter(unet.peft_config))  # "default" when trained here, "default_0" when loaded by diffusers
+    config = unet.peft_config[name]
+    state = get_peft_model_state_dict(unet, adapter_name=name)
     scale = config.lora_alpha / config.r
     folded = {k: (v * scale if "lora_B" in k else v).detach().float().cpu().contiguous() for k, v in state.items()}
     return convert_state_dict_to_diffusers(folded)

@@ -1,12 +1,14 @@
 """Training tasks for :func:`lcm.trainer.train`: batches → latents and text conditions → the method's loss.
 
-:class:`DistillTask` wraps :class:`lcm.distill.LCD` (teacher-guided); the fine-tuning task wraps LCF the same way.
+:class:`DistillTask` wraps :class:`lcm.distill.LCD` (teacher-guided), :class:`FinetuneTask` wraps
+:class:`lcm.finetune.LCF` (teacher-free); both share :class:`ConsistencyTask`.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import torch
 
 from .distill import LCD, LCDConfig
 from .export import export_lcm_folder, export_lora
+from .finetune import LCF, LCFConfig
 from .images import save_grid
 from .sampling import randn_per_image, sample_lcm
 from .student import DEFAULT_LORA_TARGETS, StudentKind, add_lora, full_student
@@ -21,18 +24,7 @@ from .teacher import LatentDiffusion
 from .text import TextEmbeddings
 from .timesteps import lcm_timesteps
 
-__all__ = ["DistillTask"]
-
-
-def collate_samples(samples: list[dict | None]) -> dict[str, Any]:
-    """Stack ``{"pixel_values", "caption"}`` samples, dropping the ``None`` of unreadable ones."""
-    samples = [s for s in samples if s is not None]
-    if not samples:
-        return {"pixel_values": torch.empty(0), "caption": []}
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-        "caption": [s["caption"] for s in samples],
-    }
+__all__ = ["ConsistencyTask", "DistillTask", "FinetuneTask", "LoraSettings", "make_student"]
 
 
 class _TextCache:
@@ -53,49 +45,65 @@ class _TextCache:
         return TextEmbeddings.cat([self.table[c] for c in captions])
 
 
-class DistillTask:
-    """Latent Consistency Distillation of ``model`` into a full or LoRA student."""
+def make_student(model: LatentDiffusion, kind: StudentKind, lora: LoraSettings, seed: int):
+    """(student, target) for ``kind``: a w-conditioned full UNet with an EMA copy, or LoRA adapters (target None).
+
+    A UNet that already carries LoRA adapters (a loaded LCM-LoRA) keeps them and trains them further.
+    """
+    if kind is StudentKind.FULL:
+        student = full_student(model.unet)
+        return student, copy.deepcopy(student).requires_grad_(False)
+    if getattr(model.unet, "peft_config", None):
+        for name, p in model.unet.named_parameters():
+            p.requires_grad_("lora_" in name)
+        return model.unet.train(), None
+    return add_lora(model.unet, lora.rank, lora.alpha, lora.targets, seed).train(), None
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 64
+    alpha: float | None = None  # default: = rank
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    fuse: bool = False  # export merged into a full LCM folder
+
+
+class ConsistencyTask:
+    """What LCD and LCF share: batches → (z0, text), student bookkeeping, validation grids, checkpoints, export.
+
+    ``method`` (an :class:`lcm.distill.LCD` or :class:`lcm.finetune.LCF`) supplies the loss and the target update.
+    """
+
+    method_name = ""
 
     def __init__(
         self,
         model: LatentDiffusion,
-        kind: StudentKind,
-        cfg: LCDConfig,
-        lora_rank: int = 64,
-        lora_alpha: float | None = None,
-        lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+        method,
+        lora: LoraSettings,
         validation_prompts: tuple[str, ...] = (),
         validation_w: float = 6.0,
         validation_seeds: tuple[int, ...] = (0, 1),
         gradient_checkpointing: bool = False,
-        fuse_lora: bool = False,
         provenance: dict | None = None,
-        seed: int = 0,
     ):
-        self.model, self.kind, self.cfg = model, StudentKind(kind), cfg
-        if self.kind is StudentKind.FULL:
-            student = full_student(model.unet)
-            target = copy.deepcopy(student).requires_grad_(False)
-        else:
-            student = add_lora(model.unet, lora_rank, lora_alpha, lora_targets, seed)
-            target = None
+        self.model, self.method, self.lora = model, method, lora
+        self.kind, self.cfg, self.student = method.kind, method.cfg, method.student
         if gradient_checkpointing:
-            student.enable_gradient_checkpointing()
-        self.student = student
-        self.lcd = LCD(model, student, self.kind, cfg, target)
+            self.student.enable_gradient_checkpointing()
         self.text = _TextCache(model)
         self.uncond = model.encode_prompts([""])
         self.validation_prompts, self.validation_w = tuple(validation_prompts), validation_w
-        self.validation_seeds, self.fuse_lora = tuple(validation_seeds), fuse_lora
-        self.provenance = {"method": "LCD", "student": self.kind.value, **(provenance or {})}
+        self.validation_seeds = tuple(validation_seeds)
+        self.provenance = {"method": self.method_name, "student": self.kind.value, **(provenance or {})}
 
     # --- trainer protocol --------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]
 
     def wrap(self, prepare) -> list[torch.nn.Module]:
-        self.lcd.student_forward = prepare(self.student)
-        return [self.lcd.student_forward]
+        self.method.student_forward = prepare(self.student)
+        return [self.method.student_forward]
 
     def encode_batch(self, batch: dict[str, Any], generator: torch.Generator):
         """(z0, cond, uncond) of a collated batch; precomputed latents are used when the batch carries them."""
@@ -110,22 +118,22 @@ class DistillTask:
 
     def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         z0, cond, uncond = self.encode_batch(batch, generator)
-        return self.lcd.loss(z0, cond, uncond, generator).loss
+        return self.method.loss(z0, cond, uncond, generator).loss
 
     def after_optimizer_step(self) -> None:
-        self.lcd.update_target()
+        self.method.update_target()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.kind is StudentKind.FULL:
             state = {f"student.{k}": v for k, v in self.student.state_dict().items()}
-            state.update({f"target.{k}": v for k, v in self.lcd.target.state_dict().items()})
+            state.update({f"target.{k}": v for k, v in self.method.target.state_dict().items()})
             return state
         return {f"lora.{n}": p for n, p in self.student.named_parameters() if p.requires_grad}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.kind is StudentKind.FULL:
             self.student.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("student.")})
-            self.lcd.target.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("target.")})
+            self.method.target.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("target.")})
             return
         params = dict(self.student.named_parameters())
         with torch.no_grad():
@@ -135,7 +143,7 @@ class DistillTask:
     @property
     def sampling_unet(self):
         """The network that is exported and sampled: the EMA target (full) or the LoRA student."""
-        return self.lcd.target
+        return self.method.target
 
     @torch.no_grad()
     def validate(self, step: int, folder: Path) -> dict[str, float]:
@@ -149,7 +157,7 @@ class DistillTask:
         seeds = [s for _ in self.validation_prompts for s in self.validation_seeds]
         cond = self.model.encode_prompts(prompts)
         w = torch.full((len(prompts),), self.validation_w)
-        f = self.model.consistency_fn(cond, w if self.lcd.w_conditioned else None, unet=unet)
+        f = self.model.consistency_fn(cond, w if self.method.w_conditioned else None, unet=unet)
         rows = []
         for steps in (1, 2, 4, 8):
             gens = [torch.Generator().manual_seed(s) for s in seeds]
@@ -161,16 +169,55 @@ class DistillTask:
         return {}
 
     def export(self, folder: Path) -> None:
-        provenance = {**self.provenance, "lcd": {k: str(v) for k, v in vars(self.cfg).items()}}
+        provenance = {**self.provenance, self.method_name.lower(): {k: str(v) for k, v in vars(self.cfg).items()}}
         source = self.model.source or "unknown"
+        steps, scheduler = self.cfg.num_solver_steps, self.model.scheduler_config
         if self.kind is StudentKind.FULL:
-            export_lcm_folder(
-                source, self.lcd.target, self.model.scheduler_config, self.cfg.num_solver_steps, folder, provenance
-            )
-        elif self.fuse_lora:
+            export_lcm_folder(source, self.method.target, scheduler, steps, folder, provenance)
+        elif self.lora.fuse:
             unet = copy.deepcopy(self.student)
             unet.fuse_lora()
             unet.unload_lora()
-            export_lcm_folder(source, unet, self.model.scheduler_config, self.cfg.num_solver_steps, folder, provenance)
+            export_lcm_folder(self.model.lora_base or source, unet, scheduler, steps, folder, provenance)
         else:
-            export_lora(self.student, source, self.cfg.num_solver_steps, folder, provenance)
+            export_lora(self.student, self.model.lora_base or source, steps, folder, provenance)
+
+
+class DistillTask(ConsistencyTask):
+    """Latent Consistency Distillation of ``model`` into a full or LoRA student."""
+
+    method_name = "LCD"
+
+    def __init__(
+        self,
+        model: LatentDiffusion,
+        kind: StudentKind,
+        cfg: LCDConfig,
+        lora: LoraSettings | None = None,
+        seed: int = 0,
+        **kwargs,
+    ):
+        lora = lora or LoraSettings()
+        student, target = make_student(model, StudentKind(kind), lora, seed)
+        super().__init__(model, LCD(model, student, kind, cfg, target), lora, **kwargs)
+
+
+class FinetuneTask(ConsistencyTask):
+    """Latent Consistency Fine-tuning of an LCM (``model``) on new data, without a teacher."""
+
+    method_name = "LCF"
+
+    def __init__(
+        self,
+        model: LatentDiffusion,
+        kind: StudentKind,
+        cfg: LCFConfig,
+        lora: LoraSettings | None = None,
+        seed: int = 0,
+        **kwargs,
+    ):
+        if not model.is_lcm:
+            raise ValueError("lcm finetune needs an LCM (the output of lcm distill); for a teacher use lcm distill")
+        lora = lora or LoraSettings()
+        student, target = make_student(model, StudentKind(kind), lora, seed)
+        super().__init__(model, LCF(model, student, kind, cfg, target), lora, **kwargs)

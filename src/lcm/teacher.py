@@ -30,6 +30,7 @@ class LatentDiffusion:
     scheduler_config: dict
     text_encoder: TextEncoder | None
     source: str | None = None  # where it was loaded from (folder or hub id)
+    lora_base: str | None = None  # for a loaded LCM-LoRA: its base model (``source`` is the LoRA folder)
 
     def __post_init__(self) -> None:
         self.schedule = NoiseSchedule.from_config(self.scheduler_config)
@@ -51,6 +52,7 @@ class LatentDiffusion:
             model.unet.load_lora_adapter(str(Path(path) / LORA_FILE), prefix="unet")
             model.unet.requires_grad_(False)
             model.scheduler_config = lcm_scheduler_config(model.scheduler_config, meta["original_inference_steps"])
+            model.source, model.lora_base = path, meta["base_model"]
             model.__post_init__()
             return model
         looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
