@@ -98,6 +98,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_consistency_args(p: argparse.ArgumentParser, title: str):
+    """Flags LCD and LCF share: student kind, skipping grid, distance, target, LoRA."""
+    g = p.add_argument_group(title)
+    g.add_argument("--student", choices=["full", "lora"], default="full", help="full UNet (+w-embedding) or LoRA")
+    g.add_argument("--num-solver-steps", type=int, default=50, help="N of the skipping grid; k = 1000 // N (50)")
+    g.add_argument("--loss", choices=["l2", "huber"], default="huber", help="consistency distance (default huber)")
+    g.add_argument("--huber-c", type=float, default=0.001, help="pseudo-Huber c (default 0.001)")
+    g.add_argument("--ema-decay", type=float, default=0.95, help="target EMA decay mu, full student (default 0.95)")
+    g.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (default 64)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: = rank, i.e. scale 1)")
+    g.add_argument("--lora-targets", help="comma-separated module names to adapt (default: LCM-LoRA's list)")
+    g.add_argument("--fuse-lora", action="store_true", help="export the LoRA merged into a full LCM folder")
+    return g
+
+
 def _add_training_args(p: argparse.ArgumentParser, lr_help: str, steps: int) -> None:
     """Flags of the shared training loop (distill and finetune)."""
     g = p.add_argument_group("training loop")
@@ -341,19 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     ds.add_argument("--teacher", help="teacher model folder or hub id (default: the shipped Fashion teacher)")
-    m = ds.add_argument_group("LCD")
-    m.add_argument("--student", choices=["full", "lora"], default="full", help="full UNet (+w-embedding) or LoRA")
+    m = _add_consistency_args(ds, "LCD")
     m.add_argument("--solver", choices=["ddim", "dpm", "dpmpp"], default="ddim", help="ODE solver of the teacher")
-    m.add_argument("--num-solver-steps", type=int, default=50, help="N of the skipping grid; k = 1000 // N (50)")
     m.add_argument("--w-min", type=float, default=2.0, help="smallest guidance w drawn (paper's w; default 2)")
     m.add_argument("--w-max", type=float, default=14.0, help="largest guidance w drawn (default 14)")
-    m.add_argument("--loss", choices=["l2", "huber"], default="huber", help="consistency distance (default huber)")
-    m.add_argument("--huber-c", type=float, default=0.001, help="pseudo-Huber c (default 0.001)")
-    m.add_argument("--ema-decay", type=float, default=0.95, help="target EMA decay mu, full student (default 0.95)")
-    m.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (default 64)")
-    m.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: = rank, i.e. scale 1)")
-    m.add_argument("--lora-targets", help="comma-separated module names to adapt (default: LCM-LoRA's list)")
-    m.add_argument("--fuse-lora", action="store_true", help="export the LoRA merged into a full LCM folder")
     _add_training_args(ds, lr_help="default 1e-6 for a full student, 1e-4 for LoRA, as diffusers' scripts", steps=1000)
     ds.set_defaults(func=_cmd_distill)
 
@@ -367,17 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     ft.add_argument("--model", required=True, help="the LCM to fine-tune: a full LCM folder or an LCM-LoRA folder")
-    f = ft.add_argument_group("LCF")
-    f.add_argument("--student", choices=["full", "lora"], default="full", help="train every weight or LoRA adapters")
+    f = _add_consistency_args(ft, "LCF")
     f.add_argument("--lcf-w", type=float, default=3.0, help="guidance w fed to the LCM while fine-tuning (default 3)")
-    f.add_argument("--num-solver-steps", type=int, default=50, help="N of the skipping grid (default 50)")
-    f.add_argument("--loss", choices=["l2", "huber"], default="huber", help="consistency distance (default huber)")
-    f.add_argument("--huber-c", type=float, default=0.001, help="pseudo-Huber c (default 0.001)")
-    f.add_argument("--ema-decay", type=float, default=0.95, help="target EMA decay mu (default 0.95)")
-    f.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (default 64)")
-    f.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: = rank)")
-    f.add_argument("--lora-targets", help="comma-separated module names to adapt (default: LCM-LoRA's list)")
-    f.add_argument("--fuse-lora", action="store_true", help="export the LoRA merged into a full LCM folder")
     _add_training_args(ft, lr_help="default 1e-5 for a full student, 1e-4 for LoRA", steps=1000)
     ft.set_defaults(func=_cmd_finetune)
 

@@ -8,6 +8,7 @@ KID-clf, prompt accuracy, seconds per image per row).
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -62,9 +63,20 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _forget_other_runs(lcm_dir: Path, cfg: DemoConfig) -> None:
+    """Resume an interrupted demo, but never continue one that was started with other settings."""
+    stamp = lcm_dir / "demo_config.json"
+    config = json.dumps({k: str(v) for k, v in asdict(cfg).items()}, sort_keys=True)
+    if stamp.is_file() and stamp.read_text() != config:
+        shutil.rmtree(lcm_dir / "checkpoints", ignore_errors=True)
+    lcm_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(config)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     teacher_path = cfg.teacher or default_model_path()
     lcm_dir = cfg.out / "lcm"
+    _forget_other_runs(lcm_dir, cfg)
     summary = run_distillation(
         teacher_path,
         DataConfig(batch_size=cfg.batch_size, data_dir=cfg.data_dir),

@@ -1,0 +1,67 @@
+"""The shipped teacher and the main job: ``lcm sample`` without --model, and ``lcm demo --quick``."""
+
+import json
+
+import pytest
+import torch
+
+from lcm.cli import main
+from lcm.data.fashion_mnist import DEBIAN_DIR
+from lcm.generate import Sampler, default_model_path, generate
+from lcm.metrics import FashionEvaluator
+from lcm.teacher import LatentDiffusion
+
+needs_data = pytest.mark.skipif(
+    not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(), reason="needs the Debian package dataset-fashion-mnist"
+)
+
+
+def test_shipped_teacher_is_a_diffusers_folder_under_25_mb():
+    path = default_model_path()
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    assert size < 25e6, size
+    card = (path / "README.md").read_text()
+    assert "lcm train-teacher" in card and "seed" in card
+
+
+def test_shipped_teacher_draws_the_prompted_garment():
+    """Prompts (and paraphrases) of every class are drawn as that class, by the shipped classifier's judgement."""
+    path = default_model_path()
+    model = LatentDiffusion.from_pretrained(path)
+    classifier = FashionEvaluator(path / "classifier").classifier
+    prompts = [
+        "a photo of a t-shirt",
+        "trousers",
+        "a knitted sweater",
+        "a summer dress",
+        "a winter coat",
+        "a sandal",
+        "a shirt",
+        "running shoes",
+        "a handbag",
+        "an ankle boot",
+    ]
+    images = generate(model, prompts * 3, Sampler.DDIM, 25, 3.0, list(range(30)))
+    with torch.no_grad():
+        predicted = classifier(images).argmax(1)
+    accuracy = (predicted == torch.arange(10).repeat(3)).float().mean().item()
+    assert accuracy >= 0.7, (accuracy, predicted.tolist())
+
+
+def test_sample_without_model_uses_the_shipped_teacher(tmp_path):
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--prompt", "running shoes", "--num-images", "2", "--steps", "4", "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+@needs_data
+def test_demo_quick_writes_grid_table_and_model(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["steps"]) for r in results["rows"]] == [
+        (m, s) for m in ("teacher DDIM", "LCM") for s in (1, 2, 4, 8)
+    ]
+    assert all(r["fd_clf"] >= 0 and 0 <= r["prompt_accuracy"] <= 1 for r in results["rows"])
+    assert (out / "demo_grid.png").is_file() and "FD-clf" in (out / "results.md").read_text()
+    assert LatentDiffusion.from_pretrained(out / "lcm").is_lcm
