@@ -82,14 +82,14 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from .generate import Sampler, default_model_path, generate
+    from .generate import Sampler, default_guidance, default_model_path, generate
     from .images import save_grid
     from .teacher import LatentDiffusion
 
     model = LatentDiffusion.from_pretrained(args.model or default_model_path())
     sampler = Sampler(args.sampler) if args.sampler else (Sampler.LCM if model.is_lcm else Sampler.DDIM)
     steps = args.steps or (4 if sampler is Sampler.LCM else 25)
-    w = args.guidance if args.guidance is not None else (6.0 if model.is_lcm else 3.0)
+    w = args.guidance if args.guidance is not None else default_guidance(model)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     seeds = [args.seed + i for _ in args.prompt for i in range(args.num_images)]
     images = generate(model, prompts, sampler, steps, w, seeds, batch_size=args.batch_size, progress=True)
@@ -338,7 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="lcm (LCMs), ddim, dpm (DPM-Solver 2M) or dpmpp (DPM-Solver++ 2M); default lcm for LCMs, else ddim",
     )
     sp.add_argument("--steps", type=int, help="sampling steps (default 4 for lcm, 25 otherwise)")
-    sp.add_argument("--guidance", type=float, help="guidance weight w (default 6 for LCMs, 3 for teachers)")
+    sp.add_argument(
+        "--guidance",
+        type=float,
+        help="guidance weight w (default: the middle of an LCM's distillation range; 3 for the Fashion teacher, "
+        "6.5 for other teachers, i.e. diffusers' 7.5)",
+    )
     sp.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (default 0)")
     sp.add_argument("--num-images", type=int, default=8, help="images per prompt (default 8)")
     sp.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")

@@ -12,7 +12,7 @@ from .sampling import randn_per_image, sample_ddim, sample_dpm_solver, sample_lc
 from .teacher import LatentDiffusion
 from .timesteps import ddim_timesteps, dpm_solver_timesteps, lcm_timesteps
 
-__all__ = ["Sampler", "default_model_path", "generate", "sample_latents"]
+__all__ = ["Sampler", "default_guidance", "default_model_path", "generate", "sample_latents"]
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -34,6 +34,20 @@ def default_model_path() -> Path:
     if not (path / "unet").is_dir():
         raise ValueError(f"the shipped teacher is missing from {path}; reinstall the package or give --model")
     return path
+
+
+def default_guidance(model: LatentDiffusion) -> float:
+    """A sensible w: the middle of the range an LCM was distilled on, else the teacher family's usual value."""
+    import json
+
+    if model.source is not None:
+        record = Path(model.source) / "lcm_distill.json"
+        if record.is_file():
+            lcd = json.loads(record.read_text()).get("lcd", {})
+            if "w_min" in lcd and "w_max" in lcd:
+                return (float(lcd["w_min"]) + float(lcd["w_max"])) / 2
+    embedded = model.text_encoder is not None and model.text_encoder.name == "all-MiniLM-L6-v2"
+    return 3.0 if embedded else 6.5
 
 
 def sample_latents(

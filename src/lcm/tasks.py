@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,8 @@ class ConsistencyTask:
         return {}
 
     def export(self, folder: Path) -> None:
-        provenance = {**self.provenance, self.method_name.lower(): {k: str(v) for k, v in vars(self.cfg).items()}}
+        settings = {k: v.value if isinstance(v, Enum) else v for k, v in vars(self.cfg).items()}
+        provenance = {**self.provenance, self.method_name.lower(): settings}
         source = self.model.source or "unknown"
         steps, scheduler = self.cfg.num_solver_steps, self.model.scheduler_config
         if self.kind is StudentKind.FULL:
