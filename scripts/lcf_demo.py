@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--seen", default="0,1,2,3,4", help="classes the LCM is distilled on")
     parser.add_argument("--distill-steps", type=int, default=1000)
     parser.add_argument("--finetune-steps", type=int, default=500)
-    parser.add_argument("--finetune-lr", type=float, default=5e-5)
+    parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--samples", type=int, default=1000)
     args = parser.parse_args()
     seen = [int(c) for c in args.seen.split(",")]
