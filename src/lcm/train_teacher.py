@@ -51,11 +51,11 @@ class TeacherTrainConfig:
     out: Path  # output model folder
     data_dir: Path | None = None  # Fashion-MNIST IDX files (default: Debian package, cache, download)
     seed: int = 0
-    vae_steps: int = 3000  # batch vae_batch each
+    vae_steps: int = 1200  # batch vae_batch each
     vae_batch: int = 128
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 9000
+    unet_steps: int = 6000
     unet_batch: int = 128
     unet_lr: float = 5e-4
     unet_warmup: int = 500
