@@ -17,13 +17,12 @@ from pathlib import Path
 import torch
 
 from lcm.data.captions import CaptionSet
-from lcm.data.fashion_mnist import load_fashion_mnist
 from lcm.demo import DemoConfig
 from lcm.distill import LCDConfig
 from lcm.evaluate import EvalPrompts, Row, evaluate_row
 from lcm.finetune import LCFConfig
 from lcm.generate import Sampler, default_model_path
-from lcm.metrics import FashionEvaluator, FeatureStats
+from lcm.metrics import FashionEvaluator
 from lcm.run_distill import DataConfig, run_distillation, run_finetune
 from lcm.teacher import LatentDiffusion
 from lcm.trainer import TrainConfig
@@ -34,15 +33,6 @@ def prompts_for(classes: list[int], n: int, seed: int = 0) -> EvalPrompts:
     labels = torch.tensor(classes)[torch.arange(n) % len(classes)]
     idx = captions.sample(labels, 0.0, torch.Generator().manual_seed(seed))
     return EvalPrompts([captions.captions[i] for i in idx], labels, list(range(n)))
-
-
-def evaluator_for(path: Path, classes: list[int]) -> FashionEvaluator:
-    """FD-clf against the test images of ``classes`` only."""
-    evaluator = FashionEvaluator(path / "classifier")
-    test = load_fashion_mnist("test")
-    keep = torch.isin(test.labels, torch.tensor(classes))
-    evaluator._reference = FeatureStats.of(evaluator.features_and_logits(test.images[keep])[0])
-    return evaluator
 
 
 def main() -> None:
@@ -93,7 +83,8 @@ def main() -> None:
     }
     results = []
     for split, classes in (("held-out", held), ("seen", seen)):
-        evaluator, prompts = evaluator_for(teacher, classes), prompts_for(classes, args.samples)
+        evaluator = FashionEvaluator(teacher / "classifier", classes=classes)
+        prompts = prompts_for(classes, args.samples)
         for name, (path, sampler) in models.items():
             model = LatentDiffusion.from_pretrained(path)
             for steps in (1, 2, 4):

@@ -18,11 +18,11 @@ from typing import NamedTuple
 
 import torch
 
-from .consistency import SIGMA_DATA, TIMESTEP_SCALING, consistency_function
+from .consistency import SIGMA_DATA, TIMESTEP_SCALING
 from .ema import ema_update
 from .guidance import w_embedding
 from .losses import LossType, consistency_loss
-from .parameterization import append_dims, to_denoised
+from .parameterization import append_dims
 from .solvers import Solver, solve
 from .student import StudentKind, adapters_disabled
 from .teacher import LatentDiffusion
@@ -77,10 +77,7 @@ class StudentTarget:
     # --- the networks -----------------------------------------------------------------------------------------
     def _f(self, unet, z, t, text, w_emb):
         """Consistency function of ``unet`` at (z, t): c_skip z + c_out x̂0."""
-        out = self.model.unet_output(unet, z, t, text, w_emb)
-        alpha, sigma = self.model.schedule.alpha_sigma(t.cpu())
-        x0 = to_denoised(out.float(), z, alpha, sigma, self.model.prediction_type).x0
-        return consistency_function(z, x0, t, self.cfg.sigma_data, self.cfg.timestep_scaling)
+        return self.model.consistency_output(unet, z, t, text, w_emb, self.cfg.sigma_data, self.cfg.timestep_scaling)
 
     def update_target(self) -> None:
         """θ⁻ ← μθ⁻ + (1 − μ)θ after each optimiser step (full student; the LoRA target is the student itself)."""

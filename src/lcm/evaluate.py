@@ -42,9 +42,9 @@ class Row:
     w: float
 
 
-def nfe_per_image(row: Row, guided_teacher: bool) -> int:
+def nfe_per_image(row: Row) -> int:
     """Network evaluations per image: CFG doubles each teacher step; the LCM's guidance is in its input."""
-    return row.steps * (2 if guided_teacher and row.sampler is not Sampler.LCM and row.w != 0 else 1)
+    return row.steps * (2 if row.sampler is not Sampler.LCM and row.w != 0 else 1)
 
 
 def evaluate_row(
@@ -61,5 +61,5 @@ def evaluate_row(
         "w": row.w,
         **metrics,
         "seconds_per_image": seconds / len(images),
-        "nfe_per_image": nfe_per_image(row, guided_teacher=True),
+        "nfe_per_image": nfe_per_image(row),
     }

@@ -23,10 +23,6 @@ class Sampler(str, Enum):
     DPM = "dpm"  # DPM-Solver, 2nd-order multistep
     DPMPP = "dpmpp"  # DPM-Solver++(2M)
 
-    @property
-    def nfe_per_step(self) -> int:
-        return 1
-
 
 def default_model_path() -> Path:
     """The shipped embedded Fashion-MNIST teacher."""

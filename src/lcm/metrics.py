@@ -65,11 +65,13 @@ def prompt_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 class FashionEvaluator:
     """The shipped classifier's view of images: features for FD/KID, logits for prompt accuracy."""
 
-    def __init__(self, classifier_dir: str | Path, data_dir: str | Path | None = None):
+    def __init__(
+        self, classifier_dir: str | Path, data_dir: str | Path | None = None, classes: list[int] | None = None
+    ):
         from .train_teacher import load_classifier
 
         self.classifier = load_classifier(classifier_dir)
-        self.data_dir = data_dir
+        self.data_dir, self.classes = data_dir, classes  # classes: compare with the test images of these only
         self._reference: FeatureStats | None = None
 
     @torch.no_grad()
@@ -82,12 +84,15 @@ class FashionEvaluator:
         return torch.cat(feats), torch.cat(logits)
 
     def reference(self) -> FeatureStats:
-        """Statistics of the 10,000 test images."""
+        """Statistics of the 10,000 test images (or of those of ``classes``)."""
         if self._reference is None:
             from .data.fashion_mnist import load_fashion_mnist
 
             test = load_fashion_mnist("test", self.data_dir)
-            self._reference = FeatureStats.of(self.features_and_logits(test.images)[0])
+            images = test.images
+            if self.classes is not None:
+                images = images[torch.isin(test.labels, torch.tensor(self.classes))]
+            self._reference = FeatureStats.of(self.features_and_logits(images)[0])
         return self._reference
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

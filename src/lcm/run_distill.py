@@ -37,8 +37,8 @@ class DataConfig:
         spec = self.source
         if spec == FASHION or spec.startswith(FASHION + ":") or "://" in spec or spec.startswith("pipe:"):
             return
-        local = spec.startswith((".", "/", "~")) or "{" in spec or spec.endswith(".tar")
-        if local and "{" not in spec and not Path(spec).expanduser().exists():
+        local = spec.startswith((".", "/", "~")) and "{" not in spec  # brace patterns are expanded later
+        if local and not Path(spec).expanduser().exists():
             raise ValueError(f"--data {spec}: no such file or directory")
 
 

@@ -107,12 +107,8 @@ class ConsistencyTask:
         return [self.method.student_forward]
 
     def encode_batch(self, batch: dict[str, Any], generator: torch.Generator):
-        """(z0, cond, uncond) of a collated batch; precomputed latents are used when the batch carries them."""
-        if "latents" in batch:
-            mean, std = batch["latents"].chunk(2, dim=1)  # cached posterior: sample it afresh each time
-            z0 = (mean + std * torch.randn(mean.shape, generator=generator)) * self.model.scaling_factor
-        else:
-            z0 = self.model.encode_images(batch["pixel_values"], generator)
+        """(z0, cond, uncond) of a collated batch: a fresh VAE posterior sample, cached text embeddings."""
+        z0 = self.model.encode_images(batch["pixel_values"], generator)
         cond = self.text(batch["caption"]).to(self.model.device)
         uncond = TextEmbeddings.cat([self.uncond] * len(batch["caption"]))
         return z0.to(self.model.device).float(), cond, uncond

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .consistency import consistency_function
+from .consistency import SIGMA_DATA, TIMESTEP_SCALING, consistency_function
 from .guidance import cfg_combine, w_embedding
 from .parameterization import Denoised, PredictionType, to_denoised
 from .schedule import NoiseSchedule
@@ -165,9 +165,19 @@ class LatentDiffusion:
         if proj_dim is not None and w is None:
             raise ValueError("this LCM is guidance-conditioned: give the guidance weight w")
         emb = w_embedding(w.cpu(), proj_dim).to(self.device) if proj_dim is not None else None
+        return lambda z, t: self.consistency_output(unet, z, t, text, emb)
 
-        def f(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = self.unet_output(unet, z, t, text, emb)
-            return consistency_function(z, self._to_denoised(out, z, t).x0, t.to(z.device))
-
-        return f
+    def consistency_output(
+        self,
+        unet,
+        z: torch.Tensor,
+        t: torch.Tensor,
+        text: TextEmbeddings,
+        w_emb: torch.Tensor | None,
+        sigma_data: float = SIGMA_DATA,
+        timestep_scaling: float = TIMESTEP_SCALING,
+    ) -> torch.Tensor:
+        """``f(z, w, c, t) = c_skip z + c_out x̂0`` of ``unet`` (Eq. 9, Luo et al. 2023), computed in float32+."""
+        out = self.unet_output(unet, z, t, text, w_emb).float()
+        x0 = self._to_denoised(out, z, t).x0
+        return consistency_function(z, x0, t.to(z.device), sigma_data, timestep_scaling)
