@@ -42,7 +42,10 @@ def default_guidance(model: LatentDiffusion) -> float:
             lcd = json.loads(record.read_text()).get("lcd", {})
             if "w_min" in lcd and "w_max" in lcd:
                 return (float(lcd["w_min"]) + float(lcd["w_max"])) / 2
-    embedded = model.text_encoder is not None and model.text_encoder.name == "all-MiniLM-L6-v2"
+    from .text import REFERENCE_FILE
+
+    packaged = model.source is not None and (Path(model.source) / "text_encoder" / REFERENCE_FILE).is_file()
+    embedded = packaged or (model.text_encoder is not None and model.text_encoder.name == "all-MiniLM-L6-v2")
     return 3.0 if embedded else 6.5
 
 
@@ -54,8 +57,13 @@ def sample_latents(
     steps: int,
     w: float,
     seeds: Sequence[int],
+    timestep_spacing: str | None = None,
 ) -> torch.Tensor:
-    """Latents ``[B, C, h, w]`` for per-image ``seeds``; ``cond``/``uncond`` are TextEmbeddings of B prompts."""
+    """Latents ``[B, C, h, w]`` for per-image ``seeds``; ``cond``/``uncond`` are TextEmbeddings of B prompts.
+
+    ``timestep_spacing`` overrides the scheduler config's for the teacher samplers (e.g. ``"trailing"``, which starts
+    every schedule at t = T − 1; with ``"leading"`` a 1-step DDIM starts at t = 1 and returns noise).
+    """
     batch = len(seeds)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     z = randn_per_image((batch, *model.latent_shape), gens).to(model.device)
@@ -70,7 +78,7 @@ def sample_latents(
         f = model.consistency_fn(cond, ws if guided else None)
         return sample_lcm(f, z, ts, schedule, gens)
     denoiser = model.guided_denoiser(cond, uncond, ws) if w != 0 else model.denoiser(cond)
-    spacing = config.get("timestep_spacing", "leading")
+    spacing = timestep_spacing or config.get("timestep_spacing", "leading")
     offset = int(config.get("steps_offset", 0))
     if sampler is Sampler.DDIM:
         return sample_ddim(denoiser, z, ddim_timesteps(steps, schedule.num_train_timesteps, spacing, offset), schedule)
@@ -87,6 +95,7 @@ def generate(
     seeds: Sequence[int],
     batch_size: int = 64,
     progress: bool = False,
+    timestep_spacing: str | None = None,
 ) -> torch.Tensor:
     """Images ``[N, C, H, W]`` in [−1, 1], image i from ``prompts[i]`` and ``seeds[i]`` (independent of batching)."""
     if len(prompts) != len(seeds):
@@ -101,6 +110,6 @@ def generate(
         p = list(prompts[i : i + batch_size])
         cond = model.encode_prompts(p)
         uncond = model.encode_prompts([""] * len(p))
-        latents = sample_latents(model, cond, uncond, sampler, steps, w, seeds[i : i + batch_size])
+        latents = sample_latents(model, cond, uncond, sampler, steps, w, seeds[i : i + batch_size], timestep_spacing)
         out.append(model.decode(latents).cpu())
     return torch.cat(out)
