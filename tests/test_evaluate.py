@@ -294,3 +294,34 @@ def test_cli_eval_rejects_bad_input(tmp_path, capsys, extra, message):
     assert main(["eval", "--out", str(tmp_path / "o"), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_eval_of_a_stable_diffusion_teacher_and_its_lcm_lora_with_fid_and_clip(
+    tmp_path, inception_weights, tiny_clip, capsys
+):
+    """The non-embedded path end to end: an SD-shaped teacher, an LCM-LoRA made by lcm distill, prompts from a text
+    file, FID/KID against an image folder and CLIP score."""
+    from tiny_models import build_tiny_sd
+
+    teacher = build_tiny_sd(tmp_path / "sd")
+    data = _imagefolder(tmp_path / "data", 8, seed=2)
+    lora = tmp_path / "lora"
+    distill = ["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(lora), "--student", "lora"]
+    assert main([*distill, "--lora-rank", "4", "--max-steps", "2", "--batch-size", "2"]) == 0
+    (tmp_path / "prompts.txt").write_text("a cabin in the snow\na red bicycle\n")
+    out = tmp_path / "eval"
+    args = ["eval", "--teacher", str(teacher), "--lcm", f"{lora}=LCM-LoRA", "--teacher-samplers", "dpmpp"]
+    args += ["--teacher-steps", "2", "--lcm-steps", "1", "--num-samples", "6", "--batch-size", "3", "--w", "6.5"]
+    args += ["--prompts", str(tmp_path / "prompts.txt"), "--reference", str(data), "--out", str(out)]
+    args += ["--inception-weights", str(inception_weights), "--clip-model", str(tiny_clip)]
+    assert main(args) == 0, capsys.readouterr().err
+    settings, records = ev.load_results(out / "results.json")
+    assert settings["metrics"] == ["fid", "kid", "clip"] and settings["reference"] == str(data)
+    assert [(r.method, r.sampler, r.steps, r.nfe_per_image) for r in records] == [
+        ("teacher DPM-Solver++", "dpmpp", 2, 4),
+        ("LCM-LoRA", "lcm", 1, 1),
+    ]
+    for r in records:
+        assert set(r.metrics) == {"fid", "kid", "clip_score"} and r.n_samples == 6
+        assert all(map(torch.isfinite, map(torch.tensor, r.metrics.values())))
+    assert "### FID ↓" in (out / "results.md").read_text()

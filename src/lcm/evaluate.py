@@ -325,9 +325,9 @@ def _reference(plan: EvalPlan, model: LatentDiffusion | None):
         data = build_source(
             spec,
             resolution=resolution,
-            image_column=plan.image_column,
+            image_column=s.image_column,
             channels=channels,
-            split=plan.settings.split,
+            split=s.split,
             seed=0,
         )
         batch, count = [], 0
@@ -344,7 +344,11 @@ def _reference(plan: EvalPlan, model: LatentDiffusion | None):
         if batch:
             yield torch.stack(batch)
 
-    return Reference(f"{spec} split={s.split} n={n} {resolution}px", images, cache_dir=_default_cache())
+    local = Path(spec)
+    watched = [f for f in (local, local / "metadata.jsonl") if f.exists()]  # changes when files come or go
+    stamp = max(f.stat().st_mtime_ns for f in watched) if watched else "remote"
+    name = f"{spec} split={s.split} column={s.image_column} n={n} {resolution}px {channels}ch modified={stamp}"
+    return Reference(name, images, cache_dir=_default_cache())
 
 
 def _prompt_source(plan: EvalPlan) -> EvalPrompts:
