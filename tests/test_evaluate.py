@@ -287,6 +287,7 @@ def test_cli_eval_with_a_w_sweep(tmp_path, capsys):
         (["--metrics", "fid,inception-score"], "unknown metric"),
         (["--prompts", "prompts.txt", "--metrics", "accuracy"], "needs --prompts embedded"),
         (["--num-samples", "1"], "at least 2"),
+        (["--prompts", "prompts.txt", "--metrics", "fid"], "--reference is required"),
         (["--teacher-samplers", ""], "nothing to evaluate"),
     ],
 )

@@ -152,9 +152,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     prompts = args.prompts or (EMBEDDED if embedded_teacher else None)
     if prompts is None:
         raise ValueError("--prompts is required for this teacher: a .txt file (a prompt a line) or a data set")
-    reference = args.reference or (EMBEDDED if prompts == EMBEDDED else prompts)
-    if reference == EMBEDDED and not embedded_teacher and args.reference is None:
-        raise ValueError("--reference is required: reference images (a data set) or statistics (.npz/.safetensors)")
     if args.metrics:
         metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     else:
@@ -163,6 +160,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--metrics: unknown metric(s) {bad}; choose from {', '.join(METRICS)}")
     if "accuracy" in metrics and prompts != EMBEDDED:
         raise ValueError("--metrics accuracy needs --prompts embedded (only those prompts name a class)")
+    if args.reference:
+        reference = args.reference
+    elif prompts == EMBEDDED or not prompts.endswith(".txt"):
+        reference = prompts  # the embedded test split, or the prompts' own data set
+    elif all(METRICS[m][1] == "clip" for m in metrics):
+        reference = "none"
+    else:
+        raise ValueError("--reference is required: reference images (a data set) or FID statistics (.npz/.safetensors)")
     if args.sweep_w:
         ws = _float_list(args.sweep_w, "--sweep-w")
     elif args.w is not None:

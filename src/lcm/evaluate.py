@@ -133,6 +133,7 @@ class Row:
     sampler: Sampler
     steps: int
     w: float
+    timestep_spacing: str | None = None  # teacher samplers: override the scheduler config's (see generate)
 
 
 def nfe_per_image(sampler: Sampler, steps: int, w: float) -> int:
@@ -145,7 +146,7 @@ def evaluate_row(
     model: LatentDiffusion, row: Row, prompts: EvalPrompts, evaluator: Evaluator, batch_size: int = 250
 ) -> dict:
     def sample(p, s):
-        return generate(model, p, row.sampler, row.steps, row.w, s, batch_size)
+        return generate(model, p, row.sampler, row.steps, row.w, s, batch_size, timestep_spacing=row.timestep_spacing)
 
     metrics = evaluate_sampling(sample, prompts, evaluator, batch_size)
     return {
