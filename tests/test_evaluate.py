@@ -326,3 +326,22 @@ def test_eval_of_a_stable_diffusion_teacher_and_its_lcm_lora_with_fid_and_clip(
         assert set(r.metrics) == {"fid", "kid", "clip_score"} and r.n_samples == 6
         assert all(map(torch.isfinite, map(torch.tensor, r.metrics.values())))
     assert "### FID ↓" in (out / "results.md").read_text()
+
+
+def test_ablation_script_smoke(tmp_path, monkeypatch, capsys):
+    """scripts/ablation.py end to end at a toy budget: runs, resumable JSON, table and plot."""
+    import runpy
+    import sys
+
+    script = str(Path(__file__).parents[1] / "scripts" / "ablation.py")
+    argv = ["ablation.py", "--out", str(tmp_path), "--k", "50", "--solvers", "ddim", "dpmpp", "--max-steps", "2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--steps", "1", "--samples", "20"])
+    runpy.run_path(script, run_name="__main__")
+    results = json.loads((tmp_path / "ablation.json").read_text())
+    assert sorted(results) == ["ddim-k50", "dpmpp-k50"]
+    assert all(r["k"] == 50 and r["max_steps"] == 2 and len(r["rows"]) == 1 for r in results.values())
+    assert (tmp_path / "ablation.png").stat().st_size > 0
+    assert "| ddim | 50 |" in (tmp_path / "ablation.md").read_text()
+    capsys.readouterr()
+    runpy.run_path(script, run_name="__main__")  # finished runs are kept, not retrained
+    assert "ddim-k50:" not in capsys.readouterr().out
