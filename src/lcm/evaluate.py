@@ -441,7 +441,9 @@ _QUALITIES = ("clip_score", "prompt_accuracy")
 
 
 def _fmt(key: str, value: float) -> str:
-    return f"{value:.4f}" if key.startswith("kid") else f"{value:.3f}" if key == "prompt_accuracy" else f"{value:.1f}"
+    if key.startswith("kid"):  # ~1e-3 in Inception features, hundreds in the classifier's
+        return f"{value:.4f}" if abs(value) < 1 else f"{value:.1f}"
+    return f"{value:.3f}" if key == "prompt_accuracy" else f"{value:.1f}"
 
 
 def _brief(r: Record) -> str:
@@ -511,7 +513,10 @@ def write_report(records: Sequence[Record], settings: EvalSettings, out: Path) -
                 series[m] = ([r.steps for r in mine], [r.metrics[key] for r in mine])
             panels.append((f"{LABELS[key]} (w = {w:g})", series))
         name = "steps.png" if len(ws) == 1 else f"steps_w{w:g}.png"
-        line_panels(panels, out / name, "sampling steps", [LABELS[k] for k in keys], logx=True, xticks=steps)
+        positive = [key in _DISTANCES and all(r.metrics[key] > 0 for r in records) for key in keys]
+        line_panels(
+            panels, out / name, "sampling steps", [LABELS[k] for k in keys], logx=True, logy=positive, xticks=steps
+        )
     if len(ws) > 1:
         x_key = next((k for k in _QUALITIES if k in keys), None)
         y_key = next((k for k in _DISTANCES if k in keys), None)

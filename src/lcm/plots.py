@@ -17,13 +17,14 @@ def line_panels(
     ylabel: str | Sequence[str],
     *,
     logx: bool = False,
-    logy: bool = False,
+    logy: bool | Sequence[bool] = False,
     xticks: Sequence[float] | None = None,
     annotate: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
     """One row of panels ``(title, {label: (x, y)})`` sharing the x axis label; one line with markers per label.
 
-    ``ylabel`` is one label for all panels or one per panel; ``annotate`` writes a text next to each point of a label.
+    ``ylabel`` and ``logy`` are one value for all panels or one per panel; ``annotate`` writes a text next to each
+    point of a label.
     """
     import matplotlib
 
@@ -31,8 +32,9 @@ def line_panels(
     import matplotlib.pyplot as plt
 
     ylabels = [ylabel] * len(panels) if isinstance(ylabel, str) else list(ylabel)
+    logys = [logy] * len(panels) if isinstance(logy, bool) else list(logy)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (title, series), label_y in zip(axes[0], panels, ylabels, strict=True):
+    for ax, (title, series), label_y, log_y in zip(axes[0], panels, ylabels, logys, strict=True):
         for label, (x, y) in series.items():
             ax.plot(x, y, marker="o", markersize=4, label=label)
             for xi, yi, text in zip(x, y, (annotate or {}).get(label, ()), strict=False):
@@ -45,7 +47,7 @@ def line_panels(
         if xticks is not None:
             ax.set_xticks(list(xticks), [f"{t:g}" for t in xticks])
             ax.minorticks_off()
-        if logy:
+        if log_y:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
