@@ -301,7 +301,7 @@ def test_eval_of_a_stable_diffusion_teacher_and_its_lcm_lora_with_fid_and_clip(
     tmp_path, inception_weights, tiny_clip, capsys
 ):
     """The non-embedded path end to end: an SD-shaped teacher, an LCM-LoRA made by lcm distill, prompts from a text
-    file, FID/KID against an image folder and CLIP score."""
+    file, FID/KID against a folder of images and CLIP score."""
     from tiny_models import build_tiny_sd
 
     teacher = build_tiny_sd(tmp_path / "sd")
@@ -313,11 +313,15 @@ def test_eval_of_a_stable_diffusion_teacher_and_its_lcm_lora_with_fid_and_clip(
     out = tmp_path / "eval"
     args = ["eval", "--teacher", str(teacher), "--lcm", f"{lora}=LCM-LoRA", "--teacher-samplers", "dpmpp"]
     args += ["--teacher-steps", "2", "--lcm-steps", "1", "--num-samples", "6", "--batch-size", "3", "--w", "6.5"]
-    args += ["--prompts", str(tmp_path / "prompts.txt"), "--reference", str(data), "--out", str(out)]
+    reference = tmp_path / "reference"  # a plain folder of images: no captions needed
+    reference.mkdir()
+    for f in data.glob("*.png"):
+        (reference / f.name).write_bytes(f.read_bytes())
+    args += ["--prompts", str(tmp_path / "prompts.txt"), "--reference", str(reference), "--out", str(out)]
     args += ["--inception-weights", str(inception_weights), "--clip-model", str(tiny_clip)]
     assert main(args) == 0, capsys.readouterr().err
     settings, records = ev.load_results(out / "results.json")
-    assert settings["metrics"] == ["fid", "kid", "clip"] and settings["reference"] == str(data)
+    assert settings["metrics"] == ["fid", "kid", "clip"] and settings["reference"] == str(reference)
     assert [(r.method, r.sampler, r.steps, r.nfe_per_image) for r in records] == [
         ("teacher DPM-Solver++", "dpmpp", 2, 4),
         ("LCM-LoRA", "lcm", 1, 1),

@@ -318,24 +318,24 @@ def _reference(plan: EvalPlan, model: LatentDiffusion | None):
         raise ValueError("reference images from a data set need a model to size them (give --teacher or --lcm)")
     from .data.sources import build_source
 
+    local = Path(spec)
     resolution = model.unet.config.sample_size * model.vae_scale_factor
     channels = model.vae.config.in_channels
     n = s.reference_samples
 
-    def images():
-        data = build_source(
-            spec,
-            resolution=resolution,
-            image_column=s.image_column,
-            channels=channels,
-            split=s.split,
-            seed=0,
-        )
-        batch, count = [], 0
+    def samples():
+        if _is_plain_image_folder(local):
+            yield from _plain_images(local, resolution, channels)  # a folder of images, no captions needed
+            return
+        data = build_source(spec, resolution=resolution, image_column=s.image_column, channels=channels, split=s.split)
         for sample in _samples(data):
-            if sample is None:
-                continue
-            batch.append(sample["pixel_values"])
+            if sample is not None:
+                yield sample["pixel_values"]
+
+    def images():
+        batch, count = [], 0
+        for image in samples():
+            batch.append(image)
             count += 1
             if len(batch) == 100 or count == n:
                 yield torch.stack(batch)
@@ -344,12 +344,32 @@ def _reference(plan: EvalPlan, model: LatentDiffusion | None):
                 return
         if batch:
             yield torch.stack(batch)
+        if count == 0:
+            raise ValueError(f"--reference {spec}: no readable images")
 
-    local = Path(spec)
     watched = [f for f in (local, local / "metadata.jsonl") if f.exists()]  # changes when files come or go
     stamp = max(f.stat().st_mtime_ns for f in watched) if watched else "remote"
     name = f"{spec} split={s.split} column={s.image_column} n={n} {resolution}px {channels}ch modified={stamp}"
     return Reference(name, images, cache_dir=_default_cache())
+
+
+def _is_plain_image_folder(path: Path) -> bool:
+    """A folder of image files with no captions (no metadata.jsonl) and not a saved data set."""
+    from .data.sources import IMAGE_EXTENSIONS
+
+    if not path.is_dir() or any((path / m).is_file() for m in ("metadata.jsonl", "dataset_info.json")):
+        return False
+    return any(f.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS for f in path.rglob("*"))
+
+
+def _plain_images(folder: Path, resolution: int, channels: int):
+    """Every readable image under ``folder`` (sorted), centre-cropped to ``resolution``, in [−1, 1]."""
+    from .data.sources import IMAGE_EXTENSIONS, ImageTransform, open_image
+
+    transform = ImageTransform(resolution, channels=channels)
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and (image := open_image(path)) is not None:
+            yield transform(image)
 
 
 def _prompt_source(plan: EvalPlan) -> EvalPrompts:
