@@ -113,12 +113,15 @@ def load_prompts(
 
 # -------------------------------------------------------------------------------------------------------- evaluation
 def evaluate_sampling(
-    sample: SampleFn, prompts: EvalPrompts, evaluator: Evaluator, batch_size: int = 250
+    sample: SampleFn, prompts: EvalPrompts, evaluator: Evaluator, batch_size: int = 250, progress: bool = False
 ) -> dict[str, float]:
     """Metrics of the images ``sample`` makes for ``prompts``, plus ``n_samples`` and ``seconds_per_image`` (the
     sampling and decoding only; batches of ``batch_size``)."""
+    from tqdm import tqdm
+
     images, seconds = [], 0.0
-    for i in range(0, len(prompts.prompts), batch_size):
+    starts = range(0, len(prompts.prompts), batch_size)
+    for i in tqdm(starts, desc="images", unit="batch", leave=False, disable=not progress):
         start = time.perf_counter()
         images.append(sample(prompts.prompts[i : i + batch_size], prompts.seeds[i : i + batch_size]).cpu())
         seconds += time.perf_counter() - start
@@ -422,7 +425,7 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> list[Record]:
 
             sample(prompts.prompts[:2], prompts.seeds[:2])  # warm-up: first calls pay for lazy initialisation
 
-            values = evaluate_sampling(sample, prompts, evaluator, plan.batch_size)
+            values = evaluate_sampling(sample, prompts, evaluator, plan.batch_size, progress)
             record = Record(
                 method=method.name,
                 model=method.model,
