@@ -399,6 +399,8 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> list[Record]:
         for steps in m.steps
         if (m.name, m.model, m.sampler.value, steps, w) not in done
     ]
+    order = {model: i for i, model in enumerate(dict.fromkeys(m.model for m in plan.methods))}
+    todo.sort(key=lambda row: order[row[0].model])  # each model is loaded once
     print(f"{len(done)} rows reused from {path}, {len(todo)} to evaluate" if done else f"{len(todo)} rows to evaluate")
     if todo:
         first = LatentDiffusion.from_pretrained(todo[0][0].model, plan.device)
