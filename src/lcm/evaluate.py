@@ -556,8 +556,15 @@ def write_report(records: Sequence[Record], settings: EvalSettings, out: Path) -
                 else:
                     series[label] = ([r.w for r in mine], [r.metrics[keys[0]] for r in mine])
         if x_key and y_key:
+            positive = all(y > 0 for _, ys in series.values() for y in ys)
             line_panels(
-                [("guidance trade-off", series)], out / "w_sweep.png", LABELS[x_key], LABELS[y_key], annotate=notes
+                [("guidance trade-off", series)],
+                out / "w_sweep.png",
+                LABELS[x_key],
+                LABELS[y_key],
+                logy=positive,
+                annotate=notes,
+                panel_size=(7.0, 5.0),
             )
         else:
             line_panels([("guidance sweep", series)], out / "w_sweep.png", "w", LABELS[keys[0]])

@@ -19,6 +19,7 @@ def line_panels(
     logx: bool = False,
     logy: bool | Sequence[bool] = False,
     xticks: Sequence[float] | None = None,
+    panel_size: tuple[float, float] = (4.2, 3.4),
     annotate: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
     """One row of panels ``(title, {label: (x, y)})`` sharing the x axis label; one line with markers per label.
@@ -33,7 +34,7 @@ def line_panels(
 
     ylabels = [ylabel] * len(panels) if isinstance(ylabel, str) else list(ylabel)
     logys = [logy] * len(panels) if isinstance(logy, bool) else list(logy)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel_size[0] * len(panels), panel_size[1]), squeeze=False)
     for ax, (title, series), label_y, log_y in zip(axes[0], panels, ylabels, logys, strict=True):
         for label, (x, y) in series.items():
             ax.plot(x, y, marker="o", markersize=4, label=label)
