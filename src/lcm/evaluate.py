@@ -19,7 +19,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,7 +74,7 @@ def fashion_eval_prompts(n: int, seed: int = 0) -> EvalPrompts:
     return EvalPrompts([captions.captions[i] for i in idx], labels, _seeds(n, seed))
 
 
-def _samples(source) -> object:
+def _samples(source) -> Iterator[dict | None]:
     from torch.utils.data import IterableDataset
 
     if isinstance(source, IterableDataset):
@@ -309,7 +309,7 @@ def _settings_check(path: Path, settings: EvalSettings, overwrite: bool) -> list
 
 
 def _reference(plan: EvalPlan, model: LatentDiffusion | None):
-    from .metrics import Reference, _default_cache, fashion_reference
+    from .metrics import Reference, fashion_reference, reference_cache_dir
 
     s = plan.settings
     spec = s.reference
@@ -353,7 +353,7 @@ def _reference(plan: EvalPlan, model: LatentDiffusion | None):
     watched = [f for f in (local, local / "metadata.jsonl") if f.exists()]  # changes when files come or go
     stamp = max(f.stat().st_mtime_ns for f in watched) if watched else "remote"
     name = f"{spec} split={s.split} column={s.image_column} n={n} {resolution}px {channels}ch modified={stamp}"
-    return Reference(name, images, cache_dir=_default_cache())
+    return Reference(name, images, cache_dir=reference_cache_dir())
 
 
 def _is_plain_image_folder(path: Path) -> bool:
@@ -415,6 +415,7 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> list[Record]:
         prompts = _prompt_source(plan)
         models = {todo[0][0].model: first}
         commit = source_revision()
+        warmed: set[str] = set()
         for method, steps, w in tqdm(todo, desc="rows", unit="row", disable=not progress):
             if method.model not in models:
                 models.clear()  # one model in memory at a time
@@ -425,7 +426,9 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> list[Record]:
             def sample(p, seeds, model=model, method=method, steps=steps, w=w, spacing=spacing):
                 return generate(model, p, method.sampler, steps, w, seeds, plan.batch_size, timestep_spacing=spacing)
 
-            sample(prompts.prompts[:2], prompts.seeds[:2])  # warm-up: first calls pay for lazy initialisation
+            if method.model not in warmed:  # the first calls of a model pay for lazy initialisation: not timed
+                sample(prompts.prompts[:2], prompts.seeds[:2])
+                warmed.add(method.model)
 
             values = evaluate_sampling(sample, prompts, evaluator, plan.batch_size, progress)
             record = Record(

@@ -32,6 +32,7 @@ __all__ = [
     "frechet_distance",
     "kid",
     "prompt_accuracy",
+    "reference_cache_dir",
     "to_uint8_rgb",
 ]
 
@@ -40,7 +41,6 @@ __all__ = [
 class FeatureStats:
     mean: torch.Tensor  # (D,) float64
     cov: torch.Tensor  # (D, D) float64
-
     features: torch.Tensor | None  # (N, D) float32, kept for KID; None for statistics read from mean/cov files
 
     @classmethod
@@ -232,7 +232,8 @@ class Reference:
     cache_dir: Path | None = None
 
 
-def _default_cache() -> Path:
+def reference_cache_dir() -> Path:
+    """Where reference statistics are cached: ``$LCM_CACHE/reference`` (default ``~/.cache/lcm``)."""
     return Path(os.environ.get("LCM_CACHE", Path.home() / ".cache" / "lcm")) / "reference"
 
 
@@ -247,7 +248,7 @@ def fashion_reference(data_dir: str | Path | None = None, classes: Sequence[int]
         yield test.images[keep]
 
     name = "fashion-mnist test" + (f" classes {sorted(classes)}" if classes is not None else "")
-    return Reference(name, images, cache_dir=_default_cache())
+    return Reference(name, images, cache_dir=reference_cache_dir())
 
 
 # CLI name -> (result key, what it needs)
