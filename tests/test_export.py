@@ -8,6 +8,8 @@ from PIL import Image
 
 from lcm.cli import main
 from lcm.generate import Sampler, sample_latents
+from lcm.lora import adapted_modules
+from lcm.student import add_lora
 from lcm.teacher import LatentDiffusion
 from tiny_models import build_tiny_sd, build_tiny_sdxl
 
@@ -81,6 +83,9 @@ def test_lora_export_loads_with_load_lora_weights(image_folder, tmp_path, parity
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.load_lora_weights(out)
+    # every module the distillation adapted arrives (the adapters of a fresh student with the same settings)
+    fresh = add_lora(LatentDiffusion.from_pretrained(teacher, with_text_encoder=False).unet, rank=4)
+    assert set(adapted_modules(pipe.unet)) == set(adapted_modules(fresh))
     ref = pipe(PROMPTS, num_inference_steps=2, guidance_scale=1.0, generator=_gens(), output_type="latent").images
     ours = _ours(out)
     parity(ours, ref, tol=1e-4, label="lora")

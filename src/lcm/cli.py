@@ -86,7 +86,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .images import save_grid
     from .teacher import LatentDiffusion
 
-    model = LatentDiffusion.from_pretrained(args.model or default_model_path())
+    if args.lora is None and args.lora_scale != 1.0:
+        raise ValueError("--lora-scale needs --lora")
+    model = LatentDiffusion.from_pretrained(
+        args.model or default_model_path(), lora=args.lora, lora_scale=args.lora_scale
+    )
     sampler = Sampler(args.sampler) if args.sampler else (Sampler.LCM if model.is_lcm else Sampler.DDIM)
     steps = args.steps or (4 if sampler is Sampler.LCM else 25)
     w = args.guidance if args.guidance is not None else default_guidance(model)
@@ -447,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sp.add_argument("--model", help="diffusers-format model folder or hub id (default: the shipped Fashion teacher)")
+    sp.add_argument(
+        "--lora",
+        help="a LoRA file or folder applied to --model's UNet, e.g. an LCM-LoRA (diffusers', kohya's or peft's "
+        "naming; .safetensors); it is sampled as an LCM",
+    )
+    sp.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (default 1)")
     sp.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several rows")
     sp.add_argument(
         "--sampler",

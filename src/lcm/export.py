@@ -14,9 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .lora import LORA_FILE, write_lora_file
+
 __all__ = ["LORA_FILE", "LORA_META", "export_lcm_folder", "export_lora", "local_model_folder"]
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 LORA_META = "lcm_lora.json"
 # Parts of a model folder that travel with an exported LCM (the UNet and scheduler are replaced).
 COMPONENTS = (
@@ -83,16 +84,9 @@ def export_lcm_folder(
 
 
 def export_lora(unet, base_model: str | Path, num_solver_steps: int, out: str | Path, provenance: dict) -> Path:
-    """Write the LoRA in diffusers' ``load_lora_weights`` format, beside ``lcm_lora.json``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from .student import lora_state_dict
-
+    """Write the LoRA in diffusers' ``load_lora_weights`` format (see :mod:`lcm.lora`), beside ``lcm_lora.json``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    sdxl = unet.config.get("addition_embed_type") == "text_time"
-    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    pipeline.save_lora_weights(out, unet_lora_layers=lora_state_dict(unet), weight_name=LORA_FILE)
+    write_lora_file(unet, out)
     base = str(Path(base_model).resolve()) if Path(base_model).is_dir() else str(base_model)
     meta = {"base_model": base, "original_inference_steps": num_solver_steps, **provenance}
     (out / LORA_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")

@@ -17,7 +17,6 @@ __all__ = [
     "adapters_disabled",
     "add_lora",
     "full_student",
-    "lora_state_dict",
 ]
 
 # The layers LCM-LoRA adapts (attention, feed-forward, resnet convolutions, samplers, time projections).
@@ -95,20 +94,3 @@ def adapters_disabled(unet) -> Iterator[None]:
         yield
     finally:
         unet.enable_adapters()
-
-
-def lora_state_dict(unet) -> dict[str, torch.Tensor]:
-    """LoRA weights in diffusers' ``load_lora_weights`` naming, with the alpha/rank scale folded into ``lora_B``.
-
-    Folding the scale makes the file mean the same thing in every client, including those that ignore alpha
-    metadata and assume alpha = rank.
-    """
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    name = next(iter(unet.peft_config))  # "default" when trained here, "default_0" when loaded by diffusers
-    config = unet.peft_config[name]
-    state = get_peft_model_state_dict(unet, adapter_name=name)
-    scale = config.lora_alpha / config.r
-    folded = {k: (v * scale if "lora_B" in k else v).detach().float().cpu().contiguous() for k, v in state.items()}
-    return convert_state_dict_to_diffusers(folded)

@@ -38,22 +38,42 @@ class LatentDiffusion:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: str | torch.device = "cpu", with_text_encoder: bool = True
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        with_text_encoder: bool = True,
+        lora: str | Path | None = None,
+        lora_scale: float = 1.0,
     ) -> LatentDiffusion:
-        """Load a model folder or hub id; a folder holding an exported LCM-LoRA loads its base model plus the LoRA."""
+        """Load a model folder or hub id; a folder holding an exported LCM-LoRA loads its base model plus the LoRA.
+
+        ``lora``: a LoRA file (or folder) made here or elsewhere (diffusers', kohya's or peft's naming) applied to the
+        UNet at ``lora_scale``. It is taken for an LCM-LoRA: the model samples as an LCM, on the skipping grid of the
+        LoRA's ``lcm_lora.json`` when it has one, else LCM-LoRA's N = 50.
+        """
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-        from .export import LORA_FILE, LORA_META, lcm_scheduler_config
+        from .export import LORA_META, lcm_scheduler_config
 
         path = str(path)
         if (Path(path) / LORA_META).is_file():
+            if lora is not None:
+                raise ValueError(f"{path} is an LCM-LoRA folder; give its base model as --model and it as --lora")
             meta = json.loads((Path(path) / LORA_META).read_text())
-            model = cls.from_pretrained(meta["base_model"], device, with_text_encoder)
-            model.unet.load_lora_adapter(str(Path(path) / LORA_FILE), prefix="unet")
-            model.unet.requires_grad_(False)
-            model.scheduler_config = lcm_scheduler_config(model.scheduler_config, meta["original_inference_steps"])
+            model = cls.from_pretrained(meta["base_model"], device, with_text_encoder, lora=path, lora_scale=lora_scale)
             model.source, model.lora_base = path, meta["base_model"]
-            model.__post_init__()
+            return model
+        if lora is not None:
+            from .lora import apply_lora_file
+
+            model = cls.from_pretrained(path, device, with_text_encoder)
+            apply_lora_file(model.unet, lora, scale=lora_scale)
+            meta_file = (Path(lora) if Path(lora).is_dir() else Path(lora).parent) / LORA_META
+            original = json.loads(meta_file.read_text())["original_inference_steps"] if meta_file.is_file() else 50
+            if not model.is_lcm:
+                model.scheduler_config = lcm_scheduler_config(model.scheduler_config, original)
+                model.__post_init__()
+            model.lora_base = path
             return model
         looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
         if looks_local and not Path(path).expanduser().is_dir():

@@ -1,0 +1,130 @@
+"""LoRA files: the LCM-LoRA export and the loading of LoRA files made here or elsewhere.
+
+The one file format written here is peft's key naming under diffusers' ``unet.`` prefix
+(``unet.<module path>.lora_A.weight`` / ``.lora_B.weight``), which ``pipe.load_lora_weights`` loads without any key
+conversion. The alpha/rank scale is folded into ``lora_B``, so a client that ignores alpha metadata (and assumes
+alpha = rank) reads the same model.
+
+Never mix key formats in one file: diffusers decides whether to convert a UNet LoRA state dict by looking at its
+*first* key only, so a file whose first key is ``…proj_in.lora_A.weight`` and whose attention keys read
+``…to_q.lora.down.weight`` (what ``convert_state_dict_to_diffusers`` makes of a peft state dict) silently loses every
+attention adapter.
+
+Files made elsewhere — diffusers' older ``lora.down`` / ``lora_linear_layer`` naming, kohya's
+``lora_unet_…lora_down.weight`` + ``.alpha`` naming, peft naming — are read through diffusers' own converters and then
+brought to peft naming as a whole before they reach the UNet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["LORA_FILE", "adapted_modules", "apply_lora_file", "lora_state_dict", "read_lora_file", "write_lora_file"]
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+UNET_PREFIX = "unet."
+
+
+def _adapter_name(unet) -> str:
+    names = list(getattr(unet, "peft_config", {}) or {})
+    if not names:
+        raise ValueError("this UNet carries no LoRA adapter")
+    return names[0]  # "default" when trained here, "default_0" when loaded by diffusers
+
+
+def adapted_modules(unet, adapter: str | None = None) -> dict[str, torch.nn.Module]:
+    """The modules of ``unet`` that carry a LoRA adapter (named as in ``unet.named_modules()``)."""
+    from peft.tuners.lora import LoraLayer
+
+    adapter = adapter or _adapter_name(unet)
+    return {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The LoRA of ``unet`` as ``{"<module>.lora_A.weight", "<module>.lora_B.weight"}``, scale folded into ``lora_B``.
+
+    Keys are the module paths of ``unet.named_modules()`` (no prefix); :func:`write_lora_file` adds ``unet.``.
+    """
+    adapter = _adapter_name(unet)
+    state = {}
+    for name, module in adapted_modules(unet, adapter).items():
+        a = module.lora_A[adapter].weight
+        b = module.lora_B[adapter].weight * module.scaling[adapter]
+        state[f"{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
+        state[f"{name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
+    return state
+
+
+def write_lora_file(unet, folder: str | Path) -> Path:
+    """Write ``folder/pytorch_lora_weights.safetensors`` in the format ``load_lora_weights`` reads completely."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {UNET_PREFIX + k: v for k, v in lora_state_dict(unet).items()}
+    path = folder / LORA_FILE
+    save_file(state, path, metadata={"format": "pt"})
+    return path
+
+
+def read_lora_file(path: str | Path, sdxl: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float] | None]:
+    """A LoRA file (or a folder holding ``pytorch_lora_weights.safetensors``) in any naming diffusers converts →
+    its UNet part in peft naming (keys ``unet.<module>.lora_A.weight``), and per-module alphas where the file has them.
+
+    Text-encoder adapters in the file are not applied (the LCM-LoRAs adapt the UNet only): a one-line warning says so.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_FILE
+    if not path.is_file():
+        raise ValueError(f"no LoRA file at {path}")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: LoRA files are read from .safetensors only (pickled weights can run code)")
+    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    try:
+        state, alphas = pipeline.lora_state_dict(str(path))
+    except Exception as err:  # diffusers raises many kinds for a file that is not a LoRA
+        raise ValueError(f"{path} is not a LoRA file diffusers can read: {err}") from None
+    unet_state = {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+    others = sorted({k.split(".", 1)[0] for k in state if not k.startswith(UNET_PREFIX)})
+    if others:
+        print(f"warning: {path.name}: LoRA weights for {', '.join(others)} are not applied (UNet only)")
+    if not unet_state:
+        raise ValueError(f"{path} holds no UNet LoRA weights")
+    # Convert every key (not just the first) to peft naming: lora.down / lora_linear_layer.down → lora_A.
+    unet_state = convert_unet_state_dict_to_peft(
+        {k.replace("lora_linear_layer.", "lora."): v for k, v in unet_state.items()}
+    )
+    if alphas is not None:
+        alphas = {k: float(v) for k, v in alphas.items() if k.startswith(UNET_PREFIX)}
+    return unet_state, alphas or None
+
+
+def apply_lora_file(unet, path: str | Path, scale: float = 1.0) -> dict[str, int]:
+    """Load the LoRA at ``path`` into ``unet`` (frozen), at ``scale``; refuse a file whose modules do not all exist.
+
+    The adapter gets diffusers' own name (``default_0`` for the first), as ``pipe.load_lora_weights`` would give it.
+    Returns ``{"modules": n}``, the number of modules that now carry the adapter.
+    """
+    from diffusers.utils.peft_utils import get_adapter_name
+
+    sdxl = unet.config.get("addition_embed_type") == "text_time"
+    state, alphas = read_lora_file(path, sdxl=sdxl)
+    names = {n for n, _ in unet.named_modules()}
+    wanted = {k[len(UNET_PREFIX) :].rsplit(".lora_", 1)[0] for k in state if ".lora_" in k}
+    if missing := sorted(wanted - names):
+        raise ValueError(f"{path}: {len(missing)} LoRA module(s) do not exist in this UNet, e.g. {missing[0]}")
+    adapter_name = get_adapter_name(unet)
+    unet.load_lora_adapter(state, network_alphas=alphas, adapter_name=adapter_name, prefix="unet")
+    loaded = adapted_modules(unet, adapter_name)
+    if len(loaded) != len(wanted):  # the loader dropped some (a key format it did not recognise)
+        raise ValueError(f"{path}: only {len(loaded)} of {len(wanted)} LoRA modules were applied")
+    if scale != 1.0:
+        unet.set_adapters([adapter_name], weights=[scale])
+    unet.requires_grad_(False)
+    return {"modules": len(loaded)}
