@@ -18,15 +18,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from lcm.demo import DemoConfig
-from lcm.distill import LCDConfig
-from lcm.evaluate import Row, evaluate_row, fashion_eval_prompts
-from lcm.generate import Sampler, default_model_path
-from lcm.metrics import FashionEvaluator
-from lcm.plots import line_panels
-from lcm.run_distill import DataConfig, run_distillation
-from lcm.solvers import Solver
-from lcm.teacher import LatentDiffusion
-from lcm.trainer import TrainConfig
+from lcm.evaluation.evaluate import Row, evaluate_row, fashion_eval_prompts
+from lcm.evaluation.metrics import FashionEvaluator
+from lcm.evaluation.plots import line_panels
+from lcm.maths.solvers import Solver
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.sample import Sampler, default_model_path
+from lcm.training.lcd import LCDConfig
+from lcm.training.loop import TrainConfig
+from lcm.training.runs import DataConfig, run_distillation
 
 T = 1000  # the teacher's training timesteps
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lcm.inception import FIDInception, resize_bilinear_tf1
+from lcm.evaluation.inception import FIDInception, resize_bilinear_tf1
 
 
 def load_reference(site: Path):

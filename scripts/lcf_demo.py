@@ -18,14 +18,14 @@ import torch
 
 from lcm.data.captions import CaptionSet
 from lcm.demo import DemoConfig
-from lcm.distill import LCDConfig
-from lcm.evaluate import EvalPrompts, Row, evaluate_row
-from lcm.finetune import LCFConfig
-from lcm.generate import Sampler, default_model_path
-from lcm.metrics import FashionEvaluator
-from lcm.run_distill import DataConfig, run_distillation, run_finetune
-from lcm.teacher import LatentDiffusion
-from lcm.trainer import TrainConfig
+from lcm.evaluation.evaluate import EvalPrompts, Row, evaluate_row
+from lcm.evaluation.metrics import FashionEvaluator
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.sample import Sampler, default_model_path
+from lcm.training.lcd import LCDConfig
+from lcm.training.lcf import LCFConfig
+from lcm.training.loop import TrainConfig
+from lcm.training.runs import DataConfig, run_distillation, run_finetune
 
 
 def prompts_for(classes: list[int], n: int, seed: int = 0) -> EvalPrompts:

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from lcm.data.fashion_mnist import load_fashion_mnist
-from lcm.evaluate import Row, evaluate_row, fashion_eval_prompts
-from lcm.generate import Sampler, default_model_path
-from lcm.metrics import FashionEvaluator
-from lcm.teacher import LatentDiffusion
+from lcm.evaluation.evaluate import Row, evaluate_row, fashion_eval_prompts
+from lcm.evaluation.metrics import FashionEvaluator
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.sample import Sampler, default_model_path
 
 
 def main() -> None:

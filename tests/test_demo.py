@@ -7,9 +7,9 @@ import torch
 
 from lcm.cli import main
 from lcm.data.fashion_mnist import DEBIAN_DIR
-from lcm.generate import Sampler, default_model_path, generate
-from lcm.metrics import FashionEvaluator
-from lcm.teacher import LatentDiffusion
+from lcm.evaluation.metrics import FashionEvaluator
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.sample import Sampler, default_model_path, generate
 
 needs_data = pytest.mark.skipif(
     not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(), reason="needs the Debian package dataset-fashion-mnist"

@@ -4,11 +4,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 
-from lcm.consistency import consistency_function
-from lcm.parameterization import PredictionType, to_denoised
-from lcm.sampling import randn_per_image, sample_ddim, sample_dpm_solver, sample_lcm
-from lcm.schedule import NoiseSchedule
-from lcm.timesteps import SkippingGrid, ddim_timesteps, dpm_solver_timesteps, lcm_timesteps
+from lcm.maths.consistency import consistency_function
+from lcm.maths.parameterization import PredictionType, to_denoised
+from lcm.maths.sampling import randn_per_image, sample_ddim, sample_dpm_solver, sample_lcm
+from lcm.maths.schedule import NoiseSchedule
+from lcm.maths.timesteps import SkippingGrid, ddim_timesteps, dpm_solver_timesteps, lcm_timesteps
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
 SD_DDIM = {**SD, "clip_sample": False}  # as SD's own scheduler config; DDIMScheduler's default clips x0
@@ -136,7 +136,7 @@ def test_ddim_scheduler_loop(ptype, spacing, offset, set_alpha_to_one, parity):
 
 
 def _one_ddim_step(schedule, ptype, z, s, t):
-    from lcm.solvers import ddim_step
+    from lcm.maths.solvers import ddim_step
 
     batch = z.shape[0]
     return ddim_step(_denoiser(schedule, ptype), z, s.expand(batch), t.expand(batch), schedule)

@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from lcm.distill import LCD, LCDConfig
-from lcm.ema import ema_update
-from lcm.guidance import w_embedding
-from lcm.solvers import Solver
-from lcm.student import StudentKind, add_lora, full_student
-from lcm.teacher import LatentDiffusion
-from lcm.trainer import TrainConfig, train
+from lcm.maths.ema import ema_update
+from lcm.maths.guidance import w_embedding
+from lcm.maths.solvers import Solver
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.models.student import StudentKind, add_lora, full_student
+from lcm.training.lcd import LCD, LCDConfig
+from lcm.training.loop import TrainConfig, train
 from tiny_models import build_tiny_sd
 
 
@@ -43,7 +43,7 @@ def _perturb(unet, seed=1):
 
 
 def _hand_reference(model, student, target, teacher, z0, cond, uncond, cfg, seed):
-    """LCD written out from the paper's equations with the same random draws, independently of lcm.solvers."""
+    """LCD written out from the paper's equations with the same random draws, independently of lcm.maths.solvers."""
     g = torch.Generator().manual_seed(seed)
     n = z0.shape[0]
     k = 1000 // cfg.num_solver_steps
@@ -213,7 +213,7 @@ class _Crash(Exception):
 def _run(folder, out, max_steps, resume=None, crash_after=None, kind=StudentKind.FULL):
     from lcm.data.loader import batch_stream
     from lcm.data.sources import collate_skip_none
-    from lcm.tasks import DistillTask, LoraSettings
+    from lcm.training.task import DistillTask, LoraSettings
 
     model = LatentDiffusion.from_pretrained(folder)
     cfg = LCDConfig(solver=Solver.DPMPP, w_min=2, w_max=6)

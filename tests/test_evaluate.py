@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lcm import evaluate as ev
 from lcm.cli import main
-from lcm.generate import Sampler, default_model_path
-from lcm.inception import FIDInception, load_fid_inception, resize_bilinear_tf1
-from lcm.metrics import Evaluator, FeatureStats, Reference, to_uint8_rgb
+from lcm.evaluation import evaluate as ev
+from lcm.evaluation.inception import FIDInception, load_fid_inception, resize_bilinear_tf1
+from lcm.evaluation.metrics import Evaluator, FeatureStats, Reference, to_uint8_rgb
+from lcm.sample import Sampler, default_model_path
 
 TEACHER = str(default_model_path())
 

@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 
 from lcm.cli import main
-from lcm.generate import Sampler, sample_latents
-from lcm.lora import adapted_modules
-from lcm.student import add_lora
-from lcm.teacher import LatentDiffusion
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.models.lora import adapted_modules
+from lcm.models.student import add_lora
+from lcm.sample import Sampler, sample_latents
 from tiny_models import build_tiny_sd, build_tiny_sdxl
 
 PROMPTS = ["a photo of a cat", "a red car"]

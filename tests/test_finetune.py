@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from lcm.cli import main
-from lcm.finetune import LCF, LCFConfig
-from lcm.guidance import w_embedding
-from lcm.student import StudentKind, full_student
-from lcm.teacher import LatentDiffusion
+from lcm.maths.guidance import w_embedding
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.models.student import StudentKind, full_student
+from lcm.training.lcf import LCF, LCFConfig
 from tiny_models import build_tiny_sd
 
 

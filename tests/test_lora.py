@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 
 from lcm.cli import main
-from lcm.export import export_lcm_folder, export_lora, lcm_scheduler_config
-from lcm.generate import Sampler, generate
-from lcm.guidance import w_embedding
 from lcm.images import save_grid
-from lcm.lora import adapted_modules
-from lcm.student import add_lora, full_student
-from lcm.teacher import LatentDiffusion
+from lcm.maths.guidance import w_embedding
+from lcm.models.export import export_lcm_folder, export_lora, lcm_scheduler_config
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.models.lora import adapted_modules
+from lcm.models.student import add_lora, full_student
+from lcm.sample import Sampler, generate
 from tiny_models import build_tiny_sd, build_tiny_sdxl
 
 RANK, ALPHA = 4, 2.0  # scale alpha / rank = 0.5: a wrong or missing scale shows

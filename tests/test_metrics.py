@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lcm.metrics import FeatureStats, frechet_distance, kid, prompt_accuracy
+from lcm.evaluation.metrics import FeatureStats, frechet_distance, kid, prompt_accuracy
 
 
 def _scipy_fd(mu1, c1, mu2, c2):

@@ -2,11 +2,11 @@ import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline
 
-from lcm.consistency import boundary_scalings, consistency_function
-from lcm.guidance import cfg_combine, guidance_scale_from_w, w_embedding, w_from_guidance_scale
-from lcm.losses import LossType, consistency_loss, l2_loss, pseudo_huber_loss
-from lcm.parameterization import PredictionType, to_denoised, to_model_output
-from lcm.schedule import NoiseSchedule
+from lcm.maths.consistency import boundary_scalings, consistency_function
+from lcm.maths.guidance import cfg_combine, guidance_scale_from_w, w_embedding, w_from_guidance_scale
+from lcm.maths.losses import LossType, consistency_loss, l2_loss, pseudo_huber_loss
+from lcm.maths.parameterization import PredictionType, to_denoised, to_model_output
+from lcm.maths.schedule import NoiseSchedule
 
 
 @pytest.fixture

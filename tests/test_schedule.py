@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from lcm.schedule import NoiseSchedule
+from lcm.maths.schedule import NoiseSchedule
 
 SD_CONFIG = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
 

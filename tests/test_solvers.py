@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-from lcm.parameterization import Denoised, append_dims
-from lcm.schedule import NoiseSchedule
-from lcm.solvers import (
+from lcm.maths.parameterization import Denoised, append_dims
+from lcm.maths.schedule import NoiseSchedule
+from lcm.maths.solvers import (
     Solver,
     ddim_step,
     dpm_solver_1_update,
     dpm_solver_pp_1_update,
     solve,
 )
-from lcm.timesteps import SkippingGrid
+from lcm.maths.timesteps import SkippingGrid
 
 SCHEDULE = NoiseSchedule.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
 SHAPE = (6, 2, 4, 4)

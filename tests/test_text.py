@@ -4,7 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lcm.text import CachedPromptEmbeddings, MiniLMTextEncoder, TextEmbeddings, load_text_encoder, write_reference
+from lcm.models.text import (
+    CachedPromptEmbeddings,
+    MiniLMTextEncoder,
+    TextEmbeddings,
+    load_text_encoder,
+    write_reference,
+)
 
 
 @pytest.fixture(scope="module")

@@ -218,7 +218,7 @@ def test_other_seed_and_sample_size(tmp_path: Path) -> None:
 
 def test_project_loader_reads_tiny_sd(sd_paths: dict[str, Path]) -> None:
     """The project's own loader takes the tiny SD folder as a teacher (UNet, VAE, schedule, CLIP encoder)."""
-    from lcm.teacher import LatentDiffusion
+    from lcm.models.latent_diffusion import LatentDiffusion
 
     model = LatentDiffusion.from_pretrained(sd_paths["v_prediction"])
     assert model.latent_shape == (4, 8, 8)

@@ -8,8 +8,8 @@ from PIL import Image
 
 from lcm.cli import main
 from lcm.data.fashion_mnist import DEBIAN_DIR
-from lcm.generate import Sampler, generate
-from lcm.teacher import LatentDiffusion
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.sample import Sampler, generate
 
 pytestmark = pytest.mark.skipif(
     not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(), reason="needs the Debian package dataset-fashion-mnist"

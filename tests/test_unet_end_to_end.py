@@ -4,12 +4,12 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
 
-from lcm.consistency import consistency_function
-from lcm.guidance import guidance_scale_from_w, w_embedding
-from lcm.parameterization import PredictionType, to_denoised
-from lcm.sampling import randn_per_image, sample_lcm
-from lcm.schedule import NoiseSchedule
-from lcm.timesteps import lcm_timesteps
+from lcm.maths.consistency import consistency_function
+from lcm.maths.guidance import guidance_scale_from_w, w_embedding
+from lcm.maths.parameterization import PredictionType, to_denoised
+from lcm.maths.sampling import randn_per_image, sample_lcm
+from lcm.maths.schedule import NoiseSchedule
+from lcm.maths.timesteps import lcm_timesteps
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
 CTX_DIM, LATENT = 32, 8

@@ -2,14 +2,14 @@
 
 The maths lives in small pure modules that read like the paper:
 
-- :mod:`lcm.schedule`        noise schedule α_t, σ_t, λ_t read from a diffusers scheduler config
-- :mod:`lcm.parameterization` ε / v / x0 prediction conversions
-- :mod:`lcm.guidance`        classifier-free guidance (LCM convention) and the w-embedding
-- :mod:`lcm.consistency`     c_skip / c_out and the consistency function
-- :mod:`lcm.timesteps`       skipping-step grid, training pairs and the samplers' timestep lists
-- :mod:`lcm.solvers`         ODE solvers Ψ (DDIM, DPM-Solver-2, DPM-Solver++(2S)) over a denoiser callable
-- :mod:`lcm.sampling`        multistep consistency sampling and the teacher's DDIM / DPM-Solver baselines
-- :mod:`lcm.losses`          per-sample L2 and pseudo-Huber distances
+- :mod:`lcm.maths.schedule`        noise schedule α_t, σ_t, λ_t read from a diffusers scheduler config
+- :mod:`lcm.maths.parameterization` ε / v / x0 prediction conversions
+- :mod:`lcm.maths.guidance`        classifier-free guidance (LCM convention) and the w-embedding
+- :mod:`lcm.maths.consistency`     c_skip / c_out and the consistency function
+- :mod:`lcm.maths.timesteps`       skipping-step grid, training pairs and the samplers' timestep lists
+- :mod:`lcm.maths.solvers`         ODE solvers Ψ (DDIM, DPM-Solver-2, DPM-Solver++(2S)) over a denoiser callable
+- :mod:`lcm.maths.sampling`        multistep consistency sampling and the teacher's DDIM / DPM-Solver baselines
+- :mod:`lcm.maths.losses`          per-sample L2 and pseudo-Huber distances
 """
 
 __version__ = "0.1.0"

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import torch
 
-from .data.captions import class_prompts
-from .distill import LCDConfig
-from .evaluate import Row, evaluate_row, fashion_eval_prompts
-from .generate import Sampler, default_model_path, generate
-from .images import save_grid
-from .metrics import FashionEvaluator
-from .run_distill import DataConfig, run_distillation
-from .solvers import Solver
-from .teacher import LatentDiffusion
-from .trainer import TrainConfig
+from lcm.data.captions import class_prompts
+from lcm.evaluation.evaluate import Row, evaluate_row, fashion_eval_prompts
+from lcm.evaluation.metrics import FashionEvaluator
+from lcm.images import save_grid
+from lcm.maths.solvers import Solver
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.sample import Sampler, default_model_path, generate
+from lcm.training.lcd import LCDConfig
+from lcm.training.loop import TrainConfig
+from lcm.training.runs import DataConfig, run_distillation
 
 __all__ = ["DemoConfig", "run_demo"]
 

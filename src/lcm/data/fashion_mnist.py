@@ -172,7 +172,7 @@ class FashionCaptionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, split: str = "train", data_dir: str | Path | None = None, classes: list[int] | None = None):
-        from .captions import CaptionSet
+        from lcm.data.captions import CaptionSet
 
         data = load_fashion_mnist(split, data_dir)
         keep = torch.ones(len(data), dtype=torch.bool)

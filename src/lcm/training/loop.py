@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from .checkpoint import latest_checkpoint, load_training_state, save_training_state
+from lcm.training.checkpoint import latest_checkpoint, load_training_state, save_training_state
 
 __all__ = ["Task", "TrainConfig", "train"]
 

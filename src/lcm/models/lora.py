@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["LORA_FILE", "adapted_modules", "apply_lora_file", "lora_state_dict", "read_lora_file", "write_lora_file"]
+from lcm.models.formats import LORA_FILE, is_sdxl
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
+__all__ = ["adapted_modules", "apply_lora_file", "lora_state_dict", "read_lora_file", "write_lora_file"]
+
 UNET_PREFIX = "unet."
 
 
@@ -113,8 +114,7 @@ def apply_lora_file(unet, path: str | Path, scale: float = 1.0) -> dict[str, int
     """
     from diffusers.utils.peft_utils import get_adapter_name
 
-    sdxl = unet.config.get("addition_embed_type") == "text_time"
-    state, alphas = read_lora_file(path, sdxl=sdxl)
+    state, alphas = read_lora_file(path, sdxl=is_sdxl(unet))
     names = {n for n, _ in unet.named_modules()}
     wanted = {k[len(UNET_PREFIX) :].rsplit(".lora_", 1)[0] for k in state if ".lora_" in k}
     if missing := sorted(wanted - names):

@@ -1,7 +1,7 @@
-"""Training tasks for :func:`lcm.trainer.train`: batches → latents and text conditions → the method's loss.
+"""Training tasks for :func:`lcm.training.loop.train`: batches → latents and text conditions → the method's loss.
 
-:class:`DistillTask` wraps :class:`lcm.distill.LCD` (teacher-guided), :class:`FinetuneTask` wraps
-:class:`lcm.finetune.LCF` (teacher-free); both share :class:`ConsistencyTask`.
+:class:`DistillTask` wraps :class:`lcm.training.lcd.LCD` (teacher-guided), :class:`FinetuneTask` wraps
+:class:`lcm.training.lcf.LCF` (teacher-free); both share :class:`ConsistencyTask`.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 
-from .distill import LCD, LCDConfig
-from .export import export_lcm_folder, export_lora
-from .finetune import LCF, LCFConfig
-from .images import save_grid
-from .sampling import randn_per_image, sample_lcm
-from .student import DEFAULT_LORA_TARGETS, StudentKind, add_lora, full_student
-from .teacher import LatentDiffusion
-from .text import TextEmbeddings
-from .timesteps import lcm_timesteps
+from lcm.images import save_grid
+from lcm.maths.sampling import randn_per_image, sample_lcm
+from lcm.maths.timesteps import lcm_timesteps
+from lcm.models.export import export_lcm_folder, export_lora
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.models.student import DEFAULT_LORA_TARGETS, StudentKind, add_lora, full_student
+from lcm.models.text import TextEmbeddings
+from lcm.training.lcd import LCD, LCDConfig
+from lcm.training.lcf import LCF, LCFConfig
 
 __all__ = ["ConsistencyTask", "DistillTask", "FinetuneTask", "LoraSettings", "make_student"]
 
@@ -72,7 +72,7 @@ class LoraSettings:
 class ConsistencyTask:
     """What LCD and LCF share: batches → (z0, text), student bookkeeping, validation grids, checkpoints, export.
 
-    ``method`` (an :class:`lcm.distill.LCD` or :class:`lcm.finetune.LCF`) supplies the loss and the target update.
+    ``method`` (:class:`lcm.training.lcd.LCD` or :class:`lcm.training.lcf.LCF`) supplies the loss and target update.
     """
 
     method_name = ""

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 
-from .sampling import randn_per_image, sample_ddim, sample_dpm_solver, sample_lcm
-from .teacher import LatentDiffusion
-from .timesteps import ddim_timesteps, dpm_solver_timesteps, lcm_timesteps
+from lcm.maths.sampling import randn_per_image, sample_ddim, sample_dpm_solver, sample_lcm
+from lcm.maths.timesteps import ddim_timesteps, dpm_solver_timesteps, lcm_timesteps
+from lcm.models.formats import w_input_dim
+from lcm.models.latent_diffusion import LatentDiffusion
 
-__all__ = ["Sampler", "default_guidance", "default_model_path", "generate", "sample_latents"]
+__all__ = ["Sampler", "default_model_path", "generate", "sample_latents"]
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -30,23 +31,6 @@ def default_model_path() -> Path:
     if not (path / "unet").is_dir():
         raise ValueError(f"the shipped teacher is missing from {path}; reinstall the package or give --model")
     return path
-
-
-def default_guidance(model: LatentDiffusion) -> float:
-    """A sensible w: the middle of the range an LCM was distilled on, else the teacher family's usual value."""
-    import json
-
-    if model.source is not None:
-        record = Path(model.source) / "lcm_distill.json"
-        if record.is_file():
-            lcd = json.loads(record.read_text()).get("lcd", {})
-            if "w_min" in lcd and "w_max" in lcd:
-                return (float(lcd["w_min"]) + float(lcd["w_max"])) / 2
-    from .text import REFERENCE_FILE
-
-    packaged = model.source is not None and (Path(model.source) / "text_encoder" / REFERENCE_FILE).is_file()
-    embedded = packaged or (model.text_encoder is not None and model.text_encoder.name == "all-MiniLM-L6-v2")
-    return 3.0 if embedded else 6.5
 
 
 def sample_latents(
@@ -74,8 +58,7 @@ def sample_latents(
             raise ValueError("the lcm sampler needs an LCM (a distilled model); use --sampler ddim|dpm|dpmpp")
         original = int(config.get("original_inference_steps", 50))
         ts = lcm_timesteps(steps, original, schedule.num_train_timesteps)
-        guided = model.unet.config.get("time_cond_proj_dim") is not None
-        f = model.consistency_fn(cond, ws if guided else None)
+        f = model.consistency_fn(cond, ws if w_input_dim(model.unet) is not None else None)
         return sample_lcm(f, z, ts, schedule, gens)
     denoiser = model.guided_denoiser(cond, uncond, ws) if w != 0 else model.denoiser(cond)
     spacing = timestep_spacing or config.get("timestep_spacing", "leading")

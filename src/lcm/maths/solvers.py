@@ -8,7 +8,7 @@ teacher — so that 2nd-order solvers can call it twice. ``s > t`` per sample; t
 - DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1, r = ½): singlestep, data form, same midpoint. Two calls.
 
 The 1st-order exponential-integrator updates of both families are written out too: they are algebraically DDIM
-(a test) and serve the multistep samplers in :mod:`lcm.sampling`.
+(a test) and serve the multistep samplers in :mod:`lcm.maths.sampling`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from enum import Enum
 
 import torch
 
-from .parameterization import Denoised, append_dims
-from .schedule import NoiseSchedule
+from lcm.maths.parameterization import Denoised, append_dims
+from lcm.maths.schedule import NoiseSchedule
 
 __all__ = [
     "Denoiser",

@@ -18,16 +18,16 @@ from typing import NamedTuple
 
 import torch
 
-from .consistency import SIGMA_DATA, TIMESTEP_SCALING
-from .ema import ema_update
-from .guidance import w_embedding
-from .losses import LossType, consistency_loss
-from .parameterization import append_dims
-from .solvers import Solver, solve
-from .student import StudentKind, adapters_disabled
-from .teacher import LatentDiffusion
-from .text import TextEmbeddings
-from .timesteps import SkippingGrid
+from lcm.maths.consistency import SIGMA_DATA, TIMESTEP_SCALING
+from lcm.maths.ema import ema_update
+from lcm.maths.guidance import w_embedding
+from lcm.maths.losses import LossType, consistency_loss
+from lcm.maths.parameterization import append_dims
+from lcm.maths.solvers import Solver, solve
+from lcm.maths.timesteps import SkippingGrid
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.models.student import StudentKind, adapters_disabled
+from lcm.models.text import TextEmbeddings
 
 __all__ = ["LCD", "LCDConfig", "LCDOutput", "StudentTarget"]
 

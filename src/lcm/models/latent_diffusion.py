@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 
-from .consistency import SIGMA_DATA, TIMESTEP_SCALING, consistency_function
-from .guidance import cfg_combine, w_embedding
-from .parameterization import Denoised, PredictionType, to_denoised
-from .schedule import NoiseSchedule
-from .text import TextEmbeddings, TextEncoder, load_text_encoder
+from lcm.locations import local_path_or_none
+from lcm.maths.consistency import SIGMA_DATA, TIMESTEP_SCALING, consistency_function
+from lcm.maths.guidance import cfg_combine, default_w, w_embedding
+from lcm.maths.parameterization import Denoised, PredictionType, to_denoised
+from lcm.maths.schedule import NoiseSchedule
+from lcm.models.formats import LORA_META, is_sdxl, lcm_scheduler_config, read_record, w_input_dim
+from lcm.models.text import EMBEDDED_ENCODER, TextEmbeddings, TextEncoder, is_packaged_encoder, load_text_encoder
 
 __all__ = ["LatentDiffusion"]
 
@@ -31,6 +33,10 @@ class LatentDiffusion:
     text_encoder: TextEncoder | None
     source: str | None = None  # where it was loaded from (folder or hub id)
     lora_base: str | None = None  # for a loaded LCM-LoRA: its base model (``source`` is the LoRA folder)
+    # What an exported LCM recorded about its distillation (read back by ``from_pretrained``):
+    w_range: tuple[float, float] | None = None  # the guidance weights it was distilled on
+    sigma_data: float = SIGMA_DATA  # consistency constants (docs/design.md §2)
+    timestep_scaling: float = TIMESTEP_SCALING
 
     def __post_init__(self) -> None:
         self.schedule = NoiseSchedule.from_config(self.scheduler_config)
@@ -53,8 +59,6 @@ class LatentDiffusion:
         """
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-        from .export import LORA_META, lcm_scheduler_config
-
         path = str(path)
         if (Path(path) / LORA_META).is_file():
             if lora is not None:
@@ -64,27 +68,40 @@ class LatentDiffusion:
             model.source, model.lora_base = path, meta["base_model"]
             return model
         if lora is not None:
-            from .lora import apply_lora_file
+            from lcm.models.lora import apply_lora_file
 
             model = cls.from_pretrained(path, device, with_text_encoder)
             apply_lora_file(model.unet, lora, scale=lora_scale)
-            meta_file = (Path(lora) if Path(lora).is_dir() else Path(lora).parent) / LORA_META
-            original = json.loads(meta_file.read_text())["original_inference_steps"] if meta_file.is_file() else 50
-            if not model.is_lcm:
+            folder = Path(lora) if Path(lora).is_dir() else Path(lora).parent
+            meta = json.loads((folder / LORA_META).read_text()) if (folder / LORA_META).is_file() else {}
+            if not model.is_lcm:  # LCM-LoRA's skipping grid is N = 50 unless the LoRA's record says otherwise
+                original = int(meta.get("original_inference_steps", 50))
                 model.scheduler_config = lcm_scheduler_config(model.scheduler_config, original)
                 model.__post_init__()
+            model._read_record(folder)
             model.lora_base = path
             return model
-        looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
-        if looks_local and not Path(path).expanduser().is_dir():
+        local = local_path_or_none(path, owner_required=True)
+        if local is not None and not local.is_dir():
             raise ValueError(f"no model folder at {path} (and it is not a hub id of the form owner/name)")
-        if Path(path).exists() and not (Path(path) / "unet").is_dir():
+        if local is not None and not (local / "unet").is_dir():
             raise ValueError(f"{path} is not a diffusers model folder: it has no unet/ subfolder")
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device).eval().requires_grad_(False)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device).eval().requires_grad_(False)
         scheduler_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
         text_encoder = load_text_encoder(path).to(device) if with_text_encoder else None
-        return cls(unet, vae, scheduler_config, text_encoder, source=path)
+        model = cls(unet, vae, scheduler_config, text_encoder, source=path)
+        if local is not None:
+            model._read_record(local)
+        return model
+
+    def _read_record(self, folder: Path) -> None:
+        """Take the w range and consistency constants an export recorded (docs/design.md §4)."""
+        record = read_record(folder)
+        self.w_range = record["w_range"] or self.w_range
+        self.sigma_data = float(record["sigma_data"] or self.sigma_data)
+        scaling = record["timestep_scaling"] or self.scheduler_config.get("timestep_scaling")
+        self.timestep_scaling = float(scaling or self.timestep_scaling)
 
     # --- properties -----------------------------------------------------------------------------------------
     @property
@@ -94,10 +111,21 @@ class LatentDiffusion:
     @property
     def is_lcm(self) -> bool:
         """A distilled LCM: its UNet takes the w-embedding, or its scheduler is an LCMScheduler."""
+        return w_input_dim(self.unet) is not None or self.scheduler_config.get("_class_name") == "LCMScheduler"
+
+    @property
+    def is_embedded(self) -> bool:
+        """The embedded Fashion-MNIST family (MiniLM text encoder), whatever folder it was loaded from."""
         return (
-            self.unet.config.get("time_cond_proj_dim") is not None
-            or self.scheduler_config.get("_class_name") == "LCMScheduler"
+            self.text_encoder is not None
+            and self.text_encoder.name == EMBEDDED_ENCODER
+            or (self.source is not None and is_packaged_encoder(self.lora_base or self.source))
         )
+
+    @property
+    def default_w(self) -> float:
+        """The guidance weight used when none is given (one rule: :func:`lcm.maths.guidance.default_w`)."""
+        return default_w(self.w_range, self.is_embedded)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -141,7 +169,7 @@ class LatentDiffusion:
 
     def _added_conditions(self, text: TextEmbeddings, z: torch.Tensor, dtype) -> dict | None:
         """SDXL's micro-conditioning: pooled text embedding and (original size, crop, target size) time ids."""
-        if self.unet.config.get("addition_embed_type") != "text_time":
+        if not is_sdxl(self.unet):
             return None
         if text.pooled is None:
             raise ValueError("an SDXL UNet needs pooled text embeddings (use its two text encoders)")
@@ -181,7 +209,7 @@ class LatentDiffusion:
     def consistency_fn(self, text: TextEmbeddings, w: torch.Tensor | None, unet=None):
         """The LCM's ``f(z, t) → x̂0``; the w-embedding is passed when the UNet takes one."""
         unet = unet or self.unet
-        proj_dim = unet.config.get("time_cond_proj_dim")
+        proj_dim = w_input_dim(unet)
         if proj_dim is not None and w is None:
             raise ValueError("this LCM is guidance-conditioned: give the guidance weight w")
         emb = w_embedding(w.cpu(), proj_dim).to(self.device) if proj_dim is not None else None
@@ -194,10 +222,15 @@ class LatentDiffusion:
         t: torch.Tensor,
         text: TextEmbeddings,
         w_emb: torch.Tensor | None,
-        sigma_data: float = SIGMA_DATA,
-        timestep_scaling: float = TIMESTEP_SCALING,
+        sigma_data: float | None = None,
+        timestep_scaling: float | None = None,
     ) -> torch.Tensor:
-        """``f(z, w, c, t) = c_skip z + c_out x̂0`` of ``unet`` (Eq. 9, Luo et al. 2023), computed in float32+."""
+        """``f(z, w, c, t) = c_skip z + c_out x̂0`` of ``unet`` (Eq. 9, Luo et al. 2023), computed in float32+.
+
+        The constants default to the model's own (those its export recorded).
+        """
         out = self.unet_output(unet, z, t, text, w_emb).float()
         x0 = self._to_denoised(out, z, t).x0
+        sigma_data = self.sigma_data if sigma_data is None else sigma_data
+        timestep_scaling = self.timestep_scaling if timestep_scaling is None else timestep_scaling
         return consistency_function(z, x0, t.to(z.device), sigma_data, timestep_scaling)

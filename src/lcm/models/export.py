@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
-from .lora import LORA_FILE, write_lora_file
+from lcm.maths.consistency import SIGMA_DATA, TIMESTEP_SCALING
+from lcm.models.formats import DISTILL_RECORD, LORA_META, is_sdxl, lcm_scheduler_config, w_input_dim
+from lcm.models.lora import write_lora_file
 
-__all__ = ["LORA_FILE", "LORA_META", "export_lcm_folder", "export_lora", "local_model_folder"]
+__all__ = ["export_lcm_folder", "export_lora", "local_model_folder"]
 
-LORA_META = "lcm_lora.json"
 # Parts of a model folder that travel with an exported LCM (the UNet and scheduler are replaced).
 COMPONENTS = (
     "vae",
@@ -41,17 +41,6 @@ def local_model_folder(source: str | Path) -> Path:
     return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
 
 
-def lcm_scheduler_config(teacher_config: dict[str, Any], num_solver_steps: int) -> dict[str, Any]:
-    """The teacher's schedule as an ``LCMScheduler`` config whose ``original_inference_steps`` is the skipping grid."""
-    from diffusers import LCMScheduler
-
-    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
-    keep += ("rescale_betas_zero_snr", "clip_sample", "set_alpha_to_one", "steps_offset", "timestep_spacing")
-    config = {k: v for k, v in teacher_config.items() if k in keep}
-    config["original_inference_steps"] = num_solver_steps
-    return {**LCMScheduler.from_config(config).config, "_class_name": "LCMScheduler"}
-
-
 def _write_model_index(source: Path, out: Path, sdxl: bool, w_conditioned: bool) -> None:
     index_path = source / "model_index.json"
     if not index_path.is_file():
@@ -64,10 +53,27 @@ def _write_model_index(source: Path, out: Path, sdxl: bool, w_conditioned: bool)
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _record(provenance: dict, sigma_data: float, timestep_scaling: float) -> str:
+    record = {**provenance, "consistency": {"sigma_data": sigma_data, "timestep_scaling": timestep_scaling}}
+    return json.dumps(record, indent=2, default=str) + "\n"
+
+
 def export_lcm_folder(
-    source: str | Path, unet, scheduler_config: dict, num_solver_steps: int, out: str | Path, provenance: dict
+    source: str | Path,
+    unet,
+    scheduler_config: dict,
+    num_solver_steps: int,
+    out: str | Path,
+    provenance: dict,
+    *,
+    sigma_data: float = SIGMA_DATA,
+    timestep_scaling: float = TIMESTEP_SCALING,
 ) -> Path:
-    """Write a complete LCM model folder: the source's components, the student ``unet`` and an LCMScheduler."""
+    """Write a complete LCM model folder: the source's components, the student ``unet`` and an LCMScheduler.
+
+    The consistency constants go into the record (and ``timestep_scaling`` into the LCMScheduler config, which
+    diffusers reads; diffusers fixes sigma_data at 0.5).
+    """
     from diffusers import LCMScheduler
 
     src, out = local_model_folder(source), Path(out)
@@ -76,18 +82,27 @@ def export_lcm_folder(
         if (src / name).is_dir() and src.resolve() != out.resolve():
             shutil.copytree(src / name, out / name, dirs_exist_ok=True)
     unet.save_pretrained(out / "unet", safe_serialization=True)
-    LCMScheduler.from_config(lcm_scheduler_config(scheduler_config, num_solver_steps)).save_config(out / "scheduler")
-    sdxl = unet.config.get("addition_embed_type") == "text_time"
-    _write_model_index(src, out, sdxl, unet.config.get("time_cond_proj_dim") is not None)
-    (out / "lcm_distill.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+    config = lcm_scheduler_config(scheduler_config, num_solver_steps, timestep_scaling)
+    LCMScheduler.from_config(config).save_config(out / "scheduler")
+    _write_model_index(src, out, is_sdxl(unet), w_input_dim(unet) is not None)
+    (out / DISTILL_RECORD).write_text(_record(provenance, sigma_data, timestep_scaling))
     return out
 
 
-def export_lora(unet, base_model: str | Path, num_solver_steps: int, out: str | Path, provenance: dict) -> Path:
-    """Write the LoRA in diffusers' ``load_lora_weights`` format (see :mod:`lcm.lora`), beside ``lcm_lora.json``."""
+def export_lora(
+    unet,
+    base_model: str | Path,
+    num_solver_steps: int,
+    out: str | Path,
+    provenance: dict,
+    *,
+    sigma_data: float = SIGMA_DATA,
+    timestep_scaling: float = TIMESTEP_SCALING,
+) -> Path:
+    """Write the LoRA in the ``load_lora_weights`` format of :mod:`lcm.models.lora`, beside ``lcm_lora.json``."""
     out = Path(out)
     write_lora_file(unet, out)
     base = str(Path(base_model).resolve()) if Path(base_model).is_dir() else str(base_model)
     meta = {"base_model": base, "original_inference_steps": num_solver_steps, **provenance}
-    (out / LORA_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    (out / LORA_META).write_text(_record(meta, sigma_data, timestep_scaling))
     return out

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from .schedule import NoiseSchedule
+from lcm.maths.schedule import NoiseSchedule
 
 __all__ = [
     "SkippingGrid",

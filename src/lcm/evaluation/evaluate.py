@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from .data.captions import CaptionSet
-from .generate import Sampler, generate
-from .metrics import METRICS, Evaluator
-from .teacher import LatentDiffusion
+from lcm.data.captions import CaptionSet
+from lcm.evaluation.metrics import METRICS, Evaluator
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.sample import Sampler, generate
 
 __all__ = [
     "EMBEDDED",
@@ -97,7 +97,7 @@ def load_prompts(
             raise ValueError(f"--prompts {source}: no such file")
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
-        from .data.sources import build_source
+        from lcm.data.sources import build_source
 
         data = build_source(source, resolution=32, caption_column=caption_column, split=split, seed=seed)
         prompts = []
@@ -309,7 +309,7 @@ def _settings_check(path: Path, settings: EvalSettings, overwrite: bool) -> list
 
 
 def _reference(plan: EvalPlan, model: LatentDiffusion | None):
-    from .metrics import Reference, fashion_reference, reference_cache_dir
+    from lcm.evaluation.metrics import Reference, fashion_reference, reference_cache_dir
 
     s = plan.settings
     spec = s.reference
@@ -319,7 +319,7 @@ def _reference(plan: EvalPlan, model: LatentDiffusion | None):
         return Reference(spec, stats_file=Path(spec))
     if model is None:
         raise ValueError("reference images from a data set need a model to size them (give --teacher or --lcm)")
-    from .data.sources import build_source
+    from lcm.data.sources import build_source
 
     local = Path(spec)
     resolution = model.unet.config.sample_size * model.vae_scale_factor
@@ -358,7 +358,7 @@ def _reference(plan: EvalPlan, model: LatentDiffusion | None):
 
 def _is_plain_image_folder(path: Path) -> bool:
     """A folder of image files with no captions (no metadata.jsonl) and not a saved data set."""
-    from .data.sources import IMAGE_EXTENSIONS
+    from lcm.data.sources import IMAGE_EXTENSIONS
 
     if not path.is_dir() or any((path / m).is_file() for m in ("metadata.jsonl", "dataset_info.json")):
         return False
@@ -367,7 +367,7 @@ def _is_plain_image_folder(path: Path) -> bool:
 
 def _plain_images(folder: Path, resolution: int, channels: int):
     """Every readable image under ``folder`` (sorted), centre-cropped to ``resolution``, in [−1, 1]."""
-    from .data.sources import IMAGE_EXTENSIONS, ImageTransform, open_image
+    from lcm.data.sources import IMAGE_EXTENSIONS, ImageTransform, open_image
 
     transform = ImageTransform(resolution, channels=channels)
     for path in sorted(folder.rglob("*")):
@@ -384,7 +384,7 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> list[Record]:
     """Evaluate every method × steps × w of ``plan`` not already in ``out/results.json``; write the report."""
     from tqdm import tqdm
 
-    from . import __version__
+    from lcm import __version__
 
     s = plan.settings
     plan.out.mkdir(parents=True, exist_ok=True)
@@ -526,7 +526,7 @@ def markdown_report(records: Sequence[Record], settings: EvalSettings) -> str:
 
 
 def write_report(records: Sequence[Record], settings: EvalSettings, out: Path) -> None:
-    from .plots import line_panels
+    from lcm.evaluation.plots import line_panels
 
     (out / "results.md").write_text(markdown_report(records, settings))
     keys = [METRICS[m][0] for m in settings.metrics]

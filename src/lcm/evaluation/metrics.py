@@ -5,7 +5,7 @@
   is not FID (no Inception network is involved) and is never reported as FID. Prompt accuracy: how often the
   classifier agrees with the class a prompt asks for.
 - ``fid`` / ``kid``: Fréchet and kernel distances in the 2048-d features of the FID Inception-v3 (torchmetrics' and
-  torch-fidelity's network, :mod:`lcm.inception`), whose weights are downloaded or given as a file.
+  torch-fidelity's network, :mod:`lcm.evaluation.inception`), whose weights are downloaded or given as a file.
 - ``clip``: the CLIP score (torchmetrics' definition: 100 · mean cosine of image and prompt embeddings) with a
   local or hub CLIP model.
 
@@ -127,7 +127,7 @@ class ClassifierFeatures:
     space = "clf"
 
     def __init__(self, classifier_dir: str | Path):
-        from .train_teacher import load_classifier
+        from lcm.models.fashion import load_classifier
 
         self.classifier = load_classifier(classifier_dir)
         weights = Path(classifier_dir) / "model.safetensors"
@@ -157,7 +157,7 @@ class InceptionFeatures:
     space = "inception"
 
     def __init__(self, weights: str | Path | None = None, device: str | torch.device = "cpu"):
-        from .inception import INCEPTION_URL, load_fid_inception
+        from lcm.evaluation.inception import INCEPTION_URL, load_fid_inception
 
         self.model = load_fid_inception(weights).to(device)
         self.device = device
@@ -241,7 +241,7 @@ def fashion_reference(data_dir: str | Path | None = None, classes: Sequence[int]
     """The 10,000 Fashion-MNIST test images (or those of ``classes``)."""
 
     def images():
-        from .data.fashion_mnist import load_fashion_mnist
+        from lcm.data.fashion_mnist import load_fashion_mnist
 
         test = load_fashion_mnist("test", data_dir)
         keep = torch.isin(test.labels, torch.tensor(list(classes))) if classes is not None else slice(None)

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .consistency import SIGMA_DATA, TIMESTEP_SCALING
-from .distill import LCDOutput, StudentTarget
-from .guidance import w_embedding
-from .losses import LossType, consistency_loss
-from .parameterization import append_dims
-from .student import StudentKind
-from .teacher import LatentDiffusion
-from .text import TextEmbeddings
+from lcm.maths.consistency import SIGMA_DATA, TIMESTEP_SCALING
+from lcm.maths.guidance import w_embedding
+from lcm.maths.losses import LossType, consistency_loss
+from lcm.maths.parameterization import append_dims
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.models.student import StudentKind
+from lcm.models.text import TextEmbeddings
+from lcm.training.lcd import LCDOutput, StudentTarget
 
 __all__ = ["LCF", "LCFConfig"]
 

@@ -7,10 +7,13 @@ dominated by teacher and student forwards, and ``lcm demo`` must distil within m
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
-__all__ = ["FashionClassifier", "tiny_unet", "tiny_vae"]
+__all__ = ["FashionClassifier", "load_classifier", "save_classifier", "tiny_unet", "tiny_vae"]
 
 TEXT_DIM = 384  # all-MiniLM-L6-v2 hidden size
 LATENT_CHANNELS, LATENT_SIZE, IMAGE_SIZE = 4, 8, 32
@@ -80,3 +83,22 @@ class FashionClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))  # (B, 10) logits
+
+
+def save_classifier(clf: FashionClassifier, folder: Path, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"_class_name": "FashionClassifier", **meta}, indent=2) + "\n")
+
+
+def load_classifier(folder: str | Path) -> FashionClassifier:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "model.safetensors").is_file():
+        raise ValueError(f"no evaluation classifier at {folder} (expected model.safetensors)")
+    clf = FashionClassifier()
+    clf.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return clf.eval().requires_grad_(False)

@@ -9,7 +9,8 @@ from enum import Enum
 
 import torch
 
-from .guidance import W_EMBEDDING_DIM
+from lcm.maths.guidance import W_EMBEDDING_DIM
+from lcm.models.formats import w_input_dim
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
@@ -51,7 +52,7 @@ def full_student(teacher_unet, w_embedding_dim: int = W_EMBEDDING_DIM):
     """
     from diffusers import UNet2DConditionModel
 
-    if teacher_unet.config.get("time_cond_proj_dim") is not None:
+    if w_input_dim(teacher_unet) is not None:
         student = copy.deepcopy(teacher_unet)  # already w-conditioned (e.g. distilling an LCM further)
     else:
         config = {**teacher_unet.config, "time_cond_proj_dim": w_embedding_dim}

@@ -3,7 +3,7 @@
 Every sampler is a free function over a callable (as k-diffusion's): the consistency function
 ``f(z [B,C,H,W], t [B]) → x̂0`` for LCMs, a denoiser ``(z, t) → Denoised(x0, eps)`` for the teacher. Guidance,
 conditioning and the network live in the callable. Timesteps are float64/long ``[N]`` lists from
-:mod:`lcm.timesteps`; randomness comes from one generator per image, so image i is the same whatever the batch.
+:mod:`lcm.maths.timesteps`; randomness comes from one generator per image, so image i is the same whatever the batch.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .parameterization import append_dims
-from .schedule import NoiseSchedule
-from .solvers import Denoiser, dpm_solver_1_update, dpm_solver_pp_1_update
+from lcm.maths.parameterization import append_dims
+from lcm.maths.schedule import NoiseSchedule
+from lcm.maths.solvers import Denoiser, dpm_solver_1_update, dpm_solver_pp_1_update
 
 __all__ = ["ConsistencyFn", "randn_per_image", "sample_ddim", "sample_dpm_solver", "sample_lcm"]
 

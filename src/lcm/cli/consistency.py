@@ -1,0 +1,105 @@
+"""``lcm distill`` (LCD) and ``lcm finetune`` (LCF): the two consistency trainings share their flags."""
+
+from __future__ import annotations
+
+import argparse
+
+from lcm.cli.common import (
+    add_consistency_args,
+    add_training_args,
+    data_config,
+    loop_config,
+    lora_settings,
+    validation_prompts,
+)
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from lcm.models.student import StudentKind
+    from lcm.sample import default_model_path
+    from lcm.training.lcd import LCDConfig
+    from lcm.training.runs import run_distillation
+
+    teacher = args.teacher or str(default_model_path())
+    lcd = LCDConfig(
+        num_solver_steps=args.num_solver_steps,
+        solver=args.solver,
+        w_min=args.w_min,
+        w_max=args.w_max,
+        loss=args.loss,
+        huber_c=args.huber_c,
+        ema_decay=args.ema_decay,
+    )
+    summary = run_distillation(
+        teacher,
+        data_config(args),
+        lcd,
+        loop_config(args, 1e-4 if args.student == "lora" else 1e-6),
+        student=StudentKind(args.student),
+        lora=lora_settings(args),
+        gradient_checkpointing=args.gradient_checkpointing,
+        validation_prompts=validation_prompts(args, args.teacher is None),
+        validation_w=args.validation_w if args.validation_w is not None else (args.w_min + args.w_max) / 2,
+    )
+    print(f"distilled {summary['steps']} steps in {summary['wall_seconds']:.0f} s; model in {args.out}")
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from lcm.models.student import StudentKind
+    from lcm.training.lcf import LCFConfig
+    from lcm.training.runs import run_finetune
+
+    lcf = LCFConfig(
+        num_solver_steps=args.num_solver_steps,
+        w=args.lcf_w,
+        loss=args.loss,
+        huber_c=args.huber_c,
+        ema_decay=args.ema_decay,
+    )
+    summary = run_finetune(
+        args.model,
+        data_config(args),
+        lcf,
+        loop_config(args, 1e-4 if args.student == "lora" else 1e-5),
+        student=StudentKind(args.student),
+        lora=lora_settings(args),
+        gradient_checkpointing=args.gradient_checkpointing,
+        validation_prompts=validation_prompts(args, args.data.startswith("fashion-mnist")),
+    )
+    print(f"fine-tuned {summary['steps']} steps in {summary['wall_seconds']:.0f} s; model in {args.out}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    ds = sub.add_parser(
+        "distill",
+        help="Latent Consistency Distillation of a teacher into a few-step LCM (full UNet or LCM-LoRA)",
+        description=(
+            "Distil a diffusers-format latent diffusion model (SD 1.x/2.x epsilon or v, SDXL, or the embedded "
+            "Fashion teacher) into an LCM by consistency distillation over the guidance-augmented PF-ODE. "
+            "Runs on many GPUs with `accelerate launch -m lcm.cli distill ...`. The export lands in --out."
+        ),
+    )
+    ds.add_argument("--teacher", help="teacher model folder or hub id (default: the shipped Fashion teacher)")
+    m = add_consistency_args(ds, "LCD")
+    m.add_argument("--solver", choices=["ddim", "dpm", "dpmpp"], default="ddim", help="ODE solver of the teacher")
+    m.add_argument("--w-min", type=float, default=2.0, help="smallest guidance w drawn (paper's w; default 2)")
+    m.add_argument("--w-max", type=float, default=14.0, help="largest guidance w drawn (default 14)")
+    add_training_args(ds, lr_help="default 1e-6 for a full student, 1e-4 for LoRA, as diffusers' scripts", steps=1000)
+    ds.set_defaults(func=run_distill)
+
+    ft = sub.add_parser(
+        "finetune",
+        help="Latent Consistency Fine-tuning: adapt an LCM to your image-caption data without a teacher",
+        description=(
+            "Teacher-free consistency fine-tuning (LCF) of an LCM made by lcm distill: both ends of each skipping "
+            "step share one noise sample, the target is an EMA of the student. The LCM's guidance input is held at "
+            "--lcf-w during fine-tuning (no teacher means no guided ODE to distil other w from)."
+        ),
+    )
+    ft.add_argument("--model", required=True, help="the LCM to fine-tune: a full LCM folder or an LCM-LoRA folder")
+    f = add_consistency_args(ft, "LCF")
+    f.add_argument("--lcf-w", type=float, default=3.0, help="guidance w fed to the LCM while fine-tuning (default 3)")
+    add_training_args(ft, lr_help="default 1e-5 for a full student, 1e-4 for LoRA", steps=1000)
+    ft.set_defaults(func=run_finetune)

@@ -1,0 +1,54 @@
+"""``lcm train-teacher``: train the embedded Fashion-MNIST teacher."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def run_train_teacher(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lcm.training.train_teacher import TeacherTrainConfig, train_teacher
+
+    cfg = TeacherTrainConfig(
+        out=Path(args.out),
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        seed=args.seed,
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        classifier_steps=args.classifier_steps,
+        unet_batch=args.batch_size,
+        unet_channels=tuple(int(c) for c in args.unet_channels.split(",")),
+        max_train_images=args.max_train_images,
+        checkpoint_every=args.checkpoint_every,
+        sample_every=args.sample_every,
+    )
+    report = train_teacher(cfg)
+    print(json.dumps({k: report[k] for k in ("scaling_factor", "vae_test_mse", "classifier_test_accuracy")}))
+    print(f"teacher written to {cfg.out} (sample grids in {cfg.out / 'samples'})")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train-teacher",
+        help="train the embedded Fashion-MNIST teacher (VAE, UNet, evaluation classifier)",
+        description=(
+            "Train the embedded default: an AutoencoderKL, an epsilon-prediction UNet2DConditionModel conditioned on "
+            "MiniLM token states, and the classifier behind the offline metrics. Writes a diffusers-format folder. "
+            "Rerunning the same command resumes from the last checkpoint of each stage."
+        ),
+    )
+    p.add_argument("--out", required=True, help="output model folder (checkpoints go to OUT/checkpoints)")
+    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: Debian package or download)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give equal weights (default 0)")
+    p.add_argument("--vae-steps", type=int, default=1200, help="VAE optimisation steps, batch 128 (default 1200)")
+    p.add_argument("--unet-steps", type=int, default=6000, help="UNet optimisation steps (default 6000)")
+    p.add_argument("--classifier-steps", type=int, default=2500, help="classifier steps, batch 128 (default 2500)")
+    p.add_argument("--batch-size", type=int, default=128, help="UNet batch size (default 128)")
+    p.add_argument("--unet-channels", default="32,64,64", help="UNet block widths (default 32,64,64)")
+    p.add_argument("--max-train-images", type=int, help="train on the first N images only (for smoke runs)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    p.add_argument("--sample-every", type=int, default=1000, help="UNet steps between sample grids (default 1000)")
+    p.set_defaults(func=run_train_teacher)

@@ -1,0 +1,85 @@
+"""Facts about the file formats the project reads and writes, each decided in one place.
+
+- :func:`w_input_dim`: does a UNet take the guidance embedding (``timestep_cond``), and of what size;
+- :func:`is_sdxl`: SDXL's added conditioning (pooled text + time ids);
+- the names of the files an export writes, and the ``LCMScheduler`` config of an exported LCM;
+- :func:`read_record`: what an export recorded about its distillation (w range, consistency constants), read back
+  when the model is loaded, so sampling uses the constants the model was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DISTILL_RECORD",
+    "LORA_FILE",
+    "LORA_META",
+    "is_sdxl",
+    "lcm_scheduler_config",
+    "read_record",
+    "w_input_dim",
+]
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
+LORA_META = "lcm_lora.json"  # beside an exported LoRA: base model, skipping grid, distillation settings
+DISTILL_RECORD = "lcm_distill.json"  # in an exported full LCM folder: the distillation settings
+
+
+def w_input_dim(unet) -> int | None:
+    """The size of the UNet's w-embedding input (``time_cond_proj_dim``), or None when it takes no w."""
+    unet = getattr(unet, "module", unet)  # a distributed wrapper
+    dim = unet.config.get("time_cond_proj_dim")
+    return None if dim is None else int(dim)
+
+
+def is_sdxl(unet) -> bool:
+    """SDXL's UNet: conditioned on pooled text embeddings and (size, crop) time ids besides the token states."""
+    return getattr(unet, "module", unet).config.get("addition_embed_type") == "text_time"
+
+
+def lcm_scheduler_config(
+    teacher_config: dict[str, Any], num_solver_steps: int, timestep_scaling: float | None = None
+) -> dict[str, Any]:
+    """The teacher's schedule as an ``LCMScheduler`` config whose ``original_inference_steps`` is the skipping grid
+    (and whose ``timestep_scaling`` is the one distilled with, when given)."""
+    from diffusers import LCMScheduler
+
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+    keep += ("rescale_betas_zero_snr", "clip_sample", "set_alpha_to_one", "steps_offset", "timestep_spacing")
+    keep += ("timestep_scaling",)
+    config = {k: v for k, v in teacher_config.items() if k in keep}
+    config["original_inference_steps"] = num_solver_steps
+    if timestep_scaling is not None:
+        config["timestep_scaling"] = float(timestep_scaling)
+    return {**LCMScheduler.from_config(config).config, "_class_name": "LCMScheduler"}
+
+
+def read_record(folder: str | Path) -> dict[str, Any]:
+    """The distillation / fine-tuning record of an exported model folder (empty for any other folder).
+
+    Returns ``{"w_range": (low, high) | None, "sigma_data": float | None, "timestep_scaling": float | None}``.
+    The w range is the LCD range, or LCF's single w for a model last fine-tuned without a teacher.
+    """
+    folder = Path(folder)
+    for name in (DISTILL_RECORD, LORA_META):
+        if (folder / name).is_file():
+            record = json.loads((folder / name).read_text())
+            break
+    else:
+        return {"w_range": None, "sigma_data": None, "timestep_scaling": None}
+    lcd, lcf = record.get("lcd") or {}, record.get("lcf") or {}
+    settings = record.get("consistency") or lcf or lcd
+    if lcf and lcf.get("w") is not None:
+        w_range = (float(lcf["w"]), float(lcf["w"]))
+    elif "w_min" in lcd and "w_max" in lcd:
+        w_range = (float(lcd["w_min"]), float(lcd["w_max"]))
+    else:
+        w_range = None
+    return {
+        "w_range": w_range,
+        "sigma_data": settings.get("sigma_data"),
+        "timestep_scaling": settings.get("timestep_scaling"),
+    }
