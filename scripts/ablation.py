@@ -18,9 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from lcm.demo import DemoConfig
-from lcm.evaluation.evaluate import Row, evaluate_row, fashion_eval_prompts
 from lcm.evaluation.metrics import FashionEvaluator
 from lcm.evaluation.plots import line_panels
+from lcm.evaluation.prompts import fashion_eval_prompts
+from lcm.evaluation.run import Row, evaluate_row
 from lcm.maths.solvers import Solver
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import Sampler, default_model_path

@@ -18,8 +18,9 @@ import torch
 
 from lcm.data.captions import CaptionSet
 from lcm.demo import DemoConfig
-from lcm.evaluation.evaluate import EvalPrompts, Row, evaluate_row
 from lcm.evaluation.metrics import FashionEvaluator
+from lcm.evaluation.prompts import EvalPrompts
+from lcm.evaluation.run import Row, evaluate_row
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import Sampler, default_model_path
 from lcm.training.lcd import LCDConfig

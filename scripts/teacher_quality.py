@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from lcm.data.fashion_mnist import load_fashion_mnist
-from lcm.evaluation.evaluate import Row, evaluate_row, fashion_eval_prompts
 from lcm.evaluation.metrics import FashionEvaluator
+from lcm.evaluation.prompts import fashion_eval_prompts
+from lcm.evaluation.run import Row, evaluate_row
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import Sampler, default_model_path
 
@@ -46,7 +47,7 @@ def main() -> None:
     rows.append({"method": "VAE reconstruction", **evaluator.evaluate(recon, test.labels[idx])})
     for w in args.w:
         for sampler, steps in [(Sampler.DDIM, s) for s in (1, 2, 4, 8, 25, 50)] + [
-            (Sampler.DPMPP, s) for s in (1, 2, 4, 8, 25)
+            (Sampler.DPM_SOLVER_PP_2M, s) for s in (1, 2, 4, 8, 25)
         ]:
             row = evaluate_row(model, Row(f"teacher {sampler.value}", sampler, steps, w), prompts, evaluator)
             rows.append(row)

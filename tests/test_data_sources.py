@@ -1,4 +1,5 @@
-"""Image–caption sources: transform policy, skip accounting, image folder, WebDataset shards, HF datasets, factory.
+"""Image–caption sources: transform policy, skip accounting, image folders, WebDataset shards, HF datasets, and
+how a data string is read (parse_data_spec, open_data).
 
 All data is built in ``tmp_path`` with PIL; nothing is downloaded.
 """
@@ -21,18 +22,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from lcm.data import sources
-from lcm.data.sources import (
-    HFDatasetSource,
-    ImageFolderSource,
-    ImageTransform,
-    SkipCounter,
-    WebDatasetSource,
-    build_source,
-    collate_skip_none,
-    expand_braces,
-    group_samples,
-)
+from lcm.data import hf, webdataset
+from lcm.data.base import SkipCounter, collate_skip_none
+from lcm.data.folder import ImageFolderSource, PlainImageFolder
+from lcm.data.hf import HFDatasetSource
+from lcm.data.loader import batch_stream
+from lcm.data.sources import DataKind, DataSpec, build_source, open_data, parse_data_spec
+from lcm.data.transforms import ImageTransform
+from lcm.data.webdataset import WebDatasetSource, expand_braces, group_samples
 
 RES = 16
 
@@ -267,7 +264,7 @@ def test_webdataset_splits_over_ranks_and_workers(tmp_path, monkeypatch):
     shares = []
     for rank in range(2):
         for worker in range(2):
-            monkeypatch.setattr(sources, "get_worker_info", lambda w=worker: SimpleNamespace(id=w, num_workers=2))
+            monkeypatch.setattr(webdataset, "get_worker_info", lambda w=worker: SimpleNamespace(id=w, num_workers=2))
             shares.append(captions(rank=rank, world_size=2))
     assert sum(len(share) for share in shares) == len(expected) and set().union(*shares) == expected
 
@@ -359,7 +356,7 @@ def test_build_source_dispatch(tmp_path):
     assert isinstance(tar, WebDatasetSource) and tar.transform.random_flip
     assert len(build_source(str(tmp_path / "shard-{000..001}.tar"), resolution=RES).shards) == 2
     assert isinstance(build_source("https://example.com/data/{00..02}.tar", resolution=RES), WebDatasetSource)
-    with pytest.raises(ValueError, match=r"^no such file or directory: .*nope$"):
+    with pytest.raises(ValueError, match=r"^--data .*nope: no such file or directory$"):
         build_source(str(tmp_path / "nope"), resolution=RES)
     with pytest.raises(ValueError, match="has no metadata.jsonl"):
         build_source(str(tmp_path / "split" / "train" / "sub"), resolution=RES)
@@ -377,8 +374,8 @@ def test_build_source_hf_dataset(tmp_path, monkeypatch):
 
 
 def test_build_source_without_datasets_package(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "_import_datasets", lambda: (_ for _ in ()).throw(ValueError("pip install datasets")))
-    with pytest.raises(ValueError, match=r"no such file or directory: .*pip install datasets"):
+    monkeypatch.setattr(hf, "import_datasets", lambda: (_ for _ in ()).throw(ValueError("pip install datasets")))
+    with pytest.raises(ValueError, match=r"someone/captions: no such file or directory .*pip install datasets"):
         build_source("someone/captions", resolution=RES)
 
 
@@ -401,3 +398,126 @@ def test_webdataset_http_and_pipe_urls(tmp_path):
     if shutil.which("cat"):
         piped = WebDatasetSource(f"pipe:cat {tmp_path / 'shard-001.tar'}", ImageTransform(RES))
         assert [sample["caption"] for sample in piped] == expected[2:]
+
+
+def make_numbered_shards(root: Path, shards: int = 6, per_shard: int = 2) -> str:
+    """``shards`` shards of ``per_shard`` samples captioned ``"<shard>-<sample>"``; returns their brace pattern."""
+    png = encode(noise_image(RES, RES))
+    for shard in range(shards):
+        members = []
+        for sample in range(per_shard):
+            members += [(f"k{sample}.png", png), (f"k{sample}.txt", f"{shard}-{sample}".encode())]
+        write_shard(root / f"n-{shard:02d}.tar", members)
+    return str(root / f"n-{{00..{shards - 1:02d}}}.tar")
+
+
+def test_webdataset_shard_order_changes_per_epoch_and_is_seeded(tmp_path):
+    pattern = make_numbered_shards(tmp_path)
+    source = WebDatasetSource(pattern, ImageTransform(RES), seed=3)
+    first, second = source.shard_order(0), source.shard_order(1)
+    assert first != second and sorted(first) == sorted(second) == sorted(source.shards)
+    again = WebDatasetSource(pattern, ImageTransform(RES), seed=3)
+    assert [again.shard_order(epoch) for epoch in range(3)] == [source.shard_order(epoch) for epoch in range(3)]
+    other = WebDatasetSource(pattern, ImageTransform(RES), seed=4)
+    assert [other.shard_order(epoch) for epoch in range(3)] != [source.shard_order(epoch) for epoch in range(3)]
+
+
+def test_batch_stream_reshuffles_webdataset_shards_each_epoch(tmp_path):
+    pattern = make_numbered_shards(tmp_path)
+
+    def captions(start: int = 0, n: int = 24) -> list[str]:
+        stream = batch_stream(WebDatasetSource(pattern, ImageTransform(RES), seed=3), 1, collate_skip_none, start=start)
+        return [next(stream)["caption"][0] for _ in range(n)]
+
+    seen = captions()
+    epochs = [seen[:12], seen[12:]]
+    assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1])
+    for epoch in epochs:  # within a shard the samples keep their order
+        shards = [caption.split("-")[0] for caption in epoch]
+        assert shards[::2] == shards[1::2] and [caption.split("-")[1] for caption in epoch] == ["0", "1"] * 6
+    order = WebDatasetSource(pattern, ImageTransform(RES), seed=3).shard_order
+    for epoch, captions_of_epoch in enumerate(epochs):
+        assert [c.split("-")[0] for c in captions_of_epoch[::2]] == [
+            str(int(Path(url).stem[2:])) for url in order(epoch)
+        ]
+    assert captions() == seen  # the same seed gives the same order
+    assert captions(start=5, n=19) == seen[5:]  # and a resumed run sees it from where it stopped
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# parse_data_spec / open_data
+
+
+def test_parse_data_spec_kinds(tmp_path, monkeypatch):
+    assert parse_data_spec("fashion-mnist") == DataSpec(DataKind.FASHION, "fashion-mnist")
+    assert parse_data_spec(" fashion-mnist:0,3,7 ") == DataSpec(DataKind.FASHION, "fashion-mnist", (0, 3, 7))
+    make_shards(tmp_path)
+    tar = str(tmp_path / "shard-000.tar")
+    assert parse_data_spec(tar) == DataSpec(DataKind.WEBDATASET, tar)
+    for text in (
+        str(tmp_path / "shard-{000..001}.tar"),
+        "https://example.com/data/{00..02}.tar",
+        "https://example.com/one.tar.gz?download=1",
+        f"pipe:cat {tar}",
+        "a.tar::b.tar",
+    ):
+        assert parse_data_spec(text) == DataSpec(DataKind.WEBDATASET, text)
+    (tmp_path / "folder").mkdir()
+    assert parse_data_spec(tmp_path / "folder") == DataSpec(DataKind.FOLDER, str(tmp_path / "folder"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_data_spec("~/folder") == DataSpec(DataKind.FOLDER, str(tmp_path / "folder"))
+    assert parse_data_spec("~/shard-000.tar") == DataSpec(DataKind.WEBDATASET, tar)
+    monkeypatch.chdir(tmp_path)
+    assert parse_data_spec("someone/captions") == DataSpec(DataKind.HUB, "someone/captions")
+    assert parse_data_spec("folder").kind is DataKind.FOLDER  # an existing folder wins over a Hub name
+
+
+@pytest.mark.parametrize("text", ["./nope", "nope/a/b", "/definitely/not/here", "missing.tar", "./x/missing.tgz"])
+def test_parse_data_spec_missing_local_path(tmp_path, monkeypatch, text):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf"^--data {text}: no such file or directory$"):
+        parse_data_spec(text)
+
+
+@pytest.mark.parametrize("text", ["fashion-mnist:", "fashion-mnist:a", "fashion-mnist:10", "fashion-mnist:1,,2"])
+def test_parse_data_spec_bad_class_list(text):
+    with pytest.raises(ValueError, match=rf"^--data {text}: classes must be comma-separated labels 0-9"):
+        parse_data_spec(text)
+
+
+def test_parse_data_spec_refuses_empty_and_non_tar_files(tmp_path):
+    with pytest.raises(ValueError, match="--data is empty"):
+        parse_data_spec("  ")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a .tar shard"):
+        parse_data_spec(str(tmp_path / "notes.txt"))
+
+
+def test_open_data_plain_image_folder_without_captions(tmp_path):
+    root = tmp_path / "plain"
+    (root / "sub").mkdir(parents=True)
+    noise_image(40, 24, seed=1).save(root / "b.png")
+    noise_image(24, 40, mode="L", seed=2).save(root / "sub" / "a.JPG")
+    (root / "c.png").write_bytes(b"not an image")
+    (root / "notes.txt").write_text("not an image file")
+    with pytest.raises(ValueError, match="has no metadata.jsonl"):
+        open_data(str(root), resolution=RES)  # captions are required by default
+    data = open_data(str(root), resolution=RES, captions_required=False)
+    assert isinstance(data, PlainImageFolder) and len(data) == 3
+    samples = [data[i] for i in range(len(data))]
+    assert samples[1] is None and data.skipped.counts == {"unreadable image": 1}  # sorted: b, c, sub/a
+    assert samples[0]["caption"] == samples[2]["caption"] == ""
+    assert torch.equal(samples[0]["pixel_values"], ImageTransform(RES)(noise_image(40, 24, seed=1)))
+    check_pixels(samples[2]["pixel_values"])
+    batch = collate_skip_none(samples)
+    assert batch["caption"] == ["", ""] and batch["num_skipped"] == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no image files"):
+        open_data(str(tmp_path / "empty"), resolution=RES, captions_required=False)
+
+
+def test_open_data_prefers_captions_when_a_folder_has_them(tmp_path):
+    folder = make_image_folder(tmp_path)
+    assert isinstance(open_data(str(folder), resolution=RES, captions_required=False), ImageFolderSource)
+    spec = parse_data_spec(str(folder))
+    assert isinstance(open_data(spec, resolution=RES), ImageFolderSource)

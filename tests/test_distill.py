@@ -1,11 +1,16 @@
-"""The LCD step against a hand-computed reference, EMA by name, exact resume, and target/student set-up."""
+"""The LCD step against a hand-computed reference, EMA by name, exact resume (loop and ``lcm distill --resume``),
+and target/student set-up."""
 
 import copy
+import json
 import math
 
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 
+from lcm.cli import main
 from lcm.maths.ema import ema_update
 from lcm.maths.guidance import w_embedding
 from lcm.maths.solvers import Solver
@@ -94,7 +99,7 @@ def _hand_reference(model, student, target, teacher, z0, cond, uncond, cfg, seed
             u = model.schedule.t_of_lambda((lam(s) + lam(t)) / 2)
             au, su = a_s(u)
             h = (lam(t) - lam(s)).float().view(-1, 1, 1, 1)
-            if cfg.solver is Solver.DPM:  # DPM-Solver-2, noise form
+            if cfg.solver is Solver.DPM_SOLVER_2:  # DPM-Solver-2, noise form
                 z_u = (au / a) * z - su * torch.expm1(h / 2) * guided(z, s)[1]
                 z_t = (at / a) * z - st * torch.expm1(h) * guided(z_u, u)[1]
             else:  # DPM-Solver++(2S), data form
@@ -132,7 +137,7 @@ def test_lora_lcd_step_uses_adapter_free_teacher(sd_folder):
         for name, p in student.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    cfg = LCDConfig(solver=Solver.DPMPP, w_min=3, w_max=3)
+    cfg = LCDConfig(solver=Solver.DPM_SOLVER_PP_2S, w_min=3, w_max=3)
     lcd = LCD(model, student, StudentKind.LORA, cfg)
     z0, cond, uncond = _batch(model, n=2)
     ours = lcd.loss(z0, cond, uncond, torch.Generator().manual_seed(3)).loss
@@ -216,7 +221,7 @@ def _run(folder, out, max_steps, resume=None, crash_after=None, kind=StudentKind
     from lcm.training.task import DistillTask, LoraSettings
 
     model = LatentDiffusion.from_pretrained(folder)
-    cfg = LCDConfig(solver=Solver.DPMPP, w_min=2, w_max=6)
+    cfg = LCDConfig(solver=Solver.DPM_SOLVER_PP_2S, w_min=2, w_max=6)
     task = DistillTask(model, kind, cfg, LoraSettings(rank=4))
     data = _ListData()
 
@@ -249,3 +254,60 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(sd_folder, tmp_path, k
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
     history = (tmp_path / "a" / "train_history.json").read_text()
     assert "samples_per_second" in history and not math.isnan(straight.state_dict()[next(iter(a))].sum().item())
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Eight random 64² images with captions, in the imagefolder layout ``--data`` reads."""
+    folder = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(2)
+    lines = []
+    for i in range(8):
+        pixels = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a photo of a cat {i % 3}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _distill_cli(teacher, images, out, *extra) -> list[str]:
+    args = ["distill", "--teacher", str(teacher), "--data", str(images), "--out", str(out), "--max-steps", "4"]
+    return [*args, "--batch-size", "2", "--checkpoint-every", "2", "--log-every", "1", "--validate-every", "0", *extra]
+
+
+def test_distill_cli_resume_latest_continues_from_the_checkpoint(sd_folder, image_folder, tmp_path, capsys):
+    from lcm.training.task import DistillTask
+
+    assert main(_distill_cli(sd_folder, image_folder, tmp_path / "straight")) == 0
+    run, steps, original, die_at = tmp_path / "interrupted", [], DistillTask.after_optimizer_step, [3]
+
+    def recorded(self, step):
+        original(self, step)
+        steps.append(step)
+        if step in die_at:
+            raise _Interrupted  # after the step's update, before its log line and any checkpoint of it
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DistillTask, "after_optimizer_step", recorded)
+        with pytest.raises(_Interrupted):
+            main(_distill_cli(sd_folder, image_folder, run))
+        assert steps == [1, 2, 3] and [p.name for p in (run / "checkpoints").iterdir()] == ["step-2"]
+        steps.clear()
+        die_at.clear()
+        capsys.readouterr()
+        assert main(_distill_cli(sd_folder, image_folder, run, "--resume", "latest")) == 0
+    assert "at step 2" in capsys.readouterr().out
+    assert steps == [3, 4]  # only the steps after the checkpoint ran again
+
+    straight = json.loads((tmp_path / "straight" / "train_history.json").read_text())
+    resumed = json.loads((run / "train_history.json").read_text())
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed, strict=True):
+        assert (a["loss"], a["lr"], a["grad_norm"]) == (b["loss"], b["lr"], b["grad_norm"])
+    a = load_file(tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

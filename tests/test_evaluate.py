@@ -11,9 +11,14 @@ import torch
 from PIL import Image
 
 from lcm.cli import main
-from lcm.evaluation import evaluate as ev
+from lcm.evaluation import run as eval_run
 from lcm.evaluation.inception import FIDInception, load_fid_inception, resize_bilinear_tf1
 from lcm.evaluation.metrics import Evaluator, FeatureStats, Reference, to_uint8_rgb
+from lcm.evaluation.plan import EvalPlan, EvalSettings, Method, plan_eval
+from lcm.evaluation.prompts import EMBEDDED, load_prompts
+from lcm.evaluation.results import Record, load_results, save_results
+from lcm.evaluation.run import nfe_per_image, run_eval
+from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import Sampler, default_model_path
 
 TEACHER = str(default_model_path())
@@ -86,12 +91,12 @@ def _imagefolder(root: Path, n: int, seed: int) -> Path:
 
 def test_fid_of_a_set_against_itself_is_zero_and_others_are_not(tmp_path, inception_weights):
     """The whole FID path — reference images, uint8 conversion, Inception features, cached statistics."""
-    from lcm.data.sources import build_source
+    from lcm.data.sources import open_data
 
     folder = _imagefolder(tmp_path / "ref", 12, seed=1)
 
     def images():
-        data = build_source(str(folder), resolution=32, channels=3)
+        data = open_data(str(folder), resolution=32, channels=3)
         yield torch.stack([data[i]["pixel_values"] for i in range(len(data))])
 
     reference = Reference("test images", images, cache_dir=tmp_path / "cache")
@@ -180,8 +185,8 @@ def test_missing_clip_model_gives_one_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------ results.json
-def _record(**changes) -> ev.Record:
-    base = ev.Record(
+def _record(**changes) -> Record:
+    base = Record(
         method="LCM",
         model="runs/lcm",
         model_fingerprint="abc",
@@ -200,61 +205,90 @@ def _record(**changes) -> ev.Record:
 
 
 def test_results_json_round_trips(tmp_path):
-    settings = ev.EvalSettings(num_samples=2000, metrics=("fd-clf", "accuracy"))
+    settings = EvalSettings(num_samples=2000, metrics=("fd-clf", "accuracy"))
     records = [_record(), _record(method="teacher DDIM", sampler="ddim", steps=25, nfe_per_image=50, git_commit=None)]
-    ev.save_results(tmp_path / "results.json", settings, records)
-    stored, back = ev.load_results(tmp_path / "results.json")
+    save_results(tmp_path / "results.json", settings, records)
+    stored, back = load_results(tmp_path / "results.json")
     assert stored == settings.to_dict() and back == records
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["schema"] == "lcm-eval/1"
     del data["records"][0]["nfe_per_image"]
     (tmp_path / "results.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="nfe_per_image"):
-        ev.load_results(tmp_path / "results.json")
+        load_results(tmp_path / "results.json")
 
 
 def test_nfe_counts_guided_teacher_steps_twice():
-    assert ev.nfe_per_image(Sampler.DDIM, 25, 3.0) == 50
-    assert ev.nfe_per_image(Sampler.DPMPP, 8, 0.0) == 8
-    assert ev.nfe_per_image(Sampler.LCM, 4, 3.0) == 4
+    assert nfe_per_image(Sampler.DDIM, 25, 3.0) == 50
+    assert nfe_per_image(Sampler.DPM_SOLVER_PP_2M, 8, 0.0) == 8
+    assert nfe_per_image(Sampler.LCM, 4, 3.0) == 4
 
 
 def test_prompts_from_a_text_file_and_a_data_set(tmp_path):
     (tmp_path / "p.txt").write_text("a red dress\n\n  a sneaker \n")
-    prompts = ev.load_prompts(str(tmp_path / "p.txt"), 5, seed=2)
+    prompts = load_prompts(str(tmp_path / "p.txt"), 5, seed=2)
     assert prompts.prompts == ["a red dress", "a sneaker"] * 2 + ["a red dress"] and prompts.labels is None
     assert prompts.seeds == list(range(2_000_000, 2_000_005))
-    data = ev.load_prompts(str(_imagefolder(tmp_path / "d", 3, seed=0)), 4)
+    data = load_prompts(str(_imagefolder(tmp_path / "d", 3, seed=0)), 4)
     assert sorted(set(data.prompts)) == [f"picture number {i}" for i in range(3)]
     with pytest.raises(ValueError, match="no such file"):
-        ev.load_prompts(str(tmp_path / "absent.txt"), 3)
+        load_prompts(str(tmp_path / "absent.txt"), 3)
+
+
+# ------------------------------------------------------------------------------------------------------------ plans
+def test_plan_defaults_for_the_embedded_teacher(tmp_path):
+    plan = plan_eval(out=tmp_path, device="cpu")
+    s = plan.settings
+    assert s.prompts == EMBEDDED and s.reference == EMBEDDED  # the Fashion captions and the test split
+    assert s.metrics == ("fd-clf", "kid-clf", "accuracy") and s.clip_model is None
+    assert s.classifier == str(Path(TEACHER) / "classifier")
+    assert plan.ws == (LatentDiffusion.from_pretrained(TEACHER, with_text_encoder=False).default_w,)
+    assert [(m.name, m.sampler, m.steps) for m in plan.methods] == [
+        ("teacher DDIM", Sampler.DDIM, (1, 2, 4, 8, 25, 50)),
+        ("teacher DPM-Solver", Sampler.DPM_SOLVER_2M, (1, 2, 4, 8, 25, 50)),
+        ("teacher DPM-Solver++", Sampler.DPM_SOLVER_PP_2M, (1, 2, 4, 8, 25, 50)),
+    ]
+
+
+def test_plan_of_another_teacher_needs_prompts_and_scores_clip_without_a_reference(tmp_path):
+    teacher = str(tmp_path / "sd")  # only the embedded teacher has a classifier folder
+    with pytest.raises(ValueError, match="--prompts is required"):
+        plan_eval(out=tmp_path, teacher=teacher, ws=(6.5,))
+    plan = plan_eval(out=tmp_path, teacher=teacher, ws=(6.5,), prompts="p.txt", metrics=("clip",), device="cpu")
+    assert plan.settings.reference == "none" and plan.settings.classifier is None
+    assert plan.settings.clip_model == "openai/clip-vit-large-patch14"
+    lcm = plan_eval(out=tmp_path, teacher=teacher, ws=(6.5,), prompts="p.txt", reference="stats.npz",
+                    teacher_samplers=(), lcms=[("owner/lcm", None)], device="cpu")  # fmt: skip
+    assert [m.name for m in lcm.methods] == ["LCM"] and lcm.settings.metrics == ("fid", "kid", "clip")
+    with pytest.raises(ValueError, match="^--reference .*absent: no such file or directory$"):
+        plan_eval(out=tmp_path, teacher=teacher, ws=(6.5,), prompts="p.txt", reference=str(tmp_path / "absent"))
 
 
 # ------------------------------------------------------------------------------------------------------------ runs
-def _plan(out: Path, steps=(1,), ws=(3.0,), **settings) -> ev.EvalPlan:
-    return ev.EvalPlan(
-        methods=(ev.Method("teacher DDIM", TEACHER, Sampler.DDIM, tuple(steps)),),
+def _plan(out: Path, steps=(1,), ws=(3.0,), **settings) -> EvalPlan:
+    return EvalPlan(
+        methods=(Method("teacher DDIM", TEACHER, Sampler.DDIM, tuple(steps)),),
         ws=tuple(ws),
-        settings=ev.EvalSettings(num_samples=20, classifier=str(Path(TEACHER) / "classifier"), **settings),
+        settings=EvalSettings(num_samples=20, classifier=str(Path(TEACHER) / "classifier"), **settings),
         out=out,
         batch_size=10,
     )
 
 
 def test_a_resumed_eval_reuses_finished_rows(tmp_path, monkeypatch):
-    first = ev.run_eval(_plan(tmp_path), progress=False)
+    first = run_eval(_plan(tmp_path), progress=False)
     assert [(r.method, r.steps, r.w) for r in first] == [("teacher DDIM", 1, 3.0)]
     assert first[0].n_samples == 20 and set(first[0].metrics) == {"fd_clf", "kid_clf", "prompt_accuracy"}
 
     calls = []
-    real = ev.generate
+    real = eval_run.generate
 
     def counting(model, prompts, sampler, steps, *args, **kwargs):
         calls.append(steps)
         return real(model, prompts, sampler, steps, *args, **kwargs)
 
-    monkeypatch.setattr(ev, "generate", counting)
-    again = ev.run_eval(_plan(tmp_path, steps=(1, 2)), progress=False)
+    monkeypatch.setattr(eval_run, "generate", counting)
+    again = run_eval(_plan(tmp_path, steps=(1, 2)), progress=False)
     assert set(calls) == {2}  # only the new row was sampled (warm-up included)
     assert again[0] == first[0]
     report = (tmp_path / "results.md").read_text()
@@ -262,14 +296,14 @@ def test_a_resumed_eval_reuses_finished_rows(tmp_path, monkeypatch):
     assert (tmp_path / "steps.png").stat().st_size > 0
 
     with pytest.raises(ValueError, match="other settings .*seed"):
-        ev.run_eval(replace(_plan(tmp_path), settings=replace(_plan(tmp_path).settings, seed=1)), progress=False)
+        run_eval(replace(_plan(tmp_path), settings=replace(_plan(tmp_path).settings, seed=1)), progress=False)
 
 
 def test_cli_eval_with_a_w_sweep(tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["eval", "--teacher-samplers", "ddim", "--teacher-steps", "1", "--num-samples", "20", "--batch-size", "10"]
     assert main([*args, "--sweep-w", "1,3", "--out", str(out)]) == 0
-    stored, records = ev.load_results(out / "results.json")
+    stored, records = load_results(out / "results.json")
     assert [(r.steps, r.w) for r in records] == [(1, 1.0), (1, 3.0)]
     assert stored["metrics"] == ["fd-clf", "kid-clf", "accuracy"] and stored["teacher_spacing"] == "trailing"
     assert records[0].metrics != records[1].metrics  # w reaches the sampler
@@ -320,7 +354,7 @@ def test_eval_of_a_stable_diffusion_teacher_and_its_lcm_lora_with_fid_and_clip(
     args += ["--prompts", str(tmp_path / "prompts.txt"), "--reference", str(reference), "--out", str(out)]
     args += ["--inception-weights", str(inception_weights), "--clip-model", str(tiny_clip)]
     assert main(args) == 0, capsys.readouterr().err
-    settings, records = ev.load_results(out / "results.json")
+    settings, records = load_results(out / "results.json")
     assert settings["metrics"] == ["fid", "kid", "clip"] and settings["reference"] == str(reference)
     assert [(r.method, r.sampler, r.steps, r.nfe_per_image) for r in records] == [
         ("teacher DPM-Solver++", "dpmpp", 2, 4),

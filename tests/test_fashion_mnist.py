@@ -7,6 +7,7 @@ import torch
 
 from lcm.data import fashion_mnist as fm
 from lcm.data.captions import CLASS_PHRASES, TEMPLATES, CaptionSet, class_prompts
+from lcm.data.sources import open_data
 
 HAVE_DEBIAN = (fm.DEBIAN_DIR / "t10k-images-idx3-ubyte.gz").is_file()
 
@@ -80,6 +81,16 @@ def test_test_split_from_debian_package(tmp_path):
         (tmp_path / f"{stem}.gz").write_bytes((fm.DEBIAN_DIR / f"{stem}.gz").read_bytes())
     again = fm.load_fashion_mnist("test", tmp_path)
     assert torch.equal(again.images, data.images) and torch.equal(again.labels, data.labels)
+
+
+@pytest.mark.skipif(not HAVE_DEBIAN, reason="needs the Debian package dataset-fashion-mnist")
+def test_open_data_fashion_classes_at_native_size():
+    data = open_data("fashion-mnist:0,7", resolution=512, channels=3, split="test")
+    assert isinstance(data, fm.FashionCaptionDataset) and len(data) == 2000
+    assert set(data.labels.tolist()) == {0, 7}
+    same = fm.FashionCaptionDataset("test", None, [0, 7])
+    assert torch.equal(data[5]["pixel_values"], same[5]["pixel_values"]) and data[5]["caption"] == same[5]["caption"]
+    assert data[0]["pixel_values"].shape == (1, 32, 32)  # never resized to the requested resolution
 
 
 def test_caption_set_structure():

@@ -1,4 +1,5 @@
-"""LCF: the step against a hand-computed reference, and ``lcm finetune`` end to end on a tiny folder dataset."""
+"""LCF: the step against a hand-computed reference, ``lcm finetune`` end to end on a tiny folder dataset, the LCM's
+own defaults, and a teacher whose w input is not the default size."""
 
 import copy
 import json
@@ -89,6 +90,9 @@ def test_finetune_cli_runs_and_exports_for_diffusers(folders, tmp_path, student)
     assert main(args) == 0
     provenance = json.loads((out / ("lcm_distill.json" if student == "full" else "lcm_lora.json")).read_text())
     assert provenance["method"] == "LCF"
+    source = LatentDiffusion.from_pretrained(lcm)  # no --lcf-w: the LCM's own default w, the middle of [2, 14]
+    assert provenance["lcf"]["w"] == source.default_w == 8.0
+    assert provenance["consistency"] == {"sigma_data": source.sigma_data, "timestep_scaling": source.timestep_scaling}
     if student == "full":
         pipe = LatentConsistencyModelPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     else:
@@ -103,3 +107,49 @@ def test_finetune_cli_runs_and_exports_for_diffusers(folders, tmp_path, student)
         )
         == 0
     )
+
+
+def _teacher_with_w_input(folder, dim: int):
+    """A tiny SD folder whose UNet already takes a w-embedding of ``dim`` (not the 256 of a new student)."""
+    from diffusers import UNet2DConditionModel
+
+    build_tiny_sd(folder)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    wide = UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": dim})
+    missing, unexpected = wide.load_state_dict(unet.state_dict(), strict=False)
+    assert missing == ["time_embedding.cond_proj.weight"] and not unexpected
+    wide.save_pretrained(folder / "unet", safe_serialization=True)
+    return folder
+
+
+def test_w_embedding_has_the_unets_own_size(folders, tmp_path):
+    _, images, _ = folders
+    teacher = _teacher_with_w_input(tmp_path / "teacher512", 512)
+    common = ["--data", str(images), "--max-steps", "2", "--batch-size", "2", "--validate-every", "0"]
+    distilled = tmp_path / "distilled"
+    assert main(["distill", "--teacher", str(teacher), "--out", str(distilled), *common]) == 0
+    assert LatentDiffusion.from_pretrained(distilled).unet.config.time_cond_proj_dim == 512
+    assert main(["finetune", "--model", str(teacher), "--out", str(tmp_path / "lcf"), *common]) == 0
+
+
+def test_lcf_defaults_are_the_lcms_own(folders, tmp_path):
+    """Unset w and consistency constants of LCF come from the LCM; LCD's constants reach its export."""
+    from lcm.models.formats import read_record
+    from lcm.training.lcd import LCDConfig
+    from lcm.training.task import DistillTask, FinetuneTask
+
+    teacher, _, _ = folders
+    lcd = LCDConfig(w_min=1.0, w_max=5.0, sigma_data=0.3, timestep_scaling=5.0)
+    DistillTask(LatentDiffusion.from_pretrained(teacher), StudentKind.FULL, lcd).export(tmp_path / "lcm")
+    record = read_record(tmp_path / "lcm")
+    assert (record["sigma_data"], record["timestep_scaling"], record["w_range"]) == (0.3, 5.0, (1.0, 5.0))
+
+    model = LatentDiffusion.from_pretrained(tmp_path / "lcm")
+    task = FinetuneTask(model, StudentKind.LORA, LCFConfig())
+    assert (task.cfg.w, task.cfg.sigma_data, task.cfg.timestep_scaling) == (3.0, 0.3, 5.0)
+    assert task.validation_w == model.default_w == 3.0
+    task.export(tmp_path / "lora")
+    record = read_record(tmp_path / "lora")
+    assert (record["sigma_data"], record["timestep_scaling"], record["w_range"]) == (0.3, 5.0, (3.0, 3.0))
+    explicit = FinetuneTask(LatentDiffusion.from_pretrained(tmp_path / "lcm"), StudentKind.FULL, LCFConfig(w=1.5))
+    assert (explicit.cfg.w, explicit.validation_w) == (1.5, 1.5)

@@ -1,4 +1,4 @@
-"""Closed-form tests of the ODE solvers (SPEC §2)."""
+"""Closed-form tests of the ODE solvers (docs/design.md §2)."""
 
 import pytest
 import torch
@@ -105,8 +105,8 @@ def test_second_order_solvers_beat_ddim_on_gaussian_data(num_solver_steps):
     z = torch.randn(len(s), 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     exact = flow(z, s, t)
     err = {solver: (solve(solver, denoise, z, s, t, SCHEDULE) - exact).flatten(1).abs().amax(1) for solver in Solver}
-    assert torch.all(err[Solver.DPM] < 0.9 * err[Solver.DDIM]), err
-    assert torch.all(err[Solver.DPMPP] < 0.5 * err[Solver.DDIM]), err
+    assert torch.all(err[Solver.DPM_SOLVER_2] < 0.9 * err[Solver.DDIM]), err
+    assert torch.all(err[Solver.DPM_SOLVER_PP_2S] < 0.5 * err[Solver.DDIM]), err
 
 
 @pytest.mark.parametrize("start", [999, 400, 150])
@@ -122,11 +122,11 @@ def test_convergence_order_on_gaussian_data(start):
 
     ratios = {solver: error(solver, 20) / error(solver, 10) for solver in Solver}
     assert 3.0 < ratios[Solver.DDIM] < 5.0, ratios
-    assert ratios[Solver.DPM] > 6.5 and ratios[Solver.DPMPP] > 6.5, ratios
+    assert ratios[Solver.DPM_SOLVER_2] > 6.5 and ratios[Solver.DPM_SOLVER_PP_2S] > 6.5, ratios
 
 
 def test_solver_parsing_and_calls():
-    assert Solver("dpmpp") is Solver.DPMPP
+    assert Solver("dpmpp") is Solver.DPM_SOLVER_PP_2S
     assert [s.denoiser_calls for s in Solver] == [1, 2, 2]
     with pytest.raises(ValueError):
         Solver("euler")

@@ -1,6 +1,7 @@
 """A 2-step run of every ``lcm train-teacher`` stage, and the folder it writes used like any diffusers model."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -36,18 +37,37 @@ def test_folder_layout(smoke_teacher):
     assert vae_config["scaling_factor"] == pytest.approx(report["scaling_factor"]) and vae_config["scaling_factor"] > 0
 
 
-def test_rerun_resumes_instead_of_retraining(smoke_teacher):
-    before = (smoke_teacher / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+def _count_optimizer_steps(monkeypatch) -> list[int]:
+    """Every AdamW step taken from now on (each stage trains with AdamW) appends to the returned list."""
+    calls, step = [], torch.optim.AdamW.step
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted)
+    return calls
+
+
+def test_rerun_resumes_instead_of_retraining(smoke_teacher, monkeypatch):
+    """Finished stages only restore their checkpoints; a stage without one trains again, to the same weights."""
+    weights = {p: p.read_bytes() for p in smoke_teacher.glob("*/*.safetensors")}
+    assert {p.parent.name for p in weights} == {"vae", "unet", "classifier"}
+    shutil.rmtree(smoke_teacher / "checkpoints" / "classifier")
+    shutil.rmtree(smoke_teacher / "classifier")
+    steps = _count_optimizer_steps(monkeypatch)
     args = ["train-teacher", "--out", str(smoke_teacher), "--vae-steps", "2", "--unet-steps", "2"]
     args += ["--classifier-steps", "2", "--max-train-images", "512", "--batch-size", "16", "--sample-every", "2"]
     assert main(args) == 0
-    assert (smoke_teacher / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    assert len(steps) == 2  # the classifier's two steps; none of the VAE's or the UNet's
+    for path, data in weights.items():
+        assert path.read_bytes() == data, path
 
 
 def test_loads_like_any_diffusers_model_and_samples(smoke_teacher, tmp_path):
     model = LatentDiffusion.from_pretrained(smoke_teacher)
     assert not model.is_lcm and model.latent_shape == (4, 8, 8)
-    images = generate(model, ["a sneaker", "running shoes"], Sampler.DPMPP, 2, 3.0, [0, 1])
+    images = generate(model, ["a sneaker", "running shoes"], Sampler.DPM_SOLVER_PP_2M, 2, 3.0, [0, 1])
     assert images.shape == (2, 1, 32, 32) and images.min() >= -1 and images.max() <= 1
     with pytest.raises(ValueError, match="needs an LCM"):
         generate(model, ["a sneaker"], Sampler.LCM, 2, 3.0, [0])

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from lcm.data.captions import class_prompts
-from lcm.evaluation.evaluate import Row, evaluate_row, fashion_eval_prompts
 from lcm.evaluation.metrics import FashionEvaluator
+from lcm.evaluation.prompts import fashion_eval_prompts
+from lcm.evaluation.run import Row, evaluate_row
 from lcm.images import save_grid
 from lcm.maths.solvers import Solver
 from lcm.models.latent_diffusion import LatentDiffusion

@@ -19,10 +19,13 @@ ASSETS = Path(__file__).parent / "assets"
 
 
 class Sampler(str, Enum):
+    """How images are drawn; values are the CLI's spellings. The DPM samplers are *multistep* (2M), unlike the
+    singlestep LCD solvers of the same names (:class:`lcm.maths.solvers.Solver`)."""
+
     LCM = "lcm"  # multistep consistency sampling (LCMs only)
     DDIM = "ddim"
-    DPM = "dpm"  # DPM-Solver, 2nd-order multistep
-    DPMPP = "dpmpp"  # DPM-Solver++(2M)
+    DPM_SOLVER_2M = "dpm"  # DPM-Solver, 2nd-order multistep
+    DPM_SOLVER_PP_2M = "dpmpp"  # DPM-Solver++(2M)
 
 
 def default_model_path() -> Path:
@@ -66,7 +69,7 @@ def sample_latents(
     if sampler is Sampler.DDIM:
         return sample_ddim(denoiser, z, ddim_timesteps(steps, schedule.num_train_timesteps, spacing, offset), schedule)
     ts = dpm_solver_timesteps(steps, schedule, spacing, offset)
-    return sample_dpm_solver(denoiser, z, ts, schedule, data_prediction=sampler is Sampler.DPMPP)
+    return sample_dpm_solver(denoiser, z, ts, schedule, data_prediction=sampler is Sampler.DPM_SOLVER_PP_2M)
 
 
 def generate(

@@ -86,7 +86,12 @@ def add_training_args(p: argparse.ArgumentParser, lr_help: str, steps: int) -> N
     d.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: Debian package or download)")
     v = p.add_argument_group("validation")
     v.add_argument("--validation-prompt", action="append", help="prompt of the validation grid (repeatable)")
-    v.add_argument("--validation-w", type=float, default=None, help="guidance w of the validation grid")
+    v.add_argument(
+        "--validation-w",
+        type=float,
+        default=None,
+        help="guidance w of the validation grid (default: the trained LCM's default w)",
+    )
 
 
 def loop_config(args: argparse.Namespace, default_lr: float):

@@ -39,7 +39,7 @@ def run_distill(args: argparse.Namespace) -> int:
         lora=lora_settings(args),
         gradient_checkpointing=args.gradient_checkpointing,
         validation_prompts=validation_prompts(args, args.teacher is None),
-        validation_w=args.validation_w if args.validation_w is not None else (args.w_min + args.w_max) / 2,
+        validation_w=args.validation_w,
     )
     print(f"distilled {summary['steps']} steps in {summary['wall_seconds']:.0f} s; model in {args.out}")
     return 0
@@ -66,6 +66,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         lora=lora_settings(args),
         gradient_checkpointing=args.gradient_checkpointing,
         validation_prompts=validation_prompts(args, args.data.startswith("fashion-mnist")),
+        validation_w=args.validation_w,
     )
     print(f"fine-tuned {summary['steps']} steps in {summary['wall_seconds']:.0f} s; model in {args.out}")
     return 0
@@ -100,6 +101,12 @@ def add_parser(sub) -> None:
     )
     ft.add_argument("--model", required=True, help="the LCM to fine-tune: a full LCM folder or an LCM-LoRA folder")
     f = add_consistency_args(ft, "LCF")
-    f.add_argument("--lcf-w", type=float, default=3.0, help="guidance w fed to the LCM while fine-tuning (default 3)")
+    f.add_argument(
+        "--lcf-w",
+        type=float,
+        default=None,
+        help="guidance w fed to the LCM while fine-tuning (default: the LCM's own default w, the middle of the range "
+        "it was distilled on)",
+    )
     add_training_args(ft, lr_help="default 1e-5 for a full student, 1e-4 for LoRA", steps=1000)
     ft.set_defaults(func=run_finetune)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lcm.maths.solvers import Solver
+
 
 def run_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -39,7 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a minute-long smoke run (20 steps, 100 images per row)")
     p.add_argument("--max-steps", type=int, help="LCD steps (default 1500)")
     p.add_argument("--batch-size", type=int, help="LCD batch size (default 32)")
-    p.add_argument("--solver", choices=["ddim", "dpm", "dpmpp"], help="ODE solver of distillation (default ddim)")
+    p.add_argument("--solver", choices=[s.value for s in Solver], help="ODE solver of distillation (default ddim)")
     p.add_argument("--eval-samples", type=int, help="images per table row (default 1000)")
     p.add_argument("--seed", type=int, help="seed of distillation and evaluation (default 0)")
     p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: Debian package or download)")

@@ -4,94 +4,47 @@ from __future__ import annotations
 
 import argparse
 
-from lcm.cli.common import cuda_available, float_list, int_list
+from lcm.cli.common import float_list, int_list
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lcm.evaluation.evaluate import EMBEDDED, EvalPlan, EvalSettings, Method
-    from lcm.evaluation.metrics import METRICS
-    from lcm.models.latent_diffusion import LatentDiffusion
-    from lcm.sample import Sampler, default_model_path
+    from lcm.evaluation.plan import plan_eval
+    from lcm.evaluation.run import run_eval
 
-    teacher = args.teacher or str(default_model_path())
-    samplers = [x for x in args.teacher_samplers.split(",") if x.strip()]
-    if bad := [x for x in samplers if x not in ("ddim", "dpm", "dpmpp")]:
-        raise ValueError(f"--teacher-samplers: unknown sampler(s) {bad}; choose from ddim, dpm, dpmpp")
-    names = {"ddim": "DDIM", "dpm": "DPM-Solver", "dpmpp": "DPM-Solver++"}
-    teacher_steps = int_list(args.teacher_steps, "--teacher-steps")
-    methods = [Method(f"teacher {names[x]}", teacher, Sampler(x), teacher_steps) for x in samplers]
-    lcm_steps = int_list(args.lcm_steps, "--lcm-steps")
-    for spec in args.lcm or []:
-        folder, _, name = spec.partition("=")
-        if not Path(folder).exists() and "/" not in folder:
-            raise ValueError(f"--lcm {folder}: no such folder")
-        label = name or ("LCM" if len(args.lcm) == 1 else f"LCM ({Path(folder).name})")
-        methods.append(Method(label, folder, Sampler.LCM, lcm_steps))
-    if not methods:
-        raise ValueError("nothing to evaluate: give --lcm and/or --teacher-samplers")
-    if len({m.name for m in methods}) != len(methods):
-        raise ValueError("two methods share a name; name each LCM with --lcm PATH=NAME")
-
-    classifier = args.classifier
-    embedded_teacher = Path(teacher, "classifier", "model.safetensors").is_file()
-    if classifier is None and embedded_teacher:
-        classifier = str(Path(teacher) / "classifier")
-    prompts = args.prompts or (EMBEDDED if embedded_teacher else None)
-    if prompts is None:
-        raise ValueError("--prompts is required for this teacher: a .txt file (a prompt a line) or a data set")
-    if args.metrics:
-        metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    else:
-        metrics = ("fd-clf", "kid-clf", "accuracy") if prompts == EMBEDDED else ("fid", "kid", "clip")
-    if bad := [m for m in metrics if m not in METRICS]:
-        raise ValueError(f"--metrics: unknown metric(s) {bad}; choose from {', '.join(METRICS)}")
-    if "accuracy" in metrics and prompts != EMBEDDED:
-        raise ValueError("--metrics accuracy needs --prompts embedded (only those prompts name a class)")
-    if args.reference:
-        reference = args.reference
-    elif prompts == EMBEDDED or not prompts.endswith(".txt"):
-        reference = prompts  # the embedded test split, or the prompts' own data set
-    elif all(METRICS[m][1] == "clip" for m in metrics):
-        reference = "none"
-    else:
-        raise ValueError("--reference is required: reference images (a data set) or FID statistics (.npz/.safetensors)")
     if args.sweep_w:
         ws = float_list(args.sweep_w, "--sweep-w")
     elif args.w is not None:
         ws = float_list(str(args.w), "--w")
     else:
-        ws = (LatentDiffusion.from_pretrained(teacher, with_text_encoder=False).default_w,)  # teacher's w
-    if args.num_samples < 2:
-        raise ValueError(f"--num-samples must be at least 2 (a covariance needs two images), got {args.num_samples}")
-    settings = EvalSettings(
-        prompts=prompts,
-        caption_column=args.caption_column,
+        ws = None
+    plan = plan_eval(
+        out=Path(args.out),
+        teacher=args.teacher,
+        teacher_samplers=[x.strip() for x in args.teacher_samplers.split(",") if x.strip()],
+        teacher_steps=int_list(args.teacher_steps, "--teacher-steps"),
+        lcms=[(folder, name or None) for folder, _, name in (spec.partition("=") for spec in args.lcm or [])],
+        lcm_steps=int_list(args.lcm_steps, "--lcm-steps"),
+        teacher_spacing=args.teacher_spacing,
+        ws=ws,
         num_samples=args.num_samples,
         seed=args.seed,
-        metrics=metrics,
-        reference=reference,
-        reference_samples=args.reference_samples,
-        split=args.split,
-        image_column=args.image_column,
-        teacher_spacing=args.teacher_spacing,
-        classifier=classifier if any(METRICS[m][1] == "clf" for m in metrics) else None,
-        inception_weights=args.inception_weights,
-        clip_model=(args.clip_model or "openai/clip-vit-large-patch14") if "clip" in metrics else None,
-    )
-    plan = EvalPlan(
-        methods=tuple(methods),
-        ws=ws,
-        settings=settings,
-        out=Path(args.out),
         batch_size=args.batch_size,
-        overwrite=args.overwrite,
-        device=args.device or ("cuda" if cuda_available() else "cpu"),
+        prompts=args.prompts,
+        caption_column=args.caption_column,
+        reference=args.reference,
+        image_column=args.image_column,
+        split=args.split,
+        reference_samples=args.reference_samples,
+        metrics=[m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
+        classifier=args.classifier,
+        inception_weights=args.inception_weights,
+        clip_model=args.clip_model,
         data_dir=Path(args.data_dir) if args.data_dir else None,
+        device=args.device,
+        overwrite=args.overwrite,
     )
-    from lcm.evaluation.evaluate import run_eval
-
     run_eval(plan)
     print(f"\ntable: {plan.out / 'results.md'}\nrows: {plan.out / 'results.json'}\nplots: {plan.out}/*.png")
     return 0
@@ -120,7 +73,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lcm-steps", default="1,2,4,8", help="LCM steps (default 1,2,4,8)")
     p.add_argument(
         "--teacher-spacing",
-        choices=["trailing", "leading", "linspace", "config"],
+        choices=["trailing", "leading", "linspace", "config"],  # = plan.TEACHER_SPACINGS; the parser imports no models
         default="trailing",
         help="timesteps of the teacher samplers: trailing (default; every schedule starts at t = T-1, so 1-2 step "
         "rows are meaningful), leading, linspace, or config (the teacher's scheduler config)",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lcm.sample import Sampler
+
 
 def run_sample(args: argparse.Namespace) -> int:
     from lcm.images import save_grid
@@ -45,7 +47,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several rows")
     p.add_argument(
         "--sampler",
-        choices=["lcm", "ddim", "dpm", "dpmpp"],
+        choices=[s.value for s in Sampler],
         help="lcm (LCMs), ddim, dpm (DPM-Solver 2M) or dpmpp (DPM-Solver++ 2M); default lcm for LCMs, else ddim",
     )
     p.add_argument("--steps", type=int, help="sampling steps (default 4 for lcm, 25 otherwise)")

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from lcm.cli.common import STABLE_DIFFUSION_SCHEDULE
+from lcm.sample import Sampler
 
 
 def run_timesteps(args: argparse.Namespace) -> int:
@@ -38,7 +39,7 @@ def add_parser(sub) -> None:
         help="print a sampler's timesteps with their alpha_t and sigma_t",
         description="Print the timesteps a sampler visits, exactly as the installed diffusers scheduler would.",
     )
-    p.add_argument("--sampler", choices=["lcm", "ddim", "dpm", "dpmpp"], default="lcm", help="sampler (default lcm)")
+    p.add_argument("--sampler", choices=[s.value for s in Sampler], default="lcm", help="sampler (default lcm)")
     p.add_argument("--steps", type=int, default=4, help="number of sampling steps (default 4)")
     p.add_argument(
         "--original-steps",

@@ -1,4 +1,4 @@
-"""Fashion-MNIST (Xiao et al. 2017; MIT licence), the embedded default's data (SPEC §5).
+"""Fashion-MNIST (Xiao et al. 2017; MIT licence), the embedded default's data (docs/design.md §5).
 
 Files are looked for, in order: ``--data-dir``; the Debian package ``dataset-fashion-mnist``
 (``/usr/share/datasets/fashion-mnist``); a previous download in the cache; a download of the canonical files.

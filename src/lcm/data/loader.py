@@ -48,11 +48,17 @@ def batch_stream(
     num_workers: int = 0,
 ) -> Iterator[Any]:
     """Batches from micro-batch ``start`` on, forever. Map-style datasets are shuffled per epoch, deterministically;
-    iterable ones (WebDataset) are re-iterated per epoch and ``start`` batches are skipped on resume."""
+    iterable ones (WebDataset) are re-iterated per epoch, told the epoch through ``set_epoch`` when they have it
+    (so shards come in a new, seeded order each pass), and ``start`` batches are skipped on resume."""
     if isinstance(dataset, IterableDataset):
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
-        skipped = 0
+        set_epoch = getattr(dataset, "set_epoch", None)
+        skipped, epoch = 0, 0
         while True:
+            if set_epoch is not None:
+                # Before the loader's iterator is made: workers get a copy of the dataset, epoch included.
+                set_epoch(epoch)
+            epoch += 1
             empty = True
             for batch in loader:
                 empty = False

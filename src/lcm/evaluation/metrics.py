@@ -1,4 +1,4 @@
-"""Image metrics behind one interface (SPEC §6): an :class:`Evaluator` turns generated images into numbers.
+"""Image metrics behind one interface (docs/design.md §6): an :class:`Evaluator` turns generated images into numbers.
 
 - ``fd-clf`` / ``kid-clf`` / ``accuracy``: the embedded default's offline metrics. FD-clf is the Fréchet distance
   between Gaussians fitted to the *Fashion-MNIST classifier's* 128-d features of generated and reference images; it

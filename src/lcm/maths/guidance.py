@@ -1,4 +1,4 @@
-"""Classifier-free guidance in the LCM convention and the guidance-scale embedding (SPEC §2).
+"""Classifier-free guidance in the LCM convention and the guidance-scale embedding (docs/design.md §2).
 
 The paper writes guidance as ``ε̃ = ε(z, c) + w·(ε(z, c) − ε(z, ∅))`` (Eq. 13, Luo et al. 2023); diffusers'
 pipelines write ``ε(z, ∅) + g·(ε(z, c) − ε(z, ∅))``. They are the same for ``g = w + 1``: this module is the one place

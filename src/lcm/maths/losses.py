@@ -1,4 +1,4 @@
-"""Consistency distances d(a, b) (SPEC §2). Each returns per-sample values ``[B]``; the caller reduces."""
+"""Consistency distances d(a, b) (docs/design.md §2). Each returns per-sample values ``[B]``; the caller reduces."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prediction types and their conversions (SPEC §1).
+"""Prediction types and their conversions (docs/design.md §1).
 
 With ``z_t = α_t x0 + σ_t ε`` (α² + σ² = 1):
 

@@ -1,4 +1,4 @@
-"""Samplers: multistep consistency sampling (SPEC §4) and the teacher's DDIM / DPM-Solver baselines.
+"""Samplers: multistep consistency sampling (docs/design.md §4) and the teacher's DDIM / DPM-Solver baselines.
 
 Every sampler is a free function over a callable (as k-diffusion's): the consistency function
 ``f(z [B,C,H,W], t [B]) → x̂0`` for LCMs, a denoiser ``(z, t) → Denoised(x0, eps)`` for the teacher. Guidance,
@@ -51,9 +51,8 @@ def sample_lcm(
     for i, t in enumerate(timesteps):
         x0 = f(z, _batched(t, z))  # jump to the trajectory's origin
         if i + 1 < len(timesteps):  # re-noise to the next, lower, timestep
-            alpha, sigma = schedule.alpha_sigma(_batched(timesteps[i + 1], z))
             noise = randn_per_image(z.shape, generators, z.device, z.dtype)
-            z = append_dims(alpha, x0) * x0 + append_dims(sigma, x0) * noise
+            z = schedule.add_noise(x0, noise, _batched(timesteps[i + 1], z))
     return x0
 
 

@@ -1,9 +1,10 @@
-"""The noise schedule of a discrete-time VP diffusion model (SPEC §1).
+"""The noise schedule of a discrete-time VP diffusion model (docs/design.md §1).
 
 ``z_t = α_t z_0 + σ_t ε`` with ``α_t = √ᾱ_t``, ``σ_t = √(1 − ᾱ_t)`` and ``λ_t = log(α_t / σ_t)``, for integer
 ``t ∈ {0, …, T−1}``. Non-integer ``t`` (the midpoints of the 2nd-order solvers) is handled as DPM-Solver's discrete
 ``NoiseScheduleVP`` does: ``log α`` is interpolated piecewise-linearly over ``t``. All tables are float64; callers
-cast the coefficients they finally multiply with.
+cast the coefficients they finally multiply with; :meth:`NoiseSchedule.add_noise` is the one place the forward
+process is written.
 """
 
 from __future__ import annotations
@@ -124,6 +125,17 @@ class NoiseSchedule:
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_alpha = self.log_alpha(t)
         return log_alpha.exp(), (-torch.expm1(2.0 * log_alpha)).sqrt()
+
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The forward process ``z_t = α_t z0 + σ_t ε`` at per-sample timesteps ``t`` ``[B]``.
+
+        α and σ are computed in float64, then cast to ``z0``'s dtype and device, so that every caller (training
+        losses, samplers) noises with bit-identical coefficients.
+        """
+        alpha, sigma = self.alpha_sigma(torch.as_tensor(t).cpu())
+        alpha = alpha.to(device=z0.device, dtype=z0.dtype).reshape(-1, *(1,) * (z0.ndim - 1))
+        sigma = sigma.to(device=z0.device, dtype=z0.dtype).reshape(-1, *(1,) * (z0.ndim - 1))
+        return alpha * z0 + sigma * noise
 
     def lambda_(self, t: torch.Tensor) -> torch.Tensor:
         """Half log-SNR λ_t = log α_t − log σ_t."""

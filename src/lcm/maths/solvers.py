@@ -1,4 +1,4 @@
-"""ODE solvers Ψ(z_s, s → t) for the (guidance-augmented) probability-flow ODE (SPEC §2).
+"""ODE solvers Ψ(z_s, s → t) for the (guidance-augmented) probability-flow ODE (docs/design.md §2).
 
 A solver takes a *denoiser* — any callable ``(z [B,C,H,W], t [B]) → Denoised(x0, eps)``, typically the guided
 teacher — so that 2nd-order solvers can call it twice. ``s > t`` per sample; t may differ across the batch.
@@ -36,11 +36,15 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], Denoised]
 
 
 class Solver(str, Enum):
-    """The ODE solver of LCD; values are the CLI's spellings."""
+    """The ODE solver Ψ of LCD (one step from t_{n+k} to t_n); values are the CLI's spellings.
+
+    Both 2nd-order solvers are *singlestep* (2S): the teacher samplers of the same names in
+    :class:`lcm.sample.Sampler` are the *multistep* (2M) variants.
+    """
 
     DDIM = "ddim"
-    DPM = "dpm"  # DPM-Solver-2
-    DPMPP = "dpmpp"  # DPM-Solver++(2S)
+    DPM_SOLVER_2 = "dpm"  # DPM-Solver-2, singlestep, noise form
+    DPM_SOLVER_PP_2S = "dpmpp"  # DPM-Solver++(2S), singlestep, data form
 
     @property
     def denoiser_calls(self) -> int:
@@ -112,7 +116,11 @@ def dpm_solver_pp_2s_step(
     return dpm_solver_pp_1_update(z, denoiser(z_u, u).x0, alpha_s, sigma_s, alpha_t, sigma_t)
 
 
-_STEPS = {Solver.DDIM: ddim_step, Solver.DPM: dpm_solver_2_step, Solver.DPMPP: dpm_solver_pp_2s_step}
+_STEPS = {
+    Solver.DDIM: ddim_step,
+    Solver.DPM_SOLVER_2: dpm_solver_2_step,
+    Solver.DPM_SOLVER_PP_2S: dpm_solver_pp_2s_step,
+}
 
 
 def solve(

@@ -1,4 +1,4 @@
-"""Export a distilled student in diffusers' formats (SPEC §2).
+"""Export a distilled student in diffusers' formats (docs/design.md §2).
 
 - Full student → a model folder whose ``unet/`` has ``time_cond_proj_dim`` and whose scheduler is ``LCMScheduler``;
   SD 1.x/2.x folders load with ``LatentConsistencyModelPipeline``, SDXL with ``StableDiffusionXLPipeline``.

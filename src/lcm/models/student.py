@@ -1,4 +1,4 @@
-"""The student of LCD: a full UNet with the w-embedding, or LoRA adapters on the teacher's UNet (SPEC §2)."""
+"""The student of LCD: a full UNet with the w-embedding, or LoRA adapters on the teacher's UNet (docs/design.md §2)."""
 
 from __future__ import annotations
 

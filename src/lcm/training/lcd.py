@@ -1,4 +1,4 @@
-"""The Latent Consistency Distillation step (Algorithm 1 of Luo et al. 2023; SPEC §2). Knows no Accelerate.
+"""The Latent Consistency Distillation step (Algorithm 1 of Luo et al. 2023; docs/design.md §2). Knows no Accelerate.
 
 One call of :meth:`LCD.loss`, for a batch of clean latents z0 and their text conditions:
 
@@ -22,9 +22,9 @@ from lcm.maths.consistency import SIGMA_DATA, TIMESTEP_SCALING
 from lcm.maths.ema import ema_update
 from lcm.maths.guidance import w_embedding
 from lcm.maths.losses import LossType, consistency_loss
-from lcm.maths.parameterization import append_dims
 from lcm.maths.solvers import Solver, solve
 from lcm.maths.timesteps import SkippingGrid
+from lcm.models.formats import w_input_dim
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import StudentKind, adapters_disabled
 from lcm.models.text import TextEmbeddings
@@ -71,12 +71,25 @@ class StudentTarget:
             self.target = target.requires_grad_(False)
         else:
             self.target = student  # LoRA: the same weights, used under no_grad, no EMA
-        self.w_conditioned = student.config.get("time_cond_proj_dim") is not None
-        self.student_forward = student  # replaced by the distributed wrapper when training under Accelerate
+        self.w_dim = w_input_dim(student)  # the student's own w-embedding size; None: it takes no w
+        self._student_forward = student  # the student as the loss calls it (see wrap)
+
+    @property
+    def w_conditioned(self) -> bool:
+        return self.w_dim is not None
+
+    def wrap(self, prepare):
+        """Train through ``prepare(student)`` (Accelerate's distributed wrapper of the same weights); returns it."""
+        self._student_forward = prepare(self.student)
+        return self._student_forward
 
     # --- the networks -----------------------------------------------------------------------------------------
-    def _f(self, unet, z, t, text, w_emb):
-        """Consistency function of ``unet`` at (z, t): c_skip z + c_out x̂0."""
+    def w_emb(self, w: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """The student's ``timestep_cond`` for guidance weights ``w`` ``[B]``, at its own embedding size."""
+        return w_embedding(w, self.w_dim).to(device) if self.w_dim is not None else None
+
+    def consistency(self, unet, z, t, text, w_emb):
+        """Consistency function of ``unet`` at (z, t): c_skip z + c_out x̂0, with this run's constants."""
         return self.model.consistency_output(unet, z, t, text, w_emb, self.cfg.sigma_data, self.cfg.timestep_scaling)
 
     def update_target(self) -> None:
@@ -105,19 +118,17 @@ class LCD(StudentTarget):
         t_start, t_end = self.grid.sample(batch, generator)  # t_{n+k}, t_n
         noise = torch.randn(z0.shape, generator=generator).to(device)
         w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand(batch, generator=generator)
-        w_emb = w_embedding(w).to(device) if self.w_conditioned else None
+        w_emb = self.w_emb(w, device)
+        z_start = self.model.schedule.add_noise(z0, noise, t_start)
         t_start, t_end = t_start.to(device), t_end.to(device)
 
-        alpha, sigma = self.model.schedule.alpha_sigma(t_start.cpu())
-        z_start = append_dims(alpha, z0) * z0 + append_dims(sigma, z0) * noise
-
-        prediction = self._f(self.student_forward, z_start, t_start, cond, w_emb)
+        prediction = self.consistency(self._student_forward, z_start, t_start, cond, w_emb)
 
         with torch.no_grad():
             with self._teacher_context():
                 teacher = self.model.guided_denoiser(cond, uncond, w.to(device), unet=self.teacher_unet)
                 z_end = solve(self.cfg.solver, teacher, z_start, t_start, t_end, self.model.schedule)
-            target = self._f(self.target, z_end.to(z0.dtype), t_end, cond, w_emb)
+            target = self.consistency(self.target, z_end.to(z0.dtype), t_end, cond, w_emb)
 
         loss = consistency_loss(prediction, target, self.cfg.loss, self.cfg.huber_c)
         return LCDOutput(loss, t_start, w)

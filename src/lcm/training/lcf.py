@@ -1,24 +1,23 @@
-"""Latent Consistency Fine-tuning (LCF; Luo et al. 2023 §4.4; SPEC §3). Teacher-free; knows no Accelerate.
+"""Latent Consistency Fine-tuning (LCF; Luo et al. 2023 §4.4; docs/design.md §3). Teacher-free; knows no Accelerate.
 
 The consistency-*training* estimator replaces the teacher's ODE step: both ends of a skipping step share the same
 noise, ``z_{t_{n+k}} = α_{t_{n+k}} z0 + σ_{t_{n+k}} ε`` and ``z_{t_n} = α_{t_n} z0 + σ_{t_n} ε``, and the loss is
 ``d(f_θ(z_{t_{n+k}}, w, c, t_{n+k}), f_θ⁻(z_{t_n}, w, c, t_n))`` with an EMA target θ⁻.
 
 How w is set: an LCM is conditioned on the guidance weight w, but without a teacher there is no guided ODE whose
-w could be distilled. LCF therefore trains at ONE fixed w (``LCFConfig.w``, by default the guidance the LCM will be
-sampled with): the fine-tuned model adapts its mapping at that w, and other w stay close to what LCD taught.
+w could be distilled. LCF therefore trains at ONE fixed w (``LCFConfig.w``, by default the LCM's own default w,
+``LatentDiffusion.default_w``: the middle of its distillation range): the fine-tuned model adapts its mapping at that
+w, and other w stay close to what LCD taught. The consistency constants default to the LCM's own as well (those its
+export recorded), so fine-tuning continues the function the LCM was distilled as.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from lcm.maths.consistency import SIGMA_DATA, TIMESTEP_SCALING
-from lcm.maths.guidance import w_embedding
 from lcm.maths.losses import LossType, consistency_loss
-from lcm.maths.parameterization import append_dims
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import StudentKind
 from lcm.models.text import TextEmbeddings
@@ -30,26 +29,35 @@ __all__ = ["LCF", "LCFConfig"]
 @dataclass(frozen=True)
 class LCFConfig:
     num_solver_steps: int = 50  # N of the skipping grid (k = T // N), as the LCM was distilled
-    w: float = 6.0  # the single guidance weight fed to the LCM during fine-tuning (see the module docstring)
+    w: float | None = None  # the one guidance weight fed to the LCM; None: the LCM's own default w (module docstring)
     loss: LossType = LossType.HUBER
     huber_c: float = 0.001
     ema_decay: float = 0.95
-    timestep_scaling: float = TIMESTEP_SCALING
-    sigma_data: float = SIGMA_DATA
+    timestep_scaling: float | None = None  # None: the LCM's own (recorded by its export)
+    sigma_data: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "loss", LossType(self.loss))
-        if self.w < 0:
+        if self.w is not None and self.w < 0:
             raise ValueError(f"--lcf-w must be non-negative, got {self.w}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
+
+    def for_model(self, model: LatentDiffusion) -> LCFConfig:
+        """This config with every unset value taken from the LCM being fine-tuned."""
+        return replace(
+            self,
+            w=model.default_w if self.w is None else self.w,
+            sigma_data=model.sigma_data if self.sigma_data is None else self.sigma_data,
+            timestep_scaling=model.timestep_scaling if self.timestep_scaling is None else self.timestep_scaling,
+        )
 
 
 class LCF(StudentTarget):
     """Owns student and target of one fine-tuning run and computes the LCF loss."""
 
     def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg: LCFConfig, target=None):
-        super().__init__(model, student, kind, cfg, target)
+        super().__init__(model, student, kind, cfg.for_model(model), target)
 
     def loss(
         self, z0: torch.Tensor, cond: TextEmbeddings, uncond: TextEmbeddings | None, generator: torch.Generator
@@ -59,16 +67,12 @@ class LCF(StudentTarget):
         t_start, t_end = self.grid.sample(batch, generator)
         noise = torch.randn(z0.shape, generator=generator).to(device)  # shared by both ends
         w = torch.full((batch,), float(self.cfg.w))
-        w_emb = w_embedding(w).to(device) if self.w_conditioned else None
+        w_emb = self.w_emb(w, device)
+        z_start = self.model.schedule.add_noise(z0, noise, t_start)
+        z_end = self.model.schedule.add_noise(z0, noise, t_end)
         t_start, t_end = t_start.to(device), t_end.to(device)
-        (a_s, s_s), (a_t, s_t) = (
-            self.model.schedule.alpha_sigma(t_start.cpu()),
-            self.model.schedule.alpha_sigma(t_end.cpu()),
-        )
-        z_start = append_dims(a_s, z0) * z0 + append_dims(s_s, z0) * noise
-        z_end = append_dims(a_t, z0) * z0 + append_dims(s_t, z0) * noise
 
-        prediction = self._f(self.student_forward, z_start, t_start, cond, w_emb)
+        prediction = self.consistency(self._student_forward, z_start, t_start, cond, w_emb)
         with torch.no_grad():
-            target = self._f(self.target, z_end, t_end, cond, w_emb)
+            target = self.consistency(self.target, z_end, t_end, cond, w_emb)
         return LCDOutput(consistency_loss(prediction, target, self.cfg.loss, self.cfg.huber_c), t_start, w)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lcm.data.loader import batch_stream
-from lcm.data.sources import collate_skip_none
+from lcm.data.sources import collate_skip_none, open_data, parse_data_spec
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import StudentKind
 from lcm.training.lcd import LCDConfig
@@ -33,38 +33,23 @@ class DataConfig:
     data_dir: Path | None = None  # Fashion-MNIST files
 
     def check(self) -> None:
-        """Refuse a local path that does not exist (hub names and URLs are checked when opened)."""
-        spec = self.source
-        if spec == FASHION or spec.startswith(FASHION + ":") or "://" in spec or spec.startswith("pipe:"):
-            return
-        local = spec.startswith((".", "/", "~")) and "{" not in spec  # brace patterns are expanded later
-        if local and not Path(spec).expanduser().exists():
-            raise ValueError(f"--data {spec}: no such file or directory")
+        """Refuse a data string that cannot be read: a missing local path, a bad class list (hub names and URLs are
+        checked when opened)."""
+        parse_data_spec(self.source)
 
 
 def build_dataset(cfg: DataConfig, model: LatentDiffusion):
-    """A dataset of ``{"pixel_values", "caption"}`` samples at the model's resolution and channel count."""
-    if cfg.source == FASHION or cfg.source.startswith(FASHION + ":"):
-        from lcm.data.fashion_mnist import FashionCaptionDataset
-
-        classes = None
-        if ":" in cfg.source:
-            try:
-                classes = [int(c) for c in cfg.source.split(":", 1)[1].split(",")]
-            except ValueError:
-                raise ValueError(f"--data {cfg.source}: classes must be comma-separated labels 0-9") from None
-        return FashionCaptionDataset("train", cfg.data_dir, classes)
-    from lcm.data.sources import build_source
-
-    resolution = cfg.resolution or model.unet.config.sample_size * model.vae_scale_factor
-    return build_source(
+    """A dataset of ``{"pixel_values", "caption"}`` samples at the model's resolution and channel count
+    (Fashion-MNIST at its own 32×32×1)."""
+    return open_data(
         cfg.source,
-        resolution=resolution,
+        resolution=cfg.resolution or model.unet.config.sample_size * model.vae_scale_factor,
+        channels=model.vae.config.in_channels,
         image_column=cfg.image_column,
         caption_column=cfg.caption_column,
         center_crop=cfg.center_crop,
         random_flip=cfg.random_flip,
-        channels=model.vae.config.in_channels,
+        data_dir=cfg.data_dir,
     )
 
 
@@ -77,9 +62,12 @@ def run_distillation(
     lora: LoraSettings | None = None,
     gradient_checkpointing: bool = False,
     validation_prompts: tuple[str, ...] = (),
-    validation_w: float = 6.0,
+    validation_w: float | None = None,
 ) -> dict:
-    """Distil ``teacher`` and export the student into ``loop.out``; returns the training summary."""
+    """Distil ``teacher`` and export the student into ``loop.out``; returns the training summary.
+
+    ``validation_w`` defaults to the distilled LCM's own default w (the middle of ``[lcd.w_min, lcd.w_max]``).
+    """
 
     def task(model: LatentDiffusion):
         return DistillTask(
@@ -106,8 +94,12 @@ def run_finetune(
     lora: LoraSettings | None = None,
     gradient_checkpointing: bool = False,
     validation_prompts: tuple[str, ...] = (),
+    validation_w: float | None = None,
 ) -> dict:
-    """Fine-tune the LCM ``lcm`` on ``data`` without a teacher (LCF) and export it into ``loop.out``."""
+    """Fine-tune the LCM ``lcm`` on ``data`` without a teacher (LCF) and export it into ``loop.out``.
+
+    Unset ``lcf`` values (w, consistency constants) are the loaded LCM's own; ``validation_w`` defaults to ``lcf.w``.
+    """
 
     def task(model: LatentDiffusion):
         return FinetuneTask(
@@ -117,7 +109,7 @@ def run_finetune(
             lora,
             seed=loop.seed,
             validation_prompts=validation_prompts,
-            validation_w=lcf.w,
+            validation_w=validation_w,
             gradient_checkpointing=gradient_checkpointing,
             provenance={"lcm": str(lcm), "data": data.source},
         )

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lcm.images import save_grid
+from lcm.maths.guidance import default_w
 from lcm.maths.sampling import randn_per_image, sample_lcm
 from lcm.maths.timesteps import lcm_timesteps
 from lcm.models.export import export_lcm_folder, export_lora
@@ -72,7 +73,8 @@ class LoraSettings:
 class ConsistencyTask:
     """What LCD and LCF share: batches → (z0, text), student bookkeeping, validation grids, checkpoints, export.
 
-    ``method`` (:class:`lcm.training.lcd.LCD` or :class:`lcm.training.lcf.LCF`) supplies the loss and target update.
+    ``method`` (:class:`lcm.training.lcd.LCD` or :class:`lcm.training.lcf.LCF`) supplies the loss and target update;
+    ``validation_w`` is the guidance weight of the validation grids (subclasses resolve its default).
     """
 
     method_name = ""
@@ -82,8 +84,8 @@ class ConsistencyTask:
         model: LatentDiffusion,
         method,
         lora: LoraSettings,
+        validation_w: float,
         validation_prompts: tuple[str, ...] = (),
-        validation_w: float = 6.0,
         validation_seeds: tuple[int, ...] = (0, 1),
         gradient_checkpointing: bool = False,
         provenance: dict | None = None,
@@ -103,8 +105,7 @@ class ConsistencyTask:
         return [p for p in self.student.parameters() if p.requires_grad]
 
     def wrap(self, prepare) -> list[torch.nn.Module]:
-        self.method.student_forward = prepare(self.student)
-        return [self.method.student_forward]
+        return [self.method.wrap(prepare)]
 
     def encode_batch(self, batch: dict[str, Any], generator: torch.Generator):
         """(z0, cond, uncond) of a collated batch: a fresh VAE posterior sample, cached text embeddings."""
@@ -117,7 +118,7 @@ class ConsistencyTask:
         z0, cond, uncond = self.encode_batch(batch, generator)
         return self.method.loss(z0, cond, uncond, generator).loss
 
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, step: int) -> None:
         self.method.update_target()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -153,8 +154,11 @@ class ConsistencyTask:
         prompts = [p for p in self.validation_prompts for _ in self.validation_seeds]
         seeds = [s for _ in self.validation_prompts for s in self.validation_seeds]
         cond = self.model.encode_prompts(prompts)
-        w = torch.full((len(prompts),), self.validation_w)
-        f = self.model.consistency_fn(cond, w if self.method.w_conditioned else None, unet=unet)
+        w_emb = self.method.w_emb(torch.full((len(prompts),), float(self.validation_w)), self.model.device)
+
+        def f(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.method.consistency(unet, z, t, cond, w_emb)
+
         rows = []
         for steps in (1, 2, 4, 8):
             gens = [torch.Generator().manual_seed(s) for s in seeds]
@@ -170,19 +174,23 @@ class ConsistencyTask:
         provenance = {**self.provenance, self.method_name.lower(): settings}
         source = self.model.source or "unknown"
         steps, scheduler = self.cfg.num_solver_steps, self.model.scheduler_config
+        constants = {"sigma_data": self.cfg.sigma_data, "timestep_scaling": self.cfg.timestep_scaling}
         if self.kind is StudentKind.FULL:
-            export_lcm_folder(source, self.method.target, scheduler, steps, folder, provenance)
+            export_lcm_folder(source, self.method.target, scheduler, steps, folder, provenance, **constants)
         elif self.lora.fuse:
             unet = copy.deepcopy(self.student)
             unet.fuse_lora()
             unet.unload_lora()
-            export_lcm_folder(self.model.lora_base or source, unet, scheduler, steps, folder, provenance)
+            export_lcm_folder(self.model.lora_base or source, unet, scheduler, steps, folder, provenance, **constants)
         else:
-            export_lora(self.student, self.model.lora_base or source, steps, folder, provenance)
+            export_lora(self.student, self.model.lora_base or source, steps, folder, provenance, **constants)
 
 
 class DistillTask(ConsistencyTask):
-    """Latent Consistency Distillation of ``model`` into a full or LoRA student."""
+    """Latent Consistency Distillation of ``model`` into a full or LoRA student.
+
+    ``validation_w`` defaults to the w the distilled LCM will default to: the middle of ``[w_min, w_max]``.
+    """
 
     method_name = "LCD"
 
@@ -193,15 +201,22 @@ class DistillTask(ConsistencyTask):
         cfg: LCDConfig,
         lora: LoraSettings | None = None,
         seed: int = 0,
+        validation_w: float | None = None,
         **kwargs,
     ):
         lora = lora or LoraSettings()
         student, target = make_student(model, StudentKind(kind), lora, seed)
-        super().__init__(model, LCD(model, student, kind, cfg, target), lora, **kwargs)
+        if validation_w is None:
+            validation_w = default_w((cfg.w_min, cfg.w_max), model.is_embedded)
+        super().__init__(model, LCD(model, student, kind, cfg, target), lora, validation_w, **kwargs)
 
 
 class FinetuneTask(ConsistencyTask):
-    """Latent Consistency Fine-tuning of an LCM (``model``) on new data, without a teacher."""
+    """Latent Consistency Fine-tuning of an LCM (``model``) on new data, without a teacher.
+
+    Unset :class:`LCFConfig` values (w, consistency constants) are the LCM's own; ``validation_w`` defaults to the
+    w it is fine-tuned at.
+    """
 
     method_name = "LCF"
 
@@ -212,10 +227,13 @@ class FinetuneTask(ConsistencyTask):
         cfg: LCFConfig,
         lora: LoraSettings | None = None,
         seed: int = 0,
+        validation_w: float | None = None,
         **kwargs,
     ):
         if not model.is_lcm:
             raise ValueError("lcm finetune needs an LCM (the output of lcm distill); for a teacher use lcm distill")
         lora = lora or LoraSettings()
         student, target = make_student(model, StudentKind(kind), lora, seed)
-        super().__init__(model, LCF(model, student, kind, cfg, target), lora, **kwargs)
+        method = LCF(model, student, kind, cfg, target)
+        validation_w = method.cfg.w if validation_w is None else validation_w
+        super().__init__(model, method, lora, validation_w, **kwargs)

@@ -1,39 +1,35 @@
 """``lcm train-teacher``: the embedded default's VAE, latent diffusion UNet and evaluation classifier.
 
-Three resumable stages, each deterministic given the seed: (1) the AutoencoderKL on Fashion-MNIST (MSE + a small KL,
-as SD's VAE without the GAN), after which the latent scaling factor is measured as 1/std of the latents (as SD's
-0.18215 was); (2) the ε-prediction UNet on those latents with 10% caption dropout (for CFG) and EMA weights;
-(3) a small classifier whose features define the offline metrics. The output is a diffusers-format folder.
+Three stages, each a :class:`~lcm.training.loop.Task` of the one training loop (so each resumes from its last
+checkpoint, and a finished stage only restores its state), each deterministic given the seed: (1) the AutoencoderKL
+on Fashion-MNIST (MSE + a small KL, as SD's VAE without the GAN), after which the latent scaling factor is measured as
+1/std of the latents (as SD's 0.18215 was); (2) the ε-prediction UNet on those latents with 10% caption dropout (for
+CFG) and EMA weights; (3) a small classifier whose features define the offline metrics. The output is a
+diffusers-format folder.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
-import math
-import shutil
-import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from lcm.data.captions import CaptionSet, class_prompts
 from lcm.data.fashion_mnist import load_fashion_mnist
 from lcm.images import save_grid
 from lcm.maths.ema import ema_update
+from lcm.maths.guidance import EMBEDDED_DEFAULT_W
 from lcm.maths.schedule import NoiseSchedule
 from lcm.models.fashion import FashionClassifier, save_classifier, tiny_unet, tiny_vae
 from lcm.models.text import CachedPromptEmbeddings, MiniLMTextEncoder, write_reference
-from lcm.training.checkpoint import (
-    latest_checkpoint,
-    load_training_state,
-    module_state,
-    restore_modules,
-    save_training_state,
-)
+from lcm.training.checkpoint import module_state, restore_modules
+from lcm.training.loop import TrainConfig, train
 
 __all__ = ["TeacherTrainConfig", "train_teacher", "TEACHER_SCHEDULER_CONFIG"]
 
@@ -73,7 +69,7 @@ class TeacherTrainConfig:
     max_train_images: int | None = None  # use only the first N training images (smoke runs)
     checkpoint_every: int = 500
     sample_every: int = 1000  # write a sample grid (DDIM 25 steps) every this many UNet steps
-    sample_guidance: float = 3.0  # LCM-convention w of the sample grids
+    sample_guidance: float = EMBEDDED_DEFAULT_W  # LCM-convention w of the sample grids
 
     def __post_init__(self):
         for name in ("vae_steps", "unet_steps", "classifier_steps"):
@@ -81,6 +77,8 @@ class TeacherTrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError("--caption-dropout must lie in [0, 1)")
+        if self.checkpoint_every < 1 or self.sample_every < 1:
+            raise ValueError("--checkpoint-every and --sample-every must be at least 1")
 
 
 @functools.lru_cache(maxsize=4)
@@ -88,88 +86,96 @@ def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
 
 
-def _batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
-    """Indices of batch ``step`` of an endless reshuffled epoch stream: the position is the step, so resuming
-    needs no data-loader state."""
-    epoch, i = divmod(step, n // batch)
-    return _permutation(n, seed, epoch)[i * batch : (i + 1) * batch]
+def _data_order(n: int, batch: int, seed: int) -> Callable[[int], Iterator[torch.Tensor]]:
+    """The loop's ``batches(start)``: sample indices of batches ``start, start + 1, …`` of reshuffled epochs.
 
+    Not :func:`lcm.data.loader.batch_stream`: its epochs are seeded differently, and this is the order the shipped
+    teacher was trained on (the images are one in-memory tensor, so indices are all a batch needs).
+    """
+    if n < batch:
+        raise ValueError(f"{n} training images are fewer than one batch of {batch}: raise --max-train-images")
 
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))) * 0.9 + 0.1
+    def batches(start: int) -> Iterator[torch.Tensor]:
+        for step in itertools.count(start):
+            epoch, i = divmod(step, n // batch)
+            yield _permutation(n, seed, epoch)[i * batch : (i + 1) * batch]
 
-    return f
+    return batches
 
 
 _STAGE_IDS = {"vae": 1, "unet": 2, "classifier": 3}
 
 
-def _run_stage(name, cfg, modules, optimizer, scheduler, steps, step_fn, after_step=None):
-    """Shared loop of the three stages: resume, step, checkpoint, progress bar. Returns the stage's wall time."""
-    ckpt_root = cfg.out / "checkpoints" / name
-    rng = torch.Generator().manual_seed(cfg.seed * 1000 + _STAGE_IDS[name])
-    start, elapsed = 0, 0.0
-    latest = latest_checkpoint(ckpt_root)
-    if latest is not None:
-        state, meta = load_training_state(latest, optimizer, rng)
-        restore_modules(state, modules)
-        start, elapsed = meta["step"], meta.get("elapsed", 0.0)
-        if scheduler is not None:  # LambdaLR is a pure function of the step: put it there
-            scheduler.last_epoch = start
-            for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
-                group["lr"] = base * fn(start)
-    if start >= steps:
-        return elapsed
-    t0 = time.time() - elapsed
-    bar = tqdm(total=steps, initial=start, desc=f"train-teacher {name}", unit="step", dynamic_ncols=True)
-    for step in range(start, steps):
-        loss = step_fn(step, rng)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
-        if after_step is not None:
-            after_step(step)
-        bar.update()
-        bar.set_postfix(loss=f"{loss:.4f}")
-        done = step + 1
-        if done % cfg.checkpoint_every == 0 or done == steps:
-            save_training_state(
-                ckpt_root / f"step-{done}",
-                module_state(modules),
-                optimizer,
-                {"step": done, "elapsed": time.time() - t0},
-                rng,
-            )
-            for old in ckpt_root.glob("step-*"):  # keep the latest only
-                if old.name != f"step-{done}":
-                    shutil.rmtree(old, ignore_errors=True)
-    bar.close()
-    return time.time() - t0
+class _Stage:
+    """One stage as a loop :class:`~lcm.training.loop.Task`: ``net`` is trained, every module in ``modules`` is
+    checkpointed. The model folder is written by :func:`train_teacher`, so ``export`` writes nothing."""
+
+    def __init__(self, net: torch.nn.Module, modules: dict[str, torch.nn.Module]):
+        self.net, self.forward, self.modules = net, net, modules
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.net.parameters())
+
+    def wrap(self, prepare) -> list[torch.nn.Module]:
+        self.forward = prepare(self.net)
+        return [self.forward]
+
+    def after_optimizer_step(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return module_state(self.modules)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        restore_modules(state, self.modules)
+
+    def validate(self, step: int, folder: Path) -> dict[str, float]:
+        return {}
+
+    def export(self, folder: Path) -> None:
+        pass
+
+
+def _run_stage(cfg: TeacherTrainConfig, name: str, stage: _Stage, data: Callable, steps: int, **loop) -> float:
+    """Train ``stage`` on the loop for ``steps`` (resuming from ``checkpoints/<name>``); returns its wall time."""
+    settings = TrainConfig(
+        out=cfg.out,
+        max_steps=steps,
+        lr_schedule="cosine_floor",
+        seed=cfg.seed,
+        noise_seed=cfg.seed * 1000 + _STAGE_IDS[name],
+        checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=1,
+        checkpoint_dir=cfg.out / "checkpoints" / name,
+        write_logs=False,
+        resume="latest",
+        cpu=True,
+        label=f"train-teacher {name}",
+        **loop,
+    )
+    return train(stage, data, settings)["wall_seconds"]
+
+
+class _VaeStage(_Stage):
+    def __init__(self, cfg: TeacherTrainConfig, images: torch.Tensor):
+        vae = tiny_vae()
+        super().__init__(vae, {"vae": vae})
+        self.cfg, self.images = cfg, images
+
+    def loss(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = self.images[idx]
+        posterior = self.net.encode(x).latent_dist
+        recon = self.net.decode(posterior.sample(generator)).sample
+        mse = F.mse_loss(recon, x, reduction="none").flatten(1).mean(1)
+        return mse + self.cfg.vae_kl_weight * posterior.kl()
 
 
 def _train_vae(cfg: TeacherTrainConfig, images: torch.Tensor):
     torch.manual_seed(cfg.seed)
-    vae = tiny_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(100, cfg.vae_steps))
-
-    def step_fn(step, rng):
-        idx = _batch_indices(len(images), cfg.vae_batch, cfg.seed, step)
-        x = images[idx]
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(rng)).sample
-        loss = F.mse_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        return loss.item()
-
-    wall = _run_stage("vae", cfg, {"vae": vae}, opt, sched, cfg.vae_steps, step_fn)
-    vae.eval().requires_grad_(False)
-    return vae, wall
+    stage = _VaeStage(cfg, images)
+    data = _data_order(len(images), cfg.vae_batch, cfg.seed)
+    wall = _run_stage(cfg, "vae", stage, data, cfg.vae_steps, learning_rate=cfg.vae_lr, lr_warmup_steps=100)
+    return stage.net.eval().requires_grad_(False), wall
 
 
 @torch.no_grad()
@@ -182,39 +188,52 @@ def _encode_all(vae, images: torch.Tensor, batch: int = 1000):
     return torch.cat(means), torch.cat(stds)
 
 
+class _UnetStage(_Stage):
+    """ε-prediction on posterior samples of the latents, with an EMA copy (the shipped weights) and sample grids."""
+
+    def __init__(self, cfg, lat_mean, lat_std, labels, scaling, vae, captions, text):
+        unet, ema = tiny_unet(cfg.unet_channels), tiny_unet(cfg.unet_channels)
+        ema.load_state_dict(unet.state_dict())
+        super().__init__(unet, {"unet": unet, "ema": ema.requires_grad_(False)})
+        self.cfg, self.ema, self.vae, self.scaling = cfg, ema, vae, scaling
+        self.lat_mean, self.lat_std, self.labels, self.captions, self.text = lat_mean, lat_std, labels, captions, text
+        self.schedule = NoiseSchedule.from_config(TEACHER_SCHEDULER_CONFIG)
+
+    def loss(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        mean, std = self.lat_mean[idx], self.lat_std[idx]
+        z0 = (mean + std * torch.randn(mean.shape, generator=generator)) * self.scaling
+        cap = self.captions.sample(self.labels[idx], self.cfg.caption_dropout, generator)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (len(idx),), generator=generator)
+        eps = torch.randn(z0.shape, generator=generator)
+        pred = self.forward(self.schedule.add_noise(z0, eps, t), t, encoder_hidden_states=self.text(cap).hidden_states)
+        return F.mse_loss(pred.sample, eps, reduction="none").flatten(1).mean(1)
+
+    def after_optimizer_step(self, step: int) -> None:
+        # EMA warm-up (as diffusers' EMAModel): the average starts short and lengthens to 1/(1 − decay).
+        ema_update(self.ema, self.net, min(self.cfg.ema_decay, step / (9 + step)))
+
+    def validate(self, step: int, folder: Path) -> dict[str, float]:
+        if step % self.cfg.sample_every == 0:  # the loop also asks at the last step: that grid is final.png
+            _sample_grid(self.cfg, self.ema, self.vae, self.scaling, self.cfg.out / "samples" / f"unet-step-{step}.png")
+        return {}
+
+
 def _train_unet(cfg, lat_mean, lat_std, labels, scaling, vae, captions, text):
     torch.manual_seed(cfg.seed + 1)
-    unet = tiny_unet(cfg.unet_channels)
-    ema = tiny_unet(cfg.unet_channels)
-    ema.load_state_dict(unet.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.unet_warmup, cfg.unet_steps))
-    schedule = NoiseSchedule.from_config(TEACHER_SCHEDULER_CONFIG)
-    alphas_cumprod = schedule.alphas_cumprod.float()
-
-    def step_fn(step, rng):
-        idx = _batch_indices(len(labels), cfg.unet_batch, cfg.seed + 1, step)
-        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=rng)) * scaling
-        cap = captions.sample(labels[idx], cfg.caption_dropout, rng)
-        t = torch.randint(0, 1000, (len(idx),), generator=rng)
-        eps = torch.randn(z0.shape, generator=rng)
-        a = alphas_cumprod[t].sqrt()[:, None, None, None]
-        s = (1 - alphas_cumprod[t]).sqrt()[:, None, None, None]
-        pred = unet(a * z0 + s * eps, t, encoder_hidden_states=text(cap).hidden_states).sample
-        loss = F.mse_loss(pred, eps)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        return loss.item()
-
-    def after_step(step):
-        # EMA warm-up (as diffusers' EMAModel): the average starts short and lengthens to 1/(1 − decay).
-        ema_update(ema, unet, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        if (step + 1) % cfg.sample_every == 0:
-            _sample_grid(cfg, ema, vae, scaling, cfg.out / "samples" / f"unet-step-{step + 1}.png")
-
-    wall = _run_stage("unet", cfg, {"unet": unet, "ema": ema}, opt, sched, cfg.unet_steps, step_fn, after_step)
-    return ema.eval(), wall
+    stage = _UnetStage(cfg, lat_mean, lat_std, labels, scaling, vae, captions, text)
+    data = _data_order(len(labels), cfg.unet_batch, cfg.seed + 1)
+    wall = _run_stage(
+        cfg,
+        "unet",
+        stage,
+        data,
+        cfg.unet_steps,
+        learning_rate=cfg.unet_lr,
+        adam_weight_decay=0.01,
+        lr_warmup_steps=cfg.unet_warmup,
+        validate_every=cfg.sample_every,
+    )
+    return stage.ema.eval(), wall
 
 
 @torch.no_grad()
@@ -248,24 +267,36 @@ def _text_encoder():
     return _ENCODER
 
 
+class _ClassifierStage(_Stage):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        clf = FashionClassifier()
+        super().__init__(clf, {"classifier": clf})
+        self.images, self.labels = images, labels
+
+    def loss(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = self.images[idx]
+        flip = torch.rand(len(idx), generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # garments are left-right symmetric
+        return F.cross_entropy(self.forward(x), self.labels[idx], reduction="none")
+
+
 def _train_classifier(cfg, images, labels):
     torch.manual_seed(cfg.seed + 2)
-    clf = FashionClassifier()
-    opt = torch.optim.AdamW(clf.parameters(), lr=2e-3, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(100, cfg.classifier_steps))
-
-    def step_fn(step, rng):
-        idx = _batch_indices(len(labels), cfg.classifier_batch, cfg.seed + 2, step)
-        x = images[idx]
-        flip = torch.rand(len(idx), generator=rng) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # garments are left-right symmetric
-        loss = F.cross_entropy(clf(x), labels[idx])
-        loss.backward()
-        return loss.item()
-
-    clf.train()
-    wall = _run_stage("classifier", cfg, {"classifier": clf}, opt, sched, cfg.classifier_steps, step_fn)
-    return clf.eval(), wall
+    stage = _ClassifierStage(images, labels)
+    stage.net.train()
+    data = _data_order(len(labels), cfg.classifier_batch, cfg.seed + 2)
+    wall = _run_stage(
+        cfg,
+        "classifier",
+        stage,
+        data,
+        cfg.classifier_steps,
+        learning_rate=2e-3,
+        adam_weight_decay=5e-4,
+        lr_warmup_steps=100,
+        max_grad_norm=None,
+    )
+    return stage.net.eval(), wall
 
 
 @torch.no_grad()

@@ -1,0 +1,219 @@
+"""What an evaluation runs: the methods (model × sampler × steps), the guidance weights and the settings, and the
+policy that fills in what a user leaves out (:func:`plan_eval`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lcm.data.sources import parse_data_spec
+from lcm.evaluation.metrics import METRICS
+from lcm.evaluation.prompts import EMBEDDED, data_flag
+from lcm.locations import local_path_or_none
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.sample import Sampler, default_model_path
+
+__all__ = [
+    "DEFAULT_CLIP_MODEL",
+    "STATS_SUFFIXES",
+    "TEACHER_SAMPLERS",
+    "TEACHER_SPACINGS",
+    "EvalPlan",
+    "EvalSettings",
+    "Method",
+    "plan_eval",
+]
+
+# Teacher samplers by the name a user gives, with the name of their rows.
+TEACHER_SAMPLERS = {"ddim": "DDIM", "dpm": "DPM-Solver", "dpmpp": "DPM-Solver++"}
+# Timestep spacings of the teacher samplers; "config" keeps the teacher's scheduler config.
+TEACHER_SPACINGS = ("trailing", "leading", "linspace", "config")
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+EMBEDDED_METRICS = ("fd-clf", "kid-clf", "accuracy")
+MODEL_METRICS = ("fid", "kid", "clip")
+NO_REFERENCE = "none"  # CLIP score only: nothing to compare against
+STATS_SUFFIXES = (".npz", ".safetensors")  # a --reference of FID statistics, not a data set
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # "teacher DDIM", "LCM", ...
+    model: str
+    sampler: Sampler
+    steps: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What makes two rows comparable: rows are only reused under equal settings."""
+
+    prompts: str = EMBEDDED
+    caption_column: str | None = None
+    split: str = "train"  # of --prompts / --reference data sets
+    num_samples: int = 2000
+    seed: int = 0
+    metrics: tuple[str, ...] = EMBEDDED_METRICS
+    reference: str = EMBEDDED
+    image_column: str | None = None
+    reference_samples: int = 10_000  # images read from a reference data set
+    teacher_spacing: str = "trailing"  # timestep spacing of the teacher samplers; "config": the teacher's own
+    classifier: str | None = None
+    inception_weights: str | None = None
+    clip_model: str | None = None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "metrics": list(self.metrics)}
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    methods: tuple[Method, ...]
+    ws: tuple[float, ...]
+    settings: EvalSettings
+    out: Path
+    batch_size: int = 250
+    overwrite: bool = False  # discard a results.json made with other settings
+    device: str = "cpu"
+    data_dir: Path | None = None  # Fashion-MNIST files
+
+
+def _methods(
+    teacher: str,
+    teacher_samplers: Sequence[str],
+    teacher_steps: Sequence[int],
+    lcms: Sequence[tuple[str, str | None]],
+    lcm_steps: Sequence[int],
+) -> tuple[Method, ...]:
+    if bad := [x for x in teacher_samplers if x not in TEACHER_SAMPLERS]:
+        raise ValueError(f"--teacher-samplers: unknown sampler(s) {bad}; choose from {', '.join(TEACHER_SAMPLERS)}")
+    for flag, steps in (("--teacher-steps", teacher_steps), ("--lcm-steps", lcm_steps)):
+        if any(s < 1 for s in steps):
+            raise ValueError(f"{flag}: steps must be at least 1, got {list(steps)}")
+    methods = [
+        Method(f"teacher {TEACHER_SAMPLERS[x]}", teacher, Sampler(x), tuple(teacher_steps)) for x in teacher_samplers
+    ]
+    for folder, name in lcms:
+        path = local_path_or_none(folder, owner_required=True)
+        if path is not None and not path.exists():
+            raise ValueError(f"--lcm {folder}: no such folder")
+        label = name or ("LCM" if len(lcms) == 1 else f"LCM ({Path(folder).name})")
+        methods.append(Method(label, folder, Sampler.LCM, tuple(lcm_steps)))
+    if not methods:
+        raise ValueError("nothing to evaluate: give --lcm and/or --teacher-samplers")
+    if len({m.name for m in methods}) != len(methods):
+        raise ValueError("two methods share a name; name each LCM with --lcm PATH=NAME")
+    return tuple(methods)
+
+
+def _metrics_and_reference(
+    prompts: str, metrics: Sequence[str] | None, reference: str | None
+) -> tuple[tuple[str, ...], str]:
+    if metrics is None:
+        metrics = EMBEDDED_METRICS if prompts == EMBEDDED else MODEL_METRICS
+    metrics = tuple(metrics)
+    if not metrics:
+        raise ValueError(f"--metrics: give one or more of {', '.join(METRICS)}")
+    if bad := [m for m in metrics if m not in METRICS]:
+        raise ValueError(f"--metrics: unknown metric(s) {bad}; choose from {', '.join(METRICS)}")
+    if "accuracy" in metrics and prompts != EMBEDDED:
+        raise ValueError("--metrics accuracy needs --prompts embedded (only those prompts name a class)")
+    if reference:
+        return metrics, reference
+    if prompts == EMBEDDED or not prompts.endswith(".txt"):
+        return metrics, prompts  # the embedded test split, or the prompts' own data set
+    if all(METRICS[m][1] == "clip" for m in metrics):
+        return metrics, NO_REFERENCE
+    raise ValueError("--reference is required: reference images (a data set) or FID statistics (.npz/.safetensors)")
+
+
+def plan_eval(
+    *,
+    out: Path,
+    teacher: str | None = None,
+    teacher_samplers: Sequence[str] = tuple(TEACHER_SAMPLERS),
+    teacher_steps: Sequence[int] = (1, 2, 4, 8, 25, 50),
+    lcms: Sequence[tuple[str, str | None]] = (),
+    lcm_steps: Sequence[int] = (1, 2, 4, 8),
+    teacher_spacing: str = "trailing",
+    ws: Sequence[float] | None = None,
+    num_samples: int = 2000,
+    seed: int = 0,
+    batch_size: int = 250,
+    prompts: str | None = None,
+    caption_column: str | None = None,
+    reference: str | None = None,
+    image_column: str | None = None,
+    split: str = "train",
+    reference_samples: int = 10_000,
+    metrics: Sequence[str] | None = None,
+    classifier: str | None = None,
+    inception_weights: str | None = None,
+    clip_model: str | None = None,
+    data_dir: Path | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+) -> EvalPlan:
+    """The evaluation of ``teacher`` (default: the shipped one) and the LCMs ``lcms`` ((folder or hub id, row name
+    or None)), with every default filled in (docs/design.md §6).
+
+    The embedded Fashion teacher defaults to its captions as prompts, FD-clf / KID-clf / prompt accuracy in its own
+    classifier's features and the test split as reference; other teachers need ``prompts`` and default to FID / KID
+    against the prompts' data set (or ``reference``) and the CLIP score. ``ws`` defaults to the teacher's w.
+    """
+    teacher = teacher or str(default_model_path())
+    methods = _methods(teacher, teacher_samplers, teacher_steps, lcms, lcm_steps)
+    if teacher_spacing not in TEACHER_SPACINGS:
+        raise ValueError(
+            f"--teacher-spacing: unknown spacing {teacher_spacing!r}; choose from {', '.join(TEACHER_SPACINGS)}"
+        )
+    if ws is not None and (not ws or any(w < 0 for w in ws)):
+        raise ValueError(f"--w: give one or more guidance weights w >= 0, got {list(ws)}")
+    if num_samples < 2:
+        raise ValueError(f"--num-samples must be at least 2 (a covariance needs two images), got {num_samples}")
+
+    embedded_teacher = Path(teacher, "classifier", "model.safetensors").is_file()
+    if classifier is None and embedded_teacher:
+        classifier = str(Path(teacher) / "classifier")
+    prompts = prompts or (EMBEDDED if embedded_teacher else None)
+    if prompts is None:
+        raise ValueError("--prompts is required for this teacher: a .txt file (a prompt a line) or a data set")
+    metrics, reference = _metrics_and_reference(prompts, metrics, reference)
+    # Data strings are checked now, so that a mistyped path fails before any model is loaded.
+    if prompts != EMBEDDED and not prompts.endswith(".txt"):
+        with data_flag("--prompts"):
+            parse_data_spec(prompts)
+    if reference not in (EMBEDDED, NO_REFERENCE, prompts) and not reference.endswith(STATS_SUFFIXES):
+        with data_flag("--reference"):
+            parse_data_spec(reference)
+    if ws is None:
+        ws = (LatentDiffusion.from_pretrained(teacher, with_text_encoder=False).default_w,)
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = EvalSettings(
+        prompts=prompts,
+        caption_column=caption_column,
+        num_samples=num_samples,
+        seed=seed,
+        metrics=metrics,
+        reference=reference,
+        reference_samples=reference_samples,
+        split=split,
+        image_column=image_column,
+        teacher_spacing=teacher_spacing,
+        classifier=classifier if any(METRICS[m][1] == "clf" for m in metrics) else None,
+        inception_weights=inception_weights,
+        clip_model=(clip_model or DEFAULT_CLIP_MODEL) if "clip" in metrics else None,
+    )
+    return EvalPlan(
+        methods=methods,
+        ws=tuple(float(w) for w in ws),
+        settings=settings,
+        out=Path(out),
+        batch_size=batch_size,
+        overwrite=overwrite,
+        device=device,
+        data_dir=data_dir,
+    )
