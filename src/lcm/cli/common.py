@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from lcm.maths.losses import LossType
+from lcm.models.student import StudentKind
+from lcm.training.loop import MIXED_PRECISION
+
 # Stable Diffusion 1.x/2.x's training schedule, used where no scheduler config is given.
 STABLE_DIFFUSION_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
@@ -37,9 +41,13 @@ def cuda_available() -> bool:
 def add_consistency_args(p: argparse.ArgumentParser, title: str):
     """Flags LCD and LCF share: student kind, skipping grid, distance, target, LoRA."""
     g = p.add_argument_group(title)
-    g.add_argument("--student", choices=["full", "lora"], default="full", help="full UNet (+w-embedding) or LoRA")
+    g.add_argument(
+        "--student", choices=[k.value for k in StudentKind], default="full", help="full UNet (+w-embedding) or LoRA"
+    )
     g.add_argument("--num-solver-steps", type=int, default=50, help="N of the skipping grid; k = 1000 // N (50)")
-    g.add_argument("--loss", choices=["l2", "huber"], default="huber", help="consistency distance (default huber)")
+    g.add_argument(
+        "--loss", choices=[k.value for k in LossType], default="huber", help="consistency distance (default huber)"
+    )
     g.add_argument("--huber-c", type=float, default=0.001, help="pseudo-Huber c (default 0.001)")
     g.add_argument("--ema-decay", type=float, default=0.95, help="target EMA decay mu, full student (default 0.95)")
     g.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (default 64)")
@@ -62,7 +70,7 @@ def add_training_args(p: argparse.ArgumentParser, lr_help: str, steps: int) -> N
     g.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes AdamW8bit (GPU, saves memory)")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step (default 1)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1)")
-    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast (VAE stays fp32)")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no", help="autocast (VAE stays fp32)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for UNet activation memory")
     g.add_argument("--seed", type=int, default=0, help="seed of data order, noise, t and w draws (default 0)")
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")

@@ -12,6 +12,7 @@ from lcm.cli.common import (
     lora_settings,
     validation_prompts,
 )
+from lcm.maths.solvers import Solver
 
 
 def run_distill(args: argparse.Namespace) -> int:
@@ -84,7 +85,7 @@ def add_parser(sub) -> None:
     )
     ds.add_argument("--teacher", help="teacher model folder or hub id (default: the shipped Fashion teacher)")
     m = add_consistency_args(ds, "LCD")
-    m.add_argument("--solver", choices=["ddim", "dpm", "dpmpp"], default="ddim", help="ODE solver of the teacher")
+    m.add_argument("--solver", choices=[s.value for s in Solver], default="ddim", help="ODE solver of the teacher")
     m.add_argument("--w-min", type=float, default=2.0, help="smallest guidance w drawn (paper's w; default 2)")
     m.add_argument("--w-max", type=float, default=14.0, help="largest guidance w drawn (default 14)")
     add_training_args(ds, lr_help="default 1e-6 for a full student, 1e-4 for LoRA, as diffusers' scripts", steps=1000)

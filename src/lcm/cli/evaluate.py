@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lcm.cli.common import float_list, int_list
+from lcm.evaluation.plan import TEACHER_SPACINGS
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -73,7 +74,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lcm-steps", default="1,2,4,8", help="LCM steps (default 1,2,4,8)")
     p.add_argument(
         "--teacher-spacing",
-        choices=["trailing", "leading", "linspace", "config"],  # = plan.TEACHER_SPACINGS; the parser imports no models
+        choices=TEACHER_SPACINGS,
         default="trailing",
         help="timesteps of the teacher samplers: trailing (default; every schedule starts at t = T-1, so 1-2 step "
         "rows are meaningful), leading, linspace, or config (the teacher's scheduler config)",

@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 from lcm.training.checkpoint import latest_checkpoint, load_training_state, save_training_state
 
-__all__ = ["Task", "TrainConfig", "cosine_floor", "train"]
+__all__ = ["MIXED_PRECISION", "Task", "TrainConfig", "cosine_floor", "train"]
+
+MIXED_PRECISION = ("no", "fp16", "bf16")  # Accelerate's autocast modes
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class TrainConfig:
             raise ValueError("--checkpoint-every must be at least 1")
         if self.keep_checkpoints < 1:
             raise ValueError("--keep-checkpoints must be at least 1")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
+        if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.gradient_accumulation_steps < 1:
             raise ValueError("--gradient-accumulation-steps must be at least 1")
