@@ -7,10 +7,11 @@ of that name exists here. Models and data sets both go through :func:`is_hub_id`
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
-__all__ = ["is_hub_id", "local_path_or_none"]
+__all__ = ["cache_dir", "is_hub_id", "local_path_or_none"]
 
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
@@ -28,3 +29,8 @@ def is_hub_id(text: str, *, owner_required: bool = False) -> bool:
 def local_path_or_none(text: str, *, owner_required: bool = False) -> Path | None:
     """``Path(text)`` (expanded) unless ``text`` is a Hub id; the path need not exist (callers say what is missing)."""
     return None if is_hub_id(text, owner_required=owner_required) else Path(str(text).strip()).expanduser()
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$LCM_CACHE/<parts>`` (default ``~/.cache/lcm``): text embeddings, reference statistics, compiled kernels."""
+    return Path(os.environ.get("LCM_CACHE", Path.home() / ".cache" / "lcm")).joinpath(*parts)

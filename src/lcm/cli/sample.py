@@ -4,19 +4,34 @@ from __future__ import annotations
 
 import argparse
 
+from lcm.models.fast import DTYPES, Compile
 from lcm.sample import Sampler
 
 
 def run_sample(args: argparse.Namespace) -> int:
     from lcm.images import save_grid
+    from lcm.models.fast import Compile, optimize, parse_device, parse_dtype
     from lcm.models.latent_diffusion import LatentDiffusion
     from lcm.sample import Sampler, default_model_path, generate
 
     if args.lora is None and args.lora_scale != 1.0:
         raise ValueError("--lora-scale needs --lora")
+    for flag, value, low in (("--steps", args.steps, 1), ("--num-images", args.num_images, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be at least {low}, got {value}")
+    for flag, value in (("--batch-size", args.batch_size), ("--scale", args.scale)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.guidance is not None and args.guidance < 0:
+        raise ValueError(
+            f"--guidance is the paper's w and must be >= 0 (diffusers' guidance_scale - 1), got {args.guidance}"
+        )
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
     model = LatentDiffusion.from_pretrained(
         args.model or default_model_path(), lora=args.lora, lora_scale=args.lora_scale
     )
+    optimize(model, device, dtype, Compile(args.compile))
     sampler = Sampler(args.sampler) if args.sampler else (Sampler.LCM if model.is_lcm else Sampler.DDIM)
     steps = args.steps or (4 if sampler is Sampler.LCM else 25)
     w = args.guidance if args.guidance is not None else model.default_w
@@ -62,4 +77,16 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--scale", type=int, default=2, help="pixel upscaling of the saved grid (default 2)")
     p.add_argument("--out", default="grid.png", help="output PNG (default grid.png)")
+    speed = p.add_argument_group("speed")
+    speed.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    speed.add_argument(
+        "--dtype", choices=list(DTYPES), help="network precision (default: bf16/fp16 on CUDA, fp32 on CPU)"
+    )
+    speed.add_argument(
+        "--compile",
+        choices=[c.value for c in Compile],
+        default=Compile.OFF.value,
+        help="compile the UNet and VAE decoder (torch.compile; CUDA graphs on GPU): worth it for many images or "
+        "repeated runs (kernels are cached in $LCM_CACHE/inductor); default off",
+    )
     p.set_defaults(func=run_sample)

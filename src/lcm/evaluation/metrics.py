@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from lcm.locations import cache_dir
+
 __all__ = [
     "METRICS",
     "Evaluator",
@@ -234,7 +236,7 @@ class Reference:
 
 def reference_cache_dir() -> Path:
     """Where reference statistics are cached: ``$LCM_CACHE/reference`` (default ``~/.cache/lcm``)."""
-    return Path(os.environ.get("LCM_CACHE", Path.home() / ".cache" / "lcm")) / "reference"
+    return cache_dir("reference")
 
 
 def fashion_reference(data_dir: str | Path | None = None, classes: Sequence[int] | None = None) -> Reference:

@@ -21,8 +21,9 @@ def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
     if src.keys() != tgt.keys():
         missing, extra = sorted(tgt.keys() - src.keys()), sorted(src.keys() - tgt.keys())
         raise ValueError(f"EMA target and source differ: only in target {missing[:3]}, only in source {extra[:3]}")
-    for name, p in tgt.items():
-        p.lerp_(src[name].to(p.dtype), 1.0 - decay)
+    targets = list(tgt.values())
+    sources = [src[name].to(p.dtype) for name, p in tgt.items()]
+    torch._foreach_lerp_(targets, sources, 1.0 - decay)  # one fused kernel launch per group, not one per tensor
     src_buffers = dict(source.named_buffers())
     for name, b in target.named_buffers():
         b.copy_(src_buffers[name])

@@ -47,12 +47,15 @@ def sample_lcm(
     generators: Sequence[torch.Generator],
 ) -> torch.Tensor:
     """Multistep consistency sampling (Algorithm 1, Luo et al. 2023); ``z`` is the initial noise ``z_T``."""
+    # Every draw happens before the loop (image i's generator gives the same numbers in the same order), and the
+    # timesteps move to the device once: the loop itself never waits on the host.
+    noises = [randn_per_image(z.shape, generators, z.device, z.dtype) for _ in range(len(timesteps) - 1)]
+    timesteps = timesteps.to(z.device)
     x0 = z
     for i, t in enumerate(timesteps):
         x0 = f(z, _batched(t, z))  # jump to the trajectory's origin
         if i + 1 < len(timesteps):  # re-noise to the next, lower, timestep
-            noise = randn_per_image(z.shape, generators, z.device, z.dtype)
-            z = schedule.add_noise(x0, noise, _batched(timesteps[i + 1], z))
+            z = schedule.add_noise(x0, noises[i], _batched(timesteps[i + 1], z))
     return x0
 
 

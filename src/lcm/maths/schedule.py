@@ -80,6 +80,7 @@ class NoiseSchedule:
             object.__setattr__(self, "alphas_cumprod", ac.to(torch.float64))
         # log α_t = ½ log ᾱ_t, the quantity interpolated for non-integer t.
         object.__setattr__(self, "_log_alpha", 0.5 * torch.log(self.alphas_cumprod))
+        object.__setattr__(self, "_tables_on", {})  # device → (grid, log α): tables live where the timesteps are
 
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -108,13 +109,24 @@ class NoiseSchedule:
     def num_train_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t grid, log α) in float64 on ``device``, made once per device."""
+        if device not in self._tables_on:
+            grid = torch.arange(self.num_train_timesteps, dtype=torch.float64)
+            self._tables_on[device] = (grid.to(device), self._log_alpha.to(device))
+        return self._tables_on[device]
+
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
-        """log α_t for t of any shape (integer or real, in [0, T−1]), float64."""
+        """log α_t for t of any shape (integer or real, in [0, T−1]), float64, on ``t``'s device.
+
+        On an accelerator the range check is skipped: reading the result would stall the device every step (the
+        interpolation clamps t to the table either way).
+        """
         t = torch.as_tensor(t).to(torch.float64)
-        if not torch.all((t >= 0) & (t <= self.num_train_timesteps - 1)):
+        if t.device.type == "cpu" and not torch.all((t >= 0) & (t <= self.num_train_timesteps - 1)):
             raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}], got {t.tolist()}")
-        grid = torch.arange(self.num_train_timesteps, dtype=torch.float64)
-        return _interp(t, grid, self._log_alpha)  # exact table lookup at integer t
+        grid, log_alpha = self._tables(t.device)
+        return _interp(t, grid, log_alpha)  # exact table lookup at integer t
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         return self.log_alpha(t).exp()
@@ -132,7 +144,7 @@ class NoiseSchedule:
         α and σ are computed in float64, then cast to ``z0``'s dtype and device, so that every caller (training
         losses, samplers) noises with bit-identical coefficients.
         """
-        alpha, sigma = self.alpha_sigma(torch.as_tensor(t).cpu())
+        alpha, sigma = self.alpha_sigma(torch.as_tensor(t, device=z0.device))
         alpha = alpha.to(device=z0.device, dtype=z0.dtype).reshape(-1, *(1,) * (z0.ndim - 1))
         sigma = sigma.to(device=z0.device, dtype=z0.dtype).reshape(-1, *(1,) * (z0.ndim - 1))
         return alpha * z0 + sigma * noise
@@ -145,6 +157,6 @@ class NoiseSchedule:
     def t_of_lambda(self, lam: torch.Tensor) -> torch.Tensor:
         """Inverse of λ_t (real-valued t): log α = −½ log(1 + e^{−2λ}), then invert the interpolated log α."""
         log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam, dtype=torch.float64), -2.0 * lam.to(torch.float64))
-        grid = torch.arange(self.num_train_timesteps, dtype=torch.float64)
+        grid, table = self._tables(log_alpha.device)
         # log α decreases with t: interpolate on the flipped (increasing) table.
-        return _interp(log_alpha, self._log_alpha.flip(0), grid.flip(0))
+        return _interp(log_alpha, table.flip(0), grid.flip(0))

@@ -182,7 +182,7 @@ class LatentDiffusion:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def _to_denoised(self, out: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> Denoised:
-        alpha, sigma = self.schedule.alpha_sigma(t.cpu())
+        alpha, sigma = self.schedule.alpha_sigma(t.to(z.device))  # on the device: no host round trip
         return to_denoised(out.to(z.dtype), z, alpha, sigma, self.prediction_type)
 
     def denoiser(self, text: TextEmbeddings, unet=None):
@@ -212,7 +212,7 @@ class LatentDiffusion:
         proj_dim = w_input_dim(unet)
         if proj_dim is not None and w is None:
             raise ValueError("this LCM is guidance-conditioned: give the guidance weight w")
-        emb = w_embedding(w.cpu(), proj_dim).to(self.device) if proj_dim is not None else None
+        emb = w_embedding(w.cpu(), proj_dim).to(self.device, self.unet.dtype) if proj_dim is not None else None
         return lambda z, t: self.consistency_output(unet, z, t, text, emb)
 
     def consistency_output(

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from lcm.locations import cache_dir as lcm_cache_dir
 
 __all__ = [
     "CLIPTextEncoder",
@@ -231,7 +232,7 @@ class CachedPromptEmbeddings:
     def __init__(self, encoder: TextEncoder, prompts: Sequence[str], cache_dir: str | Path | None = None):
         self.prompts = list(prompts)
         key = hashlib.sha256(json.dumps([encoder.name, encoder.max_length, self.prompts]).encode()).hexdigest()[:16]
-        cache_dir = Path(cache_dir or os.environ.get("LCM_CACHE", Path.home() / ".cache" / "lcm")) / "text"
+        cache_dir = Path(cache_dir) if cache_dir else lcm_cache_dir("text")
         path = cache_dir / f"{key}.safetensors"
         from safetensors.torch import load_file, save_file
 

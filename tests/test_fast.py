@@ -1,0 +1,70 @@
+"""Device, precision and compilation of a loaded model: the fast path draws what the eager path draws."""
+
+import pytest
+import torch
+
+from lcm.cli import main
+from lcm.models.export import export_lcm_folder
+from lcm.models.fast import Compile, optimize, parse_device, parse_dtype
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.models.student import full_student
+from lcm.sample import Sampler, sample_latents
+from tiny_models import build_tiny_sd
+
+
+@pytest.fixture(scope="module")
+def tiny_lcm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast")
+    teacher = LatentDiffusion.from_pretrained(build_tiny_sd(root / "teacher"), with_text_encoder=False)
+    student = full_student(teacher.unet)
+    with torch.no_grad():  # a w input that matters
+        student.time_embedding.cond_proj.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    return export_lcm_folder(root / "teacher", student.eval(), teacher.scheduler_config, 50, root / "lcm", {})
+
+
+def _draw(model, steps=4, w=4.0, seeds=(0, 1)):
+    cond = model.encode_prompts(["a photo of a cat", "a red car"][: len(seeds)])
+    return model.decode(sample_latents(model, cond, cond, Sampler.LCM, steps, w, list(seeds)))
+
+
+def test_compiled_sampling_equals_eager(tiny_lcm, parity):
+    eager = _draw(LatentDiffusion.from_pretrained(tiny_lcm))
+    compiled = optimize(LatentDiffusion.from_pretrained(tiny_lcm), torch.device("cpu"), torch.float32, Compile.ON)
+    parity(_draw(compiled), eager, tol=1e-4, label="compile-vs-eager")
+    parity(_draw(compiled, seeds=(3, 4)), _draw(LatentDiffusion.from_pretrained(tiny_lcm), seeds=(3, 4)), 1e-4, "again")
+
+
+def test_bfloat16_sampling_is_close_to_float32(tiny_lcm):
+    eager = _draw(LatentDiffusion.from_pretrained(tiny_lcm))
+    half = optimize(LatentDiffusion.from_pretrained(tiny_lcm), torch.device("cpu"), torch.bfloat16, Compile.OFF)
+    assert half.unet.dtype == torch.bfloat16
+    images = _draw(half)
+    assert images.dtype == torch.float32 and (images - eager).abs().mean() < 0.05
+
+
+def test_device_and_dtype_flags_are_checked():
+    assert parse_device("cpu") == torch.device("cpu")
+    assert parse_dtype(None, torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="--dtype"):
+        parse_dtype("fp8", torch.device("cpu"))
+    with pytest.raises(ValueError, match="--device"):
+        parse_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            parse_device("cuda")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--guidance", "-5"], "--guidance"),
+        (["--num-images", "0"], "--num-images"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--dtype", "fp16", "--device", "nonsense"], "--device"),
+    ],
+)
+def test_sample_refuses_bad_values(args, message, tmp_path, capsys):
+    assert main(["sample", "--prompt", "a cat", "--out", str(tmp_path / "x.png"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lcm sample: error:") and message in err[0], err
