@@ -245,14 +245,14 @@ def _run(folder, out, max_steps, resume=None, crash_after=None, kind=StudentKind
 def test_resume_after_a_crash_equals_an_uninterrupted_run(sd_folder, tmp_path, kind):
     straight = _run(sd_folder, tmp_path / "a", 6, kind=kind)
     _run(sd_folder, tmp_path / "b", 6, crash_after=5, kind=kind)  # dies during step 6; checkpoint at step 4
-    assert (tmp_path / "b" / "checkpoints" / "step-4").is_dir()
-    assert not (tmp_path / "b" / "checkpoints" / "step-6").exists()
+    assert (tmp_path / "b" / "train" / "checkpoints" / "step-4").is_dir()
+    assert not (tmp_path / "b" / "train" / "checkpoints" / "step-6").exists()
     resumed = _run(sd_folder, tmp_path / "b", 6, resume="latest", kind=kind)
     a, b = straight.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
-    history = (tmp_path / "a" / "train_history.json").read_text()
+    history = (tmp_path / "a" / "train" / "train_history.json").read_text()
     assert "samples_per_second" in history and not math.isnan(straight.state_dict()[next(iter(a))].sum().item())
 
 
@@ -295,7 +295,7 @@ def test_distill_cli_resume_latest_continues_from_the_checkpoint(sd_folder, imag
         patch.setattr(DistillTask, "after_optimizer_step", recorded)
         with pytest.raises(_Interrupted):
             main(_distill_cli(sd_folder, image_folder, run))
-        assert steps == [1, 2, 3] and [p.name for p in (run / "checkpoints").iterdir()] == ["step-2"]
+        assert steps == [1, 2, 3] and [p.name for p in (run / "train" / "checkpoints").iterdir()] == ["step-2"]
         steps.clear()
         die_at.clear()
         capsys.readouterr()
@@ -303,8 +303,8 @@ def test_distill_cli_resume_latest_continues_from_the_checkpoint(sd_folder, imag
     assert "at step 2" in capsys.readouterr().out
     assert steps == [3, 4]  # only the steps after the checkpoint ran again
 
-    straight = json.loads((tmp_path / "straight" / "train_history.json").read_text())
-    resumed = json.loads((run / "train_history.json").read_text())
+    straight = json.loads((tmp_path / "straight" / "train" / "train_history.json").read_text())
+    resumed = json.loads((run / "train" / "train_history.json").read_text())
     assert [h["step"] for h in resumed] == [1, 2, 3, 4]
     for a, b in zip(straight, resumed, strict=True):
         assert (a["loss"], a["lr"], a["grad_norm"]) == (b["loss"], b["lr"], b["grad_norm"])

@@ -144,7 +144,7 @@ def test_sdxl_full_and_lora(image_folder, tmp_path, parity):
 def test_loss_falls_on_a_tiny_teacher(image_folder, tmp_path):
     teacher = build_tiny_sd(tmp_path / "teacher")
     out = _distill(teacher, image_folder, tmp_path / "lcm", "--max-steps", "40", "--learning-rate", "3e-4")
-    history = [h["loss"] for h in json.loads((out / "train_history.json").read_text())]
+    history = [h["loss"] for h in json.loads((out / "train" / "train_history.json").read_text())]
     first, last = sum(history[:8]) / 8, sum(history[-8:]) / 8
     assert last < first, (first, last)
 
@@ -153,7 +153,7 @@ def test_loss_falls_on_a_tiny_teacher(image_folder, tmp_path):
     "args,message",
     [
         (["--teacher", "/nonexistent/model"], "no model folder"),
-        (["--w-min", "9", "--w-max", "2"], "w_min"),
+        (["--w-min", "9", "--w-max", "2"], "--w-min"),
         (["--data", "/nonexistent/data"], "no such file or directory"),
         (["--max-steps", "0"], "max-steps"),
     ],

@@ -23,7 +23,7 @@ from lcm.maths.solvers import Solver
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import Sampler, default_model_path, generate
 from lcm.training.lcd import LCDConfig
-from lcm.training.loop import TrainConfig
+from lcm.training.loop import TRAIN_DIR, TrainConfig
 from lcm.training.runs import DataConfig, run_distillation
 
 __all__ = ["DemoConfig", "run_demo"]
@@ -73,7 +73,7 @@ def _forget_other_runs(lcm_dir: Path, cfg: DemoConfig) -> None:
     stamp = lcm_dir / "demo_config.json"
     config = json.dumps({k: str(v) for k, v in asdict(cfg).items()}, sort_keys=True)
     if stamp.is_file() and stamp.read_text() != config:
-        shutil.rmtree(lcm_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(lcm_dir / TRAIN_DIR / "checkpoints", ignore_errors=True)
     lcm_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(config)
 

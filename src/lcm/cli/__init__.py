@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from lcm import __version__
 from lcm.cli import consistency, demo, evaluate, sample, timesteps, train_teacher
+from lcm.cli.common import typed_flags
 
 COMMANDS = (demo, train_teacher, sample, consistency, evaluate, timesteps)
 
@@ -38,11 +39,14 @@ def _quiet_library_progress() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     _quiet_library_progress()
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    args.typed_flags = typed_flags(subparsers.choices[args.command], argv)  # what a resumed run must not change
     try:
         return args.func(args)
     except (ValueError, OSError) as err:  # bad input, missing files: one line the user can act on

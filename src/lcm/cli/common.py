@@ -1,8 +1,14 @@
-"""What several commands share: list flags, the training-loop and data flags, and the configs built from them."""
+"""What several commands share: list flags, range checks, the training-loop and data flags, the run configuration
+(saved with a run, read back by ``--resume`` and ``--config``) and the configs built from them."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from lcm.maths.losses import LossType
 from lcm.models.student import StudentKind
@@ -27,9 +33,29 @@ def float_list(text: str, flag: str) -> tuple[float, ...]:
         values = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise ValueError(f"{flag} takes comma-separated numbers, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
+    if not values or any(not (math.isfinite(v) and v >= 0) for v in values):
         raise ValueError(f"{flag}: give one or more guidance weights w >= 0, got {text!r}")
     return values
+
+
+def check_int(value: int | None, flag: str, low: int, high: int | None = None) -> None:
+    """``ValueError`` naming ``flag`` and its range unless ``low <= value (<= high)``; None passes (unset)."""
+    if value is None or (value >= low and (high is None or value <= high)):
+        return
+    allowed = f"between {low} and {high}" if high is not None else f"at least {low}"
+    raise ValueError(f"{flag} must be {allowed}, got {value}")
+
+
+def check_float(value: float | None, flag: str, low: float, *, open_low: bool = False, high: float | None = None):
+    """``ValueError`` naming ``flag`` unless ``value`` is a finite number in its range; None passes (unset)."""
+    if value is None:
+        return
+    above = value > low if open_low else value >= low
+    if math.isfinite(value) and above and (high is None or value < high):
+        return
+    bound = f"> {low}" if open_low else f">= {low}"
+    allowed = f"a number {bound}" + (f" and < {high}" if high is not None else "")
+    raise ValueError(f"{flag} must be {allowed}, got {value}")
 
 
 def cuda_available() -> bool:
@@ -60,7 +86,15 @@ def add_consistency_args(p: argparse.ArgumentParser, title: str):
 def add_training_args(p: argparse.ArgumentParser, lr_help: str, steps: int) -> None:
     """Flags of the shared training loop (distill and finetune)."""
     g = p.add_argument_group("training loop")
-    g.add_argument("--out", required=True, help="run folder: checkpoints/, logs/ (TensorBoard), validation/, export")
+    g.add_argument(
+        "--out",
+        required=True,
+        help="run folder: the exported model, and train/ (checkpoints, logs, validation grids, run_config.json)",
+    )
+    g.add_argument(
+        "--config",
+        help="start from the settings of a run_config.json (or a JSON object of flags); flags typed here override",
+    )
     g.add_argument("--max-steps", type=int, default=steps, help=f"optimiser steps (default {steps})")
     g.add_argument("--batch-size", type=int, default=32, help="samples per device per micro-batch (default 32)")
     g.add_argument("--learning-rate", type=float, help=f"AdamW learning rate ({lr_help})")
@@ -77,7 +111,17 @@ def add_training_args(p: argparse.ArgumentParser, lr_help: str, steps: int) -> N
     g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
     g.add_argument("--validate-every", type=int, default=500, help="steps between validation grids (default 500)")
     g.add_argument("--log-every", type=int, default=10, help="steps between log lines (default 10)")
-    g.add_argument("--resume", help="'latest' or a checkpoint folder: continue exactly where it stopped")
+    g.add_argument(
+        "--resume",
+        help="'latest' or a checkpoint folder: continue exactly where it stopped, with the run's saved settings "
+        "(only --out is needed)",
+    )
+    g.add_argument(
+        "--max-bad-steps",
+        type=int,
+        default=10,
+        help="stop after this many optimiser steps in a row with a non-finite loss or gradient (default 10)",
+    )
     d = p.add_argument_group("data")
     d.add_argument(
         "--data",
@@ -124,6 +168,7 @@ def loop_config(args: argparse.Namespace, default_lr: float):
         validate_every=args.validate_every,
         log_every=args.log_every,
         resume=args.resume,
+        max_bad_steps=args.max_bad_steps,
     )
 
 
@@ -162,3 +207,96 @@ def lora_settings(args: argparse.Namespace):
     return LoraSettings(
         rank=args.lora_rank, alpha=args.lora_alpha, fuse=args.fuse_lora, **({"targets": targets} if targets else {})
     )
+
+
+def check_consistency_flags(args: argparse.Namespace) -> None:
+    """The LCD / LCF / LoRA / validation flags, each against its range, before anything is loaded."""
+    check_int(args.num_solver_steps, "--num-solver-steps", 1, 1000)
+    check_float(args.huber_c, "--huber-c", 0, open_low=True)
+    check_float(args.ema_decay, "--ema-decay", 0, high=1)
+    check_int(args.lora_rank, "--lora-rank", 1)
+    check_float(args.lora_alpha, "--lora-alpha", 0, open_low=True)
+    check_float(args.validation_w, "--validation-w", 0)
+    if args.lora_targets is not None and not [t for t in args.lora_targets.split(",") if t.strip()]:
+        raise ValueError("--lora-targets takes comma-separated module names, got none")
+
+
+# Flags a resumed run may change: they steer when things are written and how long it runs, not what it computes.
+RESUME_MAY_CHANGE = frozenset(
+    {"out", "resume", "config", "max_steps", "checkpoint_every", "keep_checkpoints", "validate_every", "log_every"}
+    | {"num_workers", "max_bad_steps", "data_dir"}
+)
+_NOT_FLAGS = ("func", "command", "typed_flags")
+
+
+def typed_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, str]:
+    """``{dest: option}`` of the optional flags typed in ``argv`` (argparse's unique prefixes resolved)."""
+    options = parser._option_string_actions  # argparse keeps no record of which flags were typed
+    typed = {}
+    for token in argv:
+        if token == "--":
+            break
+        if not token.startswith("--"):
+            continue
+        name = token.split("=", 1)[0]
+        matches = [name] if name in options else [o for o in options if o.startswith(name)]
+        if len(matches) == 1:
+            typed[options[matches[0]].dest] = matches[0]
+    return typed
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def _config_file(path: str, command: str, known: dict[str, Any]) -> dict[str, Any]:
+    try:
+        record = json.loads(Path(path).expanduser().read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--config {path}: not a readable JSON file ({err})") from None
+    if isinstance(record, dict) and isinstance(record.get("flags"), dict):
+        if record.get("command") not in (None, command):
+            raise ValueError(f"--config {path} is the configuration of an lcm {record['command']} run, not {command}")
+        record = record["flags"]
+    if not isinstance(record, dict):
+        raise ValueError(f"--config {path} must hold a JSON object of flags")
+    flags = {k.lstrip("-").replace("-", "_"): v for k, v in record.items()}
+    if unknown := sorted(k for k in flags if k not in known):
+        raise ValueError(f"--config {path}: unknown flag(s) {', '.join(unknown)} for lcm {command}")
+    return flags
+
+
+def settle_flags(args: argparse.Namespace, command: str) -> None:
+    """Fill ``args`` from the run being resumed (``OUT/train/run_config.json``) or from ``--config``, keeping every
+    flag typed on the command line; a typed flag that would change a resumed run is refused in one line."""
+    from lcm.training.loop import TRAIN_DIR
+    from lcm.training.runs import RUN_CONFIG, read_run_config
+
+    typed = getattr(args, "typed_flags", {})
+    own = {k: v for k, v in vars(args).items() if k not in _NOT_FLAGS}
+    saved = read_run_config(args.out) if args.resume else None
+    if saved is not None and isinstance(saved.get("flags"), dict):
+        where = Path(args.out) / TRAIN_DIR / RUN_CONFIG
+        if args.config:
+            raise ValueError(f"--config starts a run; --resume takes the run's own settings from {where}")
+        if saved.get("command") != command:
+            raise ValueError(f"{args.out} is an lcm {saved.get('command')} run: resume it with that command")
+        base = saved["flags"]
+        for dest, option in typed.items():
+            if dest not in RESUME_MAY_CHANGE and dest in base and own.get(dest) != base[dest]:
+                raise ValueError(
+                    f"{option} {_show(own.get(dest))} differs from this run's {_show(base[dest])} (saved in {where}): "
+                    "drop the flag to resume, or start a new --out"
+                )
+    elif args.config:
+        base = _config_file(args.config, command, own)
+    else:
+        return
+    for dest, value in base.items():
+        if dest in own and dest not in typed and dest not in ("out", "resume", "config"):
+            setattr(args, dest, value)
+
+
+def recorded_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags to save with a run (everything but the parser's own entries)."""
+    return {k: v for k, v in vars(args).items() if k not in _NOT_FLAGS}

@@ -7,9 +7,13 @@ import argparse
 from lcm.cli.common import (
     add_consistency_args,
     add_training_args,
+    check_consistency_flags,
+    check_float,
     data_config,
     loop_config,
     lora_settings,
+    recorded_flags,
+    settle_flags,
     validation_prompts,
 )
 from lcm.maths.solvers import Solver
@@ -21,6 +25,15 @@ def run_distill(args: argparse.Namespace) -> int:
     from lcm.training.lcd import LCDConfig
     from lcm.training.runs import run_distillation
 
+    settle_flags(args, "distill")
+    check_consistency_flags(args)
+    check_float(args.w_min, "--w-min", 0)
+    check_float(args.w_max, "--w-max", 0)
+    if args.w_min > args.w_max:
+        raise ValueError(f"--w-min must not exceed --w-max, got --w-min {args.w_min} > --w-max {args.w_max}")
+    if args.learning_rate is None:
+        args.learning_rate = 1e-4 if args.student == "lora" else 1e-6
+    loop, data = loop_config(args, args.learning_rate), data_config(args)
     teacher = args.teacher or str(default_model_path())
     lcd = LCDConfig(
         num_solver_steps=args.num_solver_steps,
@@ -33,14 +46,15 @@ def run_distill(args: argparse.Namespace) -> int:
     )
     summary = run_distillation(
         teacher,
-        data_config(args),
+        data,
         lcd,
-        loop_config(args, 1e-4 if args.student == "lora" else 1e-6),
+        loop,
         student=StudentKind(args.student),
         lora=lora_settings(args),
         gradient_checkpointing=args.gradient_checkpointing,
         validation_prompts=validation_prompts(args, args.teacher is None),
         validation_w=args.validation_w,
+        flags=recorded_flags(args),
     )
     print(f"distilled {summary['steps']} steps in {summary['wall_seconds']:.0f} s; model in {args.out}")
     return 0
@@ -51,6 +65,14 @@ def run_finetune(args: argparse.Namespace) -> int:
     from lcm.training.lcf import LCFConfig
     from lcm.training.runs import run_finetune
 
+    settle_flags(args, "finetune")
+    if not args.model:
+        raise ValueError("--model is required: the LCM folder to fine-tune (a resumed run reads it from its settings)")
+    check_consistency_flags(args)
+    check_float(args.lcf_w, "--lcf-w", 0)
+    if args.learning_rate is None:
+        args.learning_rate = 1e-4 if args.student == "lora" else 1e-5
+    loop, data = loop_config(args, args.learning_rate), data_config(args)
     lcf = LCFConfig(
         num_solver_steps=args.num_solver_steps,
         w=args.lcf_w,
@@ -60,14 +82,15 @@ def run_finetune(args: argparse.Namespace) -> int:
     )
     summary = run_finetune(
         args.model,
-        data_config(args),
+        data,
         lcf,
-        loop_config(args, 1e-4 if args.student == "lora" else 1e-5),
+        loop,
         student=StudentKind(args.student),
         lora=lora_settings(args),
         gradient_checkpointing=args.gradient_checkpointing,
         validation_prompts=validation_prompts(args, args.data.startswith("fashion-mnist")),
         validation_w=args.validation_w,
+        flags=recorded_flags(args),
     )
     print(f"fine-tuned {summary['steps']} steps in {summary['wall_seconds']:.0f} s; model in {args.out}")
     return 0
@@ -80,7 +103,8 @@ def add_parser(sub) -> None:
         description=(
             "Distil a diffusers-format latent diffusion model (SD 1.x/2.x epsilon or v, SDXL, or the embedded "
             "Fashion teacher) into an LCM by consistency distillation over the guidance-augmented PF-ODE. "
-            "Runs on many GPUs with `accelerate launch -m lcm.cli distill ...`. The export lands in --out."
+            "Runs on many GPUs with `accelerate launch -m lcm.cli distill ...`. The export lands in --out, the "
+            "training state in --out/train; `lcm distill --out RUN --resume latest` continues a run."
         ),
     )
     ds.add_argument("--teacher", help="teacher model folder or hub id (default: the shipped Fashion teacher)")
@@ -100,7 +124,7 @@ def add_parser(sub) -> None:
             "--lcf-w during fine-tuning (no teacher means no guided ODE to distil other w from)."
         ),
     )
-    ft.add_argument("--model", required=True, help="the LCM to fine-tune: a full LCM folder or an LCM-LoRA folder")
+    ft.add_argument("--model", help="(required) the LCM to fine-tune: a full LCM folder or an LCM-LoRA folder")
     f = add_consistency_args(ft, "LCF")
     f.add_argument(
         "--lcf-w",

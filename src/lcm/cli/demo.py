@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from lcm.cli.common import check_int
 from lcm.maths.solvers import Solver
 
 
@@ -12,6 +13,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from lcm.demo import demo_config_from, run_demo
 
+    check_int(args.max_steps, "--max-steps", 1)
+    check_int(args.batch_size, "--batch-size", 1)
+    check_int(args.eval_samples, "--eval-samples", 1)
+    check_int(args.seed, "--seed", 0, 2**32 - 1)
     cfg = demo_config_from(
         Path(args.out),
         args.quick,
@@ -37,7 +42,11 @@ def add_parser(sub) -> None:
             "Rerunning resumes an interrupted distillation."
         ),
     )
-    p.add_argument("--out", default="lcm-demo", help="output folder (default lcm-p)")
+    p.add_argument(
+        "--out",
+        default="lcm-demo",
+        help="output folder (default lcm-demo; the LCM in OUT/lcm, its training state in OUT/lcm/train)",
+    )
     p.add_argument("--quick", action="store_true", help="a minute-long smoke run (20 steps, 100 images per row)")
     p.add_argument("--max-steps", type=int, help="LCD steps (default 1500)")
     p.add_argument("--batch-size", type=int, help="LCD batch size (default 32)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lcm.cli.common import STABLE_DIFFUSION_SCHEDULE
+from lcm.cli.common import STABLE_DIFFUSION_SCHEDULE, check_int
 from lcm.sample import Sampler
 
 
@@ -13,6 +13,7 @@ def run_timesteps(args: argparse.Namespace) -> int:
     from lcm.maths.schedule import NoiseSchedule
     from lcm.maths.timesteps import ddim_timesteps, dpm_solver_timesteps, lcm_timesteps
 
+    check_int(args.original_steps, "--original-steps", 1, 1000)
     config = json.loads(args.scheduler_config.read()) if args.scheduler_config else STABLE_DIFFUSION_SCHEDULE
     schedule = NoiseSchedule.from_config(config)
     num_train = schedule.num_train_timesteps

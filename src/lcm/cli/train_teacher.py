@@ -5,12 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 
+from lcm.cli.common import check_int
+
 
 def run_train_teacher(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lcm.training.train_teacher import TeacherTrainConfig, train_teacher
 
+    for flag in ("--vae-steps", "--unet-steps", "--classifier-steps", "--batch-size", "--checkpoint-every"):
+        check_int(getattr(args, flag[2:].replace("-", "_")), flag, 1)
+    check_int(args.sample_every, "--sample-every", 1)
+    check_int(args.max_train_images, "--max-train-images", 1)
+    check_int(args.seed, "--seed", 0, 2**32 - 1)
+    try:
+        channels = tuple(int(c) for c in args.unet_channels.split(","))
+    except ValueError:
+        raise ValueError(f"--unet-channels takes comma-separated integers, got {args.unet_channels!r}") from None
+    if not channels or any(c < 1 for c in channels):
+        raise ValueError(f"--unet-channels: block widths must be at least 1, got {args.unet_channels!r}")
     cfg = TeacherTrainConfig(
         out=Path(args.out),
         data_dir=Path(args.data_dir) if args.data_dir else None,
@@ -19,7 +32,7 @@ def run_train_teacher(args: argparse.Namespace) -> int:
         unet_steps=args.unet_steps,
         classifier_steps=args.classifier_steps,
         unet_batch=args.batch_size,
-        unet_channels=tuple(int(c) for c in args.unet_channels.split(",")),
+        unet_channels=channels,
         max_train_images=args.max_train_images,
         checkpoint_every=args.checkpoint_every,
         sample_every=args.sample_every,

@@ -35,6 +35,9 @@ MISSING_IMAGE_FILE = "missing image file"
 UNREADABLE_IMAGE = "unreadable image"
 INVALID_METADATA = "invalid metadata line"
 UNREADABLE_SHARD = "unreadable shard"
+TRUNCATED_SAMPLE = "truncated sample"  # a WebDataset sample cut off by the end of its shard
+TRUNCATED_SHARD = "truncated shard"  # a shard that ends mid-member (its complete samples are still read)
+SHARD_REASONS = (UNREADABLE_SHARD, TRUNCATED_SHARD)  # counted apart: a shard is not a sample
 
 
 class Sample(TypedDict):
@@ -99,15 +102,32 @@ class SkipCounter:
         for reason, key in items:
             self.add(reason, key)
 
-    def summary(self) -> str:
-        """One line, most frequent reason first: ``"skipped 3 samples: 2 unreadable image, 1 missing caption"``."""
+    def summary(self, examples: int = 0) -> str:
+        """One line, most frequent reason first: ``"skipped 3 samples: 2 unreadable image, 1 missing caption"``;
+        shards are counted after a semicolon (``"; 1 truncated shard"``). With ``examples`` > 0 each reason names
+        up to that many of its keys (files, metadata lines, shard members)."""
         counts = self.counts
-        total = sum(counts.values())
+        samples = {r: n for r, n in counts.items() if r not in SHARD_REASONS}
+        shards = {r: n for r, n in counts.items() if r in SHARD_REASONS}
+        total = sum(samples.values())
         noun = "sample" if total == 1 else "samples"
-        if not total:
-            return f"skipped 0 {noun}"
-        parts = [f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
-        return f"skipped {total} {noun}: " + ", ".join(parts)
+        line = f"skipped {total} {noun}"
+        if total:
+            line += ": " + self._parts(samples, examples)
+        if shards:
+            line += "; " + self._parts(shards, examples)
+        return line
+
+    def _parts(self, counts: dict[str, int], examples: int) -> str:
+        parts = []
+        for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            shown = self.examples(reason)[:examples]
+            parts.append(f"{n} {reason}" + (f" ({', '.join(shown)}{', …' if n > len(shown) else ''})" if shown else ""))
+        return ", ".join(parts)
+
+    def report(self) -> str:
+        """:meth:`summary` naming the first three keys of each reason, for the end of a run."""
+        return self.summary(examples=3)
 
     def __repr__(self) -> str:
         return f"SkipCounter({self.summary()!r})"

@@ -71,14 +71,15 @@ class ImageFolderSource(MapSource):
 
     def _read_metadata(self, path: Path) -> list[tuple[str, dict[str, Any]]]:
         rows = []
-        with open(path, encoding="utf-8") as fh:
-            for line_number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
+        with open(path, "rb") as fh:  # decoded line by line: one bad byte costs one line, not the whole file
+            for line_number, raw in enumerate(fh, start=1):
                 key = f"{METADATA_FILE}:{line_number}"
                 try:
+                    line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+                    if not line.strip():
+                        continue
                     row = json.loads(line)
-                except json.JSONDecodeError:
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                     row = None
                 if isinstance(row, dict):
                     rows.append((key, row))

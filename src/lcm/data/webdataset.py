@@ -22,6 +22,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from lcm.data.base import (
     MISSING_CAPTION,
     MISSING_IMAGE,
+    TRUNCATED_SAMPLE,
+    TRUNCATED_SHARD,
     UNREADABLE_CAPTION,
     UNREADABLE_IMAGE,
     UNREADABLE_SHARD,
@@ -125,15 +127,35 @@ def _open_shard(url: str) -> tuple[IO[bytes], subprocess.Popen | None]:
     return open(shard_path(url), "rb"), None
 
 
+class _CutShard(Exception):
+    """A shard stream failed mid-way; ``member`` names the member being read when its header had been read."""
+
+    def __init__(self, member: str | None, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.member = member
+
+
 def _tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
-    # Streaming mode ("r|*"): no seeking, so URLs and pipes work, and gzip-compressed shards too.
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            handle = tar.extractfile(member)
-            if handle is not None:
-                yield member.name, handle.read()
+    """``(name, bytes)`` of each file member; a stream cut off raises :class:`_CutShard` saying where."""
+    try:
+        # Streaming mode ("r|*"): no seeking, so URLs and pipes work, and gzip-compressed shards too.
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                handle = tar.extractfile(member)
+                if handle is None:
+                    continue
+                try:
+                    data = handle.read()
+                except _SHARD_ERRORS as err:
+                    raise _CutShard(member.name, err) from err
+                yield member.name, data
+            # tarfile ends quietly when a header is missing or cut short; a complete shard has its zero end block.
+            if getattr(tar.fileobj, "pos", tar.offset + tarfile.BLOCKSIZE) < tar.offset + tarfile.BLOCKSIZE:
+                raise _CutShard(None, EOFError("the shard ends without tar's end-of-archive block"))
+    except _SHARD_ERRORS as err:
+        raise _CutShard(None, err) from err
 
 
 def _split_member_name(name: str) -> tuple[str | None, str]:
@@ -285,7 +307,7 @@ class WebDatasetSource(IterableDataset):
         try:
             stream, process = _open_shard(url)
             with stream:
-                yield from group_samples(_tar_members(stream))
+                yield from self._complete_samples(url, _tar_members(stream))
             completed = True
         except _SHARD_ERRORS as err:
             logger.warning("WebDataset shard %s: %s", url, err)
@@ -297,6 +319,30 @@ class WebDatasetSource(IterableDataset):
                 if process.wait() != 0 and completed:
                     logger.warning("WebDataset shard %s: command exited with status %s", url, process.returncode)
                     self.skipped.add(UNREADABLE_SHARD, url)
+
+    def _complete_samples(self, url: str, members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict]]:
+        """:func:`group_samples` that survives a shard cut off mid-way: the samples read in full before the cut are
+        kept, the one the cut falls in is counted as a truncated sample, and the shard as a truncated shard."""
+        cuts: list[_CutShard] = []
+
+        def until_cut() -> Iterator[tuple[str, bytes]]:
+            try:
+                yield from members
+            except _CutShard as cut:
+                cuts.append(cut)
+
+        for key, sample in group_samples(until_cut()):
+            # Only the last group can follow a cut; it lost a member when the cut fell inside it. A cut between
+            # headers leaves no trace of a further member, so that group is taken as complete.
+            if cuts and cuts[0].member is not None and _split_member_name(cuts[0].member)[0] == key:
+                continue
+            yield key, sample
+        if cuts:
+            logger.warning("WebDataset shard %s is cut off: %s", url, cuts[0])
+            self.skipped.add(TRUNCATED_SHARD, url)
+            cut_key = _split_member_name(cuts[0].member)[0] if cuts[0].member else None
+            if cut_key is not None:
+                self.skipped.add(TRUNCATED_SAMPLE, f"{url}#{cut_key}")
 
     def _shuffled(self, samples: Iterator[Sample], epoch: int, reader: int) -> Iterator[Sample]:
         if self.shuffle_buffer <= 1:

@@ -232,7 +232,7 @@ class CachedPromptEmbeddings:
     def __init__(self, encoder: TextEncoder, prompts: Sequence[str], cache_dir: str | Path | None = None):
         self.prompts = list(prompts)
         key = hashlib.sha256(json.dumps([encoder.name, encoder.max_length, self.prompts]).encode()).hexdigest()[:16]
-        cache_dir = Path(cache_dir) if cache_dir else lcm_cache_dir("text")
+        cache_dir = (Path(cache_dir) if cache_dir else lcm_cache_dir()) / "text"
         path = cache_dir / f"{key}.safetensors"
         from safetensors.torch import load_file, save_file
 

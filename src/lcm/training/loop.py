@@ -4,7 +4,11 @@ no LCM maths.
 A :class:`Task` supplies the per-sample loss of a batch, the trainable parameters, what to checkpoint, what to do
 after each optimiser step (EMA), and how to validate and export; the loop supplies Accelerate (devices, mixed
 precision, gradient accumulation, many GPUs through ``accelerate launch``), the optimiser and its schedule, gradient
-clipping, safetensors checkpoints that resume exactly (history included), TensorBoard logging and progress.
+clipping, a guard against non-finite losses and gradients, safetensors checkpoints that resume exactly (history and
+data position included), TensorBoard logging and progress.
+
+A run folder ``out`` holds the export; everything else a run writes goes to ``out/train``: ``checkpoints/``,
+``logs/``, ``validation/``, ``train_config.json`` and ``train_history.json``.
 """
 
 from __future__ import annotations
@@ -22,19 +26,41 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from lcm.training.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from lcm.training.checkpoint import checkpoint_steps, non_finite, restore_checkpoint, save_training_state
 
-__all__ = ["MIXED_PRECISION", "Task", "TrainConfig", "cosine_floor", "train"]
+__all__ = [
+    "LR_SCHEDULES",
+    "MIXED_PRECISION",
+    "TRAIN_DIR",
+    "NonFiniteTraining",
+    "Task",
+    "TrainConfig",
+    "cosine_floor",
+    "train",
+]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")  # Accelerate's autocast modes
+# diffusers.optimization's schedules that need no extra arguments, and ours.
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+LR_SCHEDULES += ("cosine_floor",)
+TRAIN_DIR = "train"  # the training state inside a run folder, kept apart from the exported model
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    out: Path  # run folder: checkpoints/, logs/, validation/, and the export
+    out: Path  # run folder: the export; training state in out/train
     max_steps: int = 1000  # optimiser steps
     learning_rate: float = 1e-6
-    lr_schedule: str = "constant"  # any diffusers.optimization scheduler name: constant, cosine, linear, …
+    lr_schedule: str = "constant"  # one of LR_SCHEDULES
     lr_warmup_steps: int = 0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -47,27 +73,64 @@ class TrainConfig:
     noise_seed: int | None = None  # seed of the generator handed to Task.loss (default: from seed and rank)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    checkpoint_dir: Path | None = None  # where the step-N folders go (default: out/checkpoints)
+    checkpoint_dir: Path | None = None  # where the step-N folders go (default: out/train/checkpoints)
     validate_every: int = 500  # 0: only at the end
     log_every: int = 10
-    write_logs: bool = True  # TensorBoard logs, train_config.json and train_history.json in out
+    write_logs: bool = True  # TensorBoard logs, train_config.json and train_history.json in out/train
     resume: str | None = None  # "latest" or a checkpoint folder
     cpu: bool = False  # train on the CPU even where an accelerator is present
     label: str = "train"  # of the progress bar
+    max_bad_steps: int = 10  # stop after this many optimiser steps in a row with a non-finite loss or gradient
 
     def __post_init__(self):
-        if self.max_steps < 1:
-            raise ValueError("--max-steps must be at least 1")
-        if self.checkpoint_every < 1:
-            raise ValueError("--checkpoint-every must be at least 1")
-        if self.keep_checkpoints < 1:
-            raise ValueError("--keep-checkpoints must be at least 1")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        if self.gradient_accumulation_steps < 1:
-            raise ValueError("--gradient-accumulation-steps must be at least 1")
-        if self.learning_rate <= 0:
-            raise ValueError("--learning-rate must be positive")
+        _check(self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}")
+        _check(_positive(self.learning_rate), f"--learning-rate must be a positive number, got {self.learning_rate}")
+        _check(
+            self.lr_schedule in LR_SCHEDULES,
+            f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
+        )
+        _check(self.lr_warmup_steps >= 0, f"--lr-warmup-steps must be at least 0, got {self.lr_warmup_steps}")
+        for name, beta in (("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)):
+            _check(0 <= beta < 1, f"{name} must lie in [0, 1), got {beta}")
+        wd = self.adam_weight_decay
+        _check(math.isfinite(wd) and wd >= 0, f"--adam-weight-decay must be a number >= 0, got {wd}")
+        acc = self.gradient_accumulation_steps
+        _check(acc >= 1, f"--gradient-accumulation-steps must be at least 1, got {acc}")
+        norm = self.max_grad_norm
+        _check(norm is None or _positive(norm), f"--max-grad-norm must be a positive number, got {norm}")
+        _check(
+            self.mixed_precision in MIXED_PRECISION,
+            f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}",
+        )
+        for name, seed in (("--seed", self.seed), ("noise_seed", self.noise_seed)):
+            _check(seed is None or 0 <= seed < 2**32, f"{name} must lie in [0, 2**32), got {seed}")
+        _check(self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
+        _check(self.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
+        every = self.validate_every
+        _check(every >= 0, f"--validate-every must be at least 0 (0: only at the end), got {every}")
+        _check(self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}")
+        _check(self.max_bad_steps >= 1, f"--max-bad-steps must be at least 1, got {self.max_bad_steps}")
+        _check(self.resume is None or bool(str(self.resume).strip()), "--resume takes 'latest' or a checkpoint folder")
+
+    @property
+    def train_dir(self) -> Path:
+        """Where checkpoints, logs, validation grids and the history go (the export stays in ``out``)."""
+        return self.out / TRAIN_DIR
+
+
+def cpu_processes(cpu: bool = False) -> bool:
+    """Whether Accelerate must be told to use the CPU: asked for, or several processes on a machine without GPUs
+    (Accelerate only sets up CPU processes with gloo when told so; otherwise each would run alone as rank 0)."""
+    import os
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return cpu or (
+        several and not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available())
+    )
+
+
+class NonFiniteTraining(ValueError):
+    """Too many optimiser steps in a row had a non-finite loss or gradient."""
 
 
 class Task(Protocol):
@@ -127,35 +190,36 @@ def _lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
 
 
 def _checkpoint_root(cfg: TrainConfig) -> Path:
-    return cfg.checkpoint_dir if cfg.checkpoint_dir is not None else cfg.out / "checkpoints"
+    return cfg.checkpoint_dir if cfg.checkpoint_dir is not None else cfg.train_dir / "checkpoints"
 
 
-def _resolve_resume(cfg: TrainConfig) -> Path | None:
-    if cfg.resume is None:
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, so that the JSON written is strict."""
+    if isinstance(value, float) and not math.isfinite(value):
         return None
-    if cfg.resume == "latest":
-        return latest_checkpoint(_checkpoint_root(cfg))  # nothing yet: a fresh start
-    path = Path(cfg.resume)
-    if not path.is_dir():
-        raise ValueError(f"--resume {cfg.resume}: no such checkpoint folder (or use --resume latest)")
-    return path
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
 
 
 def train(task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig) -> dict[str, Any]:
     """Run ``cfg.max_steps`` optimiser steps of ``task``. ``batches(start)`` returns the endless batch stream from
     micro-batch ``start`` on (see :func:`lcm.data.loader.batch_stream`), so a resumed run continues at the same data
     position; a run resumed at its last step only restores the task's state. Returns a summary: ``steps``,
-    ``steps_run`` (by this call), ``wall_seconds`` and the logged ``history`` of the whole run."""
+    ``steps_run`` (by this call), ``bad_steps`` (skipped for a non-finite loss or gradient), ``wall_seconds`` and
+    the logged ``history`` of the whole run."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    cfg.train_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        cpu=cfg.cpu,
+        cpu=cpu_processes(cfg.cpu),
         log_with="tensorboard" if cfg.write_logs else None,
-        project_config=ProjectConfiguration(project_dir=str(cfg.out), logging_dir=str(cfg.out / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(cfg.train_dir), logging_dir=str(cfg.train_dir / "logs")),
     )
     params = task.trainable_parameters()
     optimizer = _optimizer(params, cfg)
@@ -165,49 +229,74 @@ def train(task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig)
     noise_seed = cfg.seed * 1009 if cfg.noise_seed is None else cfg.noise_seed
     generator = torch.Generator().manual_seed(noise_seed + accelerator.process_index)
 
-    step, elapsed, history = 0, 0.0, []
-    resume = _resolve_resume(cfg)
-    if resume is not None:
-        state, meta = load_training_state(resume, optimizer.optimizer, generator)
-        task.load_state_dict(state)
+    run = _Run(accelerator, task, optimizer, lr_scheduler, generator, params, wrapped, cfg)
+    step, elapsed = 0, 0.0
+    meta = None
+    if cfg.resume is not None:
+        meta = restore_checkpoint(
+            cfg.resume, _checkpoint_root(cfg), optimizer.optimizer, generator, task.load_state_dict, accelerator.print
+        )
+    if meta is not None:
         step, elapsed = int(meta["step"]), float(meta.get("elapsed", 0.0))
-        history = [h for h in meta.get("history", []) if h["step"] <= step]
+        run.resume_from(meta, step)
         if accelerator.process_index > 0:  # the checkpoint holds rank 0's generator: give each rank its own stream
             generator.manual_seed((noise_seed + accelerator.process_index) * 100003 + step)
         with warnings.catch_warnings():  # replaying before any optimizer.step() is intended here
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(step):  # schedules are functions of the step: replay them, no state to trust
                 lr_scheduler.step()
-        accelerator.print(f"resumed from {resume} at step {step}")
     if accelerator.is_main_process and cfg.write_logs:
         accelerator.init_trackers("lcm", config=_flat_config(cfg))
-        (cfg.out / "train_config.json").write_text(json.dumps(_flat_config(cfg), indent=2) + "\n")
+        (cfg.train_dir / "train_config.json").write_text(json.dumps(_flat_config(cfg), indent=2) + "\n")
 
     first, t0 = step, time.time() - elapsed
     if step < cfg.max_steps:
-        run = _Run(accelerator, task, optimizer, lr_scheduler, generator, params, wrapped, cfg, history)
-        run.steps(iter(batches(step * cfg.gradient_accumulation_steps)), step, t0)
+        run.steps(iter(batches(run.position)), step, t0)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        task.export(cfg.out)
         if cfg.write_logs:
-            (cfg.out / "train_history.json").write_text(json.dumps(history, indent=1) + "\n")
+            history = json.dumps(_strict(run.history), indent=1, allow_nan=False)
+            (cfg.train_dir / "train_history.json").write_text(history + "\n")
+        if bad := non_finite(task.state_dict()):
+            raise ValueError(f"refusing to export: {bad} holds non-finite values (lower --learning-rate)")
+        task.export(cfg.out)
     accelerator.end_training()
+    if run.bad_steps:
+        accelerator.print(f"skipped {run.bad_steps} optimiser steps with a non-finite loss or gradient")
     last = max(first, cfg.max_steps)  # a checkpoint past max_steps is restored, not trained further
     return {
         "steps": last,
         "steps_run": last - first,
+        "bad_steps": run.bad_steps,
         "wall_seconds": time.time() - t0,
-        "history": history,
+        "history": run.history,
     }
 
 
 class _Run:
     """The optimiser steps of one :func:`train` call (split out to keep set-up and stepping readable)."""
 
-    def __init__(self, accelerator, task, optimizer, lr_scheduler, generator, params, wrapped, cfg, history):
+    def __init__(self, accelerator, task, optimizer, lr_scheduler, generator, params, wrapped, cfg):
         self.accelerator, self.task, self.optimizer, self.lr_scheduler = accelerator, task, optimizer, lr_scheduler
-        self.generator, self.params, self.wrapped, self.cfg, self.history = generator, params, wrapped, cfg, history
+        self.generator, self.params, self.wrapped, self.cfg = generator, params, wrapped, cfg
+        self.history: list[dict[str, Any]] = []
+        self.position = 0  # micro-batches this rank has drawn from the stream, unreadable ones included
+        self.bad_steps, self.bad_in_a_row = 0, 0
+
+    def resume_from(self, meta: dict[str, Any], step: int) -> None:
+        accelerator = self.accelerator
+        self.history = [h for h in meta.get("history", []) if h["step"] <= step]
+        self.bad_steps, self.bad_in_a_row = meta.get("bad_steps", [0, 0])
+        positions = meta.get("data_positions")
+        if positions is not None and len(positions) == accelerator.num_processes:
+            self.position = int(positions[accelerator.process_index])
+        else:
+            if positions is not None:
+                accelerator.print(
+                    f"the checkpoint was written by {len(positions)} processes, this run has "
+                    f"{accelerator.num_processes}: the data order differs from an uninterrupted run"
+                )
+            self.position = step * self.cfg.gradient_accumulation_steps
 
     def steps(self, stream: Iterator[Any], step: int, t0: float) -> None:
         accelerator, cfg, task = self.accelerator, self.cfg, self.task
@@ -220,11 +309,22 @@ class _Run:
         )
         samples_since, t_log = 0, time.time()
         while step < cfg.max_steps:
-            loss, grad_norm, samples = self.one_step(stream)
+            loss, grad_norm, samples, ok = self.one_step(stream)
             samples_since += samples
-            self.lr_scheduler.step()
+            self.lr_scheduler.step()  # a skipped step still advances the schedule: it stays a function of the step
             step += 1
-            task.after_optimizer_step(step)
+            if ok:
+                self.bad_in_a_row = 0
+                task.after_optimizer_step(step)
+            else:
+                self.bad_steps += 1
+                self.bad_in_a_row += 1
+                if self.bad_in_a_row >= cfg.max_bad_steps:
+                    bar.close()
+                    raise NonFiniteTraining(
+                        f"stopped at step {step}: {self.bad_in_a_row} optimiser steps in a row had a non-finite loss "
+                        f"or gradient (--max-bad-steps {cfg.max_bad_steps}); lower --learning-rate or check the data"
+                    )
             bar.update()
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 rate = samples_since / max(time.time() - t_log, 1e-9)
@@ -234,58 +334,90 @@ class _Run:
                     "lr": self.lr_scheduler.get_last_lr()[0],
                     "samples_per_second": rate,
                 }
-                accelerator.log(logs, step=step)
-                self.history.append({"step": step, **logs})
-                bar.set_postfix(loss=f"{logs['loss']:.4f}", samples_s=f"{rate:.1f}")
+                accelerator.log({k: v for k, v in logs.items() if math.isfinite(v)}, step=step)
+                self.history.append({"step": step, **_strict(logs), "bad_steps": self.bad_steps})
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", samples_s=f"{rate:.1f}", bad=self.bad_steps)
                 samples_since, t_log = 0, time.time()
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 self.checkpoint(step, time.time() - t0)
             if accelerator.is_main_process and (
                 (cfg.validate_every and step % cfg.validate_every == 0) or step == cfg.max_steps
             ):
-                metrics = task.validate(step, cfg.out / "validation")
+                metrics = task.validate(step, cfg.train_dir / "validation")
                 if metrics:
                     accelerator.log(metrics, step=step)
         bar.close()
 
-    def one_step(self, stream: Iterator[Any]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """One optimiser step over ``gradient_accumulation_steps`` micro-batches: (last loss, grad norm, samples)."""
+    def one_step(self, stream: Iterator[Any]) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
+        """One optimiser step over ``gradient_accumulation_steps`` micro-batches: (mean loss, grad norm, samples,
+        whether the update was applied). A step whose loss or gradient is not finite (on any rank) is skipped."""
         accelerator, cfg = self.accelerator, self.cfg
-        samples, grad_norm = 0, None
+        samples, grad_norm, total, ok = 0, None, None, True
         for _ in range(cfg.gradient_accumulation_steps):
-            batch = _next_readable(stream)
+            batch = self.next_batch(stream)
             with accelerator.accumulate(*self.wrapped):
                 with accelerator.autocast():
                     losses = self.task.loss(batch, self.generator)
                 loss = losses.mean()
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm is not None:
-                    grad_norm = accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                total = loss.detach() if total is None else total + loss.detach()
+                if accelerator.sync_gradients:
+                    # Clipping at +inf multiplies by exactly 1, so the norm is measured (for the guard) unclipped.
+                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+                    grad_norm = accelerator.clip_grad_norm_(self.params, max_norm)
+                    ok = self.finite(total, grad_norm)
+                    if ok:
+                        self.optimizer.step()
+                    elif accelerator.scaler is not None:  # fp16: what GradScaler does on an overflow
+                        accelerator.scaler.update(accelerator.scaler.get_scale() / 2)
+                    self.optimizer.zero_grad(set_to_none=True)
             samples += losses.shape[0] * accelerator.num_processes
-        return loss, grad_norm, samples
+        return total / cfg.gradient_accumulation_steps, grad_norm, samples, ok
+
+    def finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+        """Whether every rank's loss and the (synchronised) gradient norm are finite.
+
+        One scalar device-to-host copy per optimiser step (not per micro-batch). Keeping the decision on the device
+        instead would mean masking AdamW's update of every parameter and moment, which its fused kernels do not
+        offer; the copy costs one kernel-launch latency per step, small next to a UNet's forward and backward.
+        """
+        flag = torch.isfinite(loss.float())
+        if grad_norm is not None:
+            flag = flag & torch.isfinite(torch.as_tensor(grad_norm, device=flag.device).float())
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.gather(flag.reshape(1).float()).min() > 0
+        return bool(flag)
+
+    def next_batch(self, stream: Iterator[Any], patience: int = 1000) -> Any:
+        """The next batch that holds at least one sample (a batch of unreadable files collates to None); every
+        batch drawn counts towards the data position a checkpoint records."""
+        for _ in range(patience):
+            batch = next(stream)
+            self.position += 1
+            if batch is not None:
+                return batch
+        raise ValueError(f"{patience} batches in a row held no readable sample: check the data")
 
     def checkpoint(self, step: int, elapsed: float) -> None:
-        if not self.accelerator.is_main_process:
+        accelerator = self.accelerator
+        position = torch.tensor([self.position], device=accelerator.device)
+        positions = [int(p) for p in accelerator.gather(position).tolist()]  # every rank takes part
+        state = self.task.state_dict()
+        if bad := non_finite(state):  # cannot follow a skipped step; guards a task that changes weights itself
+            raise ValueError(f"refusing to write checkpoint step-{step}: {bad} holds non-finite values")
+        if not accelerator.is_main_process:
             return
         root = _checkpoint_root(self.cfg)
-        meta = {"step": step, "elapsed": elapsed, "history": self.history}
-        save_training_state(
-            root / f"step-{step}", self.task.state_dict(), self.optimizer.optimizer, meta, self.generator
-        )
-        done = sorted((int(p.name.split("-")[1]), p) for p in root.glob("step-*") if p.name.split("-")[1].isdigit())
-        for _, old in done[: -self.cfg.keep_checkpoints]:
+        meta = {
+            "step": step,
+            "elapsed": elapsed,
+            "history": self.history,
+            "data_positions": positions,
+            "bad_steps": [self.bad_steps, self.bad_in_a_row],
+        }
+        save_training_state(root / f"step-{step}", state, self.optimizer.optimizer, meta, self.generator)
+        for _, old in checkpoint_steps(root)[self.cfg.keep_checkpoints :]:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _next_readable(stream: Iterator[Any], patience: int = 1000) -> Any:
-    """The next batch that holds at least one sample (a batch of unreadable files collates to None)."""
-    for _ in range(patience):
-        batch = next(stream)
-        if batch is not None:
-            return batch
-    raise ValueError(f"{patience} batches in a row held no readable sample: check the data")
 
 
 def _flat_config(cfg: TrainConfig) -> dict[str, Any]:

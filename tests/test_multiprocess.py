@@ -1,0 +1,56 @@
+"""``accelerate launch --num_processes 2`` on the CPU (gloo): each rank trains on its own data, gradients are
+synchronised (2 processes at batch B take the steps 1 process takes at batch 2B), only rank 0 writes the run folder,
+and a 2-process run resumes from its checkpoint to the weights of an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).with_name("mp_worker.py")
+TOLERANCE = 1e-5  # float32 sums in another order (a 2-way all-reduce vs one batch)
+
+
+def _launch(processes: int, *args: str) -> None:
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        pytest.skip("accelerate's launcher is not installed")
+    # --multi_gpu selects torchrun; with no GPU the processes run on the CPU over gloo (--cpu would need mpirun)
+    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29613"]
+    if processes == 1:
+        command = [sys.executable]
+    env = {**os.environ, "PYTHONPATH": str(WORKER.parent), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*command, str(WORKER), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_at_twice_the_batch_and_resume(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _launch(1, str(one), "8", "4")
+    _launch(2, str(two), "4", "4")
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"1 process x batch 8 vs 2 processes x batch 4, 4 AdamW steps: max |difference| {diff:.2e}")
+    assert diff <= TOLERANCE
+    seen = [json.loads(p.read_text()) for p in sorted(Path(f"{two}-seen").iterdir())]
+    assert len(seen) == 2 and not set(seen[0]) & set(seen[1])  # different data per rank
+    assert sorted(seen[0] + seen[1]) == sorted(json.loads(next(Path(f"{one}-seen").iterdir()).read_text()))
+    assert sorted(p.name for p in (two / "train" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert [h["step"] for h in json.loads((two / "train" / "train_history.json").read_text())] == [1, 2, 3, 4]
+    assert not list(two.glob("*.tmp")) and {p.name for p in two.iterdir()} == {"model.safetensors", "train"}
+
+    resumed = tmp_path / "resumed"  # stopped after its step-2 checkpoint, resumed on 2 processes
+    shutil.copytree(two / "train" / "checkpoints" / "step-2", resumed / "train" / "checkpoints" / "step-2")
+    _launch(2, str(resumed), "4", "4", "latest")
+    c = load_file(resumed / "model.safetensors")
+    assert all(torch.equal(b[k], c[k]) for k in b)

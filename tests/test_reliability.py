@@ -1,0 +1,179 @@
+"""The training loop's guards, on a small network (tests/kill_child.py's task): non-finite losses are skipped and
+counted, a run of them stops in one line, logs stay strict JSON, corrupt checkpoints are passed over, a checkpoint
+from other settings is refused in one line, and the run settings are read back on resume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kill_child import Task
+from lcm.data.base import collate_skip_none
+from lcm.data.loader import batch_stream
+from lcm.training.checkpoint import CorruptCheckpoint, load_training_state
+from lcm.training.loop import NonFiniteTraining, TrainConfig, train
+
+DATA = [{"pixel_values": x, "caption": ""} for x in torch.randn(40, 4, generator=torch.Generator().manual_seed(1))]
+
+
+class PoisonedTask(Task):
+    """Returns a NaN loss on the optimiser steps in ``poisoned`` (1-based), as an exploding run would."""
+
+    def __init__(self, poisoned=()):
+        super().__init__()
+        self.poisoned, self.calls = set(poisoned), 0
+
+    def loss(self, batch, generator):
+        self.calls += 1
+        losses = super().loss(batch, generator)
+        return losses * math.nan if self.calls in self.poisoned else losses
+
+
+def _train(out, task, **overrides):
+    cfg = dict(out=out, max_steps=8, learning_rate=1e-2, checkpoint_every=2, validate_every=0, log_every=1, cpu=True)
+    return train(
+        task, lambda start: batch_stream(DATA, 2, collate_skip_none, start=start), TrainConfig(**cfg | overrides)
+    )
+
+
+def _strict_json(path):
+    def refuse(constant):
+        raise AssertionError(f"{path.name} holds a bare {constant}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_non_finite_steps_are_skipped_counted_and_logged_as_null(tmp_path):
+    task = PoisonedTask(poisoned={3, 4, 7})
+    summary = _train(tmp_path, task)
+    assert summary["bad_steps"] == 3
+    assert all(torch.isfinite(v).all() for v in task.state_dict().values())
+    history = _strict_json(tmp_path / "train" / "train_history.json")
+    assert [h["loss"] is None for h in history] == [s in {3, 4, 7} for s in range(1, 9)]
+    assert history[-1]["bad_steps"] == 3
+    exported = load_file(tmp_path / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in exported.values())
+
+
+def test_a_run_of_non_finite_steps_stops_in_one_line_without_a_bad_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteTraining, match=r"^stopped at step 5: 3 optimiser steps in a row") as err:
+        _train(tmp_path, PoisonedTask(poisoned={3, 4, 5, 6}), max_bad_steps=3)
+    assert "\n" not in str(err.value) and "--learning-rate" in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "train" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert not (tmp_path / "model.safetensors").exists()
+    for step in (2, 4):
+        state, _ = load_training_state(tmp_path / "train" / "checkpoints" / f"step-{step}")
+        assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def _garble(path):
+    data = bytearray(path.read_bytes())
+    data[-5000:-904] = bytes(range(256)) * 16  # 4 KiB of tensor data
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-1000])
+
+
+def _garble_header(path):
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"\xff" * 32
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_garble, _truncate, _garble_header])
+def test_a_corrupt_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, damage, capsys):
+    straight = Task()
+    _train(tmp_path / "straight", straight, max_steps=6)
+    run = tmp_path / "run"
+    _train(run, Task(), max_steps=4, keep_checkpoints=3)
+    damage(run / "train" / "checkpoints" / "step-4" / "state.safetensors")
+    with pytest.raises(CorruptCheckpoint):
+        load_training_state(run / "train" / "checkpoints" / "step-4")
+    capsys.readouterr()
+    resumed = Task()
+    _train(run, resumed, max_steps=6, resume="latest")
+    out = capsys.readouterr().out
+    assert "skipping corrupt checkpoint" in out and "step-4" in out and "at step 2" in out
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_says_when_there_is_no_checkpoint(tmp_path, capsys):
+    _train(tmp_path, Task(), max_steps=1, resume="latest")
+    assert "no checkpoint in" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_other_settings_is_refused_in_one_line(tmp_path):
+    _train(tmp_path, Task(), max_steps=2)
+
+    class Wider(Task):
+        def __init__(self):
+            super().__init__()
+            self.raw.a, self.raw.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+            self.ema.a, self.ema.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+
+    with pytest.raises(ValueError, match="does not fit this run") as err:
+        _train(tmp_path, Wider(), max_steps=4, resume="latest")
+    assert "\n" not in str(err.value)
+
+
+def _args(tmp_path, typed=(), **values):
+    from lcm.cli import build_parser
+    from lcm.cli.common import typed_flags
+
+    argv = ["distill", "--out", str(tmp_path), *typed]
+    args = build_parser().parse_args(argv)
+    sub = build_parser()._subparsers._group_actions[0].choices["distill"]
+    args.typed_flags = typed_flags(sub, argv)
+    return args
+
+
+def test_resume_reads_the_run_settings_and_refuses_a_changed_flag(tmp_path):
+    from lcm.cli.common import recorded_flags, settle_flags
+    from lcm.training.runs import RUN_CONFIG
+
+    started = _args(tmp_path, ["--batch-size", "3", "--lora-rank", "8", "--teacher", "t", "--data", "d"])
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / RUN_CONFIG).write_text(json.dumps({"command": "distill", "flags": recorded_flags(started)}))
+
+    resumed = _args(tmp_path, ["--resume", "latest", "--max-steps", "9"])
+    settle_flags(resumed, "distill")
+    assert (resumed.batch_size, resumed.lora_rank, resumed.teacher, resumed.data) == (3, 8, "t", "d")
+    assert resumed.max_steps == 9  # how long to run may change
+    changed = _args(tmp_path, ["--resume", "latest", "--lora-r", "4"])
+    with pytest.raises(ValueError, match=r"^--lora-rank 4 differs from this run's 8 \(saved in .*run_config.json\)"):
+        settle_flags(changed, "distill")
+    with pytest.raises(ValueError, match="lcm distill run"):
+        settle_flags(_args(tmp_path, ["--resume", "latest"]), "finetune")
+
+
+def test_config_file_starts_a_run_and_typed_flags_override_it(tmp_path):
+    from lcm.cli.common import settle_flags
+
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"--batch-size": 5, "solver": "dpm", "seed": 7}))
+    args = _args(tmp_path / "run", ["--config", str(config), "--seed", "2"])
+    settle_flags(args, "distill")
+    assert (args.batch_size, args.solver, args.seed) == (5, "dpm", 2)
+    config.write_text(json.dumps({"bogus": 1}))
+    with pytest.raises(ValueError, match="unknown flag"):
+        settle_flags(_args(tmp_path / "run", ["--config", str(config)]), "distill")
+
+
+def test_typed_flags_resolve_prefixes():
+    from lcm.cli.common import typed_flags
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lora-rank")
+    parser.add_argument("--lora-alpha")
+    assert typed_flags(parser, ["--lora-r", "4", "--lora-alpha=2", "x"]) == {
+        "lora_rank": "--lora-rank",
+        "lora_alpha": "--lora-alpha",
+    }
