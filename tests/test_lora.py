@@ -247,3 +247,18 @@ def test_lora_for_another_unet_is_refused(tmp_path, capsys):
     )
     with pytest.raises(ValueError, match="do not exist in this UNet"):
         LatentDiffusion.from_pretrained(teacher, lora=tmp_path / "x.safetensors")
+
+
+def test_pickled_weights_are_refused_unless_allowed(tmp_path, capsys, monkeypatch):
+    """A model folder holding only ``.bin`` weights is refused in one line; ``lcm --allow-pickle`` loads it."""
+    teacher = build_tiny_sd(tmp_path / "teacher")
+    unet = LatentDiffusion.from_pretrained(teacher, with_text_encoder=False).unet
+    (teacher / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    unet.save_pretrained(teacher / "unet", safe_serialization=False)
+    monkeypatch.delenv("LCM_ALLOW_PICKLE", raising=False)
+    args = ["sample", "--model", str(teacher), "--prompt", "a cat", "--num-images", "1", "--steps", "1"]
+    assert main([*args, "--out", str(tmp_path / "a.png")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (library warnings may come before it)
+    assert last.startswith("lcm sample: error:") and "no .safetensors weights" in last and "--allow-pickle" in last
+    assert main(["--allow-pickle", *args, "--sampler", "ddim", "--out", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "b.png").is_file()

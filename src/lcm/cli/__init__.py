@@ -4,12 +4,14 @@ below: each command turns its flags into the typed configs of the library."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from lcm import __version__
 from lcm.cli import consistency, demo, evaluate, sample, timesteps, train_teacher
 from lcm.cli.common import typed_flags
+from lcm.models.formats import ALLOW_PICKLE_ENV
 
 COMMANDS = (demo, train_teacher, sample, consistency, evaluate, timesteps)
 
@@ -20,6 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Latent Consistency Models: distil a latent diffusion model into a 1-4 step generator.",
     )
     parser.add_argument("--version", action="version", version=f"lcm {__version__}")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also load pickled model weights (.bin), which can run code when loaded; by default only .safetensors",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     for command in COMMANDS:
@@ -47,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     args.typed_flags = typed_flags(subparsers.choices[args.command], argv)  # what a resumed run must not change
+    if args.allow_pickle:
+        os.environ[ALLOW_PICKLE_ENV] = "1"
     try:
         return args.func(args)
     except (ValueError, OSError) as err:  # bad input, missing files: one line the user can act on

@@ -10,15 +10,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ALLOW_PICKLE_ENV",
     "DISTILL_RECORD",
     "LORA_FILE",
     "LORA_META",
     "is_sdxl",
     "lcm_scheduler_config",
+    "safe_weights",
     "read_record",
     "w_input_dim",
 ]
@@ -26,6 +29,24 @@ __all__ = [
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 LORA_META = "lcm_lora.json"  # beside an exported LoRA: base model, skipping grid, distillation settings
 DISTILL_RECORD = "lcm_distill.json"  # in an exported full LCM folder: the distillation settings
+ALLOW_PICKLE_ENV = "LCM_ALLOW_PICKLE"  # "1": also load pickled weights (.bin / .pt); set by ``lcm --allow-pickle``
+
+
+def safe_weights(what: str, load):
+    """``load(use_safetensors=...)``, refusing pickled weights (which can run code) unless the user allowed them.
+
+    A folder that holds only pickled weights is refused in one line that says how to proceed.
+    """
+    allowed = os.environ.get(ALLOW_PICKLE_ENV) == "1"
+    try:
+        return load(use_safetensors=None if allowed else True)
+    except (OSError, ValueError) as err:
+        if allowed or "safetensors" not in str(err):
+            raise
+        raise ValueError(
+            f"{what} has no .safetensors weights; pickled weights can run code when loaded: convert them to "
+            "safetensors, or pass lcm --allow-pickle if you trust their source"
+        ) from None
 
 
 def w_input_dim(unet) -> int | None:

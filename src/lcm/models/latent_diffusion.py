@@ -19,7 +19,7 @@ from lcm.maths.consistency import SIGMA_DATA, TIMESTEP_SCALING, consistency_func
 from lcm.maths.guidance import cfg_combine, default_w, w_embedding
 from lcm.maths.parameterization import Denoised, PredictionType, to_denoised
 from lcm.maths.schedule import NoiseSchedule
-from lcm.models.formats import LORA_META, is_sdxl, lcm_scheduler_config, read_record, w_input_dim
+from lcm.models.formats import LORA_META, is_sdxl, lcm_scheduler_config, read_record, safe_weights, w_input_dim
 from lcm.models.text import EMBEDDED_ENCODER, TextEmbeddings, TextEncoder, is_packaged_encoder, load_text_encoder
 
 __all__ = ["LatentDiffusion"]
@@ -86,8 +86,11 @@ class LatentDiffusion:
             raise ValueError(f"no model folder at {path} (and it is not a hub id of the form owner/name)")
         if local is not None and not (local / "unet").is_dir():
             raise ValueError(f"{path} is not a diffusers model folder: it has no unet/ subfolder")
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device).eval().requires_grad_(False)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device).eval().requires_grad_(False)
+        unet = safe_weights(
+            f"{path}/unet", lambda **kw: UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        )
+        vae = safe_weights(f"{path}/vae", lambda **kw: AutoencoderKL.from_pretrained(path, subfolder="vae", **kw))
+        unet, vae = (m.to(device).eval().requires_grad_(False) for m in (unet, vae))
         scheduler_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
         text_encoder = load_text_encoder(path).to(device) if with_text_encoder else None
         model = cls(unet, vae, scheduler_config, text_encoder, source=path)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lcm.locations import cache_dir as lcm_cache_dir
+from lcm.models.formats import safe_weights
 
 __all__ = [
     "CLIPTextEncoder",
@@ -130,7 +131,10 @@ class CLIPTextEncoder(_TransformersEncoder):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer", revision=revision)
-        model = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", revision=revision)
+        model = safe_weights(
+            f"{model_dir}/text_encoder",
+            lambda **kw: CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", revision=revision, **kw),
+        )
         super().__init__(model, tokenizer, tokenizer.model_max_length, f"CLIP ({model_dir})")
 
     def _mask(self, tokens, device):
@@ -150,8 +154,18 @@ class SDXLTextEncoder(TextEncoder):
             for sub in ("tokenizer", "tokenizer_2")
         ]
         self.models = [
-            CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", revision=revision),
-            CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2", revision=revision),
+            safe_weights(
+                f"{model_dir}/text_encoder",
+                lambda **kw: CLIPTextModel.from_pretrained(
+                    model_dir, subfolder="text_encoder", revision=revision, **kw
+                ),
+            ),
+            safe_weights(
+                f"{model_dir}/text_encoder_2",
+                lambda **kw: CLIPTextModelWithProjection.from_pretrained(
+                    model_dir, subfolder="text_encoder_2", revision=revision, **kw
+                ),
+            ),
         ]
         for model in self.models:
             model.eval().requires_grad_(False)
