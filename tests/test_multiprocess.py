@@ -33,7 +33,6 @@ def _launch(processes: int, *args: str) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
-@pytest.mark.slow
 def test_two_processes_equal_one_at_twice_the_batch_and_resume(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _launch(1, str(one), "8", "4")
