@@ -68,3 +68,8 @@ def test_sample_refuses_bad_values(args, message, tmp_path, capsys):
     assert main(["sample", "--prompt", "a cat", "--out", str(tmp_path / "x.png"), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lcm sample: error:") and message in err[0], err
+
+
+def test_auto_compiles_only_on_cuda():
+    assert Compile.AUTO.enabled(torch.device("cuda")) and not Compile.AUTO.enabled(torch.device("cpu"))
+    assert Compile.ON.enabled(torch.device("cpu")) and not Compile.OFF.enabled(torch.device("cuda"))

@@ -15,7 +15,8 @@ from PIL import Image
 from lcm.cli import main
 from lcm.images import save_grid
 from lcm.maths.guidance import w_embedding
-from lcm.models.export import export_lcm_folder, export_lora, lcm_scheduler_config
+from lcm.models.export import export_lcm_folder, export_lora
+from lcm.models.formats import lcm_scheduler_config
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.lora import adapted_modules
 from lcm.models.student import add_lora, full_student

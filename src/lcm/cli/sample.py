@@ -85,8 +85,8 @@ def add_parser(sub) -> None:
     speed.add_argument(
         "--compile",
         choices=[c.value for c in Compile],
-        default=Compile.OFF.value,
-        help="compile the UNet and VAE decoder (torch.compile; CUDA graphs on GPU): worth it for many images or "
-        "repeated runs (kernels are cached in $LCM_CACHE/inductor); default off",
+        default=Compile.AUTO.value,
+        help="compile the UNet and VAE decoder (torch.compile; CUDA graphs on GPU). auto (default): on CUDA only; "
+        "on the CPU it pays for many images or repeated runs (kernels are cached in $LCM_CACHE/inductor)",
     )
     p.set_defaults(func=run_sample)

@@ -1,8 +1,9 @@
 """Where and how fast a loaded model runs: device, precision, compiled UNet and VAE decoder.
 
 The defaults are the fastest correct ones per device: CUDA when present; half precision (bf16 where supported, else
-fp16) on CUDA and float32 on the CPU; compiled networks (``torch.compile`` with fixed shapes, CUDA graphs on GPU,
-channels-last on GPU). The VAE stays in float32 where its config asks for it (SD's VAE overflows in fp16).
+fp16) on CUDA and float32 on the CPU; compiled networks on CUDA (``torch.compile`` with fixed shapes, CUDA graphs,
+channels-last), eager on the CPU unless asked (a one-off compile of about a minute per shape pays only for many
+images). The VAE stays in float32 where its config asks for it (SD's VAE overflows in fp16).
 
 Compilation is paid once per shape: Inductor's kernel and graph caches live in ``$LCM_CACHE/inductor``, so a second
 process with the same model and batch size starts from the cache instead of compiling again.
@@ -23,9 +24,12 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Compile(str, Enum):
-    AUTO = "auto"  # compile where it pays: always on CUDA; on the CPU too (a one-off cost, cached across processes)
+    AUTO = "auto"  # compile on CUDA (launch-bound without it); eager on the CPU (a minute's compile per shape)
     ON = "on"
     OFF = "off"  # eager
+
+    def enabled(self, device: torch.device) -> bool:
+        return self is Compile.ON or (self is Compile.AUTO and device.type == "cuda")
 
 
 def default_device() -> torch.device:
@@ -74,7 +78,7 @@ def optimize(model, device: torch.device, dtype: torch.dtype, compile: Compile =
     if device.type == "cuda":
         model.unet.to(memory_format=torch.channels_last)
         model.vae.to(memory_format=torch.channels_last)
-    if Compile(compile) is not Compile.OFF:
+    if Compile(compile).enabled(device):
         _use_cache_dir()
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs: launch-bound at batch 1
         model.unet.compile(dynamic=False, mode=mode)
