@@ -11,7 +11,7 @@ import torch
 
 from lcm.maths.parameterization import append_dims
 
-__all__ = ["SIGMA_DATA", "TIMESTEP_SCALING", "boundary_scalings", "consistency_function"]
+__all__ = ["SIGMA_DATA", "TIMESTEP_SCALING", "boundary_scalings", "boundary_scalings_at", "consistency_function"]
 
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0
@@ -25,6 +25,14 @@ def boundary_scalings(
     c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
     c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
     return c_skip, c_out
+
+
+def boundary_scalings_at(
+    t: float, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING
+) -> tuple[float, float]:
+    """(c_skip, c_out) of one host-float timestep (the sampler's case), the same formula in float64."""
+    c_skip, c_out = boundary_scalings(torch.tensor([float(t)], dtype=torch.float64), sigma_data, timestep_scaling)
+    return c_skip.item(), c_out.item()
 
 
 def consistency_function(

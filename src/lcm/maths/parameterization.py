@@ -40,8 +40,13 @@ class Denoised(NamedTuple):
     eps: torch.Tensor  # (B, C, H, W) noise estimate
 
 
-def append_dims(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Cast a per-sample coefficient ``[B]`` (often float64) to ``like``'s dtype and shape it ``[B, 1, …, 1]``."""
+def append_dims(coef: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+    """Cast a per-sample coefficient ``[B]`` (often float64) to ``like``'s dtype and shape it ``[B, 1, …, 1]``.
+
+    A host float (one coefficient for the whole batch) is returned as it is: it multiplies in ``like``'s dtype.
+    """
+    if isinstance(coef, float):
+        return coef
     coef = coef.to(device=like.device, dtype=like.dtype)
     return coef.reshape(coef.shape + (1,) * (like.ndim - coef.ndim))
 

@@ -1,8 +1,8 @@
 """Samplers: multistep consistency sampling (docs/design.md §4) and the teacher's DDIM / DPM-Solver baselines.
 
 Every sampler is a free function over a callable (as k-diffusion's): the consistency function
-``f(z [B,C,H,W], t [B]) → x̂0`` for LCMs, a denoiser ``(z, t) → Denoised(x0, eps)`` for the teacher. Guidance,
-conditioning and the network live in the callable. Timesteps are float64/long ``[N]`` lists from
+``f(z [B,C,H,W], t) → x̂0`` for LCMs (t one host float, or ``[B]``), a denoiser ``(z, t) → Denoised(x0, eps)`` for
+the teacher. Guidance, conditioning and the network live in the callable. Timesteps are float64/long ``[N]`` lists from
 :mod:`lcm.maths.timesteps`; randomness comes from one generator per image, so image i is the same whatever the batch.
 """
 
@@ -18,7 +18,8 @@ from lcm.maths.solvers import Denoiser, dpm_solver_1_update, dpm_solver_pp_1_upd
 
 __all__ = ["ConsistencyFn", "randn_per_image", "sample_ddim", "sample_dpm_solver", "sample_lcm"]
 
-ConsistencyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# f(z [B,C,H,W], t) → x̂0, with t per sample [B] or one host float for the whole batch (the samplers' case).
+ConsistencyFn = Callable[[torch.Tensor, "torch.Tensor | float"], torch.Tensor]
 
 
 def randn_per_image(
@@ -46,16 +47,19 @@ def sample_lcm(
     schedule: NoiseSchedule,
     generators: Sequence[torch.Generator],
 ) -> torch.Tensor:
-    """Multistep consistency sampling (Algorithm 1, Luo et al. 2023); ``z`` is the initial noise ``z_T``."""
-    # Every draw happens before the loop (image i's generator gives the same numbers in the same order), and the
-    # timesteps move to the device once: the loop itself never waits on the host.
+    """Multistep consistency sampling (Algorithm 1, Luo et al. 2023); ``z`` is the initial noise ``z_T``.
+
+    ``f`` is called with one host-float timestep for the whole batch, so that ``f`` and the re-noising use cached
+    host coefficients: nothing in the loop waits on the device or spends time on per-step scalar tensors.
+    """
+    # Every draw happens before the loop (image i's generator gives the same numbers in the same order).
     noises = [randn_per_image(z.shape, generators, z.device, z.dtype) for _ in range(len(timesteps) - 1)]
-    timesteps = timesteps.to(z.device)
+    ts = [float(t) for t in timesteps.tolist()]
     x0 = z
-    for i, t in enumerate(timesteps):
-        x0 = f(z, _batched(t, z))  # jump to the trajectory's origin
-        if i + 1 < len(timesteps):  # re-noise to the next, lower, timestep
-            z = schedule.add_noise(x0, noises[i], _batched(timesteps[i + 1], z))
+    for i, t in enumerate(ts):
+        x0 = f(z, t)  # jump to the trajectory's origin
+        if i + 1 < len(ts):  # re-noise to the next, lower, timestep
+            z = schedule.add_noise(x0, noises[i], ts[i + 1])
     return x0
 
 

@@ -81,6 +81,7 @@ class NoiseSchedule:
         # log α_t = ½ log ᾱ_t, the quantity interpolated for non-integer t.
         object.__setattr__(self, "_log_alpha", 0.5 * torch.log(self.alphas_cumprod))
         object.__setattr__(self, "_tables_on", {})  # device → (grid, log α): tables live where the timesteps are
+        object.__setattr__(self, "_host", {})  # t → (α_t, σ_t) as host floats, for timesteps shared by a batch
 
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -138,13 +139,25 @@ class NoiseSchedule:
         log_alpha = self.log_alpha(t)
         return log_alpha.exp(), (-torch.expm1(2.0 * log_alpha)).sqrt()
 
-    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The forward process ``z_t = α_t z0 + σ_t ε`` at per-sample timesteps ``t`` ``[B]``.
+    def alpha_sigma_at(self, t: float) -> tuple[float, float]:
+        """(α_t, σ_t) of one timestep as host floats, computed once per value: a sampler's timesteps are shared by
+        the whole batch, so its coefficients cost nothing per step (no small tensor ops, no device round trip)."""
+        if t not in self._host:
+            alpha, sigma = self.alpha_sigma(torch.tensor([float(t)], dtype=torch.float64))
+            self._host[t] = (alpha.item(), sigma.item())
+        return self._host[t]
 
-        α and σ are computed in float64, then cast to ``z0``'s dtype and device, so that every caller (training
-        losses, samplers) noises with bit-identical coefficients.
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """The forward process ``z_t = α_t z0 + σ_t ε`` at per-sample timesteps ``t`` ``[B]``, or at one host float
+        ``t`` for the whole batch.
+
+        α and σ are computed in float64, then cast to ``z0``'s dtype, so that every caller (training losses,
+        samplers) noises with bit-identical coefficients: a Python float multiplies a tensor in the tensor's dtype.
         """
-        alpha, sigma = self.alpha_sigma(torch.as_tensor(t, device=z0.device))
+        if not isinstance(t, torch.Tensor):
+            alpha, sigma = self.alpha_sigma_at(float(t))
+            return alpha * z0 + sigma * noise
+        alpha, sigma = self.alpha_sigma(t.to(z0.device))
         alpha = alpha.to(device=z0.device, dtype=z0.dtype).reshape(-1, *(1,) * (z0.ndim - 1))
         sigma = sigma.to(device=z0.device, dtype=z0.dtype).reshape(-1, *(1,) * (z0.ndim - 1))
         return alpha * z0 + sigma * noise

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lcm.locations import local_path_or_none
-from lcm.maths.consistency import SIGMA_DATA, TIMESTEP_SCALING, consistency_function
+from lcm.maths.consistency import SIGMA_DATA, TIMESTEP_SCALING, boundary_scalings_at, consistency_function
 from lcm.maths.guidance import cfg_combine, default_w, w_embedding
 from lcm.maths.parameterization import Denoised, PredictionType, to_denoised
 from lcm.maths.schedule import NoiseSchedule
@@ -222,7 +222,7 @@ class LatentDiffusion:
         self,
         unet,
         z: torch.Tensor,
-        t: torch.Tensor,
+        t: torch.Tensor | float,
         text: TextEmbeddings,
         w_emb: torch.Tensor | None,
         sigma_data: float | None = None,
@@ -230,10 +230,19 @@ class LatentDiffusion:
     ) -> torch.Tensor:
         """``f(z, w, c, t) = c_skip z + c_out x̂0`` of ``unet`` (Eq. 9, Luo et al. 2023), computed in float32+.
 
+        ``t`` is per sample ``[B]`` (training), or one host float for the whole batch (sampling): then every
+        coefficient is a cached host float and the step adds four tensor operations to the UNet call.
         The constants default to the model's own (those its export recorded).
         """
-        out = self.unet_output(unet, z, t, text, w_emb).float()
-        x0 = self._to_denoised(out, z, t).x0
         sigma_data = self.sigma_data if sigma_data is None else sigma_data
         timestep_scaling = self.timestep_scaling if timestep_scaling is None else timestep_scaling
-        return consistency_function(z, x0, t.to(z.device), sigma_data, timestep_scaling)
+        if isinstance(t, torch.Tensor):
+            out = self.unet_output(unet, z, t, text, w_emb).float()
+            x0 = self._to_denoised(out, z, t).x0
+            return consistency_function(z, x0, t.to(z.device), sigma_data, timestep_scaling)
+        t_batch = torch.full((z.shape[0],), float(t), device=z.device)
+        out = self.unet_output(unet, z, t_batch, text, w_emb).float()
+        alpha, sigma = self.schedule.alpha_sigma_at(float(t))
+        x0 = to_denoised(out, z, alpha, sigma, self.prediction_type).x0
+        c_skip, c_out = boundary_scalings_at(float(t), sigma_data, timestep_scaling)
+        return c_skip * z + c_out * x0
