@@ -1,0 +1,168 @@
+"""The model behind ``lcm serve``: one generation at a time, through the library's own sampling functions.
+
+An LCM is sampled with :attr:`Sampler.LCM`; any other folder (a teacher) with DDIM at the requested steps on
+*trailing* timesteps, so that even one step starts from pure noise at t = T − 1. Prompt embeddings are kept in a small
+LRU: typing re-sends the same prompt with every slider move, and encoding one costs about as much as a UNet step of
+the embedded model on a CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lcm.sample as library
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.models.text import TextEmbeddings
+from lcm.sample import Sampler, sample_latents
+from lcm.serve.protocol import Request, RequestError
+
+__all__ = ["Engine", "Result", "encode_png", "load_engine", "serve_model_path"]
+
+TEACHER_SPACING = "trailing"  # a teacher's DDIM at 1-2 steps starts from t = T − 1 (leading spacing returns noise)
+DEFAULT_STEPS = 4
+
+
+def serve_model_path() -> Path:
+    """The model ``lcm serve`` shows without ``--model``: the shipped embedded LCM when the package has one, else
+    the shipped teacher (sampled with DDIM)."""
+    lcm_folder = library.ASSETS / "fashion-lcm"
+    return lcm_folder if (lcm_folder / "unet").is_dir() else library.default_model_path()
+
+
+@dataclass(frozen=True)
+class Result:
+    """One answered request: PNG bytes per image and the server-side time it took."""
+
+    request: Request
+    pngs: list[bytes]
+    ms: float  # embeddings + sampling + decode + PNG encoding, under the lock
+    sampler: Sampler
+
+
+def encode_png(images: torch.Tensor) -> list[bytes]:
+    """``[B, C, H, W]`` in [−1, 1] → one PNG per image (greyscale for one channel)."""
+    from PIL import Image
+
+    from lcm.images import to_uint8
+
+    out = []
+    for arr in to_uint8(images):
+        buf = io.BytesIO()
+        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG", compress_level=1)
+        out.append(buf.getvalue())
+    return out
+
+
+def _img2img_latents(
+    model: LatentDiffusion, cond, uncond, sampler: Sampler, req: Request, seeds: list[int]
+) -> torch.Tensor:
+    """Latents of an img2img request, when this build's :mod:`lcm.sample` has it (the one place to adapt)."""
+    if not hasattr(library, "img2img_latents"):
+        raise RequestError("img2img is not supported by this build of lcm (send no image)")
+    images = req.image.expand(req.batch, -1, -1, -1).to(model.device)
+    spacing = None if sampler is Sampler.LCM else TEACHER_SPACING
+    return library.img2img_latents(
+        model, images, req.strength, cond, uncond, sampler, req.steps, req.w, seeds, timestep_spacing=spacing
+    )
+
+
+def _generate(model: LatentDiffusion, sampler: Sampler, req: Request, cond, uncond) -> torch.Tensor:
+    """Images ``[B, C, H, W]`` in [−1, 1] for ``req``: image i from seed ``req.seed + i``, as :func:`generate`."""
+    seeds = [req.seed + i for i in range(req.batch)]
+    if req.image is not None:
+        latents = _img2img_latents(model, cond, uncond, sampler, req, seeds)
+    else:
+        spacing = None if sampler is Sampler.LCM else TEACHER_SPACING
+        latents = sample_latents(model, cond, uncond, sampler, req.steps, req.w, seeds, spacing)
+    return model.decode(latents)
+
+
+class Engine:
+    """A loaded model that answers :class:`Request`s, one at a time (``lock``), with cached prompt embeddings."""
+
+    def __init__(self, model: LatentDiffusion, cache_size: int = 64):
+        self.model = model
+        self.sampler = Sampler.LCM if model.is_lcm else Sampler.DDIM
+        self.lock = threading.Lock()  # the network is never run by two threads at once
+        self.cache_size = cache_size
+        self._embeddings: OrderedDict[str, TextEmbeddings] = OrderedDict()
+        self.generations = 0
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images the model makes (and to which uploads are resized)."""
+        side = self.model.latent_shape[1] * self.model.vae_scale_factor
+        return (int(self.model.vae.config.out_channels), side, side)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {"steps": DEFAULT_STEPS, "w": float(self.model.default_w)}
+
+    def info(self) -> dict[str, Any]:
+        """What a client needs to draw its controls: model, sampler, image size, defaults, device."""
+        unet = self.model.unet
+        return {
+            "model": str(self.model.source),
+            "lora_base": self.model.lora_base,
+            "is_lcm": self.model.is_lcm,
+            "sampler": self.sampler.value,
+            "image_size": list(self.image_shape[1:]),
+            "channels": self.image_shape[0],
+            "device": str(self.model.device),
+            "dtype": str(unet.dtype).removeprefix("torch."),
+            "img2img": hasattr(library, "img2img_latents"),
+            "defaults": self.defaults,
+        }
+
+    def embed(self, prompt: str) -> TextEmbeddings:
+        """Embeddings of one prompt, ``[1, L, D]``, from the LRU when it was seen lately."""
+        if prompt in self._embeddings:
+            self._embeddings.move_to_end(prompt)
+            return self._embeddings[prompt]
+        emb = self.model.encode_prompts([prompt])
+        self._embeddings[prompt] = emb
+        if len(self._embeddings) > self.cache_size:
+            self._embeddings.popitem(last=False)
+        return emb
+
+    def run(self, req: Request) -> Result:
+        """Generate ``req``'s images as PNGs; blocks while another generation holds the lock."""
+        with self.lock, torch.inference_mode():
+            start = time.perf_counter()
+            cond = TextEmbeddings.cat([self.embed(req.prompt)] * req.batch)
+            uncond = TextEmbeddings.cat([self.embed(req.negative_prompt)] * req.batch)
+            images = _generate(self.model, self.sampler, req, cond, uncond)
+            pngs = encode_png(images)
+            self.generations += 1
+            return Result(req, pngs, (time.perf_counter() - start) * 1e3, self.sampler)
+
+    def warm_up(self) -> float:
+        """One generation at the defaults, so the first client does not pay for lazy initialisation; its ms."""
+        d = self.defaults
+        return self.run(Request(None, "", "", d["steps"], d["w"], 0, 1)).ms
+
+
+def load_engine(
+    path: str | Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    compile: Any = "off",
+    lora: str | None = None,
+    lora_scale: float = 1.0,
+) -> Engine:
+    """Load and place a model folder (or hub id), optionally with a LoRA, and warm it up."""
+    from lcm.models.fast import Compile, optimize
+
+    model = LatentDiffusion.from_pretrained(path, lora=lora, lora_scale=lora_scale)
+    optimize(model, device, dtype, Compile(compile))
+    engine = Engine(model)
+    engine.warm_up()
+    return engine

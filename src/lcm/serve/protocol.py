@@ -1,0 +1,244 @@
+"""What a client may ask of ``lcm serve`` and how it is answered (docs/serve.md).
+
+A request is one JSON object, the same over the WebSocket and ``POST /api/generate``::
+
+    {"id": 7, "prompt": "a red sneaker", "negative_prompt": "", "steps": 4, "w": 3.0, "seed": 0, "batch": 1,
+     "image": "data:image/png;base64,...", "strength": 0.6}
+
+Only ``prompt`` is required (and ``id`` on the socket); ``image``/``strength`` ask for img2img. Every check lives here
+and ends in a :class:`RequestError` whose message is one line, so a client learns what to change and its connection
+stays usable. Replies are the ``*_message`` dicts below.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "MAX_SEED",
+    "MAX_W",
+    "Limits",
+    "Request",
+    "RequestError",
+    "TokenBucket",
+    "decode_image",
+    "dropped_message",
+    "error_message",
+    "image_message",
+    "parse_request",
+    "read_json",
+    "request_id",
+]
+
+MAX_W = 30.0  # guidance beyond this only saturates images; a bound keeps sliders and scripts sane
+MAX_SEED = 2**32 - 1
+FIELDS = ("id", "prompt", "negative_prompt", "steps", "w", "seed", "batch", "image", "strength")
+
+
+class RequestError(ValueError):
+    """A request the server refuses; ``str(err)`` is the one line sent back, ``rid`` the request's id if it had one."""
+
+    def __init__(self, message: str, rid: int | None = None):
+        super().__init__(message)
+        self.rid = rid
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request, and one connection, may ask for (each a flag of ``lcm serve``)."""
+
+    max_steps: int = 8  # sampling steps per image
+    max_batch: int = 4  # images per request
+    max_prompt_chars: int = 300  # per prompt (the embedded encoder reads 16 tokens anyway)
+    max_upload_bytes: int = 4 * 2**20  # an img2img upload, as decoded bytes
+    max_image_side: int = 4096  # width / height of an upload, before it is resized to the model's size
+    rate: float = 60.0  # requests per second per connection (token bucket holding one second's worth)
+    max_connections: int = 8  # open WebSockets; also the HTTP generations waiting at once
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "max_w": MAX_W, "max_seed": MAX_SEED}
+
+
+@dataclass(frozen=True, eq=False)
+class Request:
+    """A validated generation request; ``image`` is ``[1, C, H, W]`` in [−1, 1] at the model's size, or None."""
+
+    id: int | None
+    prompt: str
+    negative_prompt: str
+    steps: int
+    w: float
+    seed: int
+    batch: int
+    image: torch.Tensor | None = None
+    strength: float = 0.6
+
+
+def parse_request(
+    text_or_obj: str | bytes | dict,
+    limits: Limits,
+    defaults: dict[str, Any],
+    image_shape: tuple[int, int, int],
+    require_id: bool = True,
+) -> Request:
+    """A :class:`Request` from a JSON text (or decoded object), or a one-line :class:`RequestError`.
+
+    ``defaults`` gives ``steps`` and ``w`` when a request leaves them out; ``image_shape`` is the model's
+    ``(C, H, W)``, to which an upload is converted.
+    """
+    obj = read_json(text_or_obj)
+    try:
+        return _checked(obj, limits, defaults, image_shape, require_id)
+    except RequestError as err:
+        err.rid = request_id(obj)
+        raise
+
+
+def request_id(obj: dict) -> int | None:
+    """The id of a request object, when it has a usable one (to label a refusal)."""
+    rid = obj.get("id")
+    return rid if isinstance(rid, int) and not isinstance(rid, bool) else None
+
+
+def _checked(obj: dict, limits: Limits, defaults: dict[str, Any], image_shape, require_id: bool) -> Request:
+    if unknown := sorted(set(obj) - set(FIELDS)):
+        raise RequestError(f"unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(FIELDS)}")
+    rid = obj.get("id")
+    if rid is None and require_id:
+        raise RequestError("id: each request needs an integer id (replies carry it)")
+    if rid is not None:
+        rid = _int(rid, "id", 0, 2**53)
+    prompt = _text(obj.get("prompt"), "prompt", limits.max_prompt_chars, required=True)
+    negative = _text(obj.get("negative_prompt", ""), "negative_prompt", limits.max_prompt_chars)
+    steps = _int(obj.get("steps", min(defaults["steps"], limits.max_steps)), "steps", 1, limits.max_steps)
+    w = _number(obj.get("w", defaults["w"]), "w", 0.0, MAX_W)
+    seed = _int(obj.get("seed", 0), "seed", 0, MAX_SEED)
+    batch = _int(obj.get("batch", 1), "batch", 1, limits.max_batch)
+    strength = _number(obj.get("strength", 0.6), "strength", 0.0, 1.0)
+    if strength == 0.0:
+        raise RequestError("strength must be above 0 (0 would return the uploaded image unchanged)")
+    image = obj.get("image")
+    if image is not None:
+        if not isinstance(image, str):
+            raise RequestError("image must be a base64 string (or a data: URL), got " + type(image).__name__)
+        image = decode_image(image, limits, image_shape)
+    return Request(rid, prompt, negative, steps, w, seed, batch, image, strength)
+
+
+def read_json(text_or_obj: str | bytes | dict) -> dict:
+    """The JSON object of a message, or a one-line :class:`RequestError`."""
+    if isinstance(text_or_obj, dict):
+        return text_or_obj
+    try:
+        obj = json.loads(text_or_obj)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(f"not valid JSON ({err.msg if hasattr(err, 'msg') else err})") from None
+    if not isinstance(obj, dict):
+        raise RequestError(f"a request must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _int(value: Any, name: str, low: int, high: int) -> int:
+    # bool is an int in Python and a float like 4.0 is an int in JSON's eyes: accept the latter, never the former
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{name} must be an integer, got {json.dumps(value)}")
+    if not low <= value <= high:
+        raise RequestError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _number(value: Any, name: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"{name} must be a number, got {json.dumps(value)}")
+    if not low <= value <= high:
+        raise RequestError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
+    return float(value)
+
+
+def _text(value: Any, name: str, max_chars: int, required: bool = False) -> str:
+    if value is None and required:
+        raise RequestError(f"{name} is required")
+    if not isinstance(value, str):
+        raise RequestError(f"{name} must be a string, got {json.dumps(value)}")
+    if len(value) > max_chars:
+        raise RequestError(f"{name} is too long: {len(value)} characters, at most {max_chars}")
+    return value
+
+
+def decode_image(data: str, limits: Limits, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A base64 image (a ``data:`` URL or bare base64) → ``[1, C, H, W]`` in [−1, 1] at the model's size."""
+    from PIL import Image, UnidentifiedImageError
+
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    if len(data) > (limits.max_upload_bytes * 4) // 3 + 4:
+        raise RequestError(f"image is too large: at most {limits.max_upload_bytes // 1024} KiB")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError("image is not valid base64") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            if max(img.size) > limits.max_image_side:
+                raise RequestError(f"image is {img.width}x{img.height}; at most {limits.max_image_side} pixels a side")
+            channels, height, width = shape
+            img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BICUBIC)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise RequestError("image is not a readable image (PNG, JPEG, WebP, GIF, BMP)") from None
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 127.5 - 1.0
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)  # (C, H, W)
+    return pixels[None]
+
+
+class TokenBucket:
+    """At most ``rate`` requests a second on average, bursts of up to one second's worth."""
+
+    def __init__(self, rate: float, clock=time.monotonic):
+        self.rate, self.capacity, self.clock = rate, max(rate, 1.0), clock
+        self.tokens, self.stamp = self.capacity, clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+def error_message(message: str, rid: int | None = None) -> dict[str, Any]:
+    return {"type": "error", "id": rid, "message": " ".join(str(message).split())}  # always one line
+
+
+def dropped_message(rid: int | None) -> dict[str, Any]:
+    """A request replaced by a newer one before the generator reached it."""
+    return {"type": "dropped", "id": rid}
+
+
+def image_message(req: Request, pngs: list[bytes], ms: float, sampler: str) -> dict[str, Any]:
+    """The answer to a request: its PNGs as data: URLs, the server-side ms, and the settings they were made with."""
+    return {
+        "type": "image",
+        "id": req.id,
+        "images": ["data:image/png;base64," + base64.b64encode(png).decode("ascii") for png in pngs],
+        "ms": round(ms, 2),
+        "sampler": sampler,
+        "steps": req.steps,
+        "w": req.w,
+        "seed": req.seed,
+        "batch": req.batch,
+        "img2img": req.image is not None,
+    }

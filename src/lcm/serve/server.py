@@ -1,0 +1,93 @@
+"""Running the app with uvicorn: on a socket bound before the model loads (a taken port is reported at once), in
+the foreground for ``lcm serve``, or in a background thread for tests and benchmarks."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+
+from lcm.serve.protocol import Limits
+
+__all__ = ["RunningServer", "bind", "is_loopback", "run", "start_in_thread", "url"]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (port 0: any free port), or a one-line ``ValueError``."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror:
+        raise ValueError(f"--host {host}: not an address or name this machine can listen on") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({err.strerror})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _config(app: FastAPI, limits: Limits, log_level: str):
+    import uvicorn
+
+    # A WebSocket frame holds one request; an upload is base64 (4/3 of its bytes) plus the other fields.
+    return uvicorn.Config(
+        app, log_level=log_level, ws_max_size=limits.max_upload_bytes * 4 // 3 + 65536, timeout_graceful_shutdown=2
+    )
+
+
+def run(app: FastAPI, limits: Limits, sock: socket.socket, log_level: str = "warning") -> None:
+    """Serve ``app`` on ``sock`` until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    uvicorn.Server(_config(app, limits, log_level)).run(sockets=[sock])
+
+
+@dataclass
+class RunningServer:
+    """A server started by :func:`start_in_thread`; ``stop()`` ends it."""
+
+    url: str
+    server: object
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def start_in_thread(app: FastAPI, limits: Limits, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
+    """Serve ``app`` from a background thread (no signal handlers there); returns once it accepts connections."""
+    import uvicorn
+
+    sock = bind(host, port)
+    server = uvicorn.Server(_config(app, limits, "warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="lcm-serve")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    return RunningServer(url(sock), server, thread)

@@ -1,0 +1,347 @@
+"""``lcm serve`` through FastAPI's TestClient: images, parity with :func:`lcm.sample.generate`, limits, bad input,
+dropping of stale requests, and the command's flags."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from starlette.websockets import WebSocketDisconnect  # noqa: E402
+
+import lcm.sample  # noqa: E402
+from lcm.cli import main  # noqa: E402
+from lcm.images import to_uint8  # noqa: E402
+from lcm.models.latent_diffusion import LatentDiffusion  # noqa: E402
+from lcm.sample import Sampler, default_model_path, generate  # noqa: E402
+from lcm.serve import Engine, Limits, create_app, serve_model_path  # noqa: E402
+from lcm.serve import engine as engine_module  # noqa: E402
+from lcm.serve.server import is_loopback  # noqa: E402
+
+PROMPT = "a photo of a sneaker"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Batch-1 generations of a 32x32 model: one thread is as fast, and steady when other tests share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lcm_folder(tmp_path_factory):
+    """The shipped teacher as a w-conditioned LCM folder (zero-initialised w projection; no training needed)."""
+    from lcm.models.export import export_lcm_folder
+    from lcm.models.student import full_student
+
+    teacher = LatentDiffusion.from_pretrained(default_model_path(), with_text_encoder=False)
+    student = full_student(teacher.unet).eval()
+    out = tmp_path_factory.mktemp("serve") / "lcm"
+    return export_lcm_folder(default_model_path(), student, teacher.scheduler_config, 50, out, {"test": True})
+
+
+@pytest.fixture(scope="module")
+def lcm_engine(lcm_folder) -> Engine:
+    return Engine(LatentDiffusion.from_pretrained(lcm_folder))
+
+
+@pytest.fixture(scope="module")
+def teacher_engine() -> Engine:
+    return Engine(LatentDiffusion.from_pretrained(default_model_path()))
+
+
+def ready(ws) -> dict:
+    """The message every connection opens with: model, sampler, size, defaults, limits."""
+    message = ws.receive_json()
+    assert message["type"] == "ready", message
+    return message
+
+
+def pixels(data_url: str) -> np.ndarray:
+    assert data_url.startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(data_url.partition(",")[2]))) as img:
+        return np.asarray(img)
+
+
+def library_pixels(model, sampler, steps, w, seeds, spacing=None) -> np.ndarray:
+    """What :func:`lcm.sample.generate` makes, as the uint8 greyscale the page receives."""
+    with torch.no_grad():
+        images = generate(model, [PROMPT] * len(seeds), sampler, steps, w, seeds, timestep_spacing=spacing)
+    return to_uint8(images)[..., 0]
+
+
+def png_of(size=(50, 40), mode="RGB") -> str:
+    buf = io.BytesIO()
+    Image.new(mode, size, (200,) * len(mode)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+# --- images ---------------------------------------------------------------------------------------------------------
+
+
+def test_http_generate_png_and_json(teacher_engine):
+    with TestClient(create_app(teacher_engine)) as client:
+        health = client.get("/api/health").json()
+        assert health["status"] == "ok" and health["sampler"] == "ddim" and health["image_size"] == [32, 32]
+        assert health["limits"]["max_steps"] == 8 and health["device"] == "cpu"
+        page = client.get("/")
+        assert page.status_code == 200 and "/static/app.js" in page.text
+        assert client.get("/static/app.js").status_code == 200
+
+        r = client.post("/api/generate?format=png", json={"prompt": PROMPT, "steps": 2, "seed": 3})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert float(r.headers["x-generate-ms"]) > 0
+        with Image.open(io.BytesIO(r.content)) as img:
+            assert img.size == (32, 32) and img.mode == "L"
+            png = np.asarray(img)
+        r = client.post("/api/generate", json={"prompt": PROMPT, "steps": 2, "seed": 3, "batch": 2})
+        body = r.json()
+        assert r.status_code == 200 and body["type"] == "image" and len(body["images"]) == 2
+        assert body["sampler"] == "ddim" and body["steps"] == 2 and body["ms"] > 0
+        # the teacher's DDIM on trailing timesteps, as the library draws it, seed by seed
+        expected = library_pixels(teacher_engine.model, Sampler.DDIM, 2, 3.0, [3, 4], spacing="trailing")
+        np.testing.assert_array_equal(png, expected[0])
+        np.testing.assert_array_equal(pixels(body["images"][1]), expected[1])
+
+
+def test_websocket_lcm_image_equals_the_library(lcm_engine):
+    with TestClient(create_app(lcm_engine)) as client:
+        with client.websocket_connect("/ws") as ws:
+            info = ready(ws)
+            assert info["sampler"] == "lcm" and info["is_lcm"] and info["image_size"] == [32, 32]
+            ws.send_json({"id": 1, "prompt": PROMPT, "steps": 4, "w": 2.5, "seed": 11, "batch": 2})
+            reply = ws.receive_json()
+    assert reply["type"] == "image" and reply["id"] == 1 and len(reply["images"]) == 2
+    expected = library_pixels(lcm_engine.model, Sampler.LCM, 4, 2.5, [11, 12])
+    for got, want in zip(reply["images"], expected, strict=True):
+        assert pixels(got).shape == (32, 32)
+        np.testing.assert_array_equal(pixels(got), want)
+
+
+def test_default_model_prefers_the_shipped_lcm(tmp_path, monkeypatch):
+    assert serve_model_path() in (default_model_path(), lcm.sample.ASSETS / "fashion-lcm")
+    (tmp_path / "fashion-lcm" / "unet").mkdir(parents=True)
+    monkeypatch.setattr(lcm.sample, "ASSETS", tmp_path)
+    assert serve_model_path() == tmp_path / "fashion-lcm"
+
+
+def test_prompt_embeddings_are_cached(teacher_engine, monkeypatch):
+    engine = Engine(teacher_engine.model, cache_size=2)
+    calls = []
+    encode = engine.model.encode_prompts
+    monkeypatch.setattr(engine.model, "encode_prompts", lambda p: calls.append(p) or encode(p))
+    for prompt in ("a", "b", "a", "a", "c", "b"):  # LRU of 2: "b" was evicted by "c"
+        engine.embed(prompt)
+    assert calls == [["a"], ["b"], ["c"], ["b"]]
+
+
+def slowed(fn, seconds: float, record: list | None = None):
+    """``fn`` taking at least ``seconds``, recording how many calls overlap (the lock must keep it at 1)."""
+    running = [0]
+    guard = threading.Lock()
+
+    def wrapper(*args, **kwargs):
+        with guard:
+            running[0] += 1
+            if record is not None:
+                record.append(running[0])
+        try:
+            time.sleep(seconds)
+            return fn(*args, **kwargs)
+        finally:
+            with guard:
+                running[0] -= 1
+
+    return wrapper
+
+
+# --- limits and bad input --------------------------------------------------------------------------------------------
+
+BAD = [
+    ({"id": 1, "prompt": PROMPT, "steps": 9}, "steps must be between 1 and 8, got 9"),
+    ({"id": 2, "prompt": "x" * 301}, "prompt is too long: 301 characters, at most 300"),
+    ({"id": 3, "prompt": PROMPT, "batch": 5}, "batch must be between 1 and 4, got 5"),
+    ({"id": 4, "prompt": PROMPT, "w": -1}, "w must be between 0 and 30"),
+    ({"id": 5, "prompt": PROMPT, "steps": "four"}, 'steps must be an integer, got "four"'),
+    ({"id": 6, "prompt": PROMPT, "seed": True}, "seed must be an integer, got true"),
+    ({"id": 7, "prompt": PROMPT, "colour": "red"}, "unknown field(s) 'colour'"),
+    ({"id": 8, "prompt": 3}, "prompt must be a string, got 3"),
+    ({"id": 9, "prompt": PROMPT, "image": base64.b64encode(b"just text").decode()}, "not a readable image"),
+    ({"id": 10, "prompt": PROMPT, "image": "%%%"}, "image is not valid base64"),
+    ({"id": 11, "prompt": PROMPT, "image": png_of(), "strength": 2}, "strength must be between 0 and 1"),
+    ({"prompt": PROMPT}, "id: each request needs an integer id"),
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "a request must be a JSON object, got list"),
+]
+
+
+def test_bad_requests_get_one_line_errors_and_the_socket_lives(teacher_engine):
+    with TestClient(create_app(teacher_engine)) as client, client.websocket_connect("/ws") as ws:
+        ready(ws)
+        for request, message in BAD:
+            ws.send_text(request if isinstance(request, str) else json.dumps(request))
+            reply = ws.receive_json()
+            assert reply["type"] == "error" and message in reply["message"], (request, reply)
+            assert "\n" not in reply["message"]
+            assert reply["id"] == (request.get("id") if isinstance(request, dict) else None)
+        ws.send_json({"id": 99, "prompt": PROMPT, "steps": 1})
+        reply = ws.receive_json()
+        assert reply["type"] == "image" and reply["id"] == 99  # still usable
+        # the same checks over HTTP, as 400s with one line
+        r = client.post("/api/generate", content=b"{nope")
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+        r = client.post("/api/generate", json={"prompt": PROMPT, "steps": 0})
+        assert r.status_code == 400 and r.json()["error"] == "steps must be between 1 and 8, got 0"
+
+
+def test_limits_are_configurable_and_the_rate_is_per_connection(teacher_engine, monkeypatch):
+    monkeypatch.setattr(engine_module, "_generate", slowed(engine_module._generate, 0.05))
+    limits = Limits(max_steps=2, max_batch=1, max_prompt_chars=10, rate=5, max_upload_bytes=1024)
+    noise = io.BytesIO()
+    Image.frombytes("RGB", (64, 64), np.random.default_rng(0).bytes(64 * 64 * 3)).save(noise, format="PNG")
+    big = base64.b64encode(noise.getvalue()).decode()  # about 16 KB
+    with TestClient(create_app(teacher_engine, limits)) as client:
+        r = client.post("/api/generate", json={"prompt": "sneaker", "image": big * 8})
+        assert r.status_code == 413 and r.json()["error"] == "request too large: images up to 1 KiB"
+        with client.websocket_connect("/ws") as ws:
+            info = ready(ws)
+            assert info["limits"]["rate"] == 5 and info["limits"]["max_steps"] == 2
+            ws.send_json({"id": 0, "prompt": "sneaker", "image": big})
+            assert ws.receive_json()["message"] == "image is too large: at most 1 KiB"
+            ws.send_json({"id": 0, "prompt": "sneaker", "steps": 3})
+            assert ws.receive_json()["message"] == "steps must be between 1 and 2, got 3"
+            for i in range(1, 13):  # a burst of 12 against a bucket of 5 (two spent above), refilling at 5/s
+                ws.send_json({"id": i, "prompt": "sneaker", "steps": 1})
+            replies = [ws.receive_json() for _ in range(12)]
+            with client.websocket_connect("/ws") as other:  # another connection has its own bucket
+                ready(other)
+                other.send_json({"id": 1, "prompt": "sneaker", "steps": 1})
+                assert other.receive_json()["type"] == "image"
+    limited = [r for r in replies if r["type"] == "error" and r["message"].startswith("rate limit")]
+    assert len(limited) >= 5 and all(r["id"] is not None for r in limited)
+    assert sorted(r["id"] for r in replies) == list(range(1, 13))  # each request answered once
+
+
+def test_max_connections_and_cross_origin(teacher_engine):
+    with TestClient(create_app(teacher_engine, Limits(max_connections=1))) as client:
+        with client.websocket_connect("/ws") as first:
+            ready(first)
+            with client.websocket_connect("/ws") as second:
+                busy = second.receive_json()
+                assert busy["type"] == "error" and busy["message"].startswith("server busy")
+        with pytest.raises(WebSocketDisconnect) as err:
+            with client.websocket_connect("/ws", headers={"origin": "http://elsewhere.example"}) as ws:
+                ws.receive_json()
+        assert err.value.code == 1008
+        r = client.post("/api/generate", json={"prompt": PROMPT}, headers={"origin": "http://elsewhere.example"})
+        assert r.status_code == 403
+        r = client.post("/api/generate", json={"prompt": PROMPT, "steps": 1}, headers={"origin": "http://testserver"})
+        assert r.status_code == 200
+
+
+# --- stale requests ----------------------------------------------------------------------------------------------
+
+
+def test_stale_requests_are_dropped_never_queued(teacher_engine, monkeypatch):
+    overlap: list[int] = []
+    monkeypatch.setattr(engine_module, "_generate", slowed(engine_module._generate, 0.25, overlap))
+    with TestClient(create_app(teacher_engine)) as client:
+        hub = client.app.state.hub
+        with client.websocket_connect("/ws") as a, client.websocket_connect("/ws") as b:
+            ready(a), ready(b)
+            for i in range(1, 21):  # typing much faster than the generator
+                a.send_json({"id": i, "prompt": PROMPT[:i], "steps": 1})
+            b.send_json({"id": 1, "prompt": "a dress", "steps": 1})
+            replies = [a.receive_json() for _ in range(20)]
+            other = b.receive_json()
+    images = [r["id"] for r in replies if r["type"] == "image"]
+    dropped = [r["id"] for r in replies if r["type"] == "dropped"]
+    assert sorted(images + dropped) == list(range(1, 21))  # every id answered exactly once
+    assert images[-1] == 20 and images == sorted(images)  # the newest always arrives, never out of order
+    assert len(images) <= 3, images  # the one in flight when typing began, maybe one more, then the newest
+    assert other["type"] == "image"
+    assert max(overlap) == 1  # two connections, never two generations at once
+    assert len(overlap) == len(images) + 1 == hub.stats["generated"]
+    assert hub.stats["dropped"] == len(dropped)
+
+
+# --- img2img glue --------------------------------------------------------------------------------------------------
+
+
+def test_img2img_uses_the_library_when_it_has_it(teacher_engine, monkeypatch):
+    monkeypatch.delattr(lcm.sample, "img2img_latents", raising=False)
+    with TestClient(create_app(teacher_engine)) as client:
+        assert client.get("/api/health").json()["img2img"] is False
+        r = client.post("/api/generate", json={"prompt": PROMPT, "image": png_of(), "strength": 0.5})
+        assert r.status_code == 400 and "img2img is not supported by this build" in r.json()["error"]
+
+    seen = {}
+
+    def img2img_latents(model, images, strength, cond, uncond, sampler, steps, w, seeds, timestep_spacing=None):
+        seen.update(shape=tuple(images.shape), strength=strength, seeds=seeds, sampler=sampler, low=images.min())
+        return torch.zeros(len(seeds), *model.latent_shape)
+
+    monkeypatch.setattr(lcm.sample, "img2img_latents", img2img_latents, raising=False)
+    with TestClient(create_app(teacher_engine)) as client:
+        image = "data:image/png;base64," + png_of((100, 60), "RGB")
+        body = client.post("/api/generate", json={"prompt": PROMPT, "image": image, "strength": 0.5, "batch": 2})
+        assert body.status_code == 200 and body.json()["img2img"] is True
+    assert seen["shape"] == (2, 1, 32, 32) and seen["strength"] == 0.5 and seen["seeds"] == [0, 1]
+    assert seen["sampler"] is Sampler.DDIM and abs(float(seen["low"]) - (200 / 127.5 - 1)) < 1e-6
+
+
+# --- the command -----------------------------------------------------------------------------------------------------
+
+
+def test_serve_flags_are_checked_before_any_model_loads(monkeypatch, capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr(LatentDiffusion, "from_pretrained", no_loading)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    bad = [
+        (["--port", "70000"], "--port"),
+        (["--max-steps", "0"], "--max-steps"),
+        (["--max-batch", "0"], "--max-batch"),
+        (["--max-prompt-length", "0"], "--max-prompt-length"),
+        (["--max-upload-kb", "0"], "--max-upload-kb"),
+        (["--max-image-side", "0"], "--max-image-side"),
+        (["--rate", "0"], "--rate"),
+        (["--rate", "nan"], "--rate"),
+        (["--max-connections", "0"], "--max-connections"),
+        (["--threads", "0"], "--threads"),
+        (["--lora-scale", "0.5"], "--lora-scale"),
+        (["--lora-scale", "nan"], "--lora-scale"),
+        (["--lora", "/missing/lora.safetensors"], "--lora"),
+        (["--model", "/missing/model"], "--model"),
+        (["--host", "no such host.invalid"], "--host"),
+        (["--port", str(taken.getsockname()[1])], "--port"),
+    ]
+    try:
+        for argv, flag in bad:
+            code = main(["serve", *argv])
+            err = capsys.readouterr().err.strip()
+            assert code == 2 and "\n" not in err and err.startswith("lcm serve: error:") and flag in err, (argv, err)
+    finally:
+        taken.close()
+
+
+def test_loopback_addresses():
+    assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.4", "example.com"))
