@@ -9,11 +9,11 @@ import sys
 from collections.abc import Sequence
 
 from lcm import __version__
-from lcm.cli import consistency, demo, evaluate, sample, serve, timesteps, train_teacher
+from lcm.cli import cache, consistency, demo, evaluate, sample, serve, timesteps, train_teacher
 from lcm.cli.common import typed_flags
 from lcm.models.formats import ALLOW_PICKLE_ENV
 
-COMMANDS = (demo, train_teacher, sample, serve, consistency, evaluate, timesteps)
+COMMANDS = (demo, train_teacher, sample, serve, consistency, cache, evaluate, timesteps)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -106,6 +106,14 @@ def add_training_args(p: argparse.ArgumentParser, lr_help: str, steps: int) -> N
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1)")
     g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no", help="autocast (VAE stays fp32)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for UNet activation memory")
+    g.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="torch.compile the student, target and teacher UNets (fixed shapes; compiled once per machine, kept in "
+        "$LCM_CACHE/inductor). auto (default): on CUDA only. On a CPU, on costs minutes of compiling the first time "
+        "and pays off on long runs or once the cache holds the graphs (README, Performance)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of data order, noise, t and w draws (default 0)")
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
@@ -162,6 +170,7 @@ def loop_config(args: argparse.Namespace, default_lr: float):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm,
         mixed_precision=args.mixed_precision,
+        compile=args.compile,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,

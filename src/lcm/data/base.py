@@ -146,17 +146,19 @@ class SkipCounter:
 def collate_skip_none(batch: Sequence[Sample | None]) -> dict[str, Any] | None:
     """Collate samples, dropping ``None`` (unreadable) items; ``None`` if nothing is left.
 
-    Returns ``{"pixel_values": [B, C, H, W], "caption": list[str], "num_skipped": int}``; ``B`` may be smaller
+    Returns ``{"pixel_values": [B, C, H, W], "caption": list[str], "num_skipped": int}`` for image samples (any
+    tensor field is stacked, any other listed: a latent cache's samples collate the same way); ``B`` may be smaller
     than the loader's batch size when items were dropped.
     """
     kept = [sample for sample in batch if sample is not None]
     if not kept:
         return None
-    return {
-        "pixel_values": torch.stack([sample["pixel_values"] for sample in kept]),
-        "caption": [sample["caption"] for sample in kept],
-        "num_skipped": len(batch) - len(kept),
-    }
+    out: dict[str, Any] = {}
+    for key, value in kept[0].items():
+        values = [sample[key] for sample in kept]
+        out[key] = torch.stack(values) if isinstance(value, torch.Tensor) else values
+    out["num_skipped"] = len(batch) - len(kept)
+    return out
 
 
 def check_caption(value: Any) -> tuple[str | list[str] | None, str | None]:

@@ -7,6 +7,7 @@
   (``image_column``: the metadata key of the file name, default ``file_name``)
 - a local folder written by ``datasets``' ``save_to_disk``, or holding data files → :class:`HFDatasetSource`
 - a local folder of images only, when captions are not required → :class:`PlainImageFolder` (captions ``""``)
+- a folder written by ``lcm cache`` (``lcm_cache.json``) → :class:`LatentCache` (VAE latents and text embeddings)
 - a Hugging Face Hub name such as ``"lambdalabs/naruto-blip-captions"`` → :class:`HFDatasetSource`
   (``image_column`` default ``image``)
 
@@ -44,6 +45,7 @@ from lcm.data.base import collate_skip_none
 from lcm.data.fashion_mnist import CLASS_NAMES, FashionCaptionDataset
 from lcm.data.folder import METADATA_FILE, ImageFolderSource, PlainImageFolder, has_image_files
 from lcm.data.hf import HFDatasetSource
+from lcm.data.latent_cache import LatentCache, is_latent_cache
 from lcm.data.transforms import ImageTransform
 from lcm.data.webdataset import WebDatasetSource, is_remote, shard_path
 from lcm.locations import is_hub_id
@@ -59,6 +61,7 @@ class DataKind(str, Enum):
     FASHION = "fashion-mnist"  # "fashion-mnist" or "fashion-mnist:0,3,7"
     WEBDATASET = "webdataset"  # .tar/.tar.gz/.tgz paths or URLs, brace patterns, pipe: commands
     FOLDER = "folder"  # a local directory: imagefolder, save_to_disk, data files or plain images
+    LATENT_CACHE = "latent-cache"  # a folder written by lcm cache
     HUB = "hub"  # a Hugging Face datasets name
 
 
@@ -85,7 +88,7 @@ def parse_data_spec(text: str | os.PathLike) -> DataSpec:
         return DataSpec(DataKind.WEBDATASET, _webdataset_location(given))
     path = Path(given).expanduser()
     if path.is_dir():
-        return DataSpec(DataKind.FOLDER, str(path))
+        return DataSpec(DataKind.LATENT_CACHE if is_latent_cache(path) else DataKind.FOLDER, str(path))
     if path.exists():
         raise ValueError(f"--data {given}: a file but not a .tar shard; give a folder, .tar shards or a dataset name")
     if is_hub_id(given):
@@ -117,6 +120,10 @@ def open_data(
         spec = parse_data_spec(spec)
     if spec.kind is DataKind.FASHION:
         return FashionCaptionDataset(split, data_dir, None if spec.classes is None else list(spec.classes))
+    if spec.kind is DataKind.LATENT_CACHE:
+        if random_flip or not center_crop:
+            raise ValueError(f"--data {spec.location} is a latent cache: random crops and flips cannot be cached")
+        return LatentCache(spec.location)
     return build_source(
         spec,
         resolution=resolution,
@@ -147,8 +154,8 @@ def build_source(
     """The image source ``spec`` names, any kind but Fashion-MNIST; the arguments are those of :func:`open_data`."""
     if not isinstance(spec, DataSpec):
         spec = parse_data_spec(spec)
-    if spec.kind is DataKind.FASHION:
-        raise ValueError(f"--data {spec.location}: Fashion-MNIST is not an image file source; open it with open_data")
+    if spec.kind in (DataKind.FASHION, DataKind.LATENT_CACHE):
+        raise ValueError(f"--data {spec.location}: not an image file source; open it with open_data")
     transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, channels=channels)
     if spec.kind is DataKind.WEBDATASET:
         seed = 0 if seed is None else seed

@@ -18,7 +18,16 @@ import torch
 
 from lcm.locations import cache_dir
 
-__all__ = ["DTYPES", "Compile", "default_device", "default_dtype", "optimize", "parse_device", "parse_dtype"]
+__all__ = [
+    "DTYPES",
+    "Compile",
+    "default_device",
+    "default_dtype",
+    "optimize",
+    "parse_device",
+    "parse_dtype",
+    "use_compile_cache",
+]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -63,7 +72,8 @@ def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _use_cache_dir() -> None:
+def use_compile_cache() -> None:
+    """Inductor's kernel and graph caches in ``$LCM_CACHE/inductor``, unless ``TORCHINDUCTOR_CACHE_DIR`` is set."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("inductor")))
 
 
@@ -79,7 +89,7 @@ def optimize(model, device: torch.device, dtype: torch.dtype, compile: Compile =
         model.unet.to(memory_format=torch.channels_last)
         model.vae.to(memory_format=torch.channels_last)
     if Compile(compile).enabled(device):
-        _use_cache_dir()
+        use_compile_cache()
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs: launch-bound at batch 1
         model.unet.compile(dynamic=False, mode=mode)
         model.vae.decoder.compile(dynamic=False, mode=mode)

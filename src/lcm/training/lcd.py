@@ -92,6 +92,13 @@ class StudentTarget:
         """Consistency function of ``unet`` at (z, t): c_skip z + c_out x̂0, with this run's constants."""
         return self.model.consistency_output(unet, z, t, text, w_emb, self.cfg.sigma_data, self.cfg.timestep_scaling)
 
+    def compile(self) -> None:
+        """``torch.compile`` every network the loss calls, in place (fixed shapes): student, target and, for LCD,
+        the teacher. A LoRA student is its own target and teacher, so it is compiled once."""
+        networks = {id(m): m for m in (self.student, self.target, getattr(self, "teacher_unet", self.student))}
+        for network in networks.values():
+            network.compile(dynamic=False)
+
     def update_target(self) -> None:
         """θ⁻ ← μθ⁻ + (1 − μ)θ after each optimiser step (full student; the LoRA target is the student itself)."""
         if self.kind is StudentKind.FULL:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
+from lcm.models.fast import Compile, use_compile_cache
 from lcm.training.checkpoint import checkpoint_steps, non_finite, restore_checkpoint, save_training_state
 
 __all__ = [
@@ -81,6 +82,7 @@ class TrainConfig:
     cpu: bool = False  # train on the CPU even where an accelerator is present
     label: str = "train"  # of the progress bar
     max_bad_steps: int = 10  # stop after this many optimiser steps in a row with a non-finite loss or gradient
+    compile: str = "auto"  # torch.compile the task's networks: auto (CUDA only), on, off (lcm.models.fast.Compile)
 
     def __post_init__(self):
         _check(self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}")
@@ -111,6 +113,8 @@ class TrainConfig:
         _check(self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}")
         _check(self.max_bad_steps >= 1, f"--max-bad-steps must be at least 1, got {self.max_bad_steps}")
         _check(self.resume is None or bool(str(self.resume).strip()), "--resume takes 'latest' or a checkpoint folder")
+        modes = [c.value for c in Compile]
+        _check(self.compile in modes, f"--compile must be one of {', '.join(modes)}, got {self.compile!r}")
 
     @property
     def train_dir(self) -> Path:
@@ -165,7 +169,10 @@ def _optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
         except ImportError as err:
             raise ValueError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from err
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    # The fused kernel (CPU and CUDA) updates every tensor in one pass: 6x faster than the for-each one on the
+    # embedded student's 1.7 M parameters on a CPU, and it works with the fp16 gradient scaler.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
 def cosine_floor(warmup: int, total: int) -> Callable[[int], float]:
@@ -226,6 +233,9 @@ def train(task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig)
     lr_scheduler = _lr_scheduler(optimizer, cfg)
     wrapped = task.wrap(accelerator.prepare)
     optimizer = accelerator.prepare(optimizer)
+    if Compile(cfg.compile).enabled(accelerator.device) and hasattr(task, "compile"):
+        use_compile_cache()
+        task.compile()  # in place: state dicts and checkpoints keep their keys
     noise_seed = cfg.seed * 1009 if cfg.noise_seed is None else cfg.noise_seed
     generator = torch.Generator().manual_seed(noise_seed + accelerator.process_index)
 
@@ -343,7 +353,9 @@ class _Run:
             if accelerator.is_main_process and (
                 (cfg.validate_every and step % cfg.validate_every == 0) or step == cfg.max_steps
             ):
-                metrics = task.validate(step, cfg.train_dir / "validation")
+                # Compiled networks run eagerly here: a grid's batch size would otherwise compile a graph of its own.
+                with torch.compiler.set_stance("force_eager"):
+                    metrics = task.validate(step, cfg.train_dir / "validation")
                 if metrics:
                     accelerator.log(metrics, step=step)
         bar.close()

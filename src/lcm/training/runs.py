@@ -10,6 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from lcm.data.latent_cache import LatentCache
 from lcm.data.loader import batch_stream
 from lcm.data.sources import collate_skip_none, open_data, parse_data_spec
 from lcm.models.latent_diffusion import LatentDiffusion
@@ -53,8 +54,8 @@ class DataConfig:
 
 def build_dataset(cfg: DataConfig, model: LatentDiffusion):
     """A dataset of ``{"pixel_values", "caption"}`` samples at the model's resolution and channel count
-    (Fashion-MNIST at its own 32×32×1)."""
-    return open_data(
+    (Fashion-MNIST at its own 32×32×1), or a latent cache written with ``model``'s own encoders."""
+    dataset = open_data(
         cfg.source,
         resolution=cfg.resolution or model.unet.config.sample_size * model.vae_scale_factor,
         channels=model.vae.config.in_channels,
@@ -64,6 +65,9 @@ def build_dataset(cfg: DataConfig, model: LatentDiffusion):
         random_flip=cfg.random_flip,
         data_dir=cfg.data_dir,
     )
+    if isinstance(dataset, LatentCache):
+        dataset.check_model(model)
+    return dataset
 
 
 def run_distillation(

@@ -108,7 +108,18 @@ class ConsistencyTask:
         return [self.method.wrap(prepare)]
 
     def encode_batch(self, batch: dict[str, Any], generator: torch.Generator):
-        """(z0, cond, uncond) of a collated batch: a fresh VAE posterior sample, cached text embeddings."""
+        """(z0, cond, uncond) of a collated batch: a fresh VAE posterior sample, cached text embeddings.
+
+        A latent cache's batch (:mod:`lcm.data.latent_cache`) holds the posterior and the embeddings already: the
+        sample ``mean + std·ε`` draws ε from ``generator`` exactly as the VAE's own posterior sample would.
+        """
+        device = self.model.device
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+            z0 = mean + std * torch.randn(mean.shape, generator=generator).to(device, mean.dtype)
+            cond = TextEmbeddings(batch["hidden_states"], batch.get("pooled")).to(device)
+            uncond = TextEmbeddings.cat([self.uncond] * len(batch["caption"]))
+            return z0.float(), cond, uncond
         z0 = self.model.encode_images(batch["pixel_values"], generator)
         cond = self.text(batch["caption"]).to(self.model.device)
         uncond = TextEmbeddings.cat([self.uncond] * len(batch["caption"]))
@@ -117,6 +128,9 @@ class ConsistencyTask:
     def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         z0, cond, uncond = self.encode_batch(batch, generator)
         return self.method.loss(z0, cond, uncond, generator).loss
+
+    def compile(self) -> None:
+        self.method.compile()
 
     def after_optimizer_step(self, step: int) -> None:
         self.method.update_target()

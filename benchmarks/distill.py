@@ -1,0 +1,201 @@
+"""Distillation speed: LCD samples per second and peak memory, eager / compiled, with and without the latent cache.
+
+    python benchmarks/distill.py                                  # CPU, the embedded teacher, batch 32
+    python benchmarks/distill.py --arch sd15 --device cuda --batch-size 12 --mixed-precision bf16   # 512², random
+
+One row per (compile, cache) setting: the full LCD optimiser step as ``lcm distill`` runs it (batch → latents and
+text → student, guided teacher and target → Huber loss → backward → gradient clipping → fused AdamW → EMA), timed
+after warm-up, median over ``--steps``. Without the cache every step VAE-encodes its images; with it the step reads
+the cached posterior (mean, std) and text embeddings, as ``lcm distill --data CACHE`` does. The compile time of the
+compiled rows is reported apart. ``--arch sd15`` builds an SD-1.5-architecture teacher with random weights from
+configs/ (no downloads) and feeds random 77×768 text embeddings in place of CLIP. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from lcm.data.captions import class_prompts
+from lcm.models.fast import parse_device, use_compile_cache
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.models.student import StudentKind
+from lcm.models.text import TextEmbeddings, TextEncoder
+from lcm.sample import default_model_path
+from lcm.training.lcd import LCDConfig
+from lcm.training.task import DistillTask
+
+HERE = Path(__file__).resolve().parent
+
+
+class RandomText(TextEncoder):
+    """Fixed random embeddings per prompt (SD-1.5 shapes), standing in for CLIP in a weights-free benchmark."""
+
+    name, hidden_size, max_length = "random", 768, 77
+
+    def __init__(self, device):
+        self.device = device
+
+    def encode(self, prompts):
+        out = []
+        for p in prompts:
+            g = torch.Generator().manual_seed(hash(p) % 2**31)
+            out.append(torch.randn(1, self.max_length, self.hidden_size, generator=g))
+        return TextEmbeddings(torch.cat(out).to(self.device))
+
+
+def sd15_teacher(folder: Path, device) -> LatentDiffusion:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(json.loads((HERE / "configs" / "sd15_unet.json").read_text()))
+    vae = AutoencoderKL.from_config(json.loads((HERE / "configs" / "sd15_vae.json").read_text()))
+    config = dict(DDPMScheduler.from_config(json.loads((HERE / "configs" / "sd15_scheduler.json").read_text())).config)
+    unet, vae = (m.to(device).eval().requires_grad_(False) for m in (unet, vae))
+    return LatentDiffusion(unet, vae, config, RandomText(device), source=str(folder))
+
+
+def make_batch(model: LatentDiffusion, batch: int, cached: bool) -> dict:
+    """One batch of random images and class captions; cached: their posterior and embeddings instead."""
+    side = model.latent_shape[1] * model.vae_scale_factor
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(batch, model.vae.config.in_channels, side, side, generator=g) * 2 - 1
+    captions = [class_prompts()[i % 10] for i in range(batch)]
+    if not cached:
+        return {"pixel_values": pixels, "caption": captions}
+    with torch.no_grad():
+        dist = model.vae.encode(pixels.to(model.device, model.vae.dtype)).latent_dist
+    text = model.encode_prompts(captions)
+    return {
+        "latent_mean": dist.mean.float() * model.scaling_factor,
+        "latent_std": dist.std.float() * model.scaling_factor,
+        "hidden_states": text.hidden_states,
+        "caption": captions,
+    }
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB, whole process
+
+
+def bench(model, args, device, compiled: bool, cached: bool) -> dict:
+    task = DistillTask(model, StudentKind.FULL, LCDConfig(w_min=1.0, w_max=5.0))
+    params = task.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    if compiled:
+        use_compile_cache()
+        task.compile()
+    batch = make_batch(model, args.batch_size, cached)
+    generator = torch.Generator().manual_seed(0)
+    autocast = (
+        torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision])
+        if args.mixed_precision != "no"
+        else nullcontext()
+    )
+
+    def step():
+        with autocast:
+            loss = task.loss(batch, generator).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        task.after_optimizer_step(0)
+
+    def synced():
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    synced()  # compiles on first use
+    first = time.perf_counter() - start
+    for _ in range(args.warmup):
+        synced()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        synced()
+        times.append(time.perf_counter() - start)
+    sec = statistics.median(times)
+    row = {
+        "compiled": compiled,
+        "cached": cached,
+        "batch": args.batch_size,
+        "step_ms": sec * 1e3,
+        "samples_per_s": args.batch_size / sec,
+        "first_step_s": first,
+        "peak_gib": peak_memory_gib(device),
+    }
+    print(
+        f"compiled={compiled!s:5} cached={cached!s:5}: {row['step_ms']:8.1f} ms/step, "
+        f"{row['samples_per_s']:7.1f} samples/s (first step {first:.1f} s)",
+        flush=True,
+    )
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--arch", choices=["embedded", "sd15"], default="embedded", help="teacher (default: embedded)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 32 (embedded), 12 (sd15)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast (default no)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per row (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (default 3)")
+    p.add_argument("--modes", default="eager,compiled", help="eager,compiled (default both)")
+    p.add_argument("--out", default="benchmarks/results/distill.json", help="JSON output")
+    args = p.parse_args(argv)
+    device = parse_device(args.device)
+    args.batch_size = args.batch_size or (12 if args.arch == "sd15" else 32)
+    rows = []
+    for mode in args.modes.split(","):
+        for cached in (False, True):
+            # A fresh teacher per row: compiling works in place, and each row must start from the same weights.
+            if args.arch == "sd15":
+                model = sd15_teacher(Path(tempfile.mkdtemp()), device)
+            else:
+                model = LatentDiffusion.from_pretrained(default_model_path(), device=device)
+            rows.append(bench(model, args, device, mode == "compiled", cached))
+            del model
+    base = rows[0]["samples_per_s"]
+    lines = [
+        "| compiled | latent cache | ms/step | samples/s | vs eager uncached | peak memory |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {'yes' if r['compiled'] else 'no'} | {'yes' if r['cached'] else 'no'} | {r['step_ms']:.1f} | "
+            f"{r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f}x | {r['peak_gib']:.2f} GiB |"
+        )
+    print("\n" + "\n".join(lines))
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "arch": args.arch,
+        "mixed_precision": args.mixed_precision,
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

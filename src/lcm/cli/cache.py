@@ -1,0 +1,87 @@
+"""``lcm cache``: VAE latents and text embeddings of a dataset, written once, for ``lcm distill --data CACHE``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lcm.data.latent_cache import write_latent_cache
+    from lcm.models.fast import parse_device
+    from lcm.models.latent_diffusion import LatentDiffusion
+    from lcm.sample import default_model_path
+    from lcm.training.runs import DataConfig, build_dataset
+
+    for flag, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.shard_size % args.batch_size:
+        raise ValueError(f"--shard-size ({args.shard_size}) must be a multiple of --batch-size ({args.batch_size})")
+    data = DataConfig(
+        source=args.data,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+    )
+    data.check()
+    device = parse_device(args.device)
+    model_path = args.model or str(default_model_path())
+    model = LatentDiffusion.from_pretrained(model_path, device=device)
+    dataset = build_dataset(data, model)
+    if not hasattr(dataset, "__len__"):
+        raise ValueError(f"--data {args.data}: WebDataset shards stream without a length; cache a folder or dataset")
+    description = {
+        "model": str(model_path),
+        "data": args.data,
+        "image_column": args.image_column,
+        "caption_column": args.caption_column,
+        "resolution": args.resolution,
+    }
+    manifest = write_latent_cache(
+        model, dataset, args.out, description, args.shard_size, args.batch_size, args.num_workers
+    )
+    skipped = f", {manifest['skipped']} unreadable skipped" if manifest["skipped"] else ""
+    print(f"cached {manifest['samples']} samples in {len(manifest['shards'])} shards{skipped}: {args.out}")
+    print(f"train from it with: lcm distill --teacher {model_path} --data {args.out} ...")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "cache",
+        help="encode a dataset once (VAE latents + text embeddings) so that lcm distill skips both encoders",
+        description=(
+            "Run the model's VAE encoder and text encoder over --data once and write safetensors shards to --out. "
+            "`lcm distill --teacher MODEL --data OUT` then trains from the cache. Each step still draws a fresh "
+            "sample of the VAE posterior (its mean and standard deviation are cached). Images are cached with the "
+            "data's centre crop and no flips: --random-crop and --random-flip cannot be used with a cache. An "
+            "interrupted run resumes when run again with the same flags."
+        ),
+    )
+    p.add_argument(
+        "--model",
+        help="model whose VAE and text encoder to use: the teacher of the distillation "
+        "(default: the shipped Fashion teacher)",
+    )
+    p.add_argument(
+        "--data",
+        default="fashion-mnist",
+        help="what to encode: any --data of lcm distill except WebDataset shards (default fashion-mnist)",
+    )
+    p.add_argument("--out", required=True, help="cache folder (lcm_cache.json and shard-NNNNN.safetensors)")
+    p.add_argument("--image-column", help="image column of a datasets dataset (default image)")
+    p.add_argument("--caption-column", help="caption column / metadata key (default text)")
+    p.add_argument("--resolution", type=int, help="image size (default: the model's native size)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default 64)")
+    p.add_argument(
+        "--shard-size", type=int, default=1024, help="samples per shard, a multiple of --batch-size (default 1024)"
+    )
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: Debian package or download)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=run_cache)
