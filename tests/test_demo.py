@@ -49,9 +49,9 @@ def test_shipped_teacher_draws_the_prompted_garment():
 
 
 def test_sample_without_model_uses_the_shipped_teacher(tmp_path):
-    out = tmp_path / "grid.png"
+    out = tmp_path / "pngs"
     assert main(["sample", "--prompt", "running shoes", "--num-images", "2", "--steps", "4", "--out", str(out)]) == 0
-    assert out.is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["000-seed0.png", "001-seed1.png"]
 
 
 @needs_data

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from lcm.cli import main
-from lcm.images import save_grid
+from lcm.images import to_uint8
 from lcm.maths.guidance import w_embedding
 from lcm.models.export import export_lcm_folder, export_lora
 from lcm.models.formats import lcm_scheduler_config
@@ -135,11 +135,13 @@ def test_lcm_sample_draws_the_in_memory_student(tmp_path, capsys):
     student.__post_init__()
     prompts, seeds = ["a photo of a cat", "a red car"], [0, 1, 0, 1]
     images = generate(student, [p for p in prompts for _ in range(2)], Sampler.LCM, 2, 0.0, seeds)
-    save_grid(images, tmp_path / "ref.png", nrow=2, scale=1)
     args = ["sample", "--model", str(out), "--steps", "2", "--num-images", "2", "--scale", "1"]
-    args += ["--prompt", prompts[0], "--prompt", prompts[1], "--out", str(tmp_path / "cli.png")]
+    args += ["--prompt", prompts[0], "--prompt", prompts[1], "--out", str(tmp_path / "cli")]
     assert main(args) == 0
-    assert (_png(tmp_path / "cli.png") - _png(tmp_path / "ref.png")).abs().max() <= 1
+    reference = torch.from_numpy(to_uint8(images)).int()  # [N, H, W, C], the in-memory student's pixels
+    for i, seed in enumerate(seeds):
+        drawn = _png(tmp_path / "cli" / f"{i:03d}-seed{seed}.png")
+        assert (drawn - reference[i]).abs().max() <= 1, i
 
 
 # --- LoRA files made elsewhere -----------------------------------------------------------------------------------

@@ -74,12 +74,13 @@ def test_loads_like_any_diffusers_model_and_samples(smoke_teacher, tmp_path):
 
 
 def test_sample_cli_writes_a_grid(smoke_teacher, tmp_path):
-    out = tmp_path / "grid.png"
+    out = tmp_path / "pngs"
     args = ["sample", "--model", str(smoke_teacher), "--prompt", "a sneaker", "--prompt", "a bag"]
-    args += ["--num-images", "3", "--steps", "2", "--out", str(out), "--scale", "1"]
+    args += ["--num-images", "3", "--steps", "2", "--out", str(out), "--scale", "1", "--grid"]
     assert main(args) == 0
-    image = Image.open(out)
-    assert image.size == (3 * 34 + 2, 2 * 34 + 2)
+    singles = sorted(out.glob("0*.png"))
+    assert len(singles) == 6 and all(Image.open(p).size == (32, 32) for p in singles)
+    assert Image.open(out / "grid.png").size[0] > 3 * 32  # three columns plus labels
 
 
 def test_image_i_does_not_depend_on_batch_size(smoke_teacher):

@@ -18,7 +18,7 @@ from lcm.data.captions import class_prompts
 from lcm.evaluation.metrics import FashionEvaluator
 from lcm.evaluation.prompts import fashion_eval_prompts
 from lcm.evaluation.run import Row, evaluate_row
-from lcm.images import save_grid
+from lcm.images import save_labelled_grid
 from lcm.maths.solvers import Solver
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import Sampler, default_model_path, generate
@@ -113,7 +113,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             grid.append(generate(model, grid_prompts, sampler, steps, cfg.w_eval, grid_seeds, timestep_spacing=spacing))
             r = rows[-1]
             print(f"{method} {steps} steps: FD-clf {r['fd_clf']:.1f}, prompt accuracy {r['prompt_accuracy']:.3f}")
-    grid_path = save_grid(torch.cat(grid), cfg.out / "demo_grid.png", nrow=10, scale=2)
+    row_labels = [f"{r['method']} {r['steps']} step{'' if r['steps'] == 1 else 's'}" for r in rows]
+    grid_path = save_labelled_grid(torch.cat(grid), cfg.out / "demo_grid.png", row_labels, grid_prompts, scale=2)
     table = _table(rows)
     header = (
         f"# lcm demo\n\nLCD of the shipped Fashion-MNIST teacher: {summary['steps']} steps, batch {cfg.batch_size}, "

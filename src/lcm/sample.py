@@ -1,4 +1,14 @@
-"""Text → images with any model folder: the LCM sampler for LCMs, DDIM / DPM-Solver / DPM-Solver++ for teachers."""
+"""Images with any model folder: the LCM and TCD samplers for LCMs, DDIM / DPM-Solver / DPM-Solver++ for teachers;
+text-to-image and image-to-image (docs/sampling.md).
+
+Randomness, one generator per image seed, so that image i is the same whatever batch it is drawn in. Each image's
+generator is drawn from in this order, the order diffusers' pipelines draw from a list of generators:
+
+- text-to-image: the initial latent ``z_T``, then one noise tensor per re-noising step (LCM: every step but the last;
+  TCD with γ > 0: every step but the last; DDIM and DPM-Solver draw nothing more);
+- image-to-image: the VAE posterior sample of the encoded image (``mean + std·ε``, ``retrieve_latents`` with
+  ``sample_mode="sample"``), then the noise that takes it to the first timestep, then the sampler's draws as above.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +18,39 @@ from pathlib import Path
 
 import torch
 
-from lcm.maths.sampling import randn_per_image, sample_ddim, sample_dpm_solver, sample_lcm
-from lcm.maths.timesteps import ddim_timesteps, dpm_solver_timesteps, lcm_timesteps
+from lcm.maths.consistency import boundary_scalings_at
+from lcm.maths.guidance import w_embedding
+from lcm.maths.parameterization import Denoised, to_denoised
+from lcm.maths.sampling import (
+    HostDenoiser,
+    randn_per_image,
+    sample_ddim,
+    sample_dpm_solver,
+    sample_lcm,
+    sample_tcd,
+)
+from lcm.maths.timesteps import ddim_timesteps, dpm_solver_timesteps, img2img_start, lcm_timesteps
 from lcm.models.formats import w_input_dim
 from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.models.text import TextEmbeddings
 
-__all__ = ["Sampler", "default_model_path", "generate", "sample_latents"]
+__all__ = [
+    "DEFAULT_GAMMA",
+    "DEFAULT_STRENGTH",
+    "Sampler",
+    "consistency_denoiser",
+    "default_model_path",
+    "default_sampling_path",
+    "generate",
+    "img2img_latents",
+    "img2img_timesteps",
+    "latent_shape",
+    "sample_latents",
+]
 
 ASSETS = Path(__file__).parent / "assets"
+DEFAULT_GAMMA = 0.3  # TCD's γ (diffusers' ``eta`` of TCDScheduler.step)
+DEFAULT_STRENGTH = 0.6  # img2img strength of ``lcm sample --image`` and ``lcm serve``
 
 
 class Sampler(str, Enum):
@@ -23,9 +58,15 @@ class Sampler(str, Enum):
     singlestep LCD solvers of the same names (:class:`lcm.maths.solvers.Solver`)."""
 
     LCM = "lcm"  # multistep consistency sampling (LCMs only)
+    TCD = "tcd"  # Trajectory Consistency Distillation's stochastic sampler, gamma (consistency-distilled models)
     DDIM = "ddim"
     DPM_SOLVER_2M = "dpm"  # DPM-Solver, 2nd-order multistep
     DPM_SOLVER_PP_2M = "dpmpp"  # DPM-Solver++(2M)
+
+    @property
+    def for_distilled(self) -> bool:
+        """A sampler of consistency-distilled models (LCM, TCD), which run one network call per step unguided."""
+        return self in (Sampler.LCM, Sampler.TCD)
 
 
 def default_model_path() -> Path:
@@ -34,6 +75,139 @@ def default_model_path() -> Path:
     if not (path / "unet").is_dir():
         raise ValueError(f"the shipped teacher is missing from {path}; reinstall the package or give --model")
     return path
+
+
+def default_sampling_path() -> Path:
+    """What ``lcm sample`` and ``lcm serve`` draw with when no model is given: the shipped embedded LCM
+    (``assets/fashion-lcm``, see its model card), or the shipped teacher where a package lacks it."""
+    path = ASSETS / "fashion-lcm"
+    return path if (path / "unet").is_dir() else default_model_path()
+
+
+def latent_shape(model: LatentDiffusion, size: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """``(C, h, w)`` of the latents of ``size = (height, width)`` pixels (default: the model's native size).
+
+    Each side must be a multiple of the VAE's scale factor (8 for Stable Diffusion, 4 for the embedded model).
+    """
+    if size is None:
+        return model.latent_shape
+    factor = model.vae_scale_factor
+    height, width = (int(v) for v in size)
+    if height < 1 or width < 1 or height % factor or width % factor:
+        raise ValueError(
+            f"--height/--width must be positive multiples of this model's VAE scale factor {factor}, "
+            f"got {height}x{width}"
+        )
+    return (model.latent_shape[0], height // factor, width // factor)
+
+
+def _check_sampler(model: LatentDiffusion, sampler: Sampler, negative_guidance: float) -> None:
+    if sampler.for_distilled and not model.is_lcm:
+        raise ValueError(
+            f"the {sampler.value} sampler needs an LCM (a consistency-distilled model, or a base model with an "
+            "LCM or TCD LoRA); use --sampler ddim|dpm|dpmpp"
+        )
+    if negative_guidance < 0:
+        raise ValueError(f"negative guidance must be >= 0, got {negative_guidance}")
+    if negative_guidance and not sampler.for_distilled:
+        raise ValueError(
+            "--negative-guidance is for LCMs (lcm, tcd samplers); a teacher's negative prompt is the unconditional "
+            "side of its classifier-free guidance, weighted by --guidance"
+        )
+
+
+def consistency_denoiser(
+    model: LatentDiffusion,
+    cond: TextEmbeddings,
+    uncond: TextEmbeddings | None,
+    w: float,
+    negative_guidance: float = 0.0,
+) -> HostDenoiser:
+    """The distilled network's raw prediction ``(z, t) → Denoised(x̂0, ε̂)`` at one host-float ``t``.
+
+    The w-embedding of ``w`` is passed when the UNet takes one (an LCM-LoRA takes none: ``w`` is then unused). With
+    ``negative_guidance`` S > 0 the network also runs on ``uncond`` (the negative prompt) in the same batched forward
+    (2B: twice the UNet work per step) and the outputs combine as classifier-free guidance,
+    ``out(c) + S·(out(c) − out(neg))``; being affine in the output at the same (z, t), this is the same combination
+    of x̂0 and of ε̂. Without it, this is one unguided call, as the LCM and TCD pipelines of diffusers make.
+    """
+    unet, batch = model.unet, len(cond)
+    proj_dim = w_input_dim(unet)
+    emb = None
+    if proj_dim is not None:
+        emb = w_embedding(torch.full((batch,), float(w)), proj_dim).to(model.device, unet.dtype)
+    guided, scale = negative_guidance > 0, float(negative_guidance)
+    if guided:
+        if uncond is None or len(uncond) != batch:
+            raise ValueError("negative guidance needs one negative-prompt embedding per image")
+        text = TextEmbeddings.cat([cond, uncond])
+        emb = None if emb is None else torch.cat([emb, emb])
+    else:
+        text = cond
+
+    def denoise(z: torch.Tensor, t: float) -> Denoised:
+        zz = torch.cat([z, z]) if guided else z
+        t_batch = torch.full((zz.shape[0],), float(t), device=z.device)
+        out = model.unet_output(unet, zz, t_batch, text, emb).float()
+        if guided:
+            out_c, out_n = out.chunk(2)
+            out = out_c + scale * (out_c - out_n)  # cfg_combine's formula, with a host-float weight
+        alpha, sigma = model.schedule.alpha_sigma_at(float(t))
+        return to_denoised(out, z, alpha, sigma, model.prediction_type)
+
+    return denoise
+
+
+def _run(
+    model: LatentDiffusion,
+    sampler: Sampler,
+    z: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: TextEmbeddings,
+    uncond: TextEmbeddings,
+    w: float,
+    generators: list[torch.Generator],
+    gamma: float,
+    negative_guidance: float,
+    lower_order_final: bool = True,
+) -> torch.Tensor:
+    """Run ``sampler`` from the latent ``z`` along ``timesteps`` (already cut for img2img)."""
+    schedule = model.schedule
+    if sampler is Sampler.LCM:
+        if not negative_guidance:  # the model's own consistency function (one UNet call per step)
+            ws = torch.full((len(cond),), float(w))
+            f = model.consistency_fn(cond, ws if w_input_dim(model.unet) is not None else None)
+        else:
+            net = consistency_denoiser(model, cond, uncond, w, negative_guidance)
+
+            def f(z: torch.Tensor, t: float) -> torch.Tensor:
+                c_skip, c_out = boundary_scalings_at(t, model.sigma_data, model.timestep_scaling)
+                return c_skip * z + c_out * net(z, t).x0
+
+        return sample_lcm(f, z, timesteps, schedule, generators)
+    if sampler is Sampler.TCD:
+        net = consistency_denoiser(model, cond, uncond, w, negative_guidance)
+        return sample_tcd(net, z, timesteps, schedule, gamma, generators)
+    ws = torch.full((len(cond),), float(w))
+    denoiser = model.guided_denoiser(cond, uncond, ws) if w != 0 else model.denoiser(cond)
+    if sampler is Sampler.DDIM:
+        return sample_ddim(denoiser, z, timesteps, schedule)
+    return sample_dpm_solver(
+        denoiser, z, timesteps, schedule, sampler is Sampler.DPM_SOLVER_PP_2M, lower_order_final=lower_order_final
+    )
+
+
+def _schedule(model: LatentDiffusion, sampler: Sampler, steps: int, timestep_spacing: str | None) -> torch.Tensor:
+    """The sampler's full ``steps``-step timestep list for ``model`` (descending)."""
+    config, schedule = model.scheduler_config, model.schedule
+    if sampler.for_distilled:  # TCDScheduler's default schedule is LCMScheduler's (original_inference_steps grid)
+        original = int(config.get("original_inference_steps", 50))
+        return lcm_timesteps(steps, original, schedule.num_train_timesteps)
+    spacing = timestep_spacing or config.get("timestep_spacing", "leading")
+    offset = int(config.get("steps_offset", 0))
+    if sampler is Sampler.DDIM:
+        return ddim_timesteps(steps, schedule.num_train_timesteps, spacing, offset)
+    return dpm_solver_timesteps(steps, schedule, spacing, offset)
 
 
 def sample_latents(
@@ -45,31 +219,98 @@ def sample_latents(
     w: float,
     seeds: Sequence[int],
     timestep_spacing: str | None = None,
+    *,
+    gamma: float = DEFAULT_GAMMA,
+    negative_guidance: float = 0.0,
+    size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Latents ``[B, C, h, w]`` for per-image ``seeds``; ``cond``/``uncond`` are TextEmbeddings of B prompts.
 
-    ``timestep_spacing`` overrides the scheduler config's for the teacher samplers (e.g. ``"trailing"``, which starts
-    every schedule at t = T − 1; with ``"leading"`` a 1-step DDIM starts at t = 1 and returns noise).
+    ``uncond`` is the negative prompt: the unconditional side of a teacher's guidance; for an LCM it is used only
+    with ``negative_guidance`` > 0 (:func:`consistency_denoiser`). ``timestep_spacing`` overrides the scheduler
+    config's for the teacher samplers (e.g. ``"trailing"``, which starts every schedule at t = T − 1; with
+    ``"leading"`` a 1-step DDIM starts at t = 1 and returns noise). ``gamma`` is TCD's γ; ``size`` is
+    ``(height, width)`` in pixels (default: the model's native size).
     """
+    _check_sampler(model, sampler, negative_guidance)
     batch = len(seeds)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    z = randn_per_image((batch, *model.latent_shape), gens).to(model.device)
-    ws = torch.full((batch,), float(w))
-    config, schedule = model.scheduler_config, model.schedule
+    z = randn_per_image((batch, *latent_shape(model, size)), gens).to(model.device)
+    ts = _schedule(model, sampler, steps, timestep_spacing)
+    return _run(model, sampler, z, ts, cond, uncond, w, gens, gamma, negative_guidance)
+
+
+@torch.no_grad()
+def encode_init_images(model: LatentDiffusion, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """Images ``[B, C, H, W]`` in [−1, 1] → scaled latents, a VAE posterior sample per image from its generator.
+
+    As diffusers' img2img ``prepare_latents`` with a list of generators: ``(mean + std·ε_i)·scaling_factor``, ε_i
+    drawn from generator i in the VAE's dtype (the first draw of each generator).
+    """
+    dist = model.vae.encode(images.to(model.device, model.vae.dtype)).latent_dist
+    eps = randn_per_image(dist.mean.shape, generators, dist.mean.device, dist.mean.dtype)
+    return ((dist.mean + dist.std * eps) * model.scaling_factor).float()
+
+
+def img2img_latents(
+    model: LatentDiffusion,
+    images: torch.Tensor,
+    strength: float,
+    cond,
+    uncond,
+    sampler: Sampler,
+    steps: int,
+    w: float,
+    seeds: Sequence[int],
+    timestep_spacing: str | None = None,
+    *,
+    gamma: float = DEFAULT_GAMMA,
+    negative_guidance: float = 0.0,
+) -> torch.Tensor:
+    """Image-to-image latents ``[B, C, h, w]``: image i (``images`` ``[B, C, H, W]`` in [−1, 1], one per seed) is
+    encoded, noised to the first timestep with seed i's generator, then denoised by ``sampler``.
+
+    Timesteps from ``strength`` ∈ (0, 1], as the diffusers pipeline that runs each sampler:
+
+    - LCM (``LatentConsistencyModelImg2ImgPipeline``): ``steps`` timesteps spread over the first
+      ``int(original_inference_steps·strength)`` points of the skipping grid
+      (``LCMScheduler.set_timesteps(strength=)``), so the number of steps stays ``steps``;
+    - DDIM, DPM-Solver(++) and TCD (``StableDiffusionImg2ImgPipeline``, whose scheduler may be TCDScheduler): the
+      last ``int(steps·strength)`` timesteps of the ``steps``-step schedule (:func:`img2img_start`).
+
+    The latent's size is the images' size. Draw order: see the module docstring.
+    """
+    _check_sampler(model, sampler, negative_guidance)
+    if images.ndim != 4 or images.shape[0] != len(seeds):
+        raise ValueError(f"give one init image per seed: images {tuple(images.shape)} for {len(seeds)} seeds")
+    ts = img2img_timesteps(model, sampler, steps, strength, timestep_spacing)
+    # DPMSolverMultistepScheduler decides its last step's order on the length of the whole schedule
+    lower_order_final = sampler is Sampler.LCM or len(_schedule(model, sampler, steps, timestep_spacing)) < 15
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    z0 = encode_init_images(model, images, gens)
+    noise = randn_per_image(z0.shape, gens, z0.device, z0.dtype)
+    z = model.schedule.add_noise(z0, noise, float(ts[0]))
+    return _run(model, sampler, z, ts, cond, uncond, w, gens, gamma, negative_guidance, lower_order_final)
+
+
+def img2img_timesteps(
+    model: LatentDiffusion, sampler: Sampler, steps: int, strength: float, timestep_spacing: str | None = None
+) -> torch.Tensor:
+    """The timesteps an img2img run at ``strength`` goes through (see :func:`img2img_latents`); a one-line
+    ValueError when ``strength`` leaves no step, or (LCM) fewer skipping-grid points than ``steps``."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"--strength must lie in (0, 1], got {strength}")
     if sampler is Sampler.LCM:
-        if not model.is_lcm:
-            raise ValueError("the lcm sampler needs an LCM (a distilled model); use --sampler ddim|dpm|dpmpp")
-        original = int(config.get("original_inference_steps", 50))
-        ts = lcm_timesteps(steps, original, schedule.num_train_timesteps)
-        f = model.consistency_fn(cond, ws if w_input_dim(model.unet) is not None else None)
-        return sample_lcm(f, z, ts, schedule, gens)
-    denoiser = model.guided_denoiser(cond, uncond, ws) if w != 0 else model.denoiser(cond)
-    spacing = timestep_spacing or config.get("timestep_spacing", "leading")
-    offset = int(config.get("steps_offset", 0))
-    if sampler is Sampler.DDIM:
-        return sample_ddim(denoiser, z, ddim_timesteps(steps, schedule.num_train_timesteps, spacing, offset), schedule)
-    ts = dpm_solver_timesteps(steps, schedule, spacing, offset)
-    return sample_dpm_solver(denoiser, z, ts, schedule, data_prediction=sampler is Sampler.DPM_SOLVER_PP_2M)
+        original = int(model.scheduler_config.get("original_inference_steps", 50))
+        if int(original * strength) < steps:
+            raise ValueError(
+                f"--strength {strength} keeps int({original}·{strength}) = {int(original * strength)} timesteps of "
+                f"this LCM's {original}-point skipping grid, fewer than --steps {steps}: "
+                "raise --strength or lower --steps"
+            )
+        return lcm_timesteps(steps, original, model.schedule.num_train_timesteps, strength)
+    full = _schedule(model, sampler, steps, timestep_spacing)
+    return full[img2img_start(len(full), strength) :]
 
 
 def generate(
@@ -82,12 +323,29 @@ def generate(
     batch_size: int = 64,
     progress: bool = False,
     timestep_spacing: str | None = None,
+    *,
+    negative_prompt: str | Sequence[str] = "",
+    gamma: float = DEFAULT_GAMMA,
+    negative_guidance: float = 0.0,
+    size: tuple[int, int] | None = None,
+    init_images: torch.Tensor | None = None,
+    strength: float = DEFAULT_STRENGTH,
 ) -> torch.Tensor:
-    """Images ``[N, C, H, W]`` in [−1, 1], image i from ``prompts[i]`` and ``seeds[i]`` (independent of batching)."""
+    """Images ``[N, C, H, W]`` in [−1, 1], image i from ``prompts[i]`` and ``seeds[i]`` (independent of batching).
+
+    ``negative_prompt``: one for all images or one per image. ``init_images`` (``[N, C, H, W]``, or ``[1, …]`` for
+    all) in [−1, 1] makes it image-to-image at ``strength``; their size is the output size, so ``size`` is then
+    not used.
+    """
     if len(prompts) != len(seeds):
         raise ValueError("give one seed per prompt")
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != len(prompts):
+        raise ValueError("give one negative prompt, or one per prompt")
+    if init_images is not None and init_images.shape[0] not in (1, len(prompts)):
+        raise ValueError(f"give one init image, or one per prompt: {init_images.shape[0]} for {len(prompts)}")
     from tqdm import tqdm
 
     out = []
@@ -95,7 +353,18 @@ def generate(
     for i in tqdm(starts, desc=f"{sampler.value} {steps} steps", disable=not progress, unit="batch"):
         p = list(prompts[i : i + batch_size])
         cond = model.encode_prompts(p)
-        uncond = model.encode_prompts([""] * len(p))
-        latents = sample_latents(model, cond, uncond, sampler, steps, w, seeds[i : i + batch_size], timestep_spacing)
+        uncond = model.encode_prompts(negatives[i : i + batch_size])
+        batch_seeds = seeds[i : i + batch_size]
+        options = {"gamma": gamma, "negative_guidance": negative_guidance}
+        if init_images is None:
+            latents = sample_latents(
+                model, cond, uncond, sampler, steps, w, batch_seeds, timestep_spacing, size=size, **options
+            )
+        else:
+            many = init_images.shape[0] > 1
+            images = init_images[i : i + batch_size] if many else init_images.expand(len(p), -1, -1, -1)
+            latents = img2img_latents(
+                model, images, strength, cond, uncond, sampler, steps, w, batch_seeds, timestep_spacing, **options
+            )
         out.append(model.decode(latents).cpu())
     return torch.cat(out)

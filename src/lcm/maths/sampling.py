@@ -1,25 +1,39 @@
-"""Samplers: multistep consistency sampling (docs/design.md §4) and the teacher's DDIM / DPM-Solver baselines.
+"""Samplers: multistep consistency sampling (docs/design.md §4), TCD's stochastic sampler (docs/sampling.md) and the
+teacher's DDIM / DPM-Solver baselines.
 
 Every sampler is a free function over a callable (as k-diffusion's): the consistency function
 ``f(z [B,C,H,W], t) → x̂0`` for LCMs (t one host float, or ``[B]``), a denoiser ``(z, t) → Denoised(x0, eps)`` for
-the teacher. Guidance, conditioning and the network live in the callable. Timesteps are float64/long ``[N]`` lists from
+the teacher and for TCD (which reads the network's raw x̂0 and ε̂, at one host-float t). Guidance, conditioning and
+the network live in the callable. Timesteps are float64/long ``[N]`` lists from
 :mod:`lcm.maths.timesteps`; randomness comes from one generator per image, so image i is the same whatever the batch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 
-from lcm.maths.parameterization import append_dims
+from lcm.maths.parameterization import Denoised, append_dims
 from lcm.maths.schedule import NoiseSchedule
 from lcm.maths.solvers import Denoiser, dpm_solver_1_update, dpm_solver_pp_1_update
+from lcm.maths.timesteps import tcd_intermediate_timesteps
 
-__all__ = ["ConsistencyFn", "randn_per_image", "sample_ddim", "sample_dpm_solver", "sample_lcm"]
+__all__ = [
+    "ConsistencyFn",
+    "HostDenoiser",
+    "randn_per_image",
+    "sample_ddim",
+    "sample_dpm_solver",
+    "sample_lcm",
+    "sample_tcd",
+]
 
 # f(z [B,C,H,W], t) → x̂0, with t per sample [B] or one host float for the whole batch (the samplers' case).
 ConsistencyFn = Callable[[torch.Tensor, "torch.Tensor | float"], torch.Tensor]
+# (z [B,C,H,W], t) → Denoised(x̂0, ε̂), t one host float shared by the batch.
+HostDenoiser = Callable[[torch.Tensor, float], Denoised]
 
 
 def randn_per_image(
@@ -61,6 +75,45 @@ def sample_lcm(
         if i + 1 < len(ts):  # re-noise to the next, lower, timestep
             z = schedule.add_noise(x0, noises[i], ts[i + 1])
     return x0
+
+
+@torch.no_grad()
+def sample_tcd(
+    denoiser: HostDenoiser,
+    z: torch.Tensor,
+    timesteps: torch.Tensor,
+    schedule: NoiseSchedule,
+    gamma: float,
+    generators: Sequence[torch.Generator],
+) -> torch.Tensor:
+    """TCD's strategic stochastic sampling (Zheng et al. 2024), step for step diffusers' ``TCDScheduler``.
+
+    At each ``t_i``, with ``(x̂0, ε̂)`` the network's raw prediction (no consistency boundary scalings ``c_skip``,
+    ``c_out``: TCDScheduler never applies them) and ``s_i = ⌊(1 − γ)·t_{i+1}⌋``
+    (:func:`lcm.maths.timesteps.tcd_intermediate_timesteps`, ``t_N = 0``):
+
+    - ``z_s = α_s x̂0 + σ_s ε̂`` (a DDIM step to ``s_i``);
+    - if γ > 0 and this is not the last step: ``z = √(ᾱ_{t_{i+1}}/ᾱ_s)·z_s + √(1 − ᾱ_{t_{i+1}}/ᾱ_s)·ε_i``, the
+      forward process from ``s_i`` back up to ``t_{i+1}``; otherwise ``z = z_s``.
+
+    The result is the last ``z_s``, at ``s = 0``: ``α_0 x̂0 + σ_0 ε̂`` (t = 0, not x̂0, as diffusers returns it).
+    ``z`` is the starting latent (pure noise, or a noised image for img2img). Noise is drawn only when γ > 0, one
+    tensor per step but the last, all before the loop (image i's generator gives the same numbers in the same order
+    as diffusers' per-step draws).
+    """
+    ts = [int(t) for t in timesteps.tolist()]
+    ss = tcd_intermediate_timesteps(timesteps, gamma).tolist()
+    stochastic = gamma > 0
+    noises = [randn_per_image(z.shape, generators, z.device, z.dtype) for _ in range(len(ts) - 1)] if stochastic else []
+    for i, t in enumerate(ts):
+        d = denoiser(z, float(t))
+        alpha_s, sigma_s = schedule.alpha_sigma_at(float(ss[i]))
+        z = alpha_s * d.x0 + sigma_s * d.eps
+        if stochastic and i + 1 < len(ts):
+            alpha_next, _ = schedule.alpha_sigma_at(float(ts[i + 1]))
+            ratio = (alpha_next / alpha_s) ** 2  # ᾱ_{t_{i+1}} / ᾱ_s ≤ 1
+            z = math.sqrt(ratio) * z + math.sqrt(1.0 - ratio) * noises[i]
+    return z
 
 
 @torch.no_grad()

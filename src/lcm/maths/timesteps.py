@@ -17,7 +17,9 @@ __all__ = [
     "SkippingGrid",
     "ddim_timesteps",
     "dpm_solver_timesteps",
+    "img2img_start",
     "lcm_timesteps",
+    "tcd_intermediate_timesteps",
 ]
 
 
@@ -107,3 +109,35 @@ def dpm_solver_timesteps(
     else:
         raise ValueError(f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {timestep_spacing!r}")
     return torch.from_numpy(ts.astype(np.int64).copy())
+
+
+def img2img_start(num_steps: int, strength: float) -> int:
+    """Index of the first of ``num_steps`` timesteps that an img2img run at ``strength`` keeps.
+
+    ``StableDiffusionImg2ImgPipeline.get_timesteps``: ``int(N·strength)`` steps are run (the last ones of the N-step
+    schedule); the image is noised to the first of them. Used for the teacher samplers and TCD; the LCM sampler
+    instead passes ``strength`` to :func:`lcm_timesteps`, as ``LatentConsistencyModelImg2ImgPipeline`` does.
+    """
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must lie in (0, 1], got {strength}")
+    kept = min(int(num_steps * strength), num_steps)
+    if kept < 1:
+        raise ValueError(
+            f"strength {strength} of {num_steps} steps runs int({num_steps}·{strength}) = 0 steps: "
+            f"raise the strength to at least {1 / num_steps:.3g} or the number of steps"
+        )
+    return num_steps - kept
+
+
+def tcd_intermediate_timesteps(timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """TCD's intermediate timesteps ``s_i = ⌊(1 − γ)·t_{i+1}⌋`` (``[N]`` long), with ``t_N = 0`` after the last step.
+
+    ``TCDScheduler.step`` (Zheng et al. 2024, "strategic stochastic sampling"): step i goes from ``t_i`` down to
+    ``s_i`` deterministically, then forward to ``t_{i+1}`` with fresh noise; γ = 0 is DDIM-like, γ = 1 jumps to
+    ``s = 0`` every step. The product is taken in float32 on the long timesteps, as diffusers computes it, so the
+    floor lands on the same integer when ``(1 − γ)·t`` is within rounding of one.
+    """
+    if not 0 <= gamma <= 1:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    following = torch.cat([timesteps.long().reshape(-1)[1:], torch.zeros(1, dtype=torch.long)])
+    return torch.stack([torch.floor((1 - gamma) * t).to(torch.long) for t in following])

@@ -176,8 +176,8 @@ class LatentDiffusion:
             return None
         if text.pooled is None:
             raise ValueError("an SDXL UNet needs pooled text embeddings (use its two text encoders)")
-        size = z.shape[-1] * self.vae_scale_factor
-        time_ids = torch.tensor([size, size, 0, 0, size, size], device=z.device, dtype=dtype)
+        h, w = z.shape[-2] * self.vae_scale_factor, z.shape[-1] * self.vae_scale_factor
+        time_ids = torch.tensor([h, w, 0, 0, h, w], device=z.device, dtype=dtype)  # (height, width) as diffusers
         return {"text_embeds": text.pooled.to(dtype), "time_ids": time_ids.expand(z.shape[0], 6)}
 
     @property

@@ -1,7 +1,9 @@
 """The model behind ``lcm serve``: one generation at a time, through the library's own sampling functions.
 
-An LCM is sampled with :attr:`Sampler.LCM`; any other folder (a teacher) with DDIM at the requested steps on
-*trailing* timesteps, so that even one step starts from pure noise at t = T − 1. Prompt embeddings are kept in a small
+An LCM is sampled with :attr:`Sampler.LCM` (or :attr:`Sampler.TCD` when a request asks, at its ``gamma``; its
+``negative_guidance`` steers away from the negative prompt); any other folder (a teacher) with DDIM at the requested
+steps on *trailing* timesteps, so that even one step starts from pure noise at t = T − 1, the negative prompt being
+the unconditional side of its guidance. Prompt embeddings are kept in a small
 LRU: typing re-sends the same prompt with every slider move, and encoding one costs about as much as a UNet step of
 the embedded model on a CPU.
 """
@@ -21,7 +23,7 @@ import torch
 import lcm.sample as library
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.text import TextEmbeddings
-from lcm.sample import Sampler, sample_latents
+from lcm.sample import DEFAULT_GAMMA, Sampler, sample_latents
 from lcm.serve.protocol import Request, RequestError
 
 __all__ = ["Engine", "Result", "encode_png", "load_engine", "serve_model_path"]
@@ -31,10 +33,8 @@ DEFAULT_STEPS = 4
 
 
 def serve_model_path() -> Path:
-    """The model ``lcm serve`` shows without ``--model``: the shipped embedded LCM when the package has one, else
-    the shipped teacher (sampled with DDIM)."""
-    lcm_folder = library.ASSETS / "fashion-lcm"
-    return lcm_folder if (lcm_folder / "unet").is_dir() else library.default_model_path()
+    """The model ``lcm serve`` shows without ``--model``: :func:`lcm.sample.default_sampling_path`."""
+    return library.default_sampling_path()
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,13 @@ def encode_png(images: torch.Tensor) -> list[bytes]:
     return out
 
 
+def _options(sampler: Sampler, req: Request) -> dict[str, Any]:
+    """The keyword options of the library's samplers a request sets (only those this sampler takes)."""
+    if not sampler.for_distilled:
+        return {}
+    return {"gamma": req.gamma, "negative_guidance": req.negative_guidance}
+
+
 def _img2img_latents(
     model: LatentDiffusion, cond, uncond, sampler: Sampler, req: Request, seeds: list[int]
 ) -> torch.Tensor:
@@ -68,9 +75,19 @@ def _img2img_latents(
     if not hasattr(library, "img2img_latents"):
         raise RequestError("img2img is not supported by this build of lcm (send no image)")
     images = req.image.expand(req.batch, -1, -1, -1).to(model.device)
-    spacing = None if sampler is Sampler.LCM else TEACHER_SPACING
+    spacing = None if sampler.for_distilled else TEACHER_SPACING
     return library.img2img_latents(
-        model, images, req.strength, cond, uncond, sampler, req.steps, req.w, seeds, timestep_spacing=spacing
+        model,
+        images,
+        req.strength,
+        cond,
+        uncond,
+        sampler,
+        req.steps,
+        req.w,
+        seeds,
+        timestep_spacing=spacing,
+        **_options(sampler, req),
     )
 
 
@@ -80,8 +97,9 @@ def _generate(model: LatentDiffusion, sampler: Sampler, req: Request, cond, unco
     if req.image is not None:
         latents = _img2img_latents(model, cond, uncond, sampler, req, seeds)
     else:
-        spacing = None if sampler is Sampler.LCM else TEACHER_SPACING
-        latents = sample_latents(model, cond, uncond, sampler, req.steps, req.w, seeds, spacing)
+        spacing = None if sampler.for_distilled else TEACHER_SPACING
+        options = _options(sampler, req)
+        latents = sample_latents(model, cond, uncond, sampler, req.steps, req.w, seeds, spacing, **options)
     return model.decode(latents)
 
 
@@ -104,16 +122,43 @@ class Engine:
 
     @property
     def defaults(self) -> dict[str, Any]:
-        return {"steps": DEFAULT_STEPS, "w": float(self.model.default_w)}
+        return {"steps": DEFAULT_STEPS, "w": float(self.model.default_w), "gamma": DEFAULT_GAMMA}
+
+    @property
+    def samplers(self) -> tuple[Sampler, ...]:
+        """What a request may ask for: LCM and TCD for an LCM, DDIM for a teacher."""
+        return (Sampler.LCM, Sampler.TCD) if self.model.is_lcm else (Sampler.DDIM,)
+
+    def sampler_for(self, req: Request) -> Sampler:
+        """The sampler of ``req`` (the model's default when it names none), or a one-line :class:`RequestError` for a
+        request this model cannot run (a sampler or negative guidance it lacks, an img2img strength leaving no step)."""
+        sampler = self.sampler if req.sampler is None else Sampler(req.sampler)
+        if sampler not in self.samplers:
+            kind = "an LCM" if self.model.is_lcm else "a teacher"
+            names = ", ".join(s.value for s in self.samplers)
+            raise RequestError(f"sampler {sampler.value} is not available: this model is {kind} ({names})")
+        if req.negative_guidance and not sampler.for_distilled:
+            raise RequestError(
+                "negative_guidance is for LCMs; a teacher's negative_prompt is the unconditional side of its "
+                "guidance, weighted by w"
+            )
+        if req.image is not None and hasattr(library, "img2img_timesteps"):
+            spacing = None if sampler.for_distilled else TEACHER_SPACING
+            try:  # a strength that leaves no step, or (LCM) fewer grid points than steps
+                library.img2img_timesteps(self.model, sampler, req.steps, req.strength, spacing)
+            except ValueError as err:
+                raise RequestError(str(err)) from None
+        return sampler
 
     def info(self) -> dict[str, Any]:
-        """What a client needs to draw its controls: model, sampler, image size, defaults, device."""
+        """What a client needs to draw its controls: model, samplers, image size, defaults, device."""
         unet = self.model.unet
         return {
             "model": str(self.model.source),
             "lora_base": self.model.lora_base,
             "is_lcm": self.model.is_lcm,
             "sampler": self.sampler.value,
+            "samplers": [s.value for s in self.samplers],
             "image_size": list(self.image_shape[1:]),
             "channels": self.image_shape[0],
             "device": str(self.model.device),
@@ -135,14 +180,15 @@ class Engine:
 
     def run(self, req: Request) -> Result:
         """Generate ``req``'s images as PNGs; blocks while another generation holds the lock."""
+        sampler = self.sampler_for(req)
         with self.lock, torch.inference_mode():
             start = time.perf_counter()
             cond = TextEmbeddings.cat([self.embed(req.prompt)] * req.batch)
             uncond = TextEmbeddings.cat([self.embed(req.negative_prompt)] * req.batch)
-            images = _generate(self.model, self.sampler, req, cond, uncond)
+            images = _generate(self.model, sampler, req, cond, uncond)
             pngs = encode_png(images)
             self.generations += 1
-            return Result(req, pngs, (time.perf_counter() - start) * 1e3, self.sampler)
+            return Result(req, pngs, (time.perf_counter() - start) * 1e3, sampler)
 
     def warm_up(self) -> float:
         """One generation at the defaults, so the first client does not pay for lazy initialisation; its ms."""

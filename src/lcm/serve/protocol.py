@@ -3,11 +3,14 @@
 A request is one JSON object, the same over the WebSocket and ``POST /api/generate``::
 
     {"id": 7, "prompt": "a red sneaker", "negative_prompt": "", "steps": 4, "w": 3.0, "seed": 0, "batch": 1,
-     "image": "data:image/png;base64,...", "strength": 0.6}
+     "image": "data:image/png;base64,...", "strength": 0.6, "sampler": "tcd", "gamma": 0.3,
+     "negative_guidance": 1.0}
 
-Only ``prompt`` is required (and ``id`` on the socket); ``image``/``strength`` ask for img2img. Every check lives here
-and ends in a :class:`RequestError` whose message is one line, so a client learns what to change and its connection
-stays usable. Replies are the ``*_message`` dicts below.
+Only ``prompt`` is required (and ``id`` on the socket); ``image``/``strength`` ask for img2img; ``sampler`` ("lcm"
+or "tcd" for an LCM, "ddim" for a teacher; default the model's), ``gamma`` (TCD's γ) and ``negative_guidance`` (an
+LCM's guidance away from ``negative_prompt``, a second UNet call per step; docs/sampling.md) are optional. Every check
+lives here and ends in a :class:`RequestError` whose message is one line, so a client learns what to change and its
+connection stays usable. Replies are the ``*_message`` dicts below.
 """
 
 from __future__ import annotations
@@ -42,7 +45,21 @@ __all__ = [
 
 MAX_W = 30.0  # guidance beyond this only saturates images; a bound keeps sliders and scripts sane
 MAX_SEED = 2**32 - 1
-FIELDS = ("id", "prompt", "negative_prompt", "steps", "w", "seed", "batch", "image", "strength")
+FIELDS = (
+    "id",
+    "prompt",
+    "negative_prompt",
+    "steps",
+    "w",
+    "seed",
+    "batch",
+    "image",
+    "strength",
+    "sampler",
+    "gamma",
+    "negative_guidance",
+)
+SAMPLERS = ("lcm", "tcd", "ddim")  # what a request may name; the engine refuses those its model cannot run
 
 
 class RequestError(ValueError):
@@ -82,6 +99,9 @@ class Request:
     batch: int
     image: torch.Tensor | None = None
     strength: float = 0.6
+    sampler: str | None = None  # None: the engine's default for its model
+    gamma: float = 0.3  # TCD's γ
+    negative_guidance: float = 0.0  # LCMs: S of out(prompt) + S·(out(prompt) − out(negative prompt))
 
 
 def parse_request(
@@ -127,12 +147,17 @@ def _checked(obj: dict, limits: Limits, defaults: dict[str, Any], image_shape, r
     strength = _number(obj.get("strength", 0.6), "strength", 0.0, 1.0)
     if strength == 0.0:
         raise RequestError("strength must be above 0 (0 would return the uploaded image unchanged)")
+    sampler = obj.get("sampler")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise RequestError(f"sampler must be one of {', '.join(SAMPLERS)}, got {json.dumps(sampler)}")
+    gamma = _number(obj.get("gamma", 0.3), "gamma", 0.0, 1.0)
+    negative_guidance = _number(obj.get("negative_guidance", 0.0), "negative_guidance", 0.0, MAX_W)
     image = obj.get("image")
     if image is not None:
         if not isinstance(image, str):
             raise RequestError("image must be a base64 string (or a data: URL), got " + type(image).__name__)
         image = decode_image(image, limits, image_shape)
-    return Request(rid, prompt, negative, steps, w, seed, batch, image, strength)
+    return Request(rid, prompt, negative, steps, w, seed, batch, image, strength, sampler, gamma, negative_guidance)
 
 
 def read_json(text_or_obj: str | bytes | dict) -> dict:
@@ -241,4 +266,6 @@ def image_message(req: Request, pngs: list[bytes], ms: float, sampler: str) -> d
         "seed": req.seed,
         "batch": req.batch,
         "img2img": req.image is not None,
+        "gamma": req.gamma if sampler == "tcd" else None,
+        "negative_guidance": req.negative_guidance,
     }

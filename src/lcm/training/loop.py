@@ -358,6 +358,9 @@ class _Run:
                     metrics = task.validate(step, cfg.train_dir / "validation")
                 if metrics:
                     accelerator.log(metrics, step=step)
+                images = getattr(task, "validation_images", None)  # the grid just written, [1, H, W, 3] uint8
+                if images and cfg.write_logs:
+                    accelerator.get_tracker("tensorboard").log_images(images, step=step, dataformats="NHWC")
         bar.close()
 
     def one_step(self, stream: Iterator[Any]) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:

@@ -159,7 +159,14 @@ class ConsistencyTask:
 
     @torch.no_grad()
     def validate(self, step: int, folder: Path) -> dict[str, float]:
-        """A grid: rows = LCM at 1, 2, 4, 8 steps; columns = validation prompts × seeds (fixed across steps)."""
+        """A labelled grid: rows = LCM at 1, 2, 4, 8 steps; columns = validation prompts × seeds (fixed across steps).
+
+        Written to ``folder/step-NNNNNN.png`` and kept as ``self.validation_images`` (``{"validation": [1, H, W, 3]
+        uint8}``, the form Accelerate's ``log_images`` takes) for the training loop to send to TensorBoard.
+        """
+        import numpy as np
+        from PIL import Image
+
         if not self.validation_prompts:
             return {}
         unet = self.sampling_unet
@@ -173,13 +180,17 @@ class ConsistencyTask:
         def f(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.method.consistency(unet, z, t, cond, w_emb)
 
-        rows = []
+        rows, labels = [], []
         for steps in (1, 2, 4, 8):
             gens = [torch.Generator().manual_seed(s) for s in seeds]
             z = randn_per_image((len(prompts), *self.model.latent_shape), gens).to(self.model.device)
             ts = lcm_timesteps(steps, self.cfg.num_solver_steps, self.model.schedule.num_train_timesteps)
             rows.append(self.model.decode(sample_lcm(f, z, ts, self.model.schedule, gens)).cpu())
-        save_grid(torch.cat(rows), folder / f"step-{step:06d}.png", nrow=len(prompts), scale=2)
+            labels.append(f"LCM {steps} step{'' if steps == 1 else 's'}")
+        columns = [f"{p}, seed {s}" for p, s in zip(prompts, seeds, strict=True)]
+        path = save_grid(torch.cat(rows), folder / f"step-{step:06d}.png", scale=2, rows=labels, columns=columns)
+        with Image.open(path) as grid:
+            self.validation_images = {"validation": np.asarray(grid.convert("RGB"))[None]}
         unet.train(was_training)
         return {}
 

@@ -253,7 +253,8 @@ def _sample_grid(cfg, unet, vae, scaling, path, seeds=(0, 1, 2, 3)):
     w = torch.full((len(prompts),), cfg.sample_guidance)
     ts = ddim_timesteps(25, 1000, "leading", 1)
     latents = sample_ddim(model.guided_denoiser(cond, uncond, w), z, ts, model.schedule)
-    save_grid(model.decode(latents), path, nrow=10, scale=2)
+    rows = [f"DDIM 25 steps, seed {s}" for s in seeds]
+    save_grid(model.decode(latents), path, scale=2, rows=rows, columns=class_prompts())
     unet.train()
 
 

@@ -12,11 +12,12 @@ const state = {
   image: null, // img2img source as a PNG data: URL at the model's size
   imageSize: [32, 32],
   img2img: true,
+  isLcm: false,
   configured: false,
   scheduled: false,
   retryMs: 250,
 };
-const SLIDERS = ["steps", "w", "seed", "batch", "strength"];
+const SLIDERS = ["steps", "w", "seed", "batch", "strength", "negative_guidance", "gamma"];
 
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
@@ -63,8 +64,13 @@ function configure(info) {
   if (!state.configured) {
     $("steps").value = Math.min(info.defaults.steps, limits.max_steps);
     $("w").value = info.defaults.w;
+    if (info.defaults.gamma !== undefined) $("gamma").value = info.defaults.gamma;
     state.configured = true;
   }
+  // An LCM ignores the negative prompt unless negative guidance is above 0; it may also be sampled with TCD.
+  state.isLcm = Boolean(info.is_lcm);
+  $("lcm-only").hidden = !state.isLcm;
+  $("negative").placeholder = state.isLcm ? "used with negative guidance > 0" : "what to steer away from";
   state.imageSize = info.image_size;
   const [h, w] = info.image_size;
   const name = info.model.replace(/\/+$/, "").split("/").pop();
@@ -105,6 +111,11 @@ function sendNow() {
     seed: Number($("seed").value),
     batch: Number($("batch").value),
   };
+  if (state.isLcm) {
+    request.sampler = $("sampler").value;
+    request.negative_guidance = Number($("negative_guidance").value);
+    if (request.sampler === "tcd") request.gamma = Number($("gamma").value);
+  }
   if (state.image) {
     request.image = state.image;
     request.strength = Number($("strength").value);
@@ -169,6 +180,10 @@ function clearImage() {
 function wire() {
   $("prompt").addEventListener("input", schedule);
   $("negative").addEventListener("input", schedule);
+  $("sampler").addEventListener("change", () => {
+    $("gamma").disabled = $("sampler").value !== "tcd";
+    schedule();
+  });
   SLIDERS.forEach((name) =>
     $(name).addEventListener("input", () => {
       showValue(name);
