@@ -1,9 +1,11 @@
 """The shipped teacher and the main job: ``lcm sample`` without --model, and ``lcm demo --quick``."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from lcm.cli import main
 from lcm.data.fashion_mnist import DEBIAN_DIR
@@ -48,10 +50,12 @@ def test_shipped_teacher_draws_the_prompted_garment():
     assert accuracy >= 0.7, (accuracy, predicted.tolist())
 
 
-def test_sample_without_model_uses_the_shipped_teacher(tmp_path):
+def test_sample_without_model_uses_the_shipped_lcm(tmp_path):
     out = tmp_path / "pngs"
     assert main(["sample", "--prompt", "running shoes", "--num-images", "2", "--steps", "4", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["000-seed0.png", "001-seed1.png"]
+    info = Image.open(out / "000-seed0.png").info
+    assert Path(info["model"]).name == "fashion-lcm" and info["sampler"] == "lcm", info
 
 
 @needs_data
@@ -76,3 +80,15 @@ def test_demo_quick_writes_grid_table_and_model(tmp_path):
     assert (out / "demo_grid.png").is_file()
     lcm = LatentDiffusion.from_pretrained(out / "lcm")
     assert lcm.is_lcm and lcm.w_range == (1.0, 5.0) and lcm.default_w == 3.0
+
+
+def test_shipped_lcm_is_a_w_conditioned_lcm_and_the_shipped_weights_stay_small():
+    from lcm.sample import default_sampling_path
+
+    path = default_sampling_path()
+    assert path.name == "fashion-lcm"
+    model = LatentDiffusion.from_pretrained(path)
+    assert model.is_lcm and model.w_range == (1.0, 5.0) and model.default_w == 3.0
+    assets = Path(default_model_path()).parent
+    total = sum(f.stat().st_size for f in assets.rglob("*") if f.is_file())
+    assert total <= 25 * 2**20, f"shipped weights and cards take {total / 2**20:.1f} MiB (limit 25)"
