@@ -3,12 +3,14 @@
     python benchmarks/distill.py                                  # CPU, the embedded teacher, batch 32
     python benchmarks/distill.py --arch sd15 --device cuda --batch-size 12 --mixed-precision bf16   # 512², random
 
-One row per (compile, cache) setting: the full LCD optimiser step as ``lcm distill`` runs it (batch → latents and
-text → student, guided teacher and target → Huber loss → backward → gradient clipping → fused AdamW → EMA), timed
-after warm-up, median over ``--steps``. Without the cache every step VAE-encodes its images; with it the step reads
-the cached posterior (mean, std) and text embeddings, as ``lcm distill --data CACHE`` does. The compile time of the
-compiled rows is reported apart. ``--arch sd15`` builds an SD-1.5-architecture teacher with random weights from
-configs/ (no downloads) and feeds random 77×768 text embeddings in place of CLIP. Prints a table, writes JSON.
+One row per (compile, cache) setting: the full LCD optimiser step as ``lcm distill`` runs it (batch → latents and text →
+student, guided teacher and target → Huber loss → backward → gradient clipping → fused AdamW → EMA), timed after
+warm-up, median over about ``--steps``, the settings interleaved in blocks of five steps (the first of each
+block untimed). Without the cache every step VAE-encodes its
+images; with it the step reads the cached posterior (mean, std) and text embeddings, as ``lcm distill --data CACHE``
+does. The compile time of the compiled rows is reported apart. ``--arch sd15`` builds an SD-1.5-architecture teacher
+with random weights from configs/ (no downloads) and feeds random 77×768 text embeddings in place of CLIP. Prints a
+table, writes JSON.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -84,69 +85,97 @@ def make_batch(model: LatentDiffusion, batch: int, cached: bool) -> dict:
     }
 
 
-def peak_memory_gib(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB, whole process
+class Row:
+    """One setting's LCD step: its own teacher, student, target and optimiser (compiling works in place)."""
 
+    def __init__(self, model, args, device, compiled: bool, cached: bool):
+        self.compiled, self.cached, self.device = compiled, cached, device
+        self.task = DistillTask(model, StudentKind.FULL, LCDConfig(w_min=1.0, w_max=5.0))
+        self.params = self.task.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-6, fused=True)
+        if compiled:
+            use_compile_cache()
+            self.task.compile()
+        self.batch = make_batch(model, args.batch_size, cached)
+        self.generator = torch.Generator().manual_seed(0)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+        self.times: list[float] = []
 
-def bench(model, args, device, compiled: bool, cached: bool) -> dict:
-    task = DistillTask(model, StudentKind.FULL, LCDConfig(w_min=1.0, w_max=5.0))
-    params = task.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
-    if compiled:
-        use_compile_cache()
-        task.compile()
-    batch = make_batch(model, args.batch_size, cached)
-    generator = torch.Generator().manual_seed(0)
-    autocast = (
-        torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision])
-        if args.mixed_precision != "no"
-        else nullcontext()
-    )
-
-    def step():
-        with autocast:
-            loss = task.loss(batch, generator).mean()
+    def step(self) -> float:
+        """One optimiser step as ``lcm distill`` runs it; its seconds (device synchronised)."""
+        start = time.perf_counter()
+        with self.autocast:
+            loss = self.task.loss(self.batch, self.generator).mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        task.after_optimizer_step(0)
-
-    def synced():
-        step()
-        if device.type == "cuda":
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.task.after_optimizer_step(0)
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
+        return time.perf_counter() - start
 
+
+def teacher(args, device) -> LatentDiffusion:
+    if args.arch == "sd15":
+        return sd15_teacher(Path(tempfile.mkdtemp()), device)
+    return LatentDiffusion.from_pretrained(default_model_path(), device=device)
+
+
+def run_rows(args, device) -> list[dict]:
+    """Every setting timed step by step in turn (interleaved), so that a machine whose speed drifts affects all
+    settings alike; the first step (compilation included) is reported apart."""
+    settings = [(mode == "compiled", cached) for mode in args.modes.split(",") for cached in (False, True)]
+    rows = [Row(teacher(args, device), args, device, compiled, cached) for compiled, cached in settings]
+    first = [row.step() for row in rows]
+    for _ in range(args.warmup):
+        for row in rows:
+            row.step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    synced()  # compiles on first use
-    first = time.perf_counter() - start
-    for _ in range(args.warmup):
-        synced()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        synced()
-        times.append(time.perf_counter() - start)
-    sec = statistics.median(times)
-    row = {
-        "compiled": compiled,
-        "cached": cached,
-        "batch": args.batch_size,
-        "step_ms": sec * 1e3,
-        "samples_per_s": args.batch_size / sec,
-        "first_step_s": first,
-        "peak_gib": peak_memory_gib(device),
-    }
-    print(
-        f"compiled={compiled!s:5} cached={cached!s:5}: {row['step_ms']:8.1f} ms/step, "
-        f"{row['samples_per_s']:7.1f} samples/s (first step {first:.1f} s)",
-        flush=True,
-    )
-    return row
+    # Rounds of a few steps per setting: interleaved, so that drift in the machine's speed hits every setting alike,
+    # in blocks, so that each setting runs with its own weights warm in the caches, as a training run does.
+    block = 5
+    for _ in range(max(1, args.steps // (block - 1))):
+        for row in rows:
+            row.step()  # the block's first step pays for the caches the other settings evicted: untimed
+            row.times += [row.step() for _ in range(block - 1)]
+    out = []
+    for row, first_s in zip(rows, first, strict=True):
+        sec = statistics.median(row.times)
+        result = {
+            "compiled": row.compiled,
+            "cached": row.cached,
+            "batch": args.batch_size,
+            "step_ms": sec * 1e3,
+            "samples_per_s": args.batch_size / sec,
+            "first_step_s": first_s,
+        }
+        print(
+            f"compiled={row.compiled!s:5} cached={row.cached!s:5}: {result['step_ms']:8.1f} ms/step, "
+            f"{result['samples_per_s']:7.1f} samples/s (first step {first_s:.1f} s)",
+            flush=True,
+        )
+        out.append(result)
+    return out
+
+
+def peak_memory_per_setting(args, device) -> list[float]:
+    """Peak memory of each setting alone (CUDA: allocated; CPU: not measured, the process's RSS mixes settings)."""
+    if device.type != "cuda":
+        return []
+    peaks = []
+    for mode in args.modes.split(","):
+        for cached in (False, True):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            row = Row(teacher(args, device), args, device, mode == "compiled", cached)
+            for _ in range(3):
+                row.step()
+            peaks.append(torch.cuda.max_memory_allocated() / 2**30)
+            del row
+    return peaks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,25 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = parse_device(args.device)
     args.batch_size = args.batch_size or (12 if args.arch == "sd15" else 32)
-    rows = []
-    for mode in args.modes.split(","):
-        for cached in (False, True):
-            # A fresh teacher per row: compiling works in place, and each row must start from the same weights.
-            if args.arch == "sd15":
-                model = sd15_teacher(Path(tempfile.mkdtemp()), device)
-            else:
-                model = LatentDiffusion.from_pretrained(default_model_path(), device=device)
-            rows.append(bench(model, args, device, mode == "compiled", cached))
-            del model
+    rows = run_rows(args, device)
+    for row, peak in zip(rows, peak_memory_per_setting(args, device), strict=False):
+        row["peak_gib"] = peak
     base = rows[0]["samples_per_s"]
     lines = [
         "| compiled | latent cache | ms/step | samples/s | vs eager uncached | peak memory |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
+        peak = f"{r['peak_gib']:.2f} GiB" if "peak_gib" in r else "—"
         lines.append(
             f"| {'yes' if r['compiled'] else 'no'} | {'yes' if r['cached'] else 'no'} | {r['step_ms']:.1f} | "
-            f"{r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f}x | {r['peak_gib']:.2f} GiB |"
+            f"{r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f}x | {peak} |"
         )
     print("\n" + "\n".join(lines))
     result = {

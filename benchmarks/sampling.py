@@ -6,9 +6,10 @@
 
 Rows: end-to-end latency (prompt embeddings given to both sides, as repeated prompts are served from a cache; noise,
 every UNet call and the VAE decode included) for 1/2/4 steps at batch 1 and 16, medians of ``--repeats`` runs after
-warm-up. ``ours`` runs eager and compiled (the compile time is reported apart); ``bare`` is the UNet calls and the
-decode alone, so ``overhead = ours / bare − 1`` is what the sampler adds. On CUDA the FLOP count of one UNet call and
-one decode gives the model FLOP utilisation against ``--peak-tflops``. Prints a table and writes JSON (``--out``).
+warm-up, the implementations interleaved run by run. ``ours`` runs eager and compiled (the compile time is reported
+apart); ``bare`` is the UNet calls and the decode alone, so ``overhead = ours / bare − 1`` is what the sampler adds. On
+CUDA the FLOP count of one UNet call and one decode gives the model FLOP utilisation against ``--peak-tflops``. Prints a
+table and writes JSON (``--out``).
 """
 
 from __future__ import annotations
@@ -56,20 +57,6 @@ def sd15_lcm(folder: Path, resolution: int) -> Path:
         folder / "scheduler"
     )
     return folder
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs (device synchronised)."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def text_for(model: LatentDiffusion, batch: int, device, dtype, context: tuple[int, int] | None) -> TextEmbeddings:
@@ -183,32 +170,42 @@ def main(argv: list[str] | None = None) -> int:
     pipe = diffusers_pipeline(folder, device, dtype)
     rows = []
 
-    def run_all(label: str, model: LatentDiffusion) -> None:
-        for batch in batches:
-            fns = bench_functions(model, pipe, batch, args.w, device, dtype, context, with_diffusers=label == "eager")
-            for steps in steps_list:
-                for name, fn in fns.items():
-                    first = time.perf_counter()
-                    fn(steps)  # warm-up (compiles on first use)
-                    warm = time.perf_counter() - first
-                    fn(steps)
-                    sec = timed(lambda fn=fn, steps=steps: fn(steps), args.repeats, device)
-                    rows.append(
-                        {"mode": label, "impl": name, "steps": steps, "batch": batch, "ms": sec * 1e3, "first_s": warm}
-                    )
-                    print(f"{label:>8} {name:>9} steps {steps} batch {batch:>2}: {sec * 1e3:8.2f} ms", flush=True)
-            if device.type == "cuda" and label == "eager":
-                unet_flops, vae_flops = flops(model, batch, args.w, device, dtype, context)
-                rows.append({"mode": "flops", "batch": batch, "unet_flops": unet_flops, "vae_flops": vae_flops})
+    def one_call(fn, steps: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(steps)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
 
     with torch.no_grad():
-        run_all("eager", ours)
+        models = {"eager": ours}
         if not args.no_compile:
-            compiled = LatentDiffusion.from_pretrained(folder, with_text_encoder=context is None)
-            start = time.perf_counter()
-            optimize(compiled, device, dtype, Compile.ON)
-            run_all("compiled", compiled)
-            print(f"compile + all compiled rows: {time.perf_counter() - start:.1f} s")
+            models["compiled"] = optimize(
+                LatentDiffusion.from_pretrained(folder, with_text_encoder=context is None), device, dtype, Compile.ON
+            )
+        for batch in batches:
+            fns = {}  # (mode, impl) → callable
+            for label, model in models.items():
+                named = bench_functions(model, pipe, batch, args.w, device, dtype, context, label == "eager")
+                fns.update({(label, name): fn for name, fn in named.items()})
+            for steps in steps_list:
+                first = {key: one_call(fn, steps) for key, fn in fns.items()}  # warm-up; compiles on first use
+                # Interleaved: every repeat times each implementation once, so that a machine whose speed drifts
+                # (other work, frequency) affects all of them alike and the ratios stay side by side.
+                times = {key: [] for key in fns}
+                for _ in range(args.repeats):
+                    for key, fn in fns.items():
+                        times[key].append(one_call(fn, steps))
+                for (label, name), ts in times.items():
+                    ms = statistics.median(ts) * 1e3
+                    row = {"mode": label, "impl": name, "steps": steps, "batch": batch, "ms": ms}
+                    rows.append({**row, "first_s": first[label, name]})
+                    print(f"{label:>8} {name:>9} steps {steps} batch {batch:>2}: {ms:8.2f} ms", flush=True)
+            if device.type == "cuda":
+                unet_flops, vae_flops = flops(ours, batch, args.w, device, dtype, context)
+                rows.append({"mode": "flops", "batch": batch, "unet_flops": unet_flops, "vae_flops": vae_flops})
 
     summary = summarise(rows, steps_list, batches, args.peak_tflops)
     print("\n" + summary["table"])
