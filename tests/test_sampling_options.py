@@ -190,7 +190,19 @@ def test_sample_flags_are_checked_before_any_model_loads(monkeypatch, tmp_path, 
 
 def test_sample_writes_one_png_per_image_with_metadata_and_a_labelled_grid(tmp_path, capsys, teacher):
     out = tmp_path / "pngs"
-    args = ["sample", "--prompt", "a photo of a shirt", "--prompt", "a bag", "--num-images", "2", "--steps", "3"]
+    args = [
+        "sample",
+        "--model",
+        str(default_model_path()),
+        "--prompt",
+        "a photo of a shirt",
+        "--prompt",
+        "a bag",
+        "--num-images",
+        "2",
+        "--steps",
+        "3",
+    ]
     args += ["--negative-prompt", "long sleeves", "--seed", "4", "--scale", "2", "--out", str(out), "--grid"]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -214,7 +226,24 @@ def test_sample_writes_one_png_per_image_with_metadata_and_a_labelled_grid(tmp_p
     np.testing.assert_array_equal(_png(out / "grid.png"), np.asarray(grid))
 
     one = tmp_path / "one.png"
-    assert main(["sample", "--prompt", "a bag", "--num-images", "1", "--steps", "2", "--out", str(one)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(default_model_path()),
+                "--prompt",
+                "a bag",
+                "--num-images",
+                "1",
+                "--steps",
+                "2",
+                "--out",
+                str(one),
+            ]
+        )
+        == 0
+    )
     assert "1 image (ddim, 2 steps, w=3) written to" in capsys.readouterr().out
     assert _png(one).shape == (32, 32)
 
@@ -222,7 +251,19 @@ def test_sample_writes_one_png_per_image_with_metadata_and_a_labelled_grid(tmp_p
 def test_sample_img2img_size_and_refusals(tmp_path, capsys, teacher, lcm_folder):
     image = _image_file(tmp_path / "in.png")
     out = tmp_path / "i2i.png"
-    args = ["sample", "--prompt", "a bag", "--num-images", "1", "--steps", "4", "--sampler", "dpmpp"]
+    args = [
+        "sample",
+        "--model",
+        str(default_model_path()),
+        "--prompt",
+        "a bag",
+        "--num-images",
+        "1",
+        "--steps",
+        "4",
+        "--sampler",
+        "dpmpp",
+    ]
     args += ["--image", str(image), "--strength", "0.5", "--height", "32", "--width", "48", "--out", str(out)]
     assert main(args) == 0
     assert "1 image (dpmpp, 4 steps, w=3, img2img strength 0.5)" in capsys.readouterr().out
@@ -234,7 +275,19 @@ def test_sample_img2img_size_and_refusals(tmp_path, capsys, teacher, lcm_folder)
     with Image.open(out) as img:
         assert img.text["strength"] == "0.5" and img.text["image"] == str(image) and img.text["width"] == "48"
 
-    base = ["sample", "--prompt", "a bag", "--num-images", "1", "--steps", "2", "--out", str(tmp_path / "r.png")]
+    base = [
+        "sample",
+        "--model",
+        str(default_model_path()),
+        "--prompt",
+        "a bag",
+        "--num-images",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "r.png"),
+    ]
     refusals = [
         (["--sampler", "tcd"], "the tcd sampler needs an LCM"),
         (["--negative-guidance", "1"], "--negative-guidance is for LCMs"),
