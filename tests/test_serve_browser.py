@@ -29,7 +29,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from lcm.models.latent_diffusion import LatentDiffusion  # noqa: E402
-from lcm.sample import default_model_path  # noqa: E402
+from lcm.sample import default_sampling_path  # noqa: E402
 from lcm.serve import Engine, Limits, create_app  # noqa: E402
 from lcm.serve.server import start_in_thread  # noqa: E402
 
@@ -39,7 +39,8 @@ def server():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as lcm serve runs on the CPU
     limits = Limits()
-    running = start_in_thread(create_app(Engine(LatentDiffusion.from_pretrained(default_model_path())), limits), limits)
+    engine = Engine(LatentDiffusion.from_pretrained(default_sampling_path()))
+    running = start_in_thread(create_app(engine, limits), limits)
     yield running
     running.stop()
     torch.set_num_threads(threads)
@@ -73,7 +74,7 @@ def test_typing_and_sliders_redraw_the_image(server, browser):
     browser.get(server.url)
     first = wait_for_more_images(browser, 0)  # the page asks for an image as soon as it connects
     assert browser.find_element(By.ID, "connection").text == "connected"
-    assert "ddim" in browser.find_element(By.ID, "model").text
+    assert "lcm sampler" in browser.find_element(By.ID, "model").text  # the shipped LCM
     image = browser.find_element(By.CSS_SELECTOR, "#images img")
     before = image.get_attribute("src")
     assert before.startswith("data:image/png;base64,")

@@ -120,6 +120,12 @@ def add_training_args(p: argparse.ArgumentParser, lr_help: str, steps: int) -> N
     g.add_argument("--validate-every", type=int, default=500, help="steps between validation grids (default 500)")
     g.add_argument("--log-every", type=int, default=10, help="steps between log lines (default 10)")
     g.add_argument(
+        "--report-to",
+        default="tensorboard",
+        help="experiment trackers, comma-separated, any Accelerate supports: tensorboard (default), wandb, comet_ml, "
+        "mlflow, aim, clearml, dvclive, swanlab, trackio; logs, and validation grids where the tracker takes images",
+    )
+    g.add_argument(
         "--resume",
         help="'latest' or a checkpoint folder: continue exactly where it stopped, with the run's saved settings "
         "(only --out is needed)",
@@ -171,6 +177,7 @@ def loop_config(args: argparse.Namespace, default_lr: float):
         max_grad_norm=args.max_grad_norm,
         mixed_precision=args.mixed_precision,
         compile=args.compile,
+        report_to=tuple(t.strip() for t in args.report_to.split(",") if t.strip()),
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,
@@ -232,7 +239,17 @@ def check_consistency_flags(args: argparse.Namespace) -> None:
 
 # Flags a resumed run may change: they steer when things are written and how long it runs, not what it computes.
 RESUME_MAY_CHANGE = frozenset(
-    {"out", "resume", "config", "max_steps", "checkpoint_every", "keep_checkpoints", "validate_every", "log_every"}
+    {
+        "out",
+        "resume",
+        "config",
+        "max_steps",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "validate_every",
+        "log_every",
+        "report_to",
+    }
     | {"num_workers", "max_bad_steps", "data_dir"}
 )
 _NOT_FLAGS = ("func", "command", "typed_flags")

@@ -45,6 +45,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")  # Accelerate's autocast modes
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 LR_SCHEDULES += ("cosine_floor",)
 TRAIN_DIR = "train"  # the training state inside a run folder, kept apart from the exported model
+# Accelerate's experiment trackers (LoggerType values), for --report-to
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -83,6 +85,7 @@ class TrainConfig:
     label: str = "train"  # of the progress bar
     max_bad_steps: int = 10  # stop after this many optimiser steps in a row with a non-finite loss or gradient
     compile: str = "auto"  # torch.compile the task's networks: auto (CUDA only), on, off (lcm.models.fast.Compile)
+    report_to: tuple[str, ...] = ("tensorboard",)  # Accelerate trackers (with write_logs); validation grids too
 
     def __post_init__(self):
         _check(self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}")
@@ -113,6 +116,8 @@ class TrainConfig:
         _check(self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}")
         _check(self.max_bad_steps >= 1, f"--max-bad-steps must be at least 1, got {self.max_bad_steps}")
         _check(self.resume is None or bool(str(self.resume).strip()), "--resume takes 'latest' or a checkpoint folder")
+        for tracker in self.report_to:
+            _check(tracker in TRACKERS, f"--report-to: unknown tracker {tracker!r} ({', '.join(TRACKERS)})")
         modes = [c.value for c in Compile]
         _check(self.compile in modes, f"--compile must be one of {', '.join(modes)}, got {self.compile!r}")
 
@@ -196,6 +201,26 @@ def _lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     return get_scheduler(cfg.lr_schedule, optimizer, cfg.lr_warmup_steps, cfg.max_steps)
 
 
+def _trackers(cfg: TrainConfig) -> list[str]:
+    """The trackers of ``--report-to``; one that is not installed is refused (Accelerate would drop it silently)."""
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    for tracker in cfg.report_to:
+        if tracker not in available:
+            raise ValueError(f"--report-to {tracker}: the {tracker} package is not installed (pip install {tracker})")
+    return list(cfg.report_to)
+
+
+def _log_images(accelerator, images: dict, step: int) -> None:
+    """Send a validation grid to every tracker that takes images (TensorBoard, Weights & Biases, …)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images(images, step=step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images(images, step=step)
+
+
 def _checkpoint_root(cfg: TrainConfig) -> Path:
     return cfg.checkpoint_dir if cfg.checkpoint_dir is not None else cfg.train_dir / "checkpoints"
 
@@ -225,7 +250,7 @@ def train(task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig)
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         cpu=cpu_processes(cfg.cpu),
-        log_with="tensorboard" if cfg.write_logs else None,
+        log_with=_trackers(cfg) if cfg.write_logs else None,
         project_config=ProjectConfiguration(project_dir=str(cfg.train_dir), logging_dir=str(cfg.train_dir / "logs")),
     )
     params = task.trainable_parameters()
@@ -360,7 +385,7 @@ class _Run:
                     accelerator.log(metrics, step=step)
                 images = getattr(task, "validation_images", None)  # the grid just written, [1, H, W, 3] uint8
                 if images and cfg.write_logs:
-                    accelerator.get_tracker("tensorboard").log_images(images, step=step, dataformats="NHWC")
+                    _log_images(accelerator, images, step)
         bar.close()
 
     def one_step(self, stream: Iterator[Any]) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
@@ -436,4 +461,11 @@ class _Run:
 
 
 def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) or v is None else v) for k, v in asdict(cfg).items()}
+    """The config as trackers take hyperparameters: numbers, strings and booleans only."""
+
+    def flat(v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            return ",".join(map(str, v))
+        return str(v) if isinstance(v, Path) or v is None else v
+
+    return {k: flat(v) for k, v in asdict(cfg).items()}
