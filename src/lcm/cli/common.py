@@ -326,3 +326,23 @@ def settle_flags(args: argparse.Namespace, command: str) -> None:
 def recorded_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The flags to save with a run (everything but the parser's own entries)."""
     return {k: v for k, v in vars(args).items() if k not in _NOT_FLAGS}
+
+
+def add_speed_args(p: argparse.ArgumentParser, compile_note: str) -> argparse._ArgumentGroup:
+    """``--device``, ``--dtype`` and ``--compile`` of the commands that run a model (sample, serve); returns their
+    argument group."""
+    from lcm.models.fast import DTYPES, Compile
+
+    speed = p.add_argument_group("speed")
+    speed.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    speed.add_argument(
+        "--dtype", choices=list(DTYPES), help="network precision (default: bf16/fp16 on CUDA, fp32 on CPU)"
+    )
+    speed.add_argument(
+        "--compile",
+        choices=[c.value for c in Compile],
+        default=Compile.AUTO.value,
+        help="compile the UNet and VAE decoder (torch.compile; CUDA graphs on GPU). auto (default): on CUDA only; "
+        + compile_note,
+    )
+    return speed

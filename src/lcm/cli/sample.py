@@ -7,7 +7,8 @@ import json
 import math
 from pathlib import Path
 
-from lcm.models.fast import DTYPES, Compile
+from lcm.cli.common import add_speed_args
+from lcm.models.fast import Compile
 from lcm.sample import DEFAULT_GAMMA, DEFAULT_STRENGTH, Sampler
 
 
@@ -289,16 +290,5 @@ def add_parser(sub) -> None:
         help="also write a grid with prompts and seeds as labels: to GRID if given, else OUT/grid.png "
         "(FILE-grid.png beside a FILE.png)",
     )
-    speed = p.add_argument_group("speed")
-    speed.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
-    speed.add_argument(
-        "--dtype", choices=list(DTYPES), help="network precision (default: bf16/fp16 on CUDA, fp32 on CPU)"
-    )
-    speed.add_argument(
-        "--compile",
-        choices=[c.value for c in Compile],
-        default=Compile.AUTO.value,
-        help="compile the UNet and VAE decoder (torch.compile; CUDA graphs on GPU). auto (default): on CUDA only; "
-        "on the CPU it pays for many images or repeated runs (kernels are cached in $LCM_CACHE/inductor)",
-    )
+    add_speed_args(p, "on the CPU it pays for many images or repeated runs (kernels are cached in $LCM_CACHE/inductor)")
     p.set_defaults(func=run_sample)

@@ -6,8 +6,7 @@ import argparse
 import math
 import sys
 
-from lcm.cli.common import check_float, check_int
-from lcm.models.fast import DTYPES, Compile
+from lcm.cli.common import add_speed_args, check_float, check_int
 from lcm.serve.protocol import Limits
 
 _LIMITS = Limits()
@@ -156,18 +155,7 @@ def add_parser(sub) -> None:
         default=_LIMITS.max_connections,
         help=f"open WebSockets, and HTTP generations waiting at once (default {_LIMITS.max_connections})",
     )
-    speed = p.add_argument_group("speed")
-    speed.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
-    speed.add_argument(
-        "--dtype", choices=list(DTYPES), help="network precision (default: bf16/fp16 on CUDA, fp32 on CPU)"
-    )
-    speed.add_argument(
-        "--compile",
-        choices=[c.value for c in Compile],
-        default=Compile.AUTO.value,
-        help="compile the UNet and VAE decoder (torch.compile; CUDA graphs on GPU). auto (default): on CUDA only; "
-        "each new batch size compiles once on first use",
-    )
+    speed = add_speed_args(p, "each new batch size compiles once on first use")
     speed.add_argument(
         "--threads",
         type=int,
