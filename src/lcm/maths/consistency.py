@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lcm.maths.parameterization import append_dims
@@ -27,10 +29,12 @@ def boundary_scalings(
     return c_skip, c_out
 
 
+@functools.lru_cache(maxsize=4096)
 def boundary_scalings_at(
     t: float, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING
 ) -> tuple[float, float]:
-    """(c_skip, c_out) of one host-float timestep (the sampler's case), the same formula in float64."""
+    """(c_skip, c_out) of one host-float timestep (the sampler's case), the same formula in float64, computed once
+    per (t, σ_d, s)."""
     c_skip, c_out = boundary_scalings(torch.tensor([float(t)], dtype=torch.float64), sigma_data, timestep_scaling)
     return c_skip.item(), c_out.item()
 

@@ -19,7 +19,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from lcm.models.fast import Compile, use_compile_cache
 from lcm.training.checkpoint import checkpoint_steps, non_finite, restore_checkpoint, save_training_state
+from lcm.training.tracking import TRACKERS, flat_config, log_images, trackers
 
 __all__ = [
     "LR_SCHEDULES",
@@ -45,8 +46,6 @@ MIXED_PRECISION = ("no", "fp16", "bf16")  # Accelerate's autocast modes
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 LR_SCHEDULES += ("cosine_floor",)
 TRAIN_DIR = "train"  # the training state inside a run folder, kept apart from the exported model
-# Accelerate's experiment trackers (LoggerType values), for --report-to
-TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -201,26 +200,6 @@ def _lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     return get_scheduler(cfg.lr_schedule, optimizer, cfg.lr_warmup_steps, cfg.max_steps)
 
 
-def _trackers(cfg: TrainConfig) -> list[str]:
-    """The trackers of ``--report-to``; one that is not installed is refused (Accelerate would drop it silently)."""
-    from accelerate.tracking import get_available_trackers
-
-    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
-    for tracker in cfg.report_to:
-        if tracker not in available:
-            raise ValueError(f"--report-to {tracker}: the {tracker} package is not installed (pip install {tracker})")
-    return list(cfg.report_to)
-
-
-def _log_images(accelerator, images: dict, step: int) -> None:
-    """Send a validation grid to every tracker that takes images (TensorBoard, Weights & Biases, …)."""
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.log_images(images, step=step, dataformats="NHWC")
-        elif hasattr(tracker, "log_images"):
-            tracker.log_images(images, step=step)
-
-
 def _checkpoint_root(cfg: TrainConfig) -> Path:
     return cfg.checkpoint_dir if cfg.checkpoint_dir is not None else cfg.train_dir / "checkpoints"
 
@@ -250,7 +229,7 @@ def train(task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig)
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         cpu=cpu_processes(cfg.cpu),
-        log_with=_trackers(cfg) if cfg.write_logs else None,
+        log_with=trackers(cfg.report_to) if cfg.write_logs else None,
         project_config=ProjectConfiguration(project_dir=str(cfg.train_dir), logging_dir=str(cfg.train_dir / "logs")),
     )
     params = task.trainable_parameters()
@@ -281,8 +260,8 @@ def train(task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig)
             for _ in range(step):  # schedules are functions of the step: replay them, no state to trust
                 lr_scheduler.step()
     if accelerator.is_main_process and cfg.write_logs:
-        accelerator.init_trackers("lcm", config=_flat_config(cfg))
-        (cfg.train_dir / "train_config.json").write_text(json.dumps(_flat_config(cfg), indent=2) + "\n")
+        accelerator.init_trackers("lcm", config=flat_config(cfg))
+        (cfg.train_dir / "train_config.json").write_text(json.dumps(flat_config(cfg), indent=2) + "\n")
 
     first, t0 = step, time.time() - elapsed
     if step < cfg.max_steps:
@@ -385,7 +364,7 @@ class _Run:
                     accelerator.log(metrics, step=step)
                 images = getattr(task, "validation_images", None)  # the grid just written, [1, H, W, 3] uint8
                 if images and cfg.write_logs:
-                    _log_images(accelerator, images, step)
+                    log_images(accelerator, images, step)
         bar.close()
 
     def one_step(self, stream: Iterator[Any]) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
@@ -458,14 +437,3 @@ class _Run:
         save_training_state(root / f"step-{step}", state, self.optimizer.optimizer, meta, self.generator)
         for _, old in checkpoint_steps(root)[self.cfg.keep_checkpoints :]:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The config as trackers take hyperparameters: numbers, strings and booleans only."""
-
-    def flat(v: Any) -> Any:
-        if isinstance(v, list | tuple):
-            return ",".join(map(str, v))
-        return str(v) if isinstance(v, Path) or v is None else v
-
-    return {k: flat(v) for k, v in asdict(cfg).items()}
