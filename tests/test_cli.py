@@ -81,6 +81,8 @@ BAD_VALUES = [  # (command line, the flag the one-line error must name)
         ]
     ],
     ([*_DISTILL, "--w-min", "-1"], "--w-min"),
+    ([*_DISTILL, "--w-lr-scale", "0"], "--w-lr-scale"),
+    ([*_DISTILL, "--w-lr-scale", "nan"], "--w-lr-scale"),
     ([*_DISTILL, "--w-max", "inf"], "--w-max"),
     ([*_DISTILL, "--w-min", "5", "--w-max", "2"], "--w-min"),
     ([*_FINETUNE, "--lcf-w", "-2"], "--lcf-w"),

@@ -215,13 +215,13 @@ class _Crash(Exception):
     pass
 
 
-def _run(folder, out, max_steps, resume=None, crash_after=None, kind=StudentKind.FULL):
+def _run(folder, out, max_steps, resume=None, crash_after=None, kind=StudentKind.FULL, w_lr_scale=1.0):
     from lcm.data.loader import batch_stream
     from lcm.data.sources import collate_skip_none
     from lcm.training.task import DistillTask, LoraSettings
 
     model = LatentDiffusion.from_pretrained(folder)
-    cfg = LCDConfig(solver=Solver.DPM_SOLVER_PP_2S, w_min=2, w_max=6)
+    cfg = LCDConfig(solver=Solver.DPM_SOLVER_PP_2S, w_min=2, w_max=6, w_lr_scale=w_lr_scale)
     task = DistillTask(model, kind, cfg, LoraSettings(rank=4))
     data = _ListData()
 
@@ -254,6 +254,40 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(sd_folder, tmp_path, k
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
     history = (tmp_path / "a" / "train" / "train_history.json").read_text()
     assert "samples_per_second" in history and not math.isnan(straight.state_dict()[next(iter(a))].sum().item())
+
+
+def test_w_lr_scale_multiplies_only_the_w_projection_step(sd_folder, tmp_path):
+    """AdamW's first step moves each weight by lr·m̂/(√v̂+ε): a 10x rate on the w projection moves it exactly 10x as
+    far, and every other weight exactly as far as without the option."""
+    plain = _run(sd_folder, tmp_path / "plain", 1).student.state_dict()
+    scaled = _run(sd_folder, tmp_path / "scaled", 1, w_lr_scale=10.0).student.state_dict()
+    name = "time_embedding.cond_proj.weight"
+    assert plain[name].abs().max() > 0  # zero-initialised, and it does learn
+    torch.testing.assert_close(scaled[name], 10 * plain[name], rtol=1e-5, atol=0)
+    for key in plain:
+        if key != name:
+            torch.testing.assert_close(scaled[key], plain[key], rtol=0, atol=0, msg=key)
+    history = json.loads((tmp_path / "scaled" / "train" / "train_history.json").read_text())[-1]
+    assert history["w_proj_norm"] == pytest.approx(scaled[name].norm().item(), rel=1e-6)
+    assert history["w_proj_grad_norm"] > 0
+    assert any(k.startswith("loss_t") for k in history) and any(k.startswith("loss_w") for k in history)
+
+
+def test_loss_monitor_bins_by_t_and_w():
+    from lcm.training.lcd import LCDOutput, LossMonitor
+
+    monitor = LossMonitor(1000, (1.0, 5.0))
+    out = LCDOutput(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0, 260, 999, 999]), torch.tensor([1, 5, 2, 4.9]))
+    monitor.add(out)
+    logs = monitor.read()
+    assert logs == {
+        "loss_t0-249": 1.0,
+        "loss_t250-499": 2.0,
+        "loss_t750-999": 3.5,  # no sample fell in [500, 750): no entry rather than a made-up 0
+        "loss_w_low": 2.0,
+        "loss_w_high": 3.0,
+    }
+    assert monitor.read() == {}  # read starts over
 
 
 @pytest.fixture(scope="module")

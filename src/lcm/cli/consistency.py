@@ -29,6 +29,7 @@ def run_distill(args: argparse.Namespace) -> int:
     check_consistency_flags(args)
     check_float(args.w_min, "--w-min", 0)
     check_float(args.w_max, "--w-max", 0)
+    check_float(args.w_lr_scale, "--w-lr-scale", 0, open_low=True)
     if args.w_min > args.w_max:
         raise ValueError(f"--w-min must not exceed --w-max, got --w-min {args.w_min} > --w-max {args.w_max}")
     if args.learning_rate is None:
@@ -43,6 +44,7 @@ def run_distill(args: argparse.Namespace) -> int:
         loss=args.loss,
         huber_c=args.huber_c,
         ema_decay=args.ema_decay,
+        w_lr_scale=args.w_lr_scale,
     )
     summary = run_distillation(
         teacher,
@@ -112,6 +114,13 @@ def add_parser(sub) -> None:
     m.add_argument("--solver", choices=[s.value for s in Solver], default="ddim", help="ODE solver of the teacher")
     m.add_argument("--w-min", type=float, default=2.0, help="smallest guidance w drawn (paper's w; default 2)")
     m.add_argument("--w-max", type=float, default=14.0, help="largest guidance w drawn (default 14)")
+    m.add_argument(
+        "--w-lr-scale",
+        type=float,
+        default=1.0,
+        help="learning-rate multiplier of the full student's zero-initialised w projection (default 1; "
+        "docs/fidelity.md)",
+    )
     add_training_args(ds, lr_help="default 1e-6 for a full student, 1e-4 for LoRA, as diffusers' scripts", steps=1000)
     ds.set_defaults(func=run_distill)
 

@@ -29,7 +29,7 @@ from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import StudentKind, adapters_disabled
 from lcm.models.text import TextEmbeddings
 
-__all__ = ["LCD", "LCDConfig", "LCDOutput", "StudentTarget"]
+__all__ = ["LCD", "LCDConfig", "LCDOutput", "LossMonitor", "StudentTarget"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class LCDConfig:
     loss: LossType = LossType.HUBER
     huber_c: float = 0.001
     ema_decay: float = 0.95  # μ of the target network (full student only)
+    w_lr_scale: float = 1.0  # learning-rate multiplier of the student's w projection (docs/fidelity.md)
     timestep_scaling: float = TIMESTEP_SCALING
     sigma_data: float = SIGMA_DATA
 
@@ -51,12 +52,68 @@ class LCDConfig:
             raise ValueError(f"need 0 <= w_min <= w_max, got [{self.w_min}, {self.w_max}]")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
+        if not self.w_lr_scale > 0 or self.w_lr_scale == float("inf"):
+            raise ValueError(f"--w-lr-scale must be a positive number, got {self.w_lr_scale}")
 
 
 class LCDOutput(NamedTuple):
     loss: torch.Tensor  # (B,) per-sample distance
     t_start: torch.Tensor  # (B,) t_{n+k}
     w: torch.Tensor  # (B,)
+
+
+class LossMonitor:
+    """Per-t and per-w means of the per-sample loss between two log lines, and how the w projection moves.
+
+    Sums stay on the device (no host sync per step); :meth:`read` returns them as floats and starts over. The t bins
+    are quarters of [0, T); the w bins halves of [w_min, w_max]. For a w-conditioned full student it also reports
+    the norm of the w projection ``time_embedding.cond_proj`` (zero at initialisation) and the RMS norm of its
+    gradient over the steps since the last read.
+    """
+
+    T_BINS, W_BINS = 4, 2
+
+    def __init__(self, num_train_timesteps: int, w_range: tuple[float, float], w_projection=None):
+        self.T, (self.w_lo, self.w_hi) = num_train_timesteps, w_range
+        self.w_projection = w_projection
+        self.sums = self.counts = None
+        self.grad_sq, self.grad_steps = None, 0
+        if w_projection is not None and w_projection.requires_grad:
+            w_projection.register_post_accumulate_grad_hook(self._grad_hook)
+
+    def _grad_hook(self, param: torch.Tensor) -> None:
+        sq = param.grad.detach().float().pow(2).sum()
+        self.grad_sq = sq if self.grad_sq is None else self.grad_sq + sq
+        self.grad_steps += 1
+
+    def add(self, out: LCDOutput) -> None:
+        loss = out.loss.detach().float()
+        t_bin = (out.t_start.to(loss.device) * self.T_BINS // self.T).clamp(0, self.T_BINS - 1).long()
+        span = max(self.w_hi - self.w_lo, 1e-12)
+        w_bin = ((out.w.to(loss.device) - self.w_lo) / span * self.W_BINS).clamp(0, self.W_BINS - 1).long()
+        index = torch.cat([t_bin, self.T_BINS + w_bin])
+        if self.sums is None:
+            self.sums = torch.zeros(self.T_BINS + self.W_BINS, device=loss.device)
+            self.counts = torch.zeros_like(self.sums)
+        self.sums.index_add_(0, index, torch.cat([loss, loss]))
+        self.counts.index_add_(0, index, torch.ones_like(index, dtype=self.counts.dtype))
+
+    def read(self) -> dict[str, float]:
+        logs: dict[str, float] = {}
+        if self.sums is not None:
+            means, counts = (self.sums / self.counts.clamp(min=1)).tolist(), self.counts.tolist()
+            width = self.T // self.T_BINS
+            names = [f"loss_t{i * width}-{(i + 1) * width - 1}" for i in range(self.T_BINS)]
+            if self.w_hi > self.w_lo:
+                names += ["loss_w_low", "loss_w_high"]
+            logs.update({name: means[i] for i, name in enumerate(names) if counts[i]})
+            self.sums = self.counts = None
+        if self.w_projection is not None:
+            logs["w_proj_norm"] = float(self.w_projection.detach().norm())
+            if self.grad_steps:
+                logs["w_proj_grad_norm"] = float((self.grad_sq / self.grad_steps).sqrt())
+            self.grad_sq, self.grad_steps = None, 0
+        return logs
 
 
 class StudentTarget:

@@ -23,7 +23,7 @@ from lcm.models.export import export_lcm_folder, export_lora
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import DEFAULT_LORA_TARGETS, StudentKind, add_lora, full_student
 from lcm.models.text import TextEmbeddings
-from lcm.training.lcd import LCD, LCDConfig
+from lcm.training.lcd import LCD, LCDConfig, LossMonitor
 from lcm.training.lcf import LCF, LCFConfig
 
 __all__ = ["ConsistencyTask", "DistillTask", "FinetuneTask", "LoraSettings", "make_student"]
@@ -98,11 +98,17 @@ class ConsistencyTask:
         self.uncond = model.encode_prompts([""])
         self.validation_prompts, self.validation_w = tuple(validation_prompts), validation_w
         self.validation_seeds = tuple(validation_seeds)
+        w_range = (self.cfg.w_min, self.cfg.w_max) if hasattr(self.cfg, "w_min") else (self.cfg.w, self.cfg.w)
+        self.monitor = LossMonitor(model.schedule.num_train_timesteps, w_range, self.w_projection)
         self.provenance = {"method": self.method_name, "student": self.kind.value, **(provenance or {})}
 
     # --- trainer protocol --------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups; a group's ``lr_scale`` multiplies the run's learning rate."""
+        return [{"params": self.trainable_parameters()}]
 
     def wrap(self, prepare) -> list[torch.nn.Module]:
         return [self.method.wrap(prepare)]
@@ -127,7 +133,13 @@ class ConsistencyTask:
 
     def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         z0, cond, uncond = self.encode_batch(batch, generator)
-        return self.method.loss(z0, cond, uncond, generator).loss
+        out = self.method.loss(z0, cond, uncond, generator)
+        self.monitor.add(out)
+        return out.loss
+
+    def log_metrics(self) -> dict[str, float]:
+        """Per-t / per-w loss and the w projection's norms since the last log line (see :class:`LossMonitor`)."""
+        return self.monitor.read()
 
     def compile(self) -> None:
         self.method.compile()
@@ -151,6 +163,13 @@ class ConsistencyTask:
         with torch.no_grad():
             for key, value in state.items():
                 params[key[5:]].copy_(value)
+
+    @property
+    def w_projection(self) -> torch.nn.Parameter | None:
+        """The full student's w projection (``time_embedding.cond_proj.weight``); None for a LoRA student."""
+        if self.kind is not StudentKind.FULL or not self.method.w_conditioned:
+            return None
+        return self.student.time_embedding.cond_proj.weight
 
     @property
     def sampling_unet(self):
@@ -234,6 +253,14 @@ class DistillTask(ConsistencyTask):
         if validation_w is None:
             validation_w = default_w((cfg.w_min, cfg.w_max), model.is_embedded)
         super().__init__(model, LCD(model, student, kind, cfg, target), lora, validation_w, **kwargs)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """With ``--w-lr-scale`` other than 1, the w projection learns at its own rate (a group of its own)."""
+        scale, projection = self.cfg.w_lr_scale, self.w_projection
+        if scale == 1.0 or projection is None:
+            return super().parameter_groups()
+        rest = [p for p in self.trainable_parameters() if p is not projection]
+        return [{"params": rest}, {"params": [projection], "lr_scale": scale}]
 
 
 class FinetuneTask(ConsistencyTask):
