@@ -1,0 +1,183 @@
+"""Few-step fidelity and w control of LCD recipes on the embedded teacher, several seeds each (docs/fidelity.md).
+
+    python scripts/fidelity_ablation.py --out runs/fidelity --variants demo,k50 --seeds 0,1 [--cache CACHE]
+    python scripts/fidelity_ablation.py --out runs/fidelity --report      # table of every finished run
+
+Every variant is a set of `lcm distill` settings over one base (the `lcm demo` recipe before this ablation: k = 20,
+1,500 steps of batch 32); a variant changes only what its name says. Each (variant, seed) pair distils into
+OUT/VARIANT-sSEED and is scored with the same prompts and initial noise: the LCM at w = 3 with 1, 2 and 4 steps, and
+at 4 steps for w = 1, 2, 4, 5 (the w control), 2,000 images per row, FD-clf and prompt accuracy (the shipped
+classifier's features against the 10,000 test images; not FID). The teacher's reference rows (DPM-Solver 25 steps and
+DDIM 1 step at w = 3; DPM-Solver++ 8 steps at each w) are computed once into OUT/teacher.json. Runs that finished are
+kept, so the command resumes; several processes may work on different variants of one OUT at once.
+
+With ``--cache`` (an `lcm cache` folder of the shipped teacher) the runs read cached latents: the same distribution
+as encoding each batch, faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+from lcm.evaluation.metrics import FashionEvaluator
+from lcm.evaluation.prompts import fashion_eval_prompts
+from lcm.evaluation.run import Row, evaluate_row
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.sample import Sampler, default_model_path
+from lcm.training.lcd import LCDConfig
+from lcm.training.loop import TrainConfig
+from lcm.training.runs import DataConfig, run_distillation
+
+BASE_LCD = LCDConfig(num_solver_steps=50, w_min=1.0, w_max=5.0, ema_decay=0.95)
+BASE_TRAIN = {"max_steps": 1500, "learning_rate": 2e-4}
+BATCH = 32
+
+# name → (LCDConfig overrides, TrainConfig overrides, batch size or None)
+VARIANTS: dict[str, tuple[dict, dict, int | None]] = {
+    "demo": ({}, {}, None),  # the lcm demo recipe before this ablation: k = 20
+    "k50": ({"num_solver_steps": 20}, {}, None),
+    "k100": ({"num_solver_steps": 10}, {}, None),
+    "k200": ({"num_solver_steps": 5}, {}, None),  # N = 5: an LCM of at most 5 steps
+    "k100-dpmpp": ({"num_solver_steps": 10, "solver": "dpmpp"}, {}, None),  # 2nd-order teacher step, 2 calls
+    "k100-wlr10": ({"num_solver_steps": 10, "w_lr_scale": 10.0}, {}, None),  # the w projection learns 10x faster
+    "ema0": ({"ema_decay": 0.0}, {}, None),  # target = the student under stop-gradient (no EMA)
+}
+
+W_EVAL = 3.0
+W_CONTROL = (1.0, 2.0, 4.0, 5.0)
+EVAL_SAMPLES = 2000
+
+
+def lcm_rows() -> list[Row]:
+    rows = [Row("LCM", Sampler.LCM, s, W_EVAL) for s in (1, 2, 4)]
+    return rows + [Row("LCM", Sampler.LCM, 4, w) for w in W_CONTROL]
+
+
+def teacher_rows() -> list[Row]:
+    rows = [
+        Row("teacher DPM-Solver", Sampler.DPM_SOLVER_2M, 25, W_EVAL, "trailing"),
+        Row("teacher DDIM", Sampler.DDIM, 1, W_EVAL, "trailing"),
+    ]
+    return rows + [Row("teacher DPM-Solver++", Sampler.DPM_SOLVER_PP_2M, 8, w, "trailing") for w in (1, 2, 3, 4, 5)]
+
+
+def key(row: Row) -> str:
+    return f"{row.method}|{row.steps}|{row.w:g}"
+
+
+def score(model: LatentDiffusion, rows: list[Row], path: Path, prompts, evaluator) -> dict:
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    for row in rows:
+        if key(row) not in done:
+            r = evaluate_row(model, row, prompts, evaluator)
+            done[key(row)] = {"fd_clf": r["fd_clf"], "accuracy": r["prompt_accuracy"]}
+            path.write_text(json.dumps(done, indent=1) + "\n")
+            print(f"{path.parent.name}: {key(row)}: FD-clf {r['fd_clf']:.1f}, accuracy {r['prompt_accuracy']:.3f}")
+    return done
+
+
+def distil(out: Path, variant: str, seed: int, cache: Path | None) -> dict:
+    lcd_over, train_over, batch = VARIANTS[variant]
+    run_dir = out / f"{variant}-s{seed}"
+    train = {**BASE_TRAIN, **train_over}
+    summary = run_distillation(
+        default_model_path(),
+        DataConfig(source=str(cache) if cache else "fashion-mnist", batch_size=batch or BATCH),
+        replace(BASE_LCD, **lcd_over),
+        TrainConfig(
+            out=run_dir,
+            seed=seed,
+            validate_every=0,
+            checkpoint_every=train["max_steps"],
+            resume="latest",
+            log_every=max(train["max_steps"] // 50, 1),
+            report_to=(),
+            **train,
+        ),
+    )
+    (run_dir / "wall_seconds.json").write_text(json.dumps({"train_wall_seconds": summary["wall_seconds"]}) + "\n")
+    return summary
+
+
+def report(out: Path) -> str:
+    teacher = json.loads((out / "teacher.json").read_text())
+    best, ddim1 = teacher["teacher DPM-Solver|25|3"]["fd_clf"], teacher["teacher DDIM|1|3"]["fd_clf"]
+    t_acc = {w: teacher[f"teacher DPM-Solver++|8|{w:g}"]["accuracy"] for w in (1, 2, 3, 4, 5)}
+    t_fd = {w: teacher[f"teacher DPM-Solver++|8|{w:g}"]["fd_clf"] for w in (1, 5)}
+    runs: dict[str, list[dict]] = {}
+    for path in sorted(out.glob("*-s*/scores.json")):
+        variant = path.parent.name.rsplit("-s", 1)[0]
+        scores = json.loads(path.read_text())
+        if len(scores) == len(lcm_rows()):
+            runs.setdefault(variant, []).append(scores)
+
+    def cell(values: list[float], fmt: str) -> str:
+        mean = statistics.fmean(values)
+        spread = f" ± {(max(values) - min(values)) / 2:{fmt}}" if len(values) > 1 else ""
+        return f"{mean:{fmt}}{spread}"
+
+    lines = [
+        f"Teacher's best row (DPM-Solver 25 steps, w = 3): FD-clf {best:.1f}; teacher DDIM 1 step: {ddim1:.1f}. "
+        "Mean ± half the range over seeds.",
+        "",
+        "| recipe | seeds | FD-clf 1 | FD-clf 2 | FD-clf 4 | 1 ÷ DDIM-1 | 2 ÷ best | 4 ÷ best | "
+        "acc w=1 | acc w=2 | acc w=3 | acc w=4 | acc w=5 | max acc gap | FD-clf 4, w=1 | FD-clf 4, w=5 |",
+        "| --- |" + " ---: |" * 15,
+    ]
+    for variant, seeds in runs.items():
+        fd = {s: [r[f"LCM|{s}|3"]["fd_clf"] for r in seeds] for s in (1, 2, 4)}
+        acc = {w: [r[f"LCM|4|{w:g}"]["accuracy"] for r in seeds] for w in (1, 2, 3, 4, 5)}
+        gap = [max(abs(r[f"LCM|4|{w:g}"]["accuracy"] - t_acc[w]) for w in t_acc) for r in seeds]
+        fd_w = {w: [r[f"LCM|4|{w:g}"]["fd_clf"] for r in seeds] for w in (1, 5)}
+        lines.append(
+            f"| {variant} | {len(seeds)} | {cell(fd[1], '.1f')} | {cell(fd[2], '.1f')} | {cell(fd[4], '.1f')} | "
+            f"{statistics.fmean(fd[1]) / ddim1:.2f} | {statistics.fmean(fd[2]) / best:.2f} | "
+            f"{statistics.fmean(fd[4]) / best:.2f} | "
+            + " | ".join(cell(acc[w], ".3f") for w in (1, 2, 3, 4, 5))
+            + f" | {cell(gap, '.3f')} | {cell(fd_w[1], '.1f')} | {cell(fd_w[5], '.1f')} |"
+        )
+    lines.append(
+        "| teacher DPM-Solver++ 8 steps | — | — | — | — | — | — | — | "
+        + " | ".join(f"{t_acc[w]:.3f}" for w in (1, 2, 3, 4, 5))
+        + f" | — | {t_fd[1]:.1f} | {t_fd[5]:.1f} |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--variants", default="", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    p.add_argument("--cache", type=Path, help="an lcm cache folder of the shipped teacher")
+    p.add_argument("--teacher", action="store_true", help="also score the teacher's reference rows (once per OUT)")
+    p.add_argument("--report", action="store_true", help="only write OUT/fidelity.md from finished runs")
+    a = p.parse_args()
+    variants = [v for v in a.variants.split(",") if v]
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    if not a.report:
+        prompts = fashion_eval_prompts(EVAL_SAMPLES, 0)
+        evaluator = FashionEvaluator(default_model_path() / "classifier")
+        for variant in variants:
+            for seed in (int(s) for s in a.seeds.split(",")):
+                run_dir = a.out / f"{variant}-s{seed}"
+                if not (run_dir / "wall_seconds.json").is_file():
+                    distil(a.out, variant, seed, a.cache)
+                lcm = LatentDiffusion.from_pretrained(run_dir)
+                score(lcm, lcm_rows(), run_dir / "scores.json", prompts, evaluator)
+        if a.teacher:
+            teacher = LatentDiffusion.from_pretrained(default_model_path())
+            score(teacher, teacher_rows(), a.out / "teacher.json", prompts, evaluator)
+    table = report(a.out)
+    (a.out / "fidelity.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
