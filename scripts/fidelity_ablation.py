@@ -128,7 +128,7 @@ def report(out: Path) -> str:
         "acc w=1 | acc w=2 | acc w=3 | acc w=4 | acc w=5 | max acc gap | FD-clf 4, w=1 | FD-clf 4, w=5 |",
         "| --- |" + " ---: |" * 15,
     ]
-    for variant, seeds in runs.items():
+    for variant, seeds in sorted(runs.items(), key=lambda kv: list(VARIANTS).index(kv[0]) if kv[0] in VARIANTS else 99):
         fd = {s: [r[f"LCM|{s}|3"]["fd_clf"] for r in seeds] for s in (1, 2, 4)}
         acc = {w: [r[f"LCM|4|{w:g}"]["accuracy"] for r in seeds] for w in (1, 2, 3, 4, 5)}
         gap = [max(abs(r[f"LCM|4|{w:g}"]["accuracy"] - t_acc[w]) for w in t_acc) for r in seeds]

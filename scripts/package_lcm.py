@@ -35,6 +35,7 @@ def commit() -> str:
 def card(results: dict, files: list[Path], dest: Path) -> str:
     cfg = dict(results["config"])
     cfg["solver"] = str(cfg["solver"]).removeprefix("Solver.").lower()
+    n = int(cfg.get("num_solver_steps", 50))
     rows = [r for r in results["rows"] if r["method"] == "LCM"]
     teacher = [r for r in results["rows"] if r["method"] != "LCM"]
     table = ["| sampler | steps | FD-clf ↓ | KID-clf ↓ | prompt accuracy ↑ |", "| --- | ---: | ---: | ---: | ---: |"]
@@ -58,9 +59,11 @@ lcm demo --out lcm-demo        # code at commit {commit()}
 python scripts/package_lcm.py lcm-demo src/lcm/assets/fashion-lcm
 ```
 
-Recipe (`lcm demo`'s): {cfg["max_steps"]} LCD steps of batch {cfg["batch_size"]}, learning rate {cfg["learning_rate"]},
-{cfg["solver"]} solver on the skipping grid N = 50 (k = 20), w ~ U[{cfg["w_min"]}, {cfg["w_max"]}], Huber loss
-(c = 0.001), EMA target μ = {cfg["ema_decay"]}, seed {cfg["seed"]}, on the 60,000 Fashion-MNIST training images with the
+Recipe (`lcm demo`'s, recipe "{cfg.get("recipe", "demo")}"; docs/fidelity.md): {cfg["max_steps"]} LCD steps of batch
+{cfg["batch_size"]}, learning rate {cfg["learning_rate"]} ({cfg.get("lr_schedule", "constant")}), {cfg["solver"]} solver
+on the skipping grid N = {n} (k = {1000 // n}), w ~ U[{cfg["w_min"]}, {cfg["w_max"]}], w projection at
+{cfg.get("w_lr_scale", 1.0)}× the learning rate, Huber loss (c = 0.001), EMA target μ = {cfg["ema_decay"]}, seed
+{cfg["seed"]}, on the 60,000 Fashion-MNIST training images with the
 teacher's class captions; {results["train_wall_seconds"]:.0f} s of distillation on a 2-core CPU (wall time, which
 depends on what else runs on the cores). The run is deterministic: the same command on the same code reproduces
 these weights and this table.

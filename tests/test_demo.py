@@ -80,6 +80,23 @@ def test_demo_quick_writes_grid_table_and_model(tmp_path):
     assert (out / "demo_grid.png").is_file()
     lcm = LatentDiffusion.from_pretrained(out / "lcm")
     assert lcm.is_lcm and lcm.w_range == (1.0, 5.0) and lcm.default_w == 3.0
+    assert lcm.scheduler_config["original_inference_steps"] == 10  # the recipe's skipping step k = 100
+    run = json.loads((out / "lcm" / "train" / "run_config.json").read_text())
+    assert run["lcd"]["w_lr_scale"] == 10.0 and run["lcd"]["num_solver_steps"] == 10
+
+
+def test_demo_recipes_differ_only_in_length_schedule_and_evaluation(tmp_path):
+    from dataclasses import asdict
+
+    from lcm.demo import DemoConfig, demo_config_from
+
+    demo, long = DemoConfig.for_recipe("demo", tmp_path), DemoConfig.for_recipe("long", tmp_path)
+    changed = {k for k, v in asdict(long).items() if asdict(demo)[k] != v}
+    assert changed == {"recipe", "max_steps", "lr_schedule", "lr_warmup_steps", "eval_samples"}
+    assert long.max_steps == 4 * demo.max_steps
+    assert demo_config_from(tmp_path, False, "long", max_steps=10).max_steps == 10  # a flag overrides the recipe
+    with pytest.raises(ValueError, match="--recipe"):
+        DemoConfig.for_recipe("longer", tmp_path)
 
 
 def test_shipped_lcm_is_a_w_conditioned_lcm_and_the_shipped_weights_stay_small():

@@ -39,6 +39,10 @@ class DemoConfig:
     max_steps: int = 1500  # LCD optimiser steps
     batch_size: int = 32
     learning_rate: float = 2e-4
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    num_solver_steps: int = 10  # N of the skipping grid: k = 1000 // N = 100 (docs/fidelity.md)
+    w_lr_scale: float = 10.0  # learning-rate multiplier of the w projection (docs/fidelity.md)
     solver: Solver = Solver.DDIM
     w_min: float = 1.0  # guidance range of distillation (the paper's w)
     w_max: float = 5.0
@@ -49,10 +53,32 @@ class DemoConfig:
     data_dir: Path | None = None
     teacher: Path | None = None  # default: the shipped teacher (a retrained one: lcm train-teacher's output)
 
+    recipe: str = "demo"
+
     @classmethod
     def quick(cls, out: Path) -> DemoConfig:
         """A minute-long run that exercises every stage (for CI): numbers are not meaningful."""
-        return cls(out=out, max_steps=20, eval_samples=100)
+        return cls(out=out, max_steps=20, eval_samples=100, recipe="quick")
+
+    @classmethod
+    def for_recipe(cls, recipe: str, out: Path) -> DemoConfig:
+        """The settings of a named recipe (docs/fidelity.md): ``demo`` (the default, about 10 minutes on 2 CPU
+        cores end to end) or ``long`` (about an hour; the README's second table)."""
+        if recipe not in RECIPES:
+            raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        return cls(out=out, recipe=recipe, **RECIPES[recipe])
+
+
+# Recipes of lcm demo: overrides of DemoConfig's defaults (docs/fidelity.md says why each value).
+RECIPES: dict[str, dict] = {
+    "demo": {},
+    "long": {
+        "max_steps": 6000,
+        "lr_schedule": "cosine_floor",
+        "lr_warmup_steps": 100,
+        "eval_samples": 2000,
+    },
+}
 
 
 def _table(rows: list[dict]) -> str:
@@ -85,11 +111,20 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary = run_distillation(
         teacher_path,
         DataConfig(batch_size=cfg.batch_size, data_dir=cfg.data_dir),
-        LCDConfig(solver=cfg.solver, w_min=cfg.w_min, w_max=cfg.w_max, ema_decay=cfg.ema_decay),
+        LCDConfig(
+            num_solver_steps=cfg.num_solver_steps,
+            solver=cfg.solver,
+            w_min=cfg.w_min,
+            w_max=cfg.w_max,
+            ema_decay=cfg.ema_decay,
+            w_lr_scale=cfg.w_lr_scale,
+        ),
         TrainConfig(
             out=lcm_dir,
             max_steps=cfg.max_steps,
             learning_rate=cfg.learning_rate,
+            lr_schedule=cfg.lr_schedule,
+            lr_warmup_steps=cfg.lr_warmup_steps,
             seed=cfg.seed,
             checkpoint_every=max(cfg.max_steps // 3, 1),
             validate_every=0,
@@ -117,8 +152,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     grid_path = save_labelled_grid(torch.cat(grid), cfg.out / "demo_grid.png", row_labels, grid_prompts, scale=2)
     table = _table(rows)
     header = (
-        f"# lcm demo\n\nLCD of the shipped Fashion-MNIST teacher: {summary['steps']} steps, batch {cfg.batch_size}, "
-        f"{cfg.solver.value} solver, w ~ U[{cfg.w_min}, {cfg.w_max}], {summary['wall_seconds']:.0f} s of training. "
+        f"# lcm demo\n\nLCD of the shipped Fashion-MNIST teacher, recipe {cfg.recipe}: {summary['steps']} steps, "
+        f"batch {cfg.batch_size}, {cfg.solver.value} solver, k = {1000 // cfg.num_solver_steps}, "
+        f"w ~ U[{cfg.w_min}, {cfg.w_max}], learning rate {cfg.learning_rate:g} ({cfg.lr_schedule}; "
+        f"{cfg.w_lr_scale:g}x on the w projection), "
+        f"{summary['wall_seconds']:.0f} s of training. "
         f"Teacher DDIM with {TEACHER_SPACING} timesteps. "
         f"Every row: {cfg.eval_samples} images, guidance w = {cfg.w_eval}, the same prompts and seeds. FD-clf and "
         "KID-clf are computed in the shipped classifier's features against the 10,000 test images (not FID).\n\n"
@@ -133,6 +171,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     return results
 
 
-def demo_config_from(out: Path, quick: bool, **overrides) -> DemoConfig:
-    base = DemoConfig.quick(out) if quick else DemoConfig(out=out)
+def demo_config_from(out: Path, quick: bool, recipe: str = "demo", **overrides) -> DemoConfig:
+    base = DemoConfig.quick(out) if quick else DemoConfig.for_recipe(recipe, out)
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -20,6 +20,7 @@ def run_demo(args: argparse.Namespace) -> int:
     cfg = demo_config_from(
         Path(args.out),
         args.quick,
+        args.recipe,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         solver=args.solver,
@@ -47,8 +48,15 @@ def add_parser(sub) -> None:
         default="lcm-demo",
         help="output folder (default lcm-demo; the LCM in OUT/lcm, its training state in OUT/lcm/train)",
     )
+    p.add_argument(
+        "--recipe",
+        choices=("demo", "long"),
+        default="demo",
+        help="distillation recipe (docs/fidelity.md): demo (default, about 10 minutes on 2 CPU cores end to end) or "
+        "long (about an hour; closer to the teacher at 1-2 steps)",
+    )
     p.add_argument("--quick", action="store_true", help="a minute-long smoke run (20 steps, 100 images per row)")
-    p.add_argument("--max-steps", type=int, help="LCD steps (default 1500)")
+    p.add_argument("--max-steps", type=int, help="LCD steps (default: the recipe's)")
     p.add_argument("--batch-size", type=int, help="LCD batch size (default 32)")
     p.add_argument("--solver", choices=[s.value for s in Solver], help="ODE solver of distillation (default ddim)")
     p.add_argument("--eval-samples", type=int, help="images per table row (default 1000)")
