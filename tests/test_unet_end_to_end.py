@@ -112,4 +112,6 @@ def test_image_i_independent_of_batch():
 
     batch = run([5, 6, 7], context)
     alone = run([6], context[1:2])
-    torch.testing.assert_close(alone[0], batch[1], rtol=1e-5, atol=1e-5)
+    # Equal up to GEMM blocking, which depends on the batch size and thread count (1.4e-5 seen with one thread);
+    # drawing image 1's noise from the wrong generator changes it by O(1).
+    torch.testing.assert_close(alone[0], batch[1], rtol=1e-4, atol=1e-4)
