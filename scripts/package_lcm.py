@@ -32,10 +32,12 @@ def commit() -> str:
         return "unknown"
 
 
-def card(results: dict, files: list[Path], dest: Path) -> str:
+def card(results: dict, files: list[Path], dest: Path, command: str | None = None) -> str:
     cfg = dict(results["config"])
     cfg["solver"] = str(cfg["solver"]).removeprefix("Solver.").lower()
     n = int(cfg.get("num_solver_steps", 50))
+    recipe = cfg.get("recipe", "demo")
+    command = command or ("lcm demo" + ("" if recipe == "demo" else f" --recipe {recipe}") + " --out lcm-demo")
     rows = [r for r in results["rows"] if r["method"] == "LCM"]
     teacher = [r for r in results["rows"] if r["method"] != "LCM"]
     table = ["| sampler | steps | FD-clf ↓ | KID-clf ↓ | prompt accuracy ↑ |", "| --- | ---: | ---: | ---: | ---: |"]
@@ -55,7 +57,7 @@ in 1-8 steps with the guidance weight w as an input (w-embedding), distilled on 
 ## How it was made
 
 ```bash
-lcm demo --out lcm-demo        # code at commit {commit()}
+{command}        # code at commit {commit()}
 python scripts/package_lcm.py lcm-demo src/lcm/assets/fashion-lcm
 ```
 
@@ -91,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("demo_out", help="the --out folder of lcm demo (holds lcm/ and results.json)")
     p.add_argument("dest", help="where the packaged LCM goes (e.g. src/lcm/assets/fashion-lcm)")
+    p.add_argument(
+        "--command",
+        help="the command that made demo_out, as the card should show it (default: lcm demo "
+        "with the recipe recorded in results.json)",
+    )
     args = p.parse_args(argv)
     src, dest = Path(args.demo_out) / "lcm", Path(args.dest)
     results_file = Path(args.demo_out) / "results.json"
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             meta["teacher"] = "the shipped teacher (lcm/assets/fashion-teacher)"
         record.write_text(json.dumps(meta, indent=2) + "\n")
     files = sorted(f for f in dest.rglob("*") if f.is_file())
-    (dest / "README.md").write_text(card(results, files, dest))
+    (dest / "README.md").write_text(card(results, files, dest, args.command))
     total = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     print(f"packaged {src} into {dest} ({total / 2**20:.1f} MiB)")
     return 0
