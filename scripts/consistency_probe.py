@@ -61,7 +61,7 @@ def probe(lcm_dir: Path, samples: int, ode_steps: int, ts: list[int], ws: list[f
         result["w_projection_norm"] = lcm.unet.time_embedding.cond_proj.weight.norm().item()
     for w in ws:
         # clean teacher samples at this w: the data the forward process starts from
-        x0 = ode_solution(teacher, noise0 * 1.0, 999, w, cond, uncond, ode_steps)
+        x0 = ode_solution(teacher, noise0, 999, w, cond, uncond, ode_steps)
         for t in ts:
             tt = torch.full((samples,), t)
             z = teacher.schedule.add_noise(x0, noise1, tt)

@@ -170,6 +170,11 @@ class LCD(StudentTarget):
         # the teacher: the frozen original UNet, or for LoRA the student with its adapters disabled
         self.teacher_unet = model.unet if self.kind is StudentKind.FULL else student
 
+    @property
+    def w_range(self) -> tuple[float, float]:
+        """The guidance weights this run trains on: w ~ U[w_min, w_max]."""
+        return self.cfg.w_min, self.cfg.w_max
+
     def _teacher_context(self):
         return adapters_disabled(self.student) if self.kind is StudentKind.LORA else nullcontext()
 

@@ -59,6 +59,11 @@ class LCF(StudentTarget):
     def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg: LCFConfig, target=None):
         super().__init__(model, student, kind, cfg.for_model(model), target)
 
+    @property
+    def w_range(self) -> tuple[float, float]:
+        """LCF holds the guidance input at one w."""
+        return self.cfg.w, self.cfg.w
+
     def loss(
         self, z0: torch.Tensor, cond: TextEmbeddings, uncond: TextEmbeddings | None, generator: torch.Generator
     ) -> LCDOutput:

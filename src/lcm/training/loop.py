@@ -167,7 +167,10 @@ class Task(Protocol):
 
 def _optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over parameter ``groups``; a group's ``lr_scale`` multiplies ``cfg.learning_rate``."""
-    groups = [{**g, "lr": cfg.learning_rate * g.pop("lr_scale", 1.0)} for g in (dict(g) for g in groups)]
+    groups = [
+        {**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": cfg.learning_rate * g.get("lr_scale", 1.0)}
+        for g in groups
+    ]
     params = [p for g in groups for p in g["params"]]
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay)
     if cfg.use_8bit_adam:

@@ -98,8 +98,7 @@ class ConsistencyTask:
         self.uncond = model.encode_prompts([""])
         self.validation_prompts, self.validation_w = tuple(validation_prompts), validation_w
         self.validation_seeds = tuple(validation_seeds)
-        w_range = (self.cfg.w_min, self.cfg.w_max) if hasattr(self.cfg, "w_min") else (self.cfg.w, self.cfg.w)
-        self.monitor = LossMonitor(model.schedule.num_train_timesteps, w_range, self.w_projection)
+        self.monitor = LossMonitor(model.schedule.num_train_timesteps, method.w_range, self.w_projection)
         self.provenance = {"method": self.method_name, "student": self.kind.value, **(provenance or {})}
 
     # --- trainer protocol --------------------------------------------------------------------------------------
