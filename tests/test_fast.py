@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from lcm.cli import main
+from lcm.locations import cache_dir
+from lcm.models.aot import FixedShapeForward
 from lcm.models.export import export_lcm_folder
 from lcm.models.fast import Compile, optimize, parse_device, parse_dtype
 from lcm.models.latent_diffusion import LatentDiffusion
@@ -12,14 +14,17 @@ from lcm.sample import Sampler, sample_latents
 from tiny_models import build_tiny_sd
 
 
-@pytest.fixture(scope="module")
-def tiny_lcm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fast")
-    teacher = LatentDiffusion.from_pretrained(build_tiny_sd(root / "teacher"), with_text_encoder=False)
+def _tiny_lcm(root, seed: int):
+    teacher = LatentDiffusion.from_pretrained(build_tiny_sd(root / "teacher", seed=seed), with_text_encoder=False)
     student = full_student(teacher.unet)
     with torch.no_grad():  # a w input that matters
-        student.time_embedding.cond_proj.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+        student.time_embedding.cond_proj.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
     return export_lcm_folder(root / "teacher", student.eval(), teacher.scheduler_config, 50, root / "lcm", {})
+
+
+@pytest.fixture(scope="module")
+def tiny_lcm(tmp_path_factory):
+    return _tiny_lcm(tmp_path_factory.mktemp("fast"), seed=0)
 
 
 def _draw(model, steps=4, w=4.0, seeds=(0, 1)):
@@ -31,7 +36,28 @@ def test_compiled_sampling_equals_eager(tiny_lcm, parity):
     eager = _draw(LatentDiffusion.from_pretrained(tiny_lcm))
     compiled = optimize(LatentDiffusion.from_pretrained(tiny_lcm), torch.device("cpu"), torch.float32, Compile.ON)
     parity(_draw(compiled), eager, tol=1e-4, label="compile-vs-eager")
+    assert compiled.unet.forward.compiled == 1 and compiled.vae.decode.compiled == 1  # not an eager fallback
     parity(_draw(compiled, seeds=(3, 4)), _draw(LatentDiffusion.from_pretrained(tiny_lcm), seeds=(3, 4)), 1e-4, "again")
+
+
+def test_compiled_package_runs_each_models_own_weights(tiny_lcm, tmp_path, parity):
+    """One package per architecture and shape: a model with other weights reuses it (no compile) and still draws
+    its own images, not the images of the weights the package was compiled with."""
+    first = optimize(LatentDiffusion.from_pretrained(tiny_lcm), torch.device("cpu"), torch.float32, Compile.ON)
+    first_images = _draw(first)  # compiles, or loads what the test above compiled
+    packages = sorted(cache_dir("aot").glob("*.pt2"))
+    other = _tiny_lcm(tmp_path, seed=1)
+    compiled = optimize(LatentDiffusion.from_pretrained(other), torch.device("cpu"), torch.float32, Compile.ON)
+    images = _draw(compiled)
+    assert sorted(cache_dir("aot").glob("*.pt2")) == packages and compiled.unet.forward.compiled == 1
+    parity(images, _draw(LatentDiffusion.from_pretrained(other)), tol=1e-4, label="other-weights")
+    assert (images - first_images).abs().mean() > 0.01
+
+
+def test_arguments_it_cannot_describe_run_eagerly():
+    marker = object()  # neither a tensor nor a plain value: no signature, so no package
+    fast = FixedShapeForward(torch.nn.Identity())
+    assert fast(marker) is marker and fast.compiled == 0 and not fast.entries
 
 
 def test_bfloat16_sampling_is_close_to_float32(tiny_lcm):

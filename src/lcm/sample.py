@@ -31,7 +31,7 @@ from lcm.maths.sampling import (
 )
 from lcm.maths.timesteps import ddim_timesteps, dpm_solver_timesteps, img2img_start, lcm_timesteps
 from lcm.models.formats import w_input_dim
-from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.models.latent_diffusion import LatentDiffusion, network_dtype
 from lcm.models.text import TextEmbeddings
 
 __all__ = [
@@ -135,7 +135,7 @@ def consistency_denoiser(
     proj_dim = w_input_dim(unet)
     emb = None
     if proj_dim is not None:
-        emb = w_embedding(torch.full((batch,), float(w)), proj_dim).to(model.device, unet.dtype)
+        emb = w_embedding(torch.full((batch,), float(w)), proj_dim).to(model.device, network_dtype(unet))
     guided, scale = negative_guidance > 0, float(negative_guidance)
     if guided:
         if uncond is None or len(uncond) != batch:
@@ -247,7 +247,7 @@ def encode_init_images(model: LatentDiffusion, images: torch.Tensor, generators:
     As diffusers' img2img ``prepare_latents`` with a list of generators: ``(mean + std·ε_i)·scaling_factor``, ε_i
     drawn from generator i in the VAE's dtype (the first draw of each generator).
     """
-    dist = model.vae.encode(images.to(model.device, model.vae.dtype)).latent_dist
+    dist = model.vae.encode(images.to(model.device, network_dtype(model.vae))).latent_dist
     eps = randn_per_image(dist.mean.shape, generators, dist.mean.device, dist.mean.dtype)
     return ((dist.mean + dist.std * eps) * model.scaling_factor).float()
 

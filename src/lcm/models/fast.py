@@ -2,11 +2,13 @@
 
 The defaults are the fastest correct ones per device: CUDA when present; half precision (bf16 where supported, else
 fp16) on CUDA and float32 on the CPU; compiled networks on CUDA (``torch.compile`` with fixed shapes, CUDA graphs,
-channels-last), eager on the CPU unless asked (a one-off compile of about a minute per shape pays only for many
+channels-last), eager on the CPU unless asked (a one-off compile of under a minute per shape pays only for many
 images). The VAE stays in float32 where its config asks for it (SD's VAE overflows in fp16).
 
-Compilation is paid once per shape: Inductor's kernel and graph caches live in ``$LCM_CACHE/inductor``, so a second
-process with the same model and batch size starts from the cache instead of compiling again.
+Compiled on the CPU means AOTInductor packages of the UNet's forward and the VAE's decode, one per input shape
+(:mod:`lcm.models.aot`): no guards and no Python inside a call. Compilation is paid once per architecture and shape:
+packages live in ``$LCM_CACHE/aot`` (weights not included, so every model of an architecture shares them) and
+Inductor's CUDA caches in ``$LCM_CACHE/inductor``; a second process starts from them instead of compiling again.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from enum import Enum
 import torch
 
 from lcm.locations import cache_dir
+from lcm.models.aot import compile_forward
 
 __all__ = [
     "DTYPES",
@@ -88,10 +91,14 @@ def optimize(model, device: torch.device, dtype: torch.dtype, compile: Compile =
     if device.type == "cuda":
         model.unet.to(memory_format=torch.channels_last)
         model.vae.to(memory_format=torch.channels_last)
-    if Compile(compile).enabled(device):
+    if not Compile(compile).enabled(device):
+        return model
+    if device.type == "cuda":  # CUDA graphs: a batch-1 call is launch-bound
         use_compile_cache()
-        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs: launch-bound at batch 1
-        model.unet.compile(dynamic=False, mode=mode)
-        model.vae.decoder.compile(dynamic=False, mode=mode)
-        model.vae.post_quant_conv.compile(dynamic=False, mode=mode)
+        model.unet.compile(dynamic=False, mode="reduce-overhead")
+        model.vae.decoder.compile(dynamic=False, mode="reduce-overhead")
+        model.vae.post_quant_conv.compile(dynamic=False, mode="reduce-overhead")
+    else:  # CPU: AOTInductor packages, no guards and no Python per call (lcm.models.aot)
+        compile_forward(model.unet, "forward", "unet")
+        compile_forward(model.vae, "decode", "vae-decode")
     return model
