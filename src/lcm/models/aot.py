@@ -8,9 +8,11 @@ and the values of the other arguments), exports the eager forward with ``torch.e
 AOTInductor, checks it against the eager output on those very arguments, and from then on calls the package.
 
 The weights are not baked into the package: they are handed to it at load as the module's own tensors (shared, not
-copied; constants folded at load time), so one package serves every model of an architecture, and the cache key is the
-architecture, the signature and the software versions, not the weights. Packages live in ``$LCM_CACHE/aot``; a
-second process loads one in milliseconds instead of compiling for a minute.
+copied), and the constants Inductor folds from them (transposed weights and the like) are computed then. So one
+package serves every model of an architecture, and the cache key is the architecture, the signature and the software
+versions, not the weights; but the weights must not change after the first call (this is a sampling path: training
+keeps ``torch.compile``). Packages live in ``$LCM_CACHE/aot``; a second process loads one in milliseconds instead of
+compiling for a minute.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ class FixedShapeForward:
                 run.load_constants(
                     {n: weights[n] for n in run.get_constant_fqns() if n in weights},
                     check_full_update=False,  # the rest are folded from these at load
-                    user_managed=True,  # the module's own tensors: a change made in place is seen
+                    user_managed=True,  # the module's own tensors, not copies
                 )
                 got = _run(run, list(tensors))
             except Exception as err:  # an unexportable forward keeps working, eagerly
