@@ -114,7 +114,11 @@ def _agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 
 class FixedShapeForward:
-    """A drop-in for ``module.forward`` (or another method of it) that runs AOTInductor packages per signature."""
+    """A drop-in for ``module.forward`` (or another method of it) that runs AOTInductor packages per signature.
+
+    The packages read the module's tensors as they are at its first call: move or convert the module before, never
+    after (``lcm.models.fast.optimize`` places it, then installs this).
+    """
 
     def __init__(self, module: torch.nn.Module, method: str = "forward", label: str | None = None):
         self.module, self.method = module, method
@@ -192,8 +196,13 @@ class FixedShapeForward:
         path.parent.mkdir(parents=True, exist_ok=True)
         program = torch.export.export(call, tuple(args), dict(kwargs))
         partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.pt2")
-        torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=_INDUCTOR_CONFIG)
-        os.replace(partial, path)  # atomic: a killed compile leaves no half package under the real name
+        try:
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(partial), inductor_configs=_INDUCTOR_CONFIG
+            )
+            os.replace(partial, path)  # atomic: a killed compile leaves no half package under the real name
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 def compile_forward(module: torch.nn.Module, method: str = "forward", label: str | None = None) -> FixedShapeForward:
