@@ -20,6 +20,7 @@ import torch
 
 from lcm.locations import cache_dir
 from lcm.models.aot import compile_forward
+from lcm.models.latent_diffusion import network_device, network_dtype
 
 __all__ = [
     "DTYPES",
@@ -80,12 +81,18 @@ def use_compile_cache() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("inductor")))
 
 
+def _place(network, device: torch.device, dtype: torch.dtype) -> None:
+    """``network.to(device, dtype)`` unless it is there already (diffusers' ``.to`` warns on every dtype cast)."""
+    if (network_device(network), network_dtype(network)) != (device, dtype):
+        network.to(device=device, dtype=dtype)
+
+
 def optimize(model, device: torch.device, dtype: torch.dtype, compile: Compile = Compile.AUTO):
     """Move ``model`` (a :class:`~lcm.models.latent_diffusion.LatentDiffusion`) to ``device`` / ``dtype`` and compile
     its UNet and VAE decoder in place; returns the model. Outputs equal the eager model's to the dtype's precision."""
     upcast_vae = bool(model.vae.config.get("force_upcast", False)) and dtype != torch.float32
-    model.unet.to(device=device, dtype=dtype)
-    model.vae.to(device=device, dtype=torch.float32 if upcast_vae else dtype)
+    _place(model.unet, device, dtype)
+    _place(model.vae, device, torch.float32 if upcast_vae else dtype)
     if model.text_encoder is not None:
         model.text_encoder.to(device)
     if device.type == "cuda":
