@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from lcm.models.text import (
     CachedPromptEmbeddings,
     MiniLMTextEncoder,
+    PromptCache,
     TextEmbeddings,
     load_text_encoder,
     write_reference,
@@ -61,3 +62,20 @@ def test_cached_prompt_embeddings_gather_and_persist(minilm, tmp_path):
     torch.testing.assert_close(got.hidden_states[0], minilm.encode(["a bag"]).hidden_states[0])
     assert len(list((tmp_path / "text").glob("*.safetensors"))) == 1
     torch.testing.assert_close(CachedPromptEmbeddings(minilm, prompts, tmp_path).table, cache.table)
+
+
+def test_prompt_cache_encodes_each_prompt_alone_and_once():
+    calls = []
+
+    def encode(prompts):
+        calls.append(list(prompts))
+        return TextEmbeddings(torch.tensor([[[float(len(p))]] for p in prompts]))
+
+    cache = PromptCache(encode, capacity=3)
+    got = cache(["ab", "", "ab", "abcd"])
+    assert calls == [["ab"], [""], ["abcd"]]  # one prompt per call, a repeated prompt once
+    assert got.hidden_states.flatten().tolist() == [2.0, 0.0, 2.0, 4.0]  # in the order asked
+    cache(["", "x"])  # "ab" is now the least recently used of four: evicted
+    assert calls[-1] == ["x"] and list(cache.table) == ["abcd", "", "x"]
+    cache(["ab"])
+    assert calls[-1] == ["ab"]

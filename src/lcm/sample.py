@@ -330,12 +330,13 @@ def generate(
     size: tuple[int, int] | None = None,
     init_images: torch.Tensor | None = None,
     strength: float = DEFAULT_STRENGTH,
+    cache_prompts: bool = False,
 ) -> torch.Tensor:
     """Images ``[N, C, H, W]`` in [−1, 1], image i from ``prompts[i]`` and ``seeds[i]`` (independent of batching).
 
     ``negative_prompt``: one for all images or one per image. ``init_images`` (``[N, C, H, W]``, or ``[1, …]`` for
     all) in [−1, 1] makes it image-to-image at ``strength``; their size is the output size, so ``size`` is then
-    not used.
+    not used. ``cache_prompts``: take the text embeddings from the model's prompt cache (for repeated prompts).
     """
     if len(prompts) != len(seeds):
         raise ValueError("give one seed per prompt")
@@ -352,8 +353,8 @@ def generate(
     starts = range(0, len(prompts), batch_size)
     for i in tqdm(starts, desc=f"{sampler.value} {steps} steps", disable=not progress, unit="batch"):
         p = list(prompts[i : i + batch_size])
-        cond = model.encode_prompts(p)
-        uncond = model.encode_prompts(negatives[i : i + batch_size])
+        cond = model.encode_prompts(p, cache=cache_prompts)
+        uncond = model.encode_prompts(negatives[i : i + batch_size], cache=cache_prompts)
         batch_seeds = seeds[i : i + batch_size]
         options = {"gamma": gamma, "negative_guidance": negative_guidance}
         if init_images is None:

@@ -20,7 +20,14 @@ from lcm.maths.guidance import cfg_combine, default_w, w_embedding
 from lcm.maths.parameterization import Denoised, PredictionType, to_denoised
 from lcm.maths.schedule import NoiseSchedule
 from lcm.models.formats import LORA_META, is_sdxl, lcm_scheduler_config, read_record, safe_weights, w_input_dim
-from lcm.models.text import EMBEDDED_ENCODER, TextEmbeddings, TextEncoder, is_packaged_encoder, load_text_encoder
+from lcm.models.text import (
+    EMBEDDED_ENCODER,
+    PromptCache,
+    TextEmbeddings,
+    TextEncoder,
+    is_packaged_encoder,
+    load_text_encoder,
+)
 
 __all__ = ["LatentDiffusion", "network_device", "network_dtype"]
 
@@ -55,6 +62,7 @@ class LatentDiffusion:
     def __post_init__(self) -> None:
         self.schedule = NoiseSchedule.from_config(self.scheduler_config)
         self.prediction_type = PredictionType.parse(self.scheduler_config.get("prediction_type", "epsilon"))
+        self.prompt_cache = PromptCache(self._encode)
 
     @classmethod
     def from_pretrained(
@@ -154,7 +162,12 @@ class LatentDiffusion:
         return float(self.vae.config.scaling_factor)
 
     # --- text, latents ----------------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str]) -> TextEmbeddings:
+    def encode_prompts(self, prompts: list[str], cache: bool = False) -> TextEmbeddings:
+        """Text embeddings of ``prompts``; with ``cache``, from :attr:`prompt_cache` (each prompt encoded alone, once:
+        for training and evaluation, which repeat prompts), else in one batch."""
+        return self.prompt_cache(prompts) if cache else self._encode(prompts)
+
+    def _encode(self, prompts: list[str]) -> TextEmbeddings:
         if self.text_encoder is None:
             raise ValueError("this model was loaded without its text encoder")
         return self.text_encoder.encode(prompts).to(self.device)

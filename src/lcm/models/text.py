@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ __all__ = [
     "CLIPTextEncoder",
     "CachedPromptEmbeddings",
     "MiniLMTextEncoder",
+    "PromptCache",
     "SDXLTextEncoder",
     "TextEmbeddings",
     "TextEncoder",
@@ -61,6 +63,28 @@ class TextEmbeddings:
             torch.cat([e.hidden_states for e in items]),
             None if any(p is None for p in pooled) else torch.cat(pooled),
         )
+
+
+class PromptCache:
+    """Text embeddings by prompt, least-recently-used, each prompt encoded alone.
+
+    Alone, so that a prompt's embedding does not depend on which others shared its batch (GEMM blocking changes the
+    last bits): a resumed training run then sees what an uninterrupted one saw, and an image does not depend on its
+    batch. Data sets and evaluations repeat prompts (the embedded data set has 321 captions; an evaluation draws
+    the same prompts, and the empty negative prompt, row after row), so each is encoded once.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], TextEmbeddings], capacity: int = 4096):
+        self.encode, self.capacity, self.table = encode, capacity, OrderedDict()
+
+    def __call__(self, prompts: Sequence[str]) -> TextEmbeddings:
+        for prompt in dict.fromkeys(p for p in prompts if p not in self.table):
+            self.table[prompt] = self.encode([prompt])
+        for prompt in prompts:
+            self.table.move_to_end(prompt)
+        while len(self.table) > self.capacity:
+            self.table.popitem(last=False)
+        return TextEmbeddings.cat([self.table[p] for p in prompts])
 
 
 class TextEncoder(ABC):

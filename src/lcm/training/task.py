@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -27,24 +26,6 @@ from lcm.training.lcd import LCD, LCDConfig, LossMonitor
 from lcm.training.lcf import LCF, LCFConfig
 
 __all__ = ["ConsistencyTask", "DistillTask", "FinetuneTask", "LoraSettings", "make_student"]
-
-
-class _TextCache:
-    """Text embeddings by caption, least-recently-used: datasets repeat captions (the embedded one has 321)."""
-
-    def __init__(self, model: LatentDiffusion, capacity: int = 4096):
-        self.model, self.capacity, self.table = model, capacity, OrderedDict()
-
-    def __call__(self, captions: list[str]) -> TextEmbeddings:
-        for c in dict.fromkeys(c for c in captions if c not in self.table):
-            # One caption per call: a caption's embedding must not depend on which others shared its batch
-            # (GEMM blocking changes the last bits), or a resumed run would drift from an uninterrupted one.
-            self.table[c] = self.model.encode_prompts([c])
-        for c in captions:
-            self.table.move_to_end(c)
-        while len(self.table) > self.capacity:
-            self.table.popitem(last=False)
-        return TextEmbeddings.cat([self.table[c] for c in captions])
 
 
 def make_student(model: LatentDiffusion, kind: StudentKind, lora: LoraSettings, seed: int):
@@ -94,7 +75,6 @@ class ConsistencyTask:
         self.kind, self.cfg, self.student = method.kind, method.cfg, method.student
         if gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
-        self.text = _TextCache(model)
         self.uncond = model.encode_prompts([""])
         self.validation_prompts, self.validation_w = tuple(validation_prompts), validation_w
         self.validation_seeds = tuple(validation_seeds)
@@ -126,7 +106,7 @@ class ConsistencyTask:
             uncond = TextEmbeddings.cat([self.uncond] * len(batch["caption"]))
             return z0.float(), cond, uncond
         z0 = self.model.encode_images(batch["pixel_values"], generator)
-        cond = self.text(batch["caption"]).to(self.model.device)
+        cond = self.model.encode_prompts(batch["caption"], cache=True)
         uncond = TextEmbeddings.cat([self.uncond] * len(batch["caption"]))
         return z0.to(self.model.device).float(), cond, uncond
 
