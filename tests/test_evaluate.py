@@ -383,3 +383,27 @@ def test_ablation_script_smoke(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     runpy.run_path(script, run_name="__main__")  # finished runs are kept, not retrained
     assert "ddim-k50:" not in capsys.readouterr().out
+
+
+def test_evaluation_encodes_each_distinct_prompt_once_before_sampling(tmp_path):
+    """Rows repeat their prompts: after fill_prompt_cache no row calls the text encoder again, and the images equal
+    those drawn with the prompts encoded in batches, as lcm sample does."""
+    from lcm.evaluation.prompts import EvalPrompts
+    from lcm.sample import generate
+    from tiny_models import build_tiny_sd
+
+    model = LatentDiffusion.from_pretrained(build_tiny_sd(tmp_path / "sd"))
+    prompts = EvalPrompts(["a cat", "a dog", "a cat", "a red car", "a dog", "a cat"], None, list(range(6)))
+    encoded: list[list[str]] = []
+    encode = model.text_encoder.encode
+    model.text_encoder.encode = lambda p: encoded.append(list(p)) or encode(p)
+
+    assert eval_run.fill_prompt_cache(model, prompts)
+    assert sorted(map(tuple, encoded)) == [("",), ("a cat",), ("a dog",), ("a red car",)]  # each alone, once
+    encoded.clear()
+    for steps in (1, 2):  # two rows
+        cached = generate(model, prompts.prompts, Sampler.DDIM, steps, 3.0, prompts.seeds, 4, cache_prompts=True)
+        assert encoded == []
+        batched = generate(model, prompts.prompts, Sampler.DDIM, steps, 3.0, prompts.seeds, 4)
+        torch.testing.assert_close(cached, batched, atol=1e-4, rtol=0)
+        encoded.clear()  # the batched reference did encode
