@@ -7,6 +7,8 @@ that conversion is written.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from lcm.maths.parameterization import append_dims
@@ -15,6 +17,7 @@ __all__ = [
     "EMBEDDED_DEFAULT_W",
     "SD_DEFAULT_W",
     "W_EMBEDDING_DIM",
+    "cached_w_embedding",
     "cfg_combine",
     "default_w",
     "guidance_scale_from_w",
@@ -76,3 +79,14 @@ def w_embedding(w: torch.Tensor, dim: int = W_EMBEDDING_DIM, dtype: torch.dtype 
     if dim % 2 == 1:
         emb = torch.nn.functional.pad(emb, (0, 1))
     return emb
+
+
+def cached_w_embedding(w: torch.Tensor, dim: int = W_EMBEDDING_DIM) -> torch.Tensor:
+    """:func:`w_embedding` of ``w`` (on the CPU), computed once per distinct weights and size: a sampler asks for
+    the same embedding image after image. The tensor returned is shared: read it, never write to it."""
+    return _w_embedding_of(tuple(w.tolist()), w.dtype, dim)
+
+
+@lru_cache(maxsize=64)
+def _w_embedding_of(w: tuple[float, ...], dtype: torch.dtype, dim: int) -> torch.Tensor:
+    return w_embedding(torch.tensor(w, dtype=dtype), dim)

@@ -7,6 +7,7 @@ model trained or sampled here sees exactly the timesteps it would see in diffuse
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -53,6 +54,12 @@ def lcm_timesteps(
 
     4 steps with the defaults → 999, 759, 499, 259.
     """
+    return torch.tensor(_lcm_timesteps(num_steps, original_inference_steps, num_train_timesteps, strength))
+
+
+@lru_cache(maxsize=256)
+def _lcm_timesteps(num_steps: int, original_inference_steps: int, num_train_timesteps: int, strength: float):
+    """:func:`lcm_timesteps` as a tuple, computed once per setting (a real-time sampler asks on every image)."""
     if not 1 <= original_inference_steps <= num_train_timesteps:
         raise ValueError(f"original_inference_steps must lie in [1, {num_train_timesteps}]")
     k = num_train_timesteps // original_inference_steps
@@ -60,7 +67,7 @@ def lcm_timesteps(
     if not 1 <= num_steps <= len(origin):
         raise ValueError(f"the number of LCM steps must lie in [1, {len(origin)}], got {num_steps}")
     indices = np.floor(np.linspace(0, len(origin), num=num_steps, endpoint=False)).astype(np.int64)
-    return torch.from_numpy(origin[indices].copy()).long()
+    return tuple(int(t) for t in origin[indices])
 
 
 def _check_steps(num_steps: int, num_train_timesteps: int) -> None:

@@ -22,6 +22,8 @@ import json
 import logging
 import os
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
@@ -38,6 +40,18 @@ _INDUCTOR_CONFIG = {
     "aot_inductor.use_runtime_constant_folding": True,  # so folded constants are computed from those weights
 }
 _EAGER = object()  # a signature this module runs eagerly (not exportable, or the compiled output disagreed)
+_building = threading.local()  # depth > 0 while a package is being built on this thread
+
+
+@contextmanager
+def _tracing_eagerly():
+    """While a package is built, compiled forwards inside it run their eager code, so that the graph being exported
+    holds the real network (a compiled step calls a UNet whose own forward is compiled too)."""
+    _building.depth = getattr(_building, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _building.depth -= 1
 
 
 class _Call(torch.nn.Module):
@@ -132,6 +146,8 @@ class FixedShapeForward:
         return sum(entry is not _EAGER for entry in self.entries.values())
 
     def __call__(self, *args, **kwargs):
+        if getattr(_building, "depth", 0):
+            return self.eager(*args, **kwargs)
         key, tensors = _signature(args, kwargs)
         entry = _EAGER if key is None else self.entries.get(key)
         if entry is None:
@@ -163,7 +179,7 @@ class FixedShapeForward:
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     def _build(self, key, args, kwargs, tensors):
-        with torch.no_grad():
+        with torch.no_grad(), _tracing_eagerly():
             reference = self.eager(*args, **kwargs)
             form = _output_form(reference)
             if form is None:

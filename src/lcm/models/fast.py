@@ -106,6 +106,7 @@ def optimize(model, device: torch.device, dtype: torch.dtype, compile: Compile =
         model.vae.decoder.compile(dynamic=False, mode="reduce-overhead")
         model.vae.post_quant_conv.compile(dynamic=False, mode="reduce-overhead")
     else:  # CPU: AOTInductor packages, no guards and no Python per call (lcm.models.aot)
-        compile_forward(model.unet, "forward", "unet")
+        compile_forward(model.unet, "forward", "unet")  # the teacher samplers' call
+        compile_forward(model.consistency_step, "forward", "lcm-step")  # an LCM's: UNet and boundary as one graph
         compile_forward(model.vae, "decode", "vae-decode")
     return model

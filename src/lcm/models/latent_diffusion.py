@@ -16,7 +16,7 @@ import torch
 
 from lcm.locations import local_path_or_none
 from lcm.maths.consistency import SIGMA_DATA, TIMESTEP_SCALING, boundary_scalings_at, consistency_function
-from lcm.maths.guidance import cfg_combine, default_w, w_embedding
+from lcm.maths.guidance import cached_w_embedding, cfg_combine, default_w
 from lcm.maths.parameterization import Denoised, PredictionType, to_denoised
 from lcm.maths.schedule import NoiseSchedule
 from lcm.models.formats import LORA_META, is_sdxl, lcm_scheduler_config, read_record, safe_weights, w_input_dim
@@ -29,7 +29,7 @@ from lcm.models.text import (
     load_text_encoder,
 )
 
-__all__ = ["LatentDiffusion", "network_device", "network_dtype"]
+__all__ = ["ConsistencyStep", "LatentDiffusion", "network_device", "network_dtype"]
 
 
 # diffusers' ``.dtype`` and ``.device`` walk every submodule on each call (its group-offloading check): about 1.5 ms
@@ -63,6 +63,8 @@ class LatentDiffusion:
         self.schedule = NoiseSchedule.from_config(self.scheduler_config)
         self.prediction_type = PredictionType.parse(self.scheduler_config.get("prediction_type", "epsilon"))
         self.prompt_cache = PromptCache(self._encode)
+        self._step: ConsistencyStep | None = None
+        self._step_coefficients: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def from_pretrained(
@@ -242,7 +244,10 @@ class LatentDiffusion:
         proj_dim = w_input_dim(unet)
         if proj_dim is not None and w is None:
             raise ValueError("this LCM is guidance-conditioned: give the guidance weight w")
-        emb = w_embedding(w.cpu(), proj_dim).to(self.device, network_dtype(self.unet)) if proj_dim is not None else None
+        if proj_dim is None:
+            emb = None
+        else:
+            emb = cached_w_embedding(w.cpu(), proj_dim).to(self.device, network_dtype(self.unet))
         return lambda z, t: self.consistency_output(unet, z, t, text, emb)
 
     def consistency_output(
@@ -257,8 +262,8 @@ class LatentDiffusion:
     ) -> torch.Tensor:
         """``f(z, w, c, t) = c_skip z + c_out x̂0`` of ``unet`` (Eq. 9, Luo et al. 2023), computed in float32+.
 
-        ``t`` is per sample ``[B]`` (training), or one host float for the whole batch (sampling): then every
-        coefficient is a cached host float and the step adds four tensor operations to the UNet call.
+        ``t`` is per sample ``[B]`` (training), or one host float for the whole batch (sampling): then the step is
+        :class:`ConsistencyStep`, its coefficients a cached tensor, and a compiled model runs it as one graph.
         The constants default to the model's own (those its export recorded).
         """
         sigma_data = self.sigma_data if sigma_data is None else sigma_data
@@ -268,8 +273,55 @@ class LatentDiffusion:
             x0 = self._to_denoised(out, z, t).x0
             return consistency_function(z, x0, t.to(z.device), sigma_data, timestep_scaling)
         t_batch = torch.full((z.shape[0],), float(t), device=z.device)
-        out = self.unet_output(unet, z, t_batch, text, w_emb).float()
-        alpha, sigma = self.schedule.alpha_sigma_at(float(t))
-        x0 = to_denoised(out, z, alpha, sigma, self.prediction_type).x0
-        c_skip, c_out = boundary_scalings_at(float(t), sigma_data, timestep_scaling)
+        coefficients = self.step_coefficients(float(t), sigma_data, timestep_scaling, z.device)
+        step = self.consistency_step if unet is self.unet else ConsistencyStep(self, unet)
+        return step(z, t_batch, text.hidden_states, text.pooled, w_emb, coefficients)
+
+    @property
+    def consistency_step(self) -> ConsistencyStep:
+        """The sampling step of this model's UNet as one module (what ``--compile on`` compiles on the CPU)."""
+        if self._step is None or self._step.unet is not self.unet:
+            self._step = ConsistencyStep(self, self.unet)
+        return self._step
+
+    def step_coefficients(
+        self, t: float, sigma_data: float, timestep_scaling: float, device: torch.device
+    ) -> torch.Tensor:
+        """``[α_t, σ_t, c_skip, c_out]`` of one host-float timestep as a float32 tensor on ``device``, made once per
+        (t, constants, device): the values the float path multiplies with, as they are cast to float32."""
+        key = (t, sigma_data, timestep_scaling, device)
+        if key not in self._step_coefficients:
+            values = (*self.schedule.alpha_sigma_at(t), *boundary_scalings_at(t, sigma_data, timestep_scaling))
+            self._step_coefficients[key] = torch.tensor(values, dtype=torch.float32, device=device)
+        return self._step_coefficients[key]
+
+
+class ConsistencyStep(torch.nn.Module):
+    """One consistency step of a sampler, ``f(z, t) = c_skip z + c_out x̂0`` for a batch sharing one timestep.
+
+    The coefficients arrive as a tensor ``[α_t, σ_t, c_skip, c_out]`` (:meth:`LatentDiffusion.step_coefficients`)
+    rather than as numbers, so that one compiled graph of this module serves every timestep: ``--compile on`` on the
+    CPU turns the UNet call and the boundary arithmetic into one package call (:mod:`lcm.models.aot`). Eagerly it
+    computes exactly what the per-sample path computes, in the same order.
+    """
+
+    def __init__(self, model: LatentDiffusion, unet):
+        super().__init__()
+        self.unet = unet
+        self._model = model  # not a submodule: the step owns nothing but the UNet it calls
+        # What the graph depends on besides the UNet's own config (read by the compiled-package cache key).
+        self.config = {
+            **dict(getattr(unet, "config", {}) or {}),
+            "prediction_type": model.prediction_type.value,
+            "vae_scale_factor": model.vae_scale_factor,
+        }
+
+    def forward(self, z, t, hidden_states, pooled, timestep_cond, coefficients):
+        model = self._model
+        out = model.unet_output(self.unet, z, t, TextEmbeddings(hidden_states, pooled), timestep_cond).float()
+        alpha, sigma, c_skip, c_out = coefficients.unbind()
+        x0 = to_denoised(out, z, alpha, sigma, model.prediction_type).x0
         return c_skip * z + c_out * x0
+
+    def extra_repr(self) -> str:
+        return f"prediction_type={self._model.prediction_type.value}"
