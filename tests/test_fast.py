@@ -1,5 +1,7 @@
 """Device, precision and compilation of a loaded model: the fast path draws what the eager path draws."""
 
+import os
+
 import pytest
 import torch
 
@@ -109,6 +111,21 @@ def test_sample_refuses_bad_values(args, message, tmp_path, capsys):
     assert main(["sample", "--prompt", "a cat", "--out", str(tmp_path / "x.png"), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lcm sample: error:") and message in err[0], err
+
+
+def test_compile_cache_is_lcm_cache_unless_the_user_names_one(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+
+    from lcm.models.fast import use_compile_cache
+
+    monkeypatch.setenv("LCM_CACHE", str(tmp_path / "lcm"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    inductor_cache_dir()  # what loading a diffusers model does: Inductor writes its /tmp default into the environment
+    use_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "lcm" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    use_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 
 
 def test_auto_compiles_only_on_cuda():

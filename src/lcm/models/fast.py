@@ -25,6 +25,7 @@ from lcm.models.latent_diffusion import network_device, network_dtype
 __all__ = [
     "DTYPES",
     "Compile",
+    "cpu_compiler",
     "default_device",
     "default_dtype",
     "optimize",
@@ -76,9 +77,25 @@ def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def cpu_compiler() -> str | None:
+    """The C++ compiler Inductor builds CPU kernels with, or ``None`` where there is none (then nothing compiles)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:
+        return None
+
+
 def use_compile_cache() -> None:
-    """Inductor's kernel and graph caches in ``$LCM_CACHE/inductor``, unless ``TORCHINDUCTOR_CACHE_DIR`` is set."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("inductor")))
+    """Inductor's kernel and graph caches in ``$LCM_CACHE/inductor``, unless ``TORCHINDUCTOR_CACHE_DIR`` names another
+    folder. Inductor writes its default folder (under /tmp) into the environment the first time anything asks for
+    it, as loading a diffusers model does: that value counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if given is None or os.path.abspath(given) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir("inductor"))
 
 
 def _place(network, device: torch.device, dtype: torch.dtype) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from lcm.models.fast import Compile, use_compile_cache
+from lcm.models.fast import Compile, cpu_compiler, use_compile_cache
 from lcm.training.checkpoint import checkpoint_steps, non_finite, restore_checkpoint, save_training_state
 from lcm.training.tracking import TRACKERS, flat_config, log_images, trackers
 
@@ -245,8 +245,11 @@ def train(task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig)
     wrapped = task.wrap(accelerator.prepare)
     optimizer = accelerator.prepare(optimizer)
     if Compile(cfg.compile).enabled(accelerator.device) and hasattr(task, "compile"):
-        use_compile_cache()
-        task.compile()  # in place: state dicts and checkpoints keep their keys
+        use_compile_cache()  # first: asking Inductor anything (as cpu_compiler does) fixes its cache folder
+        if accelerator.device.type == "cpu" and cpu_compiler() is None:
+            accelerator.print("--compile: no C++ compiler found (Inductor needs one on the CPU); training eagerly")
+        else:
+            task.compile()  # in place: state dicts and checkpoints keep their keys
     noise_seed = cfg.seed * 1009 if cfg.noise_seed is None else cfg.noise_seed
     generator = torch.Generator().manual_seed(noise_seed + accelerator.process_index)
 
