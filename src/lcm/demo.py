@@ -52,6 +52,8 @@ class DemoConfig:
     seed: int = 0
     data_dir: Path | None = None
     teacher: Path | None = None  # default: the shipped teacher (a retrained one: lcm train-teacher's output)
+    compile: str = "off"  # torch.compile the distillation's networks (lcm.models.fast.Compile): on pays off only
+    # once $LCM_CACHE/inductor holds the graphs (README, Performance)
 
     recipe: str = "demo"
 
@@ -130,6 +132,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             validate_every=0,
             log_every=max(cfg.max_steps // 100, 1),
             resume="latest",
+            compile=cfg.compile,
         ),
         validation_prompts=tuple(class_prompts()),
         validation_w=cfg.w_eval,

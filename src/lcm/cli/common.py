@@ -112,8 +112,8 @@ def add_training_args(p: argparse.ArgumentParser, lr_help: str, steps: int) -> N
         default="auto",
         help="torch.compile the student, target and teacher UNets (fixed shapes; compiled once per machine, kept in "
         "$LCM_CACHE/inductor). auto (default): on CUDA only. On a CPU, on needs a C++ compiler (without one it "
-        "trains eagerly, saying so); the embedded teacher compiles in about 10 s and then steps about 1.25x faster "
-        "(README, Performance); a larger UNet compiles for longer",
+        "trains eagerly, saying so); for the embedded teacher it compiles for about 3 minutes on a cold cache (about "
+        "15 s once cached), then steps about 1.25x faster (README, Performance); a larger UNet compiles for longer",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of data order, noise, t and w draws (default 0)")
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
