@@ -45,6 +45,12 @@ VARIANTS: dict[str, tuple[dict, dict, int | None]] = {
     "k100-dpmpp": ({"num_solver_steps": 10, "solver": "dpmpp"}, {}, None),  # 2nd-order teacher step, 2 calls
     "k100-wlr10": ({"num_solver_steps": 10, "w_lr_scale": 10.0}, {}, None),  # the w projection learns 10x faster
     "ema0": ({"ema_decay": 0.0}, {}, None),  # target = the student under stop-gradient (no EMA)
+    # skip curriculum: the demo recipe's k = 100 for the first 1,000 steps, then k = 20 (the grid it samples on)
+    "k100to20-wlr10": (
+        {"num_solver_steps": 50, "coarse_num_solver_steps": 10, "coarse_steps": 1000, "w_lr_scale": 10.0},
+        {},
+        None,
+    ),
 }
 
 W_EVAL = 3.0

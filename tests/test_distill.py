@@ -215,13 +215,13 @@ class _Crash(Exception):
     pass
 
 
-def _run(folder, out, max_steps, resume=None, crash_after=None, kind=StudentKind.FULL, w_lr_scale=1.0):
+def _run(folder, out, max_steps, resume=None, crash_after=None, kind=StudentKind.FULL, w_lr_scale=1.0, **lcd):
     from lcm.data.loader import batch_stream
     from lcm.data.sources import collate_skip_none
     from lcm.training.task import DistillTask, LoraSettings
 
     model = LatentDiffusion.from_pretrained(folder)
-    cfg = LCDConfig(solver=Solver.DPM_SOLVER_PP_2S, w_min=2, w_max=6, w_lr_scale=w_lr_scale)
+    cfg = LCDConfig(solver=Solver.DPM_SOLVER_PP_2S, w_min=2, w_max=6, w_lr_scale=w_lr_scale, **lcd)
     task = DistillTask(model, kind, cfg, LoraSettings(rank=4))
     data = _ListData()
 
@@ -271,6 +271,35 @@ def test_w_lr_scale_multiplies_only_the_w_projection_step(sd_folder, tmp_path):
     assert history["w_proj_norm"] == pytest.approx(scaled[name].norm().item(), rel=1e-6)
     assert history["w_proj_grad_norm"] > 0
     assert any(k.startswith("loss_t") for k in history) and any(k.startswith("loss_w") for k in history)
+
+
+def test_skip_curriculum_draws_coarse_pairs_first_and_a_resumed_run_follows_the_step(sd_folder, tmp_path, monkeypatch):
+    """--coarse-steps 3 --coarse-num-solver-steps 5: steps 1-3 draw pairs k = 200 apart, step 4 k = 20 (the
+    grid of N = 50 the LCM samples on), and a run resumed from its step-2 checkpoint draws what it would have."""
+    from lcm.maths.timesteps import SkippingGrid
+
+    skips: list[int] = []
+    sample = SkippingGrid.sample
+
+    def recording(self, batch_size, generator=None):
+        start, end = sample(self, batch_size, generator)
+        skips.append(int((start - end).max()))
+        return start, end
+
+    monkeypatch.setattr(SkippingGrid, "sample", recording)
+    curriculum = {"coarse_num_solver_steps": 5, "coarse_steps": 3}
+    task = _run(sd_folder, tmp_path / "a", 4, **curriculum)
+    assert skips == [200, 200, 200, 20]
+    assert task.method.fine_grid.k == 20 and task.method.coarse_grid.k == 200
+    skips.clear()
+    _run(sd_folder, tmp_path / "b", 4, crash_after=3, **curriculum)  # dies during step 4; checkpoint at step 2
+    skips.clear()
+    _run(sd_folder, tmp_path / "b", 4, resume="latest", **curriculum)
+    assert skips == [200, 20]  # steps 3 and 4
+    with pytest.raises(ValueError, match="coarser"):
+        LCDConfig(num_solver_steps=10, coarse_num_solver_steps=50, coarse_steps=5)
+    with pytest.raises(ValueError, match="coarse-steps"):
+        LCDConfig(coarse_steps=5)
 
 
 def test_loss_monitor_bins_by_t_and_w():

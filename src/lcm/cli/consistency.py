@@ -45,6 +45,8 @@ def run_distill(args: argparse.Namespace) -> int:
         huber_c=args.huber_c,
         ema_decay=args.ema_decay,
         w_lr_scale=args.w_lr_scale,
+        coarse_num_solver_steps=args.coarse_num_solver_steps,
+        coarse_steps=args.coarse_steps,
     )
     summary = run_distillation(
         teacher,
@@ -120,6 +122,16 @@ def add_parser(sub) -> None:
         default=1.0,
         help="learning-rate multiplier of the full student's zero-initialised w projection (default 1; "
         "docs/fidelity.md)",
+    )
+    m.add_argument(
+        "--coarse-num-solver-steps",
+        type=int,
+        help="skip curriculum, coarse to fine: the first --coarse-steps optimiser steps draw their (t_{n+k}, t_n) "
+        "pairs on a grid of this many points (a larger skip k), the rest on --num-solver-steps, which the LCM "
+        "samples on (default: none; docs/fidelity.md)",
+    )
+    m.add_argument(
+        "--coarse-steps", type=int, default=0, help="optimiser steps on the coarse grid (default 0: no curriculum)"
     )
     add_training_args(ds, lr_help="default 1e-6 for a full student, 1e-4 for LoRA, as diffusers' scripts", steps=1000)
     ds.set_defaults(func=run_distill)

@@ -35,6 +35,10 @@ __all__ = ["LCD", "LCDConfig", "LCDOutput", "LossMonitor", "StudentTarget"]
 @dataclass(frozen=True)
 class LCDConfig:
     num_solver_steps: int = 50  # N: the skipping grid has N points, k = T // N (20)
+    # Skip curriculum (coarse to fine, as iCT's discretisation; docs/fidelity.md): the first ``coarse_steps``
+    # optimiser steps train on a coarser grid of ``coarse_num_solver_steps`` points, the rest on N.
+    coarse_num_solver_steps: int | None = None
+    coarse_steps: int = 0
     solver: Solver = Solver.DDIM  # ODE solver Ψ of the guided teacher
     w_min: float = 2.0  # guidance weight range, paper's w (diffusers' guidance_scale − 1)
     w_max: float = 14.0
@@ -52,6 +56,13 @@ class LCDConfig:
             raise ValueError(f"need 0 <= w_min <= w_max, got [{self.w_min}, {self.w_max}]")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
+        if self.coarse_num_solver_steps is not None and not 1 <= self.coarse_num_solver_steps <= self.num_solver_steps:
+            raise ValueError(
+                f"--coarse-num-solver-steps must lie in [1, --num-solver-steps = {self.num_solver_steps}] (a coarser "
+                f"grid), got {self.coarse_num_solver_steps}"
+            )
+        if self.coarse_steps < 0 or (self.coarse_steps and self.coarse_num_solver_steps is None):
+            raise ValueError("--coarse-steps must be at least 0, and needs --coarse-num-solver-steps")
         if not self.w_lr_scale > 0 or self.w_lr_scale == float("inf"):
             raise ValueError(f"--w-lr-scale must be a positive number, got {self.w_lr_scale}")
 
@@ -121,7 +132,10 @@ class StudentTarget:
 
     def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg, target=None):
         self.model, self.student, self.kind, self.cfg = model, student, StudentKind(kind), cfg
-        self.grid = SkippingGrid(cfg.num_solver_steps, model.schedule.num_train_timesteps)
+        self.fine_grid = SkippingGrid(cfg.num_solver_steps, model.schedule.num_train_timesteps)
+        coarse = getattr(cfg, "coarse_num_solver_steps", None)
+        self.coarse_grid = SkippingGrid(coarse, model.schedule.num_train_timesteps) if coarse else None
+        self.grid = self.fine_grid  # the grid this step's pairs are drawn on (see before_optimizer_step)
         if self.kind is StudentKind.FULL:
             if target is None:
                 raise ValueError("a full student needs an EMA target UNet")
@@ -155,6 +169,11 @@ class StudentTarget:
         networks = {id(m): m for m in (self.student, self.target, getattr(self, "teacher_unet", self.student))}
         for network in networks.values():
             network.compile(dynamic=False)
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Skip curriculum: optimiser steps 1 … ``coarse_steps`` draw their pairs on the coarse grid."""
+        coarse = self.coarse_grid is not None and step <= getattr(self.cfg, "coarse_steps", 0)
+        self.grid = self.coarse_grid if coarse else self.fine_grid
 
     def update_target(self) -> None:
         """θ⁻ ← μθ⁻ + (1 − μ)θ after each optimiser step (full student; the LoRA target is the student itself)."""

@@ -153,6 +153,10 @@ class Task(Protocol):
     def loss(self, batch: Any, generator: torch.Generator) -> torch.Tensor:
         """Per-sample losses ``[B]`` of one batch."""
 
+    def before_optimizer_step(self, step: int) -> None:
+        """Optional. Called before the micro-batches of optimiser step ``step`` (1-based), also the first after a
+        resume: what a method schedules by the step (a curriculum) is set here, so a resumed run repeats it."""
+
     def after_optimizer_step(self, step: int) -> None:
         """Called after optimiser step ``step`` (1-based), before any checkpoint of it: EMA updates belong here."""
 
@@ -333,6 +337,8 @@ class _Run:
         )
         samples_since, t_log = 0, time.time()
         while step < cfg.max_steps:
+            if hasattr(task, "before_optimizer_step"):
+                task.before_optimizer_step(step + 1)
             loss, grad_norm, samples, ok = self.one_step(stream)
             samples_since += samples
             self.lr_scheduler.step()  # a skipped step still advances the schedule: it stays a function of the step

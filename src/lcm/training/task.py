@@ -123,6 +123,9 @@ class ConsistencyTask:
     def compile(self) -> None:
         self.method.compile()
 
+    def before_optimizer_step(self, step: int) -> None:
+        self.method.before_optimizer_step(step)
+
     def after_optimizer_step(self, step: int) -> None:
         self.method.update_target()
 
