@@ -61,7 +61,11 @@ def add_parser(sub) -> None:
     p.add_argument("--classifier-steps", type=int, default=2500, help="classifier steps, batch 128 (default 2500)")
     p.add_argument("--batch-size", type=int, default=128, help="UNet batch size (default 128)")
     p.add_argument("--unet-channels", default="32,64,64", help="UNet block widths (default 32,64,64)")
-    p.add_argument("--max-train-images", type=int, help="train on the first N images only (for smoke runs)")
+    p.add_argument(
+        "--max-train-images",
+        type=int,
+        help="train, and measure the VAE and classifier, on the first N images only (smoke runs)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     p.add_argument("--sample-every", type=int, default=1000, help="UNet steps between sample grids (default 1000)")
     p.set_defaults(func=run_train_teacher)

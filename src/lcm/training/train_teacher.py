@@ -66,7 +66,7 @@ class TeacherTrainConfig:
     ema_decay: float = 0.999
     classifier_steps: int = 2500
     classifier_batch: int = 128
-    max_train_images: int | None = None  # use only the first N training images (smoke runs)
+    max_train_images: int | None = None  # use only the first N training and test images (smoke runs)
     checkpoint_every: int = 500
     sample_every: int = 1000  # write a sample grid (DDIM 25 steps) every this many UNet steps
     sample_guidance: float = EMBEDDED_DEFAULT_W  # LCM-convention w of the sample grids
@@ -318,6 +318,8 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
     if cfg.max_train_images is not None:
         train = type(train)(train.images[: cfg.max_train_images], train.labels[: cfg.max_train_images])
     test = load_fashion_mnist("test", cfg.data_dir)
+    if cfg.max_train_images is not None:  # a smoke run's test accuracy means nothing: no need to pay for all of it
+        test = type(test)(test.images[: cfg.max_train_images], test.labels[: cfg.max_train_images])
     captions = CaptionSet()
     text = CachedPromptEmbeddings(_text_encoder(), captions.captions)
 
