@@ -13,10 +13,12 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def readme_demo_rows() -> dict[tuple[str, int], tuple[float, float]]:
-    """(method, steps) → (FD-clf, prompt accuracy) from the README's `lcm demo` table."""
+    """(method, steps) → (FD-clf, prompt accuracy) from the README's `lcm demo` table: the section's first table
+    (the long recipe's table follows it in the same form)."""
     text = README.read_text().split("## What `lcm demo` does", 1)[1].split("\n## ", 1)[0]
+    tables = [t for t in text.split("\n\n") if t.lstrip().startswith("| method |")]
     rows = {}
-    for line in text.splitlines():
+    for line in tables[0].splitlines():
         m = re.match(
             r"\|\s*\**(teacher DDIM|LCM)\**\s*\|\s*(\d+)\s*\|\s*\d+\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|", line
         )
