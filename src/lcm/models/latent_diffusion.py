@@ -309,11 +309,14 @@ class ConsistencyStep(torch.nn.Module):
         super().__init__()
         self.unet = unet
         self._model = model  # not a submodule: the step owns nothing but the UNet it calls
-        # What the graph depends on besides the UNet's own config (read by the compiled-package cache key).
-        self.config = {
-            **dict(getattr(unet, "config", {}) or {}),
-            "prediction_type": model.prediction_type.value,
-            "vae_scale_factor": model.vae_scale_factor,
+
+    @property
+    def config(self) -> dict:
+        """What the graph depends on: the UNet's config and the model's (read by the compiled-package cache key)."""
+        return {
+            **dict(getattr(self.unet, "config", {}) or {}),
+            "prediction_type": self._model.prediction_type.value,
+            "vae_scale_factor": self._model.vae_scale_factor,
         }
 
     def forward(self, z, t, hidden_states, pooled, timestep_cond, coefficients):
