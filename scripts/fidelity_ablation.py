@@ -45,6 +45,20 @@ VARIANTS: dict[str, tuple[dict, dict, int | None]] = {
     "k100-dpmpp": ({"num_solver_steps": 10, "solver": "dpmpp"}, {}, None),  # 2nd-order teacher step, 2 calls
     "k100-wlr10": ({"num_solver_steps": 10, "w_lr_scale": 10.0}, {}, None),  # the w projection learns 10x faster
     "ema0": ({"ema_decay": 0.0}, {}, None),  # target = the student under stop-gradient (no EMA)
+    # the demo recipe with the long recipe's learning-rate schedule (cosine to 10% after 100 warm-up steps), at the
+    # demo's 1,500 steps and at 1,000 (two thirds of the demo's distillation time)
+    "k100-wlr10-cos": (
+        {"num_solver_steps": 10, "w_lr_scale": 10.0},
+        {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100},
+        None,
+    ),
+    "k100-wlr10-cos1000": (
+        {"num_solver_steps": 10, "w_lr_scale": 10.0},
+        {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100, "max_steps": 1000},
+        None,
+    ),
+    # timestep bias: t_{n+k} drawn ∝ i (the i-th grid point), so t = 999 twice as often as under a uniform draw
+    "k100-wlr10-tbias1": ({"num_solver_steps": 10, "w_lr_scale": 10.0, "timestep_bias": 1.0}, {}, None),
     # skip curriculum: the demo recipe's k = 100 for the first 1,000 steps, then k = 20 (the grid it samples on)
     "k100to20-wlr10": (
         {"num_solver_steps": 50, "coarse_num_solver_steps": 10, "coarse_steps": 1000, "w_lr_scale": 10.0},

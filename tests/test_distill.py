@@ -302,6 +302,41 @@ def test_skip_curriculum_draws_coarse_pairs_first_and_a_resumed_run_follows_the_
         LCDConfig(coarse_steps=5)
 
 
+def test_timestep_bias_draws_grid_points_in_proportion_to_i_to_the_gamma(sd_folder, tmp_path, monkeypatch):
+    """--timestep-bias γ: the i-th grid point (ascending t) is drawn with probability ∝ i^γ; γ = 0 keeps the
+    paper's uniform draw, random stream included; an LCD run draws its pairs on the biased grid."""
+    from lcm.maths.timesteps import SkippingGrid
+
+    n, draws = 10, 200_000
+    uniform = SkippingGrid(n).sample(64, torch.Generator().manual_seed(3))[0]
+    expected = SkippingGrid(n).timesteps[torch.randint(0, n, (64,), generator=torch.Generator().manual_seed(3))]
+    assert torch.equal(uniform, expected)
+    for gamma in (1.0, 2.0):
+        start, end = SkippingGrid(n, 1000, gamma).sample(draws, torch.Generator().manual_seed(0))
+        i = torch.arange(1, n + 1, dtype=torch.float64)
+        p = i**gamma / (i**gamma).sum()
+        freq = torch.bincount((start + 1) // 100 - 1, minlength=n).double() / draws
+        assert torch.all((freq - p).abs() < 4 * (p * (1 - p) / draws).sqrt()), (gamma, freq, p)
+        assert torch.equal(end, (start - 100).clamp(min=0))
+    with pytest.raises(ValueError, match="bias"):
+        SkippingGrid(n, 1000, -1.0)
+    with pytest.raises(ValueError, match="timestep-bias"):
+        LCDConfig(timestep_bias=float("nan"))
+
+    starts: list[torch.Tensor] = []
+    sample = SkippingGrid.sample
+
+    def recording(self, batch_size, generator=None):
+        pair = sample(self, batch_size, generator)
+        starts.append(pair[0])
+        return pair
+
+    monkeypatch.setattr(SkippingGrid, "sample", recording)
+    task = _run(sd_folder, tmp_path / "run", 1, num_solver_steps=10, timestep_bias=200.0)
+    assert task.method.grid.bias == 200.0
+    assert starts and all(torch.all(s == 999) for s in starts)  # every other point has probability < 0.9^200
+
+
 def test_loss_monitor_bins_by_t_and_w():
     from lcm.training.lcd import LCDOutput, LossMonitor
 

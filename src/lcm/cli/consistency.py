@@ -47,6 +47,7 @@ def run_distill(args: argparse.Namespace) -> int:
         w_lr_scale=args.w_lr_scale,
         coarse_num_solver_steps=args.coarse_num_solver_steps,
         coarse_steps=args.coarse_steps,
+        timestep_bias=args.timestep_bias,
     )
     summary = run_distillation(
         teacher,
@@ -132,6 +133,15 @@ def add_parser(sub) -> None:
     )
     m.add_argument(
         "--coarse-steps", type=int, default=0, help="optimiser steps on the coarse grid (default 0: no curriculum)"
+    )
+    m.add_argument(
+        "--timestep-bias",
+        type=float,
+        default=0.0,
+        help="draw the skipping grid's i-th point (i = 1 … N, ascending t) as t_{n+k} with probability ∝ i^γ: "
+        "0 (default) is the paper's uniform draw; 1 draws the top point (t = T - 1) N times as often as the lowest, "
+        "about twice as often as a uniform draw "
+        "(docs/fidelity.md)",
     )
     add_training_args(ds, lr_help="default 1e-6 for a full student, 1e-4 for LoRA, as diffusers' scripts", steps=1000)
     ds.set_defaults(func=run_distill)

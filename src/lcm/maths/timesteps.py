@@ -28,21 +28,30 @@ class SkippingGrid:
     """The skipping-step grid of LCD (Luo et al. 2023 §4.3): ``N`` solver timesteps, skip ``k = T // N``.
 
     ``t_n ∈ {k−1, 2k−1, …, N·k−1}``; a training sample draws ``t_{n+k}`` from the grid and sets
-    ``t_n = max(t_{n+k} − k, 0)``.
+    ``t_n = max(t_{n+k} − k, 0)``. ``bias`` γ draws the i-th grid point (i = 1 … N, ascending t) with probability
+    ∝ i^γ: 0 is the paper's uniform draw, γ > 0 draws the high-noise end, where few-step sampling starts, more often.
     """
 
-    def __init__(self, num_solver_steps: int = 50, num_train_timesteps: int = 1000):
+    def __init__(self, num_solver_steps: int = 50, num_train_timesteps: int = 1000, bias: float = 0.0):
         if not 1 <= num_solver_steps <= num_train_timesteps:
             raise ValueError(
                 f"the number of solver steps N must lie in [1, {num_train_timesteps}], got {num_solver_steps}"
             )
+        if not math.isfinite(bias) or bias < 0:
+            raise ValueError(f"the timestep bias must be a finite number >= 0, got {bias}")
         self.num_solver_steps = num_solver_steps
         self.k = num_train_timesteps // num_solver_steps
         self.timesteps = torch.arange(1, num_solver_steps + 1, dtype=torch.long) * self.k - 1  # (N,) ascending
+        self.bias = bias
+        weights = torch.arange(1, num_solver_steps + 1, dtype=torch.float64) ** bias
+        self.probabilities = weights / weights.sum()  # (N,), of each grid point as t_{n+k}
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw ``batch_size`` pairs (t_{n+k}, t_n), each ``[B]`` long, uniformly over the grid."""
-        index = torch.randint(0, self.num_solver_steps, (batch_size,), generator=generator)
+        """Draw ``batch_size`` pairs (t_{n+k}, t_n), each ``[B]`` long: uniformly over the grid, or by ``bias``."""
+        if self.bias == 0:
+            index = torch.randint(0, self.num_solver_steps, (batch_size,), generator=generator)
+        else:
+            index = torch.multinomial(self.probabilities, batch_size, replacement=True, generator=generator)
         start = self.timesteps[index]
         return start, (start - self.k).clamp(min=0)
 

@@ -12,6 +12,7 @@ One call of :meth:`LCD.loss`, for a batch of clean latents z0 and their text con
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -39,6 +40,8 @@ class LCDConfig:
     # optimiser steps train on a coarser grid of ``coarse_num_solver_steps`` points, the rest on N.
     coarse_num_solver_steps: int | None = None
     coarse_steps: int = 0
+    # Timestep bias γ: t_{n+k} is the i-th grid point with probability ∝ i^γ (0: uniform, the paper's draw)
+    timestep_bias: float = 0.0
     solver: Solver = Solver.DDIM  # ODE solver Ψ of the guided teacher
     w_min: float = 2.0  # guidance weight range, paper's w (diffusers' guidance_scale − 1)
     w_max: float = 14.0
@@ -63,6 +66,8 @@ class LCDConfig:
             )
         if self.coarse_steps < 0 or (self.coarse_steps and self.coarse_num_solver_steps is None):
             raise ValueError("--coarse-steps must be at least 0, and needs --coarse-num-solver-steps")
+        if not math.isfinite(self.timestep_bias) or self.timestep_bias < 0:
+            raise ValueError(f"--timestep-bias must be a finite number >= 0, got {self.timestep_bias}")
         if not self.w_lr_scale > 0 or self.w_lr_scale == float("inf"):
             raise ValueError(f"--w-lr-scale must be a positive number, got {self.w_lr_scale}")
 
@@ -132,9 +137,10 @@ class StudentTarget:
 
     def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg, target=None):
         self.model, self.student, self.kind, self.cfg = model, student, StudentKind(kind), cfg
-        self.fine_grid = SkippingGrid(cfg.num_solver_steps, model.schedule.num_train_timesteps)
+        T, bias = model.schedule.num_train_timesteps, getattr(cfg, "timestep_bias", 0.0)
+        self.fine_grid = SkippingGrid(cfg.num_solver_steps, T, bias)
         coarse = getattr(cfg, "coarse_num_solver_steps", None)
-        self.coarse_grid = SkippingGrid(coarse, model.schedule.num_train_timesteps) if coarse else None
+        self.coarse_grid = SkippingGrid(coarse, T, bias) if coarse else None
         self.grid = self.fine_grid  # the grid this step's pairs are drawn on (see before_optimizer_step)
         if self.kind is StudentKind.FULL:
             if target is None:
