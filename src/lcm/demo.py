@@ -39,8 +39,8 @@ class DemoConfig:
     max_steps: int = 1500  # LCD optimiser steps
     batch_size: int = 32
     learning_rate: float = 2e-4
-    lr_schedule: str = "constant"
-    lr_warmup_steps: int = 0
+    lr_schedule: str = "cosine_floor"  # down to 10% over the run: better 2-4 step images (docs/fidelity.md)
+    lr_warmup_steps: int = 100
     num_solver_steps: int = 10  # N of the skipping grid: k = 1000 // N = 100 (docs/fidelity.md)
     w_lr_scale: float = 10.0  # learning-rate multiplier of the w projection (docs/fidelity.md)
     solver: Solver = Solver.DDIM
@@ -74,12 +74,7 @@ class DemoConfig:
 # Recipes of lcm demo: overrides of DemoConfig's defaults (docs/fidelity.md says why each value).
 RECIPES: dict[str, dict] = {
     "demo": {},
-    "long": {
-        "max_steps": 6000,
-        "lr_schedule": "cosine_floor",
-        "lr_warmup_steps": 100,
-        "eval_samples": 2000,
-    },
+    "long": {"max_steps": 6000, "eval_samples": 2000},
 }
 
 
