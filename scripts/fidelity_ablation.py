@@ -73,9 +73,8 @@ VARIANTS: dict[str, tuple[dict, dict, int | None]] = {
     # timestep bias: t_{n+k} drawn ∝ i (the i-th grid point), so t = 999 twice as often as under a uniform draw
     "k100-wlr10-tbias1": ({"num_solver_steps": 10, "w_lr_scale": 10.0, "timestep_bias": 1.0}, {}, None),
     # the consistency distance: squared error instead of pseudo-Huber (c = 0.001 per element, nearly an L1 loss on
-    # latents of unit scale), and pseudo-Huber with c = 0.05 (quadratic below the low-t errors, L1 above)
+    # latents of unit scale)
     "k100-wlr10-l2": ({"num_solver_steps": 10, "w_lr_scale": 10.0, "loss": "l2"}, {}, None),
-    "k100-wlr10-c0.05": ({"num_solver_steps": 10, "w_lr_scale": 10.0, "huber_c": 0.05}, {}, None),
     # skip curriculum: the demo recipe's k = 100 for the first 1,000 steps, then k = 20 (the grid it samples on)
     "k100to20-wlr10": (
         {"num_solver_steps": 50, "coarse_num_solver_steps": 10, "coarse_steps": 1000, "w_lr_scale": 10.0},
