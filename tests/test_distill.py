@@ -302,6 +302,45 @@ def test_skip_curriculum_draws_coarse_pairs_first_and_a_resumed_run_follows_the_
         LCDConfig(coarse_steps=5)
 
 
+def test_mixed_skips_draw_each_pair_on_one_grid_in_the_asked_proportion(sd_folder, tmp_path, monkeypatch):
+    """--coarse-fraction p: each pair is a pair of the coarse grid (k = 100) with probability p, else of the fine
+    one (k = 20), t_n = t_{n+k} − k of its own grid; after a curriculum, an LCD run draws on both grids."""
+    from lcm.maths.timesteps import MixedGrid, SkippingGrid
+
+    draws = 100_000
+    fine, coarse = SkippingGrid(50), SkippingGrid(10)
+    for p in (0.25, 0.75):
+        start, end = MixedGrid(fine, coarse, p).sample(draws, torch.Generator().manual_seed(1))
+        skip = start - end  # 100 on the coarse grid, 20 on the fine one; 99 and 19 from its lowest point (t_n = 0)
+        on_coarse = (skip == 100) | (skip == 99)
+        assert torch.all(on_coarse | (skip == 20) | (skip == 19))
+        assert torch.all(torch.isin(start[on_coarse], coarse.timesteps))
+        assert torch.all(torch.isin(start[~on_coarse], fine.timesteps))
+        assert torch.equal(end, (start - torch.where(on_coarse, 100, 20)).clamp(min=0))
+        share = on_coarse.double().mean().item()
+        assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / draws), (p, share)
+    with pytest.raises(ValueError, match="fraction"):
+        MixedGrid(fine, coarse, 1.5)
+    with pytest.raises(ValueError, match="coarse-fraction"):
+        LCDConfig(coarse_fraction=0.5)  # needs a coarse grid
+    with pytest.raises(ValueError, match="coarse-fraction"):
+        LCDConfig(coarse_num_solver_steps=10, coarse_fraction=-0.1)
+
+    skips: list[set[int]] = []
+    sample = MixedGrid.sample
+
+    def recording(self, batch_size, generator=None):
+        start, end = sample(self, batch_size, generator)
+        skips.append(set((start - end).tolist()))
+        return start, end
+
+    monkeypatch.setattr(MixedGrid, "sample", recording)
+    mixed = {"coarse_num_solver_steps": 5, "coarse_steps": 1, "coarse_fraction": 0.5}
+    task = _run(sd_folder, tmp_path / "run", 3, **mixed)
+    assert task.method.grid is task.method.after_curriculum and isinstance(task.method.grid, MixedGrid)
+    assert len(skips) == 2 and skips[0] | skips[1] <= {20, 19, 200, 199}  # steps 2 and 3, after the 1-step curriculum
+
+
 def test_timestep_bias_draws_grid_points_in_proportion_to_i_to_the_gamma(sd_folder, tmp_path, monkeypatch):
     """--timestep-bias γ: the i-th grid point (ascending t) is drawn with probability ∝ i^γ; γ = 0 keeps the
     paper's uniform draw, random stream included; an LCD run draws its pairs on the biased grid."""

@@ -47,6 +47,7 @@ def run_distill(args: argparse.Namespace) -> int:
         w_lr_scale=args.w_lr_scale,
         coarse_num_solver_steps=args.coarse_num_solver_steps,
         coarse_steps=args.coarse_steps,
+        coarse_fraction=args.coarse_fraction,
         timestep_bias=args.timestep_bias,
     )
     summary = run_distillation(
@@ -133,6 +134,13 @@ def add_parser(sub) -> None:
     )
     m.add_argument(
         "--coarse-steps", type=int, default=0, help="optimiser steps on the coarse grid (default 0: no curriculum)"
+    )
+    m.add_argument(
+        "--coarse-fraction",
+        type=float,
+        default=0.0,
+        help="mixed skips: after the --coarse-steps, draw each pair on the --coarse-num-solver-steps grid with this "
+        "probability, otherwise on the --num-solver-steps grid (default 0: never; docs/fidelity.md)",
     )
     m.add_argument(
         "--timestep-bias",

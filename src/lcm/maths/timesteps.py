@@ -15,6 +15,7 @@ import torch
 from lcm.maths.schedule import NoiseSchedule
 
 __all__ = [
+    "MixedGrid",
     "SkippingGrid",
     "ddim_timesteps",
     "dpm_solver_timesteps",
@@ -54,6 +55,24 @@ class SkippingGrid:
             index = torch.multinomial(self.probabilities, batch_size, replacement=True, generator=generator)
         start = self.timesteps[index]
         return start, (start - self.k).clamp(min=0)
+
+
+class MixedGrid:
+    """Two skipping grids in one batch: each pair is drawn on ``coarse`` with probability ``fraction``, otherwise
+    on ``fine`` (docs/fidelity.md). Every pair is still a pair of one grid: (t_{n+k}, t_{n+k} − k) with that grid's k.
+    """
+
+    def __init__(self, fine: SkippingGrid, coarse: SkippingGrid, fraction: float):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"the coarse fraction must lie in [0, 1], got {fraction}")
+        self.fine, self.coarse, self.fraction = fine, coarse, fraction
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``batch_size`` pairs (t_{n+k}, t_n), each ``[B]`` long, each on the grid its coin chose."""
+        fine_start, fine_end = self.fine.sample(batch_size, generator)
+        coarse_start, coarse_end = self.coarse.sample(batch_size, generator)
+        coarse = torch.rand(batch_size, generator=generator) < self.fraction
+        return torch.where(coarse, coarse_start, fine_start), torch.where(coarse, coarse_end, fine_end)
 
 
 def lcm_timesteps(

@@ -24,7 +24,7 @@ from lcm.maths.ema import ema_update
 from lcm.maths.guidance import w_embedding
 from lcm.maths.losses import LossType, consistency_loss
 from lcm.maths.solvers import Solver, solve
-from lcm.maths.timesteps import SkippingGrid
+from lcm.maths.timesteps import MixedGrid, SkippingGrid
 from lcm.models.formats import w_input_dim
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import StudentKind, adapters_disabled
@@ -40,6 +40,8 @@ class LCDConfig:
     # optimiser steps train on a coarser grid of ``coarse_num_solver_steps`` points, the rest on N.
     coarse_num_solver_steps: int | None = None
     coarse_steps: int = 0
+    # Mixed skips: after the curriculum, each pair is drawn on the coarse grid with this probability (0: never)
+    coarse_fraction: float = 0.0
     # Timestep bias γ: t_{n+k} is the i-th grid point with probability ∝ i^γ (0: uniform, the paper's draw)
     timestep_bias: float = 0.0
     solver: Solver = Solver.DDIM  # ODE solver Ψ of the guided teacher
@@ -66,6 +68,10 @@ class LCDConfig:
             )
         if self.coarse_steps < 0 or (self.coarse_steps and self.coarse_num_solver_steps is None):
             raise ValueError("--coarse-steps must be at least 0, and needs --coarse-num-solver-steps")
+        if not 0.0 <= self.coarse_fraction <= 1.0 or (self.coarse_fraction and self.coarse_num_solver_steps is None):
+            raise ValueError(
+                f"--coarse-fraction must lie in [0, 1], and needs --coarse-num-solver-steps; got {self.coarse_fraction}"
+            )
         if not math.isfinite(self.timestep_bias) or self.timestep_bias < 0:
             raise ValueError(f"--timestep-bias must be a finite number >= 0, got {self.timestep_bias}")
         if not self.w_lr_scale > 0 or self.w_lr_scale == float("inf"):
@@ -141,7 +147,9 @@ class StudentTarget:
         self.fine_grid = SkippingGrid(cfg.num_solver_steps, T, bias)
         coarse = getattr(cfg, "coarse_num_solver_steps", None)
         self.coarse_grid = SkippingGrid(coarse, T, bias) if coarse else None
-        self.grid = self.fine_grid  # the grid this step's pairs are drawn on (see before_optimizer_step)
+        fraction = getattr(cfg, "coarse_fraction", 0.0)
+        self.after_curriculum = MixedGrid(self.fine_grid, self.coarse_grid, fraction) if fraction else self.fine_grid
+        self.grid = self.after_curriculum  # the grid this step's pairs are drawn on (see before_optimizer_step)
         if self.kind is StudentKind.FULL:
             if target is None:
                 raise ValueError("a full student needs an EMA target UNet")
@@ -177,9 +185,10 @@ class StudentTarget:
             network.compile(dynamic=False)
 
     def before_optimizer_step(self, step: int) -> None:
-        """Skip curriculum: optimiser steps 1 … ``coarse_steps`` draw their pairs on the coarse grid."""
+        """Skip curriculum: optimiser steps 1 … ``coarse_steps`` draw their pairs on the coarse grid, later ones on
+        the fine grid or, with ``coarse_fraction``, on both."""
         coarse = self.coarse_grid is not None and step <= getattr(self.cfg, "coarse_steps", 0)
-        self.grid = self.coarse_grid if coarse else self.fine_grid
+        self.grid = self.coarse_grid if coarse else self.after_curriculum
 
     def update_target(self) -> None:
         """θ⁻ ← μθ⁻ + (1 − μ)θ after each optimiser step (full student; the LoRA target is the student itself)."""
