@@ -95,6 +95,18 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
         {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100},
         {},
     ),
+    # the target's EMA rate μ around the demo recipe's 0.95: a target that lags the student by about 10 steps
+    # instead of 20 (consistency climbs the trajectory faster, from a noisier target), and one that lags by 100
+    "k100-wlr10-cos-ema90": (
+        {"num_solver_steps": 10, "w_lr_scale": 10.0, "ema_decay": 0.9},
+        {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100},
+        {},
+    ),
+    "k100-wlr10-cos-ema99": (
+        {"num_solver_steps": 10, "w_lr_scale": 10.0, "ema_decay": 0.99},
+        {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100},
+        {},
+    ),
     # the demo recipe with a LoRA student of rank 8 (a quarter to an eighth of the teacher's 32-64 channels, as rank
     # 64 is of SD's 320-1280) at 5x the full student's rate: the student is its own target and takes no w input
     "lora8-k100-cos": (

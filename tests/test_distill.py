@@ -273,29 +273,39 @@ def test_w_lr_scale_multiplies_only_the_w_projection_step(sd_folder, tmp_path):
     assert any(k.startswith("loss_t") for k in history) and any(k.startswith("loss_w") for k in history)
 
 
+def _recorded_pairs(monkeypatch, grid_class) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every batch of (t_{n+k}, t_n) pairs that ``grid_class.sample`` draws from now on, in order."""
+    pairs = []
+    sample = grid_class.sample
+
+    def recording(self, batch_size, generator=None):
+        pair = sample(self, batch_size, generator)
+        pairs.append(pair)
+        return pair
+
+    monkeypatch.setattr(grid_class, "sample", recording)
+    return pairs
+
+
 def test_skip_curriculum_draws_coarse_pairs_first_and_a_resumed_run_follows_the_step(sd_folder, tmp_path, monkeypatch):
     """--coarse-steps 3 --coarse-num-solver-steps 5: steps 1-3 draw pairs k = 200 apart, step 4 k = 20 (the
     grid of N = 50 the LCM samples on), and a run resumed from its step-2 checkpoint draws what it would have."""
     from lcm.maths.timesteps import SkippingGrid
 
-    skips: list[int] = []
-    sample = SkippingGrid.sample
+    pairs = _recorded_pairs(monkeypatch, SkippingGrid)
 
-    def recording(self, batch_size, generator=None):
-        start, end = sample(self, batch_size, generator)
-        skips.append(int((start - end).max()))
-        return start, end
+    def skips():
+        return [int((start - end).max()) for start, end in pairs]
 
-    monkeypatch.setattr(SkippingGrid, "sample", recording)
     curriculum = {"coarse_num_solver_steps": 5, "coarse_steps": 3}
     task = _run(sd_folder, tmp_path / "a", 4, **curriculum)
-    assert skips == [200, 200, 200, 20]
+    assert skips() == [200, 200, 200, 20]
     assert task.method.fine_grid.k == 20 and task.method.coarse_grid.k == 200
-    skips.clear()
+    pairs.clear()
     _run(sd_folder, tmp_path / "b", 4, crash_after=3, **curriculum)  # dies during step 4; checkpoint at step 2
-    skips.clear()
+    pairs.clear()
     _run(sd_folder, tmp_path / "b", 4, resume="latest", **curriculum)
-    assert skips == [200, 20]  # steps 3 and 4
+    assert skips() == [200, 20]  # steps 3 and 4
     with pytest.raises(ValueError, match="coarser"):
         LCDConfig(num_solver_steps=10, coarse_num_solver_steps=50, coarse_steps=5)
     with pytest.raises(ValueError, match="coarse-steps"):
@@ -326,19 +336,13 @@ def test_mixed_skips_draw_each_pair_on_one_grid_in_the_asked_proportion(sd_folde
     with pytest.raises(ValueError, match="coarse-fraction"):
         LCDConfig(coarse_num_solver_steps=10, coarse_fraction=-0.1)
 
-    skips: list[set[int]] = []
-    sample = MixedGrid.sample
-
-    def recording(self, batch_size, generator=None):
-        start, end = sample(self, batch_size, generator)
-        skips.append(set((start - end).tolist()))
-        return start, end
-
-    monkeypatch.setattr(MixedGrid, "sample", recording)
+    pairs = _recorded_pairs(monkeypatch, MixedGrid)
     mixed = {"coarse_num_solver_steps": 5, "coarse_steps": 1, "coarse_fraction": 0.5}
     task = _run(sd_folder, tmp_path / "run", 3, **mixed)
     assert task.method.grid is task.method.after_curriculum and isinstance(task.method.grid, MixedGrid)
-    assert len(skips) == 2 and skips[0] | skips[1] <= {20, 19, 200, 199}  # steps 2 and 3, after the 1-step curriculum
+    skips = {int(k) for start, end in pairs for k in start - end}
+    assert len(pairs) == 2 and skips <= {20, 19, 200, 199}  # steps 2 and 3, after the 1-step curriculum
+    assert skips & {200, 199} and skips & {20, 19}  # both grids
 
 
 def test_timestep_bias_draws_grid_points_in_proportion_to_i_to_the_gamma(sd_folder, tmp_path, monkeypatch):
@@ -362,18 +366,10 @@ def test_timestep_bias_draws_grid_points_in_proportion_to_i_to_the_gamma(sd_fold
     with pytest.raises(ValueError, match="timestep-bias"):
         LCDConfig(timestep_bias=float("nan"))
 
-    starts: list[torch.Tensor] = []
-    sample = SkippingGrid.sample
-
-    def recording(self, batch_size, generator=None):
-        pair = sample(self, batch_size, generator)
-        starts.append(pair[0])
-        return pair
-
-    monkeypatch.setattr(SkippingGrid, "sample", recording)
+    pairs = _recorded_pairs(monkeypatch, SkippingGrid)
     task = _run(sd_folder, tmp_path / "run", 1, num_solver_steps=10, timestep_bias=200.0)
     assert task.method.grid.bias == 200.0
-    assert starts and all(torch.all(s == 999) for s in starts)  # every other point has probability < 0.9^200
+    assert pairs and all(torch.all(start == 999) for start, _ in pairs)  # every other point has probability < 0.9^200
 
 
 def test_loss_monitor_bins_by_t_and_w():
