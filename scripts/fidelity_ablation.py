@@ -107,6 +107,18 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
         {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100},
         {},
     ),
+    # mixed skips (p = 0.5) with the slower target: the two changes that helped the bottom and the top, together
+    "mix20-100-p50-wlr10-cos-ema99": (
+        {
+            "num_solver_steps": 50,
+            "coarse_num_solver_steps": 10,
+            "coarse_fraction": 0.5,
+            "w_lr_scale": 10.0,
+            "ema_decay": 0.99,
+        },
+        {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100},
+        {},
+    ),
     # the demo recipe with a LoRA student of rank 8 (a quarter to an eighth of the teacher's 32-64 channels, as rank
     # 64 is of SD's 320-1280) at 5x the full student's rate: the student is its own target and takes no w input
     "lora8-k100-cos": (
