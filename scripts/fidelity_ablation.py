@@ -126,8 +126,8 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
         {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100, "learning_rate": 1e-3},
         {"student": "lora", "lora_rank": 8},
     ),
-    # the demo recipe at batch 64 for 750 steps: the same images and the same time on this CPU (samples/s is flat in
-    # the batch size), half the optimiser steps
+    # the demo recipe at batch 64 for 750 steps: the same images, half the optimiser steps (with two threads per
+    # process, samples/s is flat in the batch size on this CPU)
     "b64-k100-wlr10-cos": (
         {"num_solver_steps": 10, "w_lr_scale": 10.0},
         {"lr_schedule": "cosine_floor", "lr_warmup_steps": 50, "max_steps": 750},
