@@ -45,6 +45,12 @@ def card(results: dict, files: list[Path], dest: Path, command: str | None = Non
         table.append(
             f"| {r['method']} | {r['steps']} | {r['fd_clf']:.1f} | {r['kid_clf']:.4f} | {r['prompt_accuracy']:.3f} |"
         )
+    reproduces = (
+        "The run is deterministic: the same command on the same code reproduces these weights and this table."
+        if cfg.get("compile", "off") == "off"
+        else "The networks were compiled (torch.compile), whose kernels depend on the CPU and the thread count: "
+        "the same command on another machine gives weights and a table that differ in their last digits."
+    )
     listing = "\n".join(
         f"| `{f.relative_to(dest)}` | {f.stat().st_size:,} | `{sha256(f)[:16]}…` |" for f in files if f.is_file()
     )
@@ -67,8 +73,7 @@ on the skipping grid N = {n} (k = {1000 // n}), w ~ U[{cfg["w_min"]}, {cfg["w_ma
 {cfg.get("w_lr_scale", 1.0)}× the learning rate, Huber loss (c = 0.001), EMA target μ = {cfg["ema_decay"]}, seed
 {cfg["seed"]}, on the 60,000 Fashion-MNIST training images with the
 teacher's class captions; {results["train_wall_seconds"]:.0f} s of distillation on a 2-core CPU (wall time, which
-depends on what else runs on the cores). The run is deterministic: the same command on the same code reproduces
-these weights and this table.
+depends on what else runs on the cores). {reproduces}
 
 ## Evaluation
 
