@@ -65,7 +65,7 @@ class DemoConfig:
     @classmethod
     def for_recipe(cls, recipe: str, out: Path) -> DemoConfig:
         """The settings of a named recipe (docs/fidelity.md): ``demo`` (the default, about 10 minutes on 2 CPU
-        cores end to end) or ``long`` (about an hour; the README's second table)."""
+        cores end to end) or ``long`` (10,000 compiled steps, under an hour; the README's second table)."""
         if recipe not in RECIPES:
             raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
         return cls(out=out, recipe=recipe, **RECIPES[recipe])
