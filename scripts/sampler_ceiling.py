@@ -27,11 +27,11 @@ import math
 from pathlib import Path
 
 import torch
+from consistency_probe import ode_solution  # this script's folder (scripts/) is on the path when it runs
 
 from lcm.evaluation.metrics import FashionEvaluator
 from lcm.evaluation.prompts import fashion_eval_prompts
 from lcm.maths.sampling import randn_per_image, sample_lcm
-from lcm.maths.solvers import ddim_step
 from lcm.maths.timesteps import lcm_timesteps
 from lcm.models.formats import w_input_dim
 from lcm.models.latent_diffusion import LatentDiffusion
@@ -42,18 +42,11 @@ ROWS = ("teacher ODE", "ODE every step", "LCM", "ODE then LCM", "LCM then ODE", 
 
 def ode_fn(teacher: LatentDiffusion, cond, uncond, w: float, steps_from_top: int):
     """``(z, t) → x0``: the guided teacher's DDIM solution from (z, t) to 0, steps of about (T − 1) / steps_from_top."""
-    denoiser = teacher.guided_denoiser(cond, uncond, torch.full((len(cond),), w))
     top = teacher.schedule.num_train_timesteps - 1
 
     def solve(z: torch.Tensor, t: float) -> torch.Tensor:
         steps = max(1, math.ceil(steps_from_top * float(t) / top))
-        grid = torch.linspace(float(t), 0.0, steps + 1).round().tolist()
-        b = z.shape[0]
-        for s, e in zip(grid[:-1], grid[1:], strict=True):
-            if e == 0:
-                return denoiser(z, torch.full((b,), s)).x0
-            z = ddim_step(denoiser, z, torch.full((b,), s), torch.full((b,), e), teacher.schedule)
-        return z
+        return ode_solution(teacher, z, round(t), w, cond, uncond, steps)
 
     return solve
 
