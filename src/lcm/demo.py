@@ -74,7 +74,7 @@ class DemoConfig:
 # Recipes of lcm demo: overrides of DemoConfig's defaults (docs/fidelity.md says why each value).
 RECIPES: dict[str, dict] = {
     "demo": {},
-    # compiled: 1.4x the eager steps/s, so 10,000 steps fit the hour on 2 cores (the first ~3 minutes compile)
+    # compiled: 1.3-1.4x the eager steps/s, so 10,000 steps fit the hour on 2 cores (the first ~3 minutes compile)
     "long": {"max_steps": 10000, "eval_samples": 2000, "compile": "on"},
 }
 
