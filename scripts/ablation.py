@@ -45,7 +45,7 @@ def train_and_score(out: Path, k: int, solver: Solver, base: DemoConfig, steps, 
             seed=base.seed,
             validate_every=0,
             checkpoint_every=base.max_steps,
-            resume="latest",
+            resume="auto",
             log_every=max(base.max_steps // 50, 1),
         ),
     )

@@ -181,7 +181,7 @@ def distil(out: Path, variant: str, seed: int, cache: Path | None) -> dict:
             seed=seed,
             validate_every=0,
             checkpoint_every=train["max_steps"],
-            resume="latest",
+            resume="auto",
             log_every=max(train["max_steps"] // 50, 1),
             report_to=(),
             **train,

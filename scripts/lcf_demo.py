@@ -50,7 +50,7 @@ def main() -> None:
     out, teacher = Path(args.out), default_model_path()
     base = DemoConfig()
     lcd_dir, lcf_dir = out / "lcd-seen", out / "lcf-held"
-    loop = dict(seed=0, validate_every=0, resume="latest")
+    loop = dict(seed=0, validate_every=0, resume="auto")
     if not (lcd_dir / "unet").is_dir():
         run_distillation(
             teacher,

@@ -53,3 +53,29 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("parity with diffusers: max relative difference per test")
     for base, (diff, tol, count) in sorted(worst.items()):
         terminalreporter.write_line(f"{base:<60} {diff:.2e} (tol {tol:.0e}, {count} comparisons)")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A tiny random Stable-Diffusion-shaped teacher folder (epsilon prediction), shared read-only by the session."""
+    from tiny_models import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"), "epsilon")
+
+
+@pytest.fixture(scope="session")
+def captioned_images(tmp_path_factory):
+    """Eight random 64² images with captions, in the imagefolder layout ``--data`` reads (read-only)."""
+    import json
+
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("captioned-images")
+    g = torch.Generator().manual_seed(2)
+    lines = []
+    for i in range(8):
+        pixels = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a photo of a cat {i % 3}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder

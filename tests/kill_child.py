@@ -4,7 +4,9 @@
 MODE ``distill:TEACHER:DATA`` runs ``lcm distill`` on a tiny teacher. PHASE says where the N-th event of this
 process dies: ``mid-step`` (N-th micro-batch drawn), ``after-update`` (after the N-th optimiser update, before its
 EMA and checkpoint), ``mid-state`` (N-th checkpoint: tensor file half written), ``before-meta``, ``before-rename``,
-``before-prune`` (N-th checkpoint), ``mid-export`` (the export half written).
+``before-prune`` (N-th checkpoint), ``mid-export`` (the export half written); ``hold`` waits at the N-th micro-batch
+(after writing ``OUT.holding``) until it is killed. ``RESUME=none`` in the environment starts a new run instead of
+``--resume auto``.
 """
 
 from __future__ import annotations
@@ -18,11 +20,19 @@ import torch
 
 MAX_STEPS, EVERY, ACCUMULATION = 12, 2, 2
 UNREADABLE = {3, 8, 9}  # stream positions whose batch held no readable image
+RESUME = None if os.environ.get("RESUME") == "none" else "auto"
 
 
 def die() -> None:
     sys.stdout.flush()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hold() -> None:
+    import time
+
+    Path(sys.argv[1] + ".holding").write_text(str(os.getpid()))
+    time.sleep(600)
 
 
 def counted(n: int, before=None, after=None):
@@ -57,6 +67,8 @@ def install(phase: str, n: int, task_class) -> None:
 
     if phase == "mid-step":
         loop._Run.next_batch = counted(n, before=lambda *a, **k: die())(loop._Run.next_batch)
+    elif phase == "hold":
+        loop._Run.next_batch = counted(n, before=lambda *a, **k: hold())(loop._Run.next_batch)
     elif phase == "after-update":
         AcceleratedOptimizer.step = counted(n, after=lambda *a, **k: die())(AcceleratedOptimizer.step)
     elif phase == "mid-state":
@@ -152,7 +164,7 @@ def run_loop(out: Path, keep: int) -> None:
         gradient_accumulation_steps=ACCUMULATION,
         validate_every=0,
         log_every=1,
-        resume="latest",
+        resume=RESUME,
         seed=3,
         cpu=True,
     )
@@ -175,11 +187,11 @@ def main() -> None:
 
     _, teacher, data = mode.split(":", 2)
     if (out / "train" / "run_config.json").is_file():
-        sys.exit(cli(["distill", "--out", str(out), "--resume", "latest"]))
+        sys.exit(cli(["distill", "--out", str(out), "--resume", "auto"]))
     args = ["distill", "--teacher", teacher, "--data", data, "--out", str(out), "--max-steps", str(MAX_STEPS)]
     args += ["--batch-size", "2", "--checkpoint-every", str(EVERY), "--keep-checkpoints", str(keep)]
     args += ["--gradient-accumulation-steps", str(ACCUMULATION), "--validate-every", "0", "--log-every", "1"]
-    sys.exit(cli([*args, "--resume", "latest", "--learning-rate", "1e-3", "--seed", "5"]))
+    sys.exit(cli([*args, "--resume", "auto", "--learning-rate", "1e-3", "--seed", "5"]))
 
 
 if __name__ == "__main__":

@@ -75,8 +75,10 @@ def test_lora_export_loads_with_load_lora_weights(image_folder, tmp_path, parity
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
     teacher = build_tiny_sd(tmp_path / "teacher")
-    out = _distill(teacher, image_folder, tmp_path / "lora", "--student", "lora", "--lora-rank", "4")
-    out = _distill(teacher, image_folder, out, "--student", "lora", "--lora-rank", "4", "--lora-alpha", "2")
+    _distill(teacher, image_folder, tmp_path / "lora", "--student", "lora", "--lora-rank", "4")
+    out = _distill(
+        teacher, image_folder, tmp_path / "lora-a2", "--student", "lora", "--lora-rank", "4", "--lora-alpha", "2"
+    )
     meta = json.loads((out / "lcm_lora.json").read_text())
     assert meta["original_inference_steps"] == 50
     pipe = StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None, requires_safety_checker=False)

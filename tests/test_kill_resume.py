@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,23 @@ MAX_STEPS, EVERY, ACCUMULATION = 12, 2, 2
 CHECKPOINT_PHASES = ("mid-state", "before-meta", "before-rename", "before-prune")
 
 
-def _child(out: Path, mode: str, *kill: str, keep: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KEEP_CHECKPOINTS": str(keep), "PYTHONPATH": str(CHILD.parent)}
+def _child(out: Path, mode: str, *kill: str, keep: int = 2, new_run: bool = False) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(CHILD), str(out), mode, *kill], capture_output=True, text=True, env=env, timeout=600
+        _command(out, mode, *kill), capture_output=True, text=True, env=_env(keep, new_run), timeout=600
     )
+
+
+def _command(out: Path, mode: str, *kill: str) -> list[str]:
+    return [sys.executable, str(CHILD), str(out), mode, *kill]
+
+
+def _env(keep: int = 2, new_run: bool = False) -> dict[str, str]:
+    env = {**os.environ, "KEEP_CHECKPOINTS": str(keep), "PYTHONPATH": str(CHILD.parent)}
+    return {**env, "RESUME": "none"} if new_run else env
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _resume_step(out: Path) -> int:
@@ -90,6 +103,38 @@ def _survive(tmp_path: Path, mode: str, kills: int, seed: int, export: str) -> l
 def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
     points = _survive(tmp_path, "loop", kills=10, seed=0, export="model.safetensors")
     assert len(points) == 10 and {p[0] for p in points} >= set(CHECKPOINT_PHASES), points
+
+
+def test_a_new_run_in_a_finished_killed_runs_folder_is_refused_and_a_second_live_run_too(tmp_path):
+    """The harness on a reused folder and on two runs at once: a new run into a finished run's folder is refused and
+    changes nothing; while a run lives (held mid-step), a second one on its folder is refused; once the first is
+    killed, its lock is gone and a resume finishes exactly as an uninterrupted run."""
+    reference = tmp_path / "reference"
+    assert _child(reference, "loop").returncode == 0
+    before = _snapshot(reference)
+    again = _child(reference, "loop", keep=1, new_run=True)
+    assert again.returncode != 0 and "holds another run" in again.stderr.strip().splitlines()[-1], again.stderr
+    assert _snapshot(reference) == before  # every checkpoint, the export and the logs as they were
+
+    out = tmp_path / "run"
+    first = subprocess.Popen(_command(out, "loop", "hold", "5"), env=_env(), stdout=subprocess.DEVNULL)
+    try:
+        marker = Path(str(out) + ".holding")
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never reached its hold"
+            time.sleep(0.05)
+        held = _snapshot(out)
+        second = _child(out, "loop")
+        assert second.returncode != 0, second.stdout
+        assert f"is in use by process {first.pid}" in second.stderr.strip().splitlines()[-1], second.stderr
+        assert _snapshot(out) == held
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert _child(out, "loop").returncode == 0
+    a, b = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

@@ -105,9 +105,12 @@ def test_a_corrupt_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_says_when_there_is_no_checkpoint(tmp_path, capsys):
-    _train(tmp_path, Task(), max_steps=1, resume="latest")
-    assert "no checkpoint in" in capsys.readouterr().out
+def test_resume_latest_with_nothing_to_resume_is_refused_and_auto_starts(tmp_path):
+    with pytest.raises(ValueError, match=r"^--resume latest: nothing to resume in .*--resume auto") as err:
+        _train(tmp_path, Task(), max_steps=1, resume="latest")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "train" / "checkpoints").exists()
+    assert _train(tmp_path, Task(), max_steps=1, resume="auto")["steps_run"] == 1
 
 
 def test_a_checkpoint_of_other_settings_is_refused_in_one_line(tmp_path):
@@ -130,14 +133,14 @@ def _args(tmp_path, typed=(), **values):
 
     argv = ["distill", "--out", str(tmp_path), *typed]
     args = build_parser().parse_args(argv)
-    sub = build_parser()._subparsers._group_actions[0].choices["distill"]
-    args.typed_flags = typed_flags(sub, argv)
+    args.command_parser = build_parser()._subparsers._group_actions[0].choices["distill"]
+    args.typed_flags = typed_flags(args.command_parser, argv)
     return args
 
 
 def test_resume_reads_the_run_settings_and_refuses_a_changed_flag(tmp_path):
     from lcm.cli.common import recorded_flags, settle_flags
-    from lcm.training.runs import RUN_CONFIG
+    from lcm.training.run_folder import RUN_CONFIG
 
     started = _args(tmp_path, ["--batch-size", "3", "--lora-rank", "8", "--teacher", "t", "--data", "d"])
     (tmp_path / "train").mkdir()

@@ -32,7 +32,8 @@ def test_validation_grid_reaches_tensorboard(sd_and_images, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     sd, data = sd_and_images
-    assert _distill(sd, data, tmp_path / "run", "--validation-prompt", "a cat", "--validation-prompt", "a car") == 0
+    prompts = ["--validation-prompt", "a cat", "--validation-prompt", "a car"]
+    assert _distill(sd, data, tmp_path / "run", *prompts, "--validate-every", "5") == 0  # and at the end
     grid = Image.open(tmp_path / "run" / "train" / "validation" / "step-000002.png")
     events = EventAccumulator(str(next((tmp_path / "run" / "train" / "logs").rglob("events.out.tfevents.*")).parent))
     events.Reload()

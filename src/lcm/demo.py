@@ -23,7 +23,7 @@ from lcm.maths.solvers import Solver
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import Sampler, default_model_path, generate
 from lcm.training.lcd import LCDConfig
-from lcm.training.loop import TRAIN_DIR, TrainConfig
+from lcm.training.loop import TrainConfig
 from lcm.training.runs import DataConfig, run_distillation
 
 __all__ = ["DemoConfig", "run_demo"]
@@ -93,12 +93,14 @@ def _table(rows: list[dict]) -> str:
 
 
 def _forget_other_runs(lcm_dir: Path, cfg: DemoConfig) -> None:
-    """Resume an interrupted demo, but never continue one that was started with other settings."""
-    stamp = lcm_dir / "demo_config.json"
+    """Resume an interrupted demo, but never continue one that was started with other settings: the demo's own
+    LCM folder is started afresh then (saying so)."""
+    stamp = cfg.out / "demo_config.json"
     config = json.dumps({k: str(v) for k, v in asdict(cfg).items()}, sort_keys=True)
-    if stamp.is_file() and stamp.read_text() != config:
-        shutil.rmtree(lcm_dir / TRAIN_DIR / "checkpoints", ignore_errors=True)
-    lcm_dir.mkdir(parents=True, exist_ok=True)
+    if lcm_dir.exists() and stamp.is_file() and stamp.read_text() != config:
+        print(f"{lcm_dir} holds a demo run with other settings: starting it afresh")
+        shutil.rmtree(lcm_dir)
+    cfg.out.mkdir(parents=True, exist_ok=True)
     stamp.write_text(config)
 
 
@@ -127,7 +129,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             checkpoint_every=max(cfg.max_steps // 3, 1),
             validate_every=0,
             log_every=max(cfg.max_steps // 100, 1),
-            resume="latest",
+            resume="auto",
             compile=cfg.compile,
         ),
         validation_prompts=tuple(class_prompts()),

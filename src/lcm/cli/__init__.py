@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    args.typed_flags = typed_flags(subparsers.choices[args.command], argv)  # what a resumed run must not change
+    args.command_parser = subparsers.choices[args.command]  # the flags' types, for values read from files
+    args.typed_flags = typed_flags(args.command_parser, argv)  # what a resumed run must not change
     if args.allow_pickle:
         os.environ[ALLOW_PICKLE_ENV] = "1"
     try:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from lcm.cli.common import check_int
+from lcm.limits import MAX_BATCH
+
 
 def run_cache(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -14,9 +17,8 @@ def run_cache(args: argparse.Namespace) -> int:
     from lcm.sample import default_model_path
     from lcm.training.runs import DataConfig, build_dataset
 
-    for flag, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size)):
-        if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
+    check_int(args.batch_size, "--batch-size", 1, MAX_BATCH)
+    check_int(args.shard_size, "--shard-size", 1, 1 << 20)
     if args.shard_size % args.batch_size:
         raise ValueError(f"--shard-size ({args.shard_size}) must be a multiple of --batch-size ({args.batch_size})")
     data = DataConfig(
@@ -27,6 +29,7 @@ def run_cache(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         data_dir=Path(args.data_dir) if args.data_dir else None,
+        allow_outside=args.allow_outside_files,
     )
     data.check()
     device = parse_device(args.device)
@@ -83,5 +86,10 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: Debian package or download)")
+    p.add_argument(
+        "--allow-outside-files",
+        action="store_true",
+        help="let a folder's metadata.jsonl name image files outside the folder (default: such lines are skipped)",
+    )
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=run_cache)

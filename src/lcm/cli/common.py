@@ -118,7 +118,12 @@ def add_training_args(p: argparse.ArgumentParser, lr_help: str, steps: int) -> N
     g.add_argument("--seed", type=int, default=0, help="seed of data order, noise, t and w draws (default 0)")
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
-    g.add_argument("--validate-every", type=int, default=500, help="steps between validation grids (default 500)")
+    g.add_argument(
+        "--validate-every",
+        type=int,
+        default=500,
+        help="steps between validation grids, and one at the end (default 500; 0: no validation at all)",
+    )
     g.add_argument("--log-every", type=int, default=10, help="steps between log lines (default 10)")
     g.add_argument(
         "--report-to",
@@ -129,7 +134,8 @@ def add_training_args(p: argparse.ArgumentParser, lr_help: str, steps: int) -> N
     g.add_argument(
         "--resume",
         help="'latest' or a checkpoint folder: continue exactly where it stopped, with the run's saved settings "
-        "(only --out is needed)",
+        "(only --out is needed; refused when there is nothing to resume). 'auto': resume when --out holds a "
+        "checkpoint, else start. Without --resume, a folder that holds another run or a model is refused",
     )
     g.add_argument(
         "--max-bad-steps",
@@ -146,11 +152,21 @@ def add_training_args(p: argparse.ArgumentParser, lr_help: str, steps: int) -> N
     )
     d.add_argument("--image-column", help="image column of a datasets dataset (default image)")
     d.add_argument("--caption-column", help="caption column / metadata key (default text)")
-    d.add_argument("--resolution", type=int, help="training resolution (default: the model's native size)")
+    d.add_argument(
+        "--resolution",
+        type=int,
+        help="training resolution, a multiple of 8 up to 8192 (default: the model's native size)",
+    )
     d.add_argument("--random-crop", action="store_true", help="random instead of centre crop")
     d.add_argument("--random-flip", action="store_true", help="random horizontal flips")
-    d.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    d.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0; at most 256)")
     d.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: Debian package or download)")
+    d.add_argument(
+        "--allow-outside-files",
+        action="store_true",
+        help="let a folder's metadata.jsonl name image files outside the folder (../x.png, absolute paths); by "
+        "default such lines are skipped and counted",
+    )
     v = p.add_argument_group("validation")
     v.add_argument("--validation-prompt", action="append", help="prompt of the validation grid (repeatable)")
     v.add_argument(
@@ -204,6 +220,7 @@ def data_config(args: argparse.Namespace):
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         data_dir=Path(args.data_dir) if args.data_dir else None,
+        allow_outside=args.allow_outside_files,
     )
 
 
@@ -238,22 +255,9 @@ def check_consistency_flags(args: argparse.Namespace) -> None:
         raise ValueError("--lora-targets takes comma-separated module names, got none")
 
 
-# Flags a resumed run may change: they steer when things are written and how long it runs, not what it computes.
-RESUME_MAY_CHANGE = frozenset(
-    {
-        "out",
-        "resume",
-        "config",
-        "max_steps",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "validate_every",
-        "log_every",
-        "report_to",
-    }
-    | {"num_workers", "max_bad_steps", "data_dir"}
-)
-_NOT_FLAGS = ("func", "command", "typed_flags")
+_NOT_FLAGS = ("func", "command", "typed_flags", "command_parser")
+# Flags naming a model whose default is the shipped one: a typed default equals the flag left out.
+_MODEL_FLAGS = ("teacher", "model")
 
 
 def typed_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, str]:
@@ -276,10 +280,56 @@ def _show(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
-def _config_file(path: str, command: str, known: dict[str, Any]) -> dict[str, Any]:
+def _kind(action: argparse.Action) -> str | None:
+    """What a flag's value must be when it comes from a JSON file, or None when any JSON value is a mistake."""
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+        return "true or false"
+    if isinstance(action, argparse._AppendAction):
+        return "a list of strings"
+    if action.type is int:
+        return "an integer"
+    if action.type is float:
+        return "a number"
+    if action.type is None:
+        return "one of " + ", ".join(map(json.dumps, action.choices)) if action.choices else "a string"
+    return None
+
+
+def _fits(action: argparse.Action, value: Any) -> bool:
+    if value is None:
+        return action.default is None  # unset: only where the flag has no default
+    kind = _kind(action)
+    if kind == "true or false":
+        return isinstance(value, bool)
+    if kind == "a list of strings":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if isinstance(value, bool):
+        return False
+    if kind == "an integer":
+        return isinstance(value, int)
+    if kind == "a number":
+        return isinstance(value, int | float)
+    if action.choices:
+        return value in action.choices
+    return isinstance(value, str) and kind == "a string"
+
+
+def _typed(values: dict[str, Any], parser: argparse.ArgumentParser, where: str) -> dict[str, Any]:
+    """``values`` (flag dests → JSON values) checked against the flags' own types and choices, in one line."""
+    actions = {a.dest: a for a in parser._actions}
+    for dest, value in values.items():
+        action = actions.get(dest)
+        if action is not None and not _fits(action, value):
+            option = action.option_strings[-1] if action.option_strings else dest
+            unset = " (or null)" if action.default is None else ""
+            raise ValueError(f"{where}: {option} must be {_kind(action)}{unset}, got {json.dumps(value)[:80]}")
+    return values
+
+
+def _config_file(path: str, command: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     try:
         record = json.loads(Path(path).expanduser().read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"--config {path}: not a readable JSON file ({err})") from None
     if isinstance(record, dict) and isinstance(record.get("flags"), dict):
         if record.get("command") not in (None, command):
@@ -288,35 +338,51 @@ def _config_file(path: str, command: str, known: dict[str, Any]) -> dict[str, An
     if not isinstance(record, dict):
         raise ValueError(f"--config {path} must hold a JSON object of flags")
     flags = {k.lstrip("-").replace("-", "_"): v for k, v in record.items()}
+    known = {a.dest for a in parser._actions} - set(_NOT_FLAGS)
     if unknown := sorted(k for k in flags if k not in known):
         raise ValueError(f"--config {path}: unknown flag(s) {', '.join(unknown)} for lcm {command}")
-    return flags
+    return _typed(flags, parser, f"--config {path}")
+
+
+def _same(dest: str, typed: Any, saved: Any) -> bool:
+    """Whether a typed flag keeps a resumed run's value (a model flag compared by the folder it resolves to)."""
+    if dest in _MODEL_FLAGS:
+        from lcm.locations import local_path_or_none
+        from lcm.sample import default_model_path
+
+        def where(value):
+            local = local_path_or_none(str(value or default_model_path()))
+            return str(local.resolve()) if local is not None else value
+
+        return where(typed) == where(saved)
+    return typed == saved
 
 
 def settle_flags(args: argparse.Namespace, command: str) -> None:
-    """Fill ``args`` from the run being resumed (``OUT/train/run_config.json``) or from ``--config``, keeping every
-    flag typed on the command line; a typed flag that would change a resumed run is refused in one line."""
-    from lcm.training.loop import TRAIN_DIR
-    from lcm.training.runs import RUN_CONFIG, read_run_config
+    """Fill ``args`` from the run being resumed (its ``run_config.json``, or the record in its newest intact
+    checkpoint when that file is gone) or from ``--config``, keeping every flag typed on the command line; a typed
+    flag that would change a resumed run is refused in one line, as is a value of the wrong type in either file."""
+    from lcm.training.run_folder import RESUME_MAY_CHANGE, RUN_CONFIG, TRAIN_DIR, read_run_record
 
     typed = getattr(args, "typed_flags", {})
+    parser = args.command_parser
     own = {k: v for k, v in vars(args).items() if k not in _NOT_FLAGS}
-    saved = read_run_config(args.out) if args.resume else None
+    saved = read_run_record(Path(args.out) / TRAIN_DIR) if args.resume else None
     if saved is not None and isinstance(saved.get("flags"), dict):
         where = Path(args.out) / TRAIN_DIR / RUN_CONFIG
         if args.config:
             raise ValueError(f"--config starts a run; --resume takes the run's own settings from {where}")
         if saved.get("command") != command:
             raise ValueError(f"{args.out} is an lcm {saved.get('command')} run: resume it with that command")
-        base = saved["flags"]
+        base = _typed({k: v for k, v in saved["flags"].items() if k in own}, parser, str(where))
         for dest, option in typed.items():
-            if dest not in RESUME_MAY_CHANGE and dest in base and own.get(dest) != base[dest]:
+            if dest not in RESUME_MAY_CHANGE and dest in base and not _same(dest, own.get(dest), base[dest]):
                 raise ValueError(
                     f"{option} {_show(own.get(dest))} differs from this run's {_show(base[dest])} (saved in {where}): "
                     "drop the flag to resume, or start a new --out"
                 )
     elif args.config:
-        base = _config_file(args.config, command, own)
+        base = _config_file(args.config, command, parser)
     else:
         return
     for dest, value in base.items():

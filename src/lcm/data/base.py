@@ -34,6 +34,7 @@ MISSING_IMAGE = "missing image"
 MISSING_IMAGE_FILE = "missing image file"
 UNREADABLE_IMAGE = "unreadable image"
 INVALID_METADATA = "invalid metadata line"
+OUTSIDE_FOLDER = "file outside the data folder"  # metadata naming ../x.png or /etc/hostname
 UNREADABLE_SHARD = "unreadable shard"
 TRUNCATED_SAMPLE = "truncated sample"  # a WebDataset sample cut off by the end of its shard
 TRUNCATED_SHARD = "truncated shard"  # a shard that ends mid-member (its complete samples are still read)

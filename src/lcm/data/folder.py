@@ -10,6 +10,7 @@ from typing import Any
 from lcm.data.base import (
     INVALID_METADATA,
     MISSING_IMAGE_FILE,
+    OUTSIDE_FOLDER,
     MapSource,
     Sample,
     check_caption,
@@ -29,7 +30,9 @@ class ImageFolderSource(MapSource):
     missing image file or a missing / empty caption are skipped when the source is built; unreadable images when
     they are loaded, where ``__getitem__`` returns ``None`` (see :func:`collate_skip_none`). Rows keep the order
     of the metadata file. With ``seed`` set, random crops, flips and caption choices depend only on
-    ``(seed, epoch, index)``.
+    ``(seed, epoch, index)``. A ``file_name`` that leads out of ``root`` (``../x.png``, ``/etc/hostname``) is
+    skipped unless ``allow_outside``: a metadata file from elsewhere must not make the run read other files (links
+    inside the folder are followed as usual).
     """
 
     def __init__(
@@ -40,9 +43,11 @@ class ImageFolderSource(MapSource):
         caption_column: str | None = None,
         image_column: str = "file_name",
         seed: int | None = None,
+        allow_outside: bool = False,
     ) -> None:
         super().__init__(transform, seed)
         self.root = Path(root).expanduser()
+        self.allow_outside = allow_outside
         metadata = self._metadata_path(self.root)
         rows = self._read_metadata(metadata)
         if not rows:
@@ -95,6 +100,10 @@ class ImageFolderSource(MapSource):
         caption, reason = check_caption(row.get(self.caption_column))
         if reason is not None:
             self.skipped.add(reason, file_name)
+            return
+        inside = os.path.normpath(self.root / file_name).startswith(os.path.normpath(self.root) + os.sep)
+        if not (inside or self.allow_outside):
+            self.skipped.add(OUTSIDE_FOLDER, file_name)
             return
         if not (self.root / file_name).is_file():
             self.skipped.add(MISSING_IMAGE_FILE, file_name)

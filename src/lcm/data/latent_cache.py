@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lcm.data.base import collate_skip_none
+from lcm.locations import written
 
 __all__ = ["CACHE_MANIFEST", "LatentCache", "is_latent_cache", "model_fingerprint", "write_latent_cache"]
 
@@ -132,7 +133,8 @@ def write_latent_cache(
         shard = len(manifest["shards"])
         tensors, captions = _pack(pending)
         tmp = folder / (_shard_name(shard) + ".tmp")
-        save_file(tensors, str(tmp), metadata={"captions": json.dumps(captions)})
+        with written(folder / _shard_name(shard), cleanup=tmp):
+            save_file(tensors, str(tmp), metadata={"captions": json.dumps(captions)})
         tmp.replace(folder / _shard_name(shard))
         count = int(tensors["text_index"].shape[0])
         manifest["shards"].append({"file": _shard_name(shard), "samples": count})
@@ -210,6 +212,9 @@ class LatentCache(Dataset):
         self.starts = torch.tensor([0, *counts]).cumsum(0).tolist()
         self._open: dict[int, tuple[Any, list[str], torch.Tensor]] = {}
         self.skipped = None  # the unreadable images were skipped (and counted) when the cache was written
+        for k, count in enumerate(counts):  # every shard whole and as the manifest says, before training starts
+            if len(self._shard(k)[2]) != count:
+                raise ValueError(self._damaged(k, f"{len(self._shard(k)[2])} samples, the manifest says {count}"))
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -224,13 +229,22 @@ class LatentCache(Dataset):
                     f"{model.source}); run lcm cache with this model"
                 )
 
+    def _damaged(self, k: int, reason: str) -> str:
+        name = self.manifest["shards"][k]["file"]
+        return (
+            f"latent cache {self.folder}: shard {name} is damaged ({reason}); delete the folder and run lcm cache again"
+        )
+
     def _shard(self, k: int):
         if k not in self._open:
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            handle = safe_open(str(self.folder / self.manifest["shards"][k]["file"]), framework="pt")
-            captions = json.loads(handle.metadata()["captions"])
-            self._open[k] = (handle, captions, handle.get_tensor("text_index"))
+            try:
+                handle = safe_open(str(self.folder / self.manifest["shards"][k]["file"]), framework="pt")
+                captions = json.loads(handle.metadata()["captions"])
+                self._open[k] = (handle, captions, handle.get_tensor("text_index"))
+            except (OSError, SafetensorError, KeyError, TypeError, ValueError) as err:
+                raise ValueError(self._damaged(k, " ".join(str(err).split())[:160] or type(err).__name__)) from None
         return self._open[k]
 
     def __getitem__(self, i: int) -> dict[str, Any]:

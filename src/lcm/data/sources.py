@@ -109,12 +109,14 @@ def open_data(
     seed: int | None = None,
     data_dir: Path | None = None,
     captions_required: bool = True,
+    allow_outside: bool = False,
 ) -> Dataset:
     """The dataset ``spec`` names, yielding ``{"pixel_values", "caption"}`` samples (``None`` for a skipped one).
 
     Images are transformed with :class:`ImageTransform` (``resolution``, crop, flip, ``channels``); Fashion-MNIST
     keeps its own 32×32×1 and reads ``split`` ("train" / "test") from ``data_dir``. ``seed`` fixes random crops,
     flips and caption choices. ``captions_required=False`` also accepts a folder of images without metadata.
+    ``allow_outside`` lets a folder's ``metadata.jsonl`` name files outside the folder (:class:`ImageFolderSource`).
     """
     if not isinstance(spec, DataSpec):
         spec = parse_data_spec(spec)
@@ -135,6 +137,7 @@ def open_data(
         split=split,
         seed=seed,
         captions_required=captions_required,
+        allow_outside=allow_outside,
     )
 
 
@@ -150,6 +153,7 @@ def build_source(
     split: str = "train",
     seed: int | None = None,
     captions_required: bool = True,
+    allow_outside: bool = False,
 ) -> ImageFolderSource | PlainImageFolder | HFDatasetSource | WebDatasetSource:
     """The image source ``spec`` names, any kind but Fashion-MNIST; the arguments are those of :func:`open_data`."""
     if not isinstance(spec, DataSpec):
@@ -162,7 +166,7 @@ def build_source(
         return WebDatasetSource(spec.location, transform, image_key=image_column, caption_key=caption_column, seed=seed)
     if spec.kind is DataKind.FOLDER:
         return _open_folder(
-            Path(spec.location), transform, image_column, caption_column, split, seed, captions_required
+            Path(spec.location), transform, image_column, caption_column, split, seed, captions_required, allow_outside
         )
     try:
         hf.import_datasets()
@@ -220,8 +224,10 @@ def _open_folder(
     split: str,
     seed: int | None,
     captions_required: bool,
+    allow_outside: bool = False,
 ) -> ImageFolderSource | PlainImageFolder | HFDatasetSource:
     folder_kwargs = {"caption_column": caption_column, "image_column": image_column or "file_name", "seed": seed}
+    folder_kwargs["allow_outside"] = allow_outside
     if (path / METADATA_FILE).is_file():
         return ImageFolderSource(path, transform, **folder_kwargs)
     if (path / split / METADATA_FILE).is_file():

@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+from lcm.locations import written
 from lcm.maths.consistency import SIGMA_DATA, TIMESTEP_SCALING
 from lcm.models.formats import DISTILL_RECORD, LORA_META, is_sdxl, lcm_scheduler_config, w_input_dim
 from lcm.models.lora import write_lora_file
@@ -81,7 +82,8 @@ def export_lcm_folder(
     for name in COMPONENTS:
         if (src / name).is_dir() and src.resolve() != out.resolve():
             shutil.copytree(src / name, out / name, dirs_exist_ok=True)
-    unet.save_pretrained(out / "unet", safe_serialization=True)
+    with written(out / "unet"):
+        unet.save_pretrained(out / "unet", safe_serialization=True)
     config = lcm_scheduler_config(scheduler_config, num_solver_steps, timestep_scaling)
     LCMScheduler.from_config(config).save_config(out / "scheduler")
     _write_model_index(src, out, is_sdxl(unet), w_input_dim(unet) is not None)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from lcm.locations import written
 from lcm.models.formats import LORA_FILE, is_sdxl
 
 __all__ = ["adapted_modules", "apply_lora_file", "lora_state_dict", "read_lora_file", "write_lora_file"]
@@ -66,7 +67,8 @@ def write_lora_file(unet, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state = {UNET_PREFIX + k: v for k, v in lora_state_dict(unet).items()}
     path = folder / LORA_FILE
-    save_file(state, path, metadata={"format": "pt"})
+    with written(path, cleanup=path):
+        save_file(state, path, metadata={"format": "pt"})
     return path
 
 

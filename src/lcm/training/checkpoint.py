@@ -1,9 +1,9 @@
 """Training state as safetensors + JSON: nothing pickled, every tensor named, every file hashed.
 
 A checkpoint is a ``step-N`` folder holding ``state.safetensors`` and ``meta.json``; the meta records the SHA-256 of
-the tensor file, so a checkpoint damaged after it was written (a bad disk, a partial copy) is recognised on resume
-and the newest intact one is used instead. A folder is written as ``step-N.tmp`` and renamed when complete, so a
-process killed mid-write leaves the previous checkpoint as the newest.
+the tensor file and the step N, so a checkpoint damaged after it was written (a bad disk, a partial copy, an edited
+meta) is recognised on resume and the newest intact one is used instead. A folder is written as ``step-N.tmp`` and
+renamed when complete, so a process killed mid-write leaves the previous checkpoint as the newest.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from lcm.locations import written
 
 __all__ = [
     "CorruptCheckpoint",
@@ -121,29 +123,41 @@ def save_training_state(
     tensors["rng.torch"] = torch.get_rng_state()
     if rng is not None:
         tensors["rng.generator"] = rng.get_state()
-    save_file(tensors, str(tmp / STATE_FILE))
-    _fsync(tmp / STATE_FILE)
-    meta["sha256"] = {STATE_FILE: _sha256(tmp / STATE_FILE)}  # read back: hashes what is on disk
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False))
-    _fsync(tmp / META_FILE)
+    with written(tmp / STATE_FILE, cleanup=tmp):
+        save_file(tensors, str(tmp / STATE_FILE))
+        _fsync(tmp / STATE_FILE)
+        meta["sha256"] = {STATE_FILE: _sha256(tmp / STATE_FILE)}  # read back: hashes what is on disk
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False))
+        _fsync(tmp / META_FILE)
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)  # a crash mid-write leaves the previous checkpoint intact
     return directory
 
 
 def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
-    """The meta of an intact checkpoint; :class:`CorruptCheckpoint` saying what is wrong otherwise."""
+    """The meta of an intact checkpoint; :class:`CorruptCheckpoint` saying what is wrong otherwise.
+
+    Intact: the meta is a JSON object recording the step (the N of a ``step-N`` folder) and the SHA-256 of the tensor
+    file, and the file on disk has that hash. A meta without a hash proves nothing about the tensors beside it.
+    """
     directory = Path(directory)
     if not (directory / STATE_FILE).is_file():
         raise CorruptCheckpoint(f"{directory} is not a training checkpoint (no {STATE_FILE})")
     try:
         meta = json.loads((directory / META_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise CorruptCheckpoint(f"{directory}: unreadable {META_FILE} ({type(err).__name__})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+    step = meta.get("step") if isinstance(meta, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool):
         raise CorruptCheckpoint(f"{directory}: {META_FILE} records no step")
-    expected = (meta.get("sha256") or {}).get(STATE_FILE)
-    if expected is not None and _sha256(directory / STATE_FILE) != expected:
+    named = directory.name[5:] if directory.name.startswith("step-") else None
+    if named is not None and named.isdigit() and int(named) != step:
+        raise CorruptCheckpoint(f"{directory}: {META_FILE} records step {step}, not the folder's {named}")
+    expected = meta.get("sha256")
+    expected = expected.get(STATE_FILE) if isinstance(expected, dict) else None
+    if not isinstance(expected, str):
+        raise CorruptCheckpoint(f"{directory}: {META_FILE} records no SHA-256 of {STATE_FILE}")
+    if _sha256(directory / STATE_FILE) != expected:
         raise CorruptCheckpoint(f"{directory}: {STATE_FILE} does not match the SHA-256 its meta recorded")
     return meta
 
@@ -152,14 +166,18 @@ def load_training_state(
     directory: str | Path,
     optimizer: torch.optim.Optimizer | None = None,
     rng: torch.Generator | None = None,
+    check: Callable[[Path, dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Verify the checkpoint, restore optimiser and RNG states in place; return (model tensors, meta).
 
     Raises :class:`CorruptCheckpoint` (before changing anything) for a damaged checkpoint, and ``ValueError`` for
-    one that does not fit ``optimizer`` (a run with other settings).
+    one that does not fit ``optimizer`` (a run with other settings). ``check(directory, meta)`` may refuse the
+    checkpoint (raising) after it is verified and before anything is restored.
     """
     directory = Path(directory)
     meta = verify_checkpoint(directory)
+    if check is not None:
+        check(directory, meta)
     try:
         tensors = load_file(str(directory / STATE_FILE))
     except (SafetensorError, OSError, ValueError) as err:
@@ -209,18 +227,19 @@ def restore_checkpoint(
     rng: torch.Generator,
     load_task: Callable[[dict[str, torch.Tensor]], None],
     report: Callable[[str], None] = print,
-) -> dict[str, Any] | None:
+    check: Callable[[Path, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Load the checkpoint ``resume`` names (``"latest"`` under ``root``, or a folder) into ``load_task``, the
-    optimiser and ``rng``; return its meta, or None when ``latest`` finds no checkpoint.
+    optimiser and ``rng``; return its meta.
 
     ``latest`` takes the newest intact checkpoint, reporting (one line each) the corrupt ones it passes over; a
-    checkpoint that does not fit the task (other LoRA rank, other student) is a ``ValueError`` in one line.
+    checkpoint that does not fit the task (other LoRA rank, other student) is a ``ValueError`` in one line, and so
+    is one that ``check(folder, meta)`` refuses (see :func:`load_training_state`).
     """
     if resume == "latest":
         candidates = [path for _, path in checkpoint_steps(root)]
         if not candidates:
-            report(f"--resume latest: no checkpoint in {root}; starting at step 0")
-            return None
+            raise ValueError(f"--resume latest: no checkpoint in {root}")
     else:
         path = Path(resume)
         if not path.is_dir():
@@ -228,7 +247,7 @@ def restore_checkpoint(
         candidates = [path]
     for path in candidates:
         try:
-            state, meta = load_training_state(path, optimizer, rng)
+            state, meta = load_training_state(path, optimizer, rng, check)
         except CorruptCheckpoint as err:
             if resume != "latest":
                 raise

@@ -8,14 +8,18 @@ clipping, a guard against non-finite losses and gradients, safetensors checkpoin
 data position included), TensorBoard logging and progress.
 
 A run folder ``out`` holds the export; everything else a run writes goes to ``out/train``: ``checkpoints/``,
-``logs/``, ``validation/``, ``train_config.json`` and ``train_history.json``.
+``logs/``, ``validation/``, ``train_config.json``, ``train_history.json`` and the run's record ``run_config.json``.
+A run owns its folder while it lives (:mod:`lcm.training.run_folder`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -26,9 +30,18 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
+from lcm.limits import MAX_STEPS
 from lcm.models.fast import Compile, cpu_compiler, use_compile_cache
 from lcm.training.checkpoint import checkpoint_steps, non_finite, restore_checkpoint, save_training_state
 from lcm.training.optim import LR_SCHEDULES, cosine_floor, make_lr_scheduler, make_optimizer
+from lcm.training.run_folder import (
+    RESUME_MODES,
+    TRAIN_DIR,
+    check_folder_state,
+    differences,
+    own_run_folder,
+    write_run_record,
+)
 from lcm.training.tracking import TRACKERS, flat_config, log_images, trackers
 
 __all__ = [
@@ -43,7 +56,6 @@ __all__ = [
 ]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")  # Accelerate's autocast modes
-TRAIN_DIR = "train"  # the training state inside a run folder, kept apart from the exported model
 
 
 def _check(ok: bool, message: str) -> None:
@@ -74,10 +86,10 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     checkpoint_dir: Path | None = None  # where the step-N folders go (default: out/train/checkpoints)
-    validate_every: int = 500  # 0: only at the end
+    validate_every: int = 500  # and at the end; 0: never
     log_every: int = 10
     write_logs: bool = True  # TensorBoard logs, train_config.json and train_history.json in out/train
-    resume: str | None = None  # "latest" or a checkpoint folder
+    resume: str | None = None  # "latest", "auto" (latest, or a new run when there is none) or a checkpoint folder
     cpu: bool = False  # train on the CPU even where an accelerator is present
     label: str = "train"  # of the progress bar
     max_bad_steps: int = 10  # stop after this many optimiser steps in a row with a non-finite loss or gradient
@@ -85,7 +97,7 @@ class TrainConfig:
     report_to: tuple[str, ...] = ("tensorboard",)  # Accelerate trackers (with write_logs); validation grids too
 
     def __post_init__(self):
-        _check(self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}")
+        _check(1 <= self.max_steps <= MAX_STEPS, f"--max-steps must be between 1 and {MAX_STEPS}, got {self.max_steps}")
         _check(_positive(self.learning_rate), f"--learning-rate must be a positive number, got {self.learning_rate}")
         _check(
             self.lr_schedule in LR_SCHEDULES,
@@ -109,10 +121,13 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
         _check(self.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
         every = self.validate_every
-        _check(every >= 0, f"--validate-every must be at least 0 (0: only at the end), got {every}")
+        _check(every >= 0, f"--validate-every must be at least 0 (0: never), got {every}")
         _check(self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}")
         _check(self.max_bad_steps >= 1, f"--max-bad-steps must be at least 1, got {self.max_bad_steps}")
-        _check(self.resume is None or bool(str(self.resume).strip()), "--resume takes 'latest' or a checkpoint folder")
+        _check(
+            self.resume is None or bool(str(self.resume).strip()),
+            f"--resume takes {' or '.join(RESUME_MODES)} or a checkpoint folder",
+        )
         for tracker in self.report_to:
             _check(tracker in TRACKERS, f"--report-to: unknown tracker {tracker!r} ({', '.join(TRACKERS)})")
         modes = [c.value for c in Compile]
@@ -182,16 +197,23 @@ def _strict(value: Any) -> Any:
     return value
 
 
-def train(task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig) -> dict[str, Any]:
+def train(
+    task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig, record: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run ``cfg.max_steps`` optimiser steps of ``task``. ``batches(start)`` returns the endless batch stream from
     micro-batch ``start`` on (see :func:`lcm.data.loader.batch_stream`), so a resumed run continues at the same data
     position; a run resumed at its last step only restores the task's state. Returns a summary: ``steps``,
     ``steps_run`` (by this call), ``bad_steps`` (skipped for a non-finite loss or gradient), ``wall_seconds`` and
-    the logged ``history`` of the whole run."""
+    the logged ``history`` of the whole run.
+
+    The run owns its folder while it lives (:mod:`lcm.training.run_folder`): another live run on it, a folder that
+    holds another run's state, or ``resume="latest"`` with nothing to resume are refused in one line before anything
+    is written. ``record`` (the run's settings, JSON-ready) goes to ``run_config.json`` and into every checkpoint; a
+    resume from a checkpoint whose record differs (beyond what a resume may change) is refused.
+    """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    cfg.train_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -199,6 +221,26 @@ def train(task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig)
         log_with=trackers(cfg.report_to) if cfg.write_logs else None,
         project_config=ProjectConfiguration(project_dir=str(cfg.train_dir), logging_dir=str(cfg.train_dir / "logs")),
     )
+    owner = contextlib.ExitStack()
+    resume, error = None, None
+    if accelerator.is_main_process:
+        try:
+            decide = functools.partial(check_folder_state, cfg.train_dir, _checkpoint_root(cfg), cfg.resume, record)
+            resume = owner.enter_context(own_run_folder(cfg.train_dir, " ".join(sys.argv)[:300], decide))
+        except ValueError as err:
+            error = str(err)
+    if accelerator.num_processes > 1:  # every rank acts on rank 0's decision
+        from accelerate.utils import broadcast_object_list
+
+        resume, error = broadcast_object_list([resume, error], from_process=0)
+    if error is not None:
+        owner.close()
+        raise ValueError(error)
+    with owner:
+        return _train(accelerator, task, batches, cfg, resume, record)
+
+
+def _train(accelerator, task: Task, batches, cfg: TrainConfig, resume: str | None, record) -> dict[str, Any]:
     params = task.trainable_parameters()
     groups = task.parameter_groups() if hasattr(task, "parameter_groups") else [{"params": params}]
     optimizer = make_optimizer(groups, cfg)
@@ -214,12 +256,29 @@ def train(task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig)
     noise_seed = cfg.seed * 1009 if cfg.noise_seed is None else cfg.noise_seed
     generator = torch.Generator().manual_seed(noise_seed + accelerator.process_index)
 
-    run = _Run(accelerator, task, optimizer, lr_scheduler, generator, params, wrapped, cfg)
+    def same_run(path: Path, meta: dict[str, Any]) -> None:
+        saved = meta.get("run")
+        if record is None or not isinstance(saved, dict):  # a checkpoint that recorded no settings
+            return
+        if changed := differences(saved, record):
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise ValueError(
+                f"{path} was written by a run with other settings: {changed[0]}{more}; resume with the settings it "
+                "was started with, or choose another --out"
+            )
+
+    run = _Run(accelerator, task, optimizer, lr_scheduler, generator, params, wrapped, cfg, record)
     step, elapsed = 0, 0.0
     meta = None
-    if cfg.resume is not None:
+    if resume is not None:
         meta = restore_checkpoint(
-            cfg.resume, _checkpoint_root(cfg), optimizer.optimizer, generator, task.load_state_dict, accelerator.print
+            resume,
+            _checkpoint_root(cfg),
+            optimizer.optimizer,
+            generator,
+            task.load_state_dict,
+            accelerator.print,
+            check=same_run,
         )
     if meta is not None:
         step, elapsed = int(meta["step"]), float(meta.get("elapsed", 0.0))
@@ -230,6 +289,8 @@ def train(task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig)
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(step):  # schedules are functions of the step: replay them, no state to trust
                 lr_scheduler.step()
+    if accelerator.is_main_process and record is not None:
+        write_run_record(cfg.train_dir, record)
     if accelerator.is_main_process and cfg.write_logs:
         accelerator.init_trackers("lcm", config=flat_config(cfg))
         (cfg.train_dir / "train_config.json").write_text(json.dumps(flat_config(cfg), indent=2) + "\n")
@@ -261,9 +322,10 @@ def train(task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig)
 class _Run:
     """The optimiser steps of one :func:`train` call (split out to keep set-up and stepping readable)."""
 
-    def __init__(self, accelerator, task, optimizer, lr_scheduler, generator, params, wrapped, cfg):
+    def __init__(self, accelerator, task, optimizer, lr_scheduler, generator, params, wrapped, cfg, record):
         self.accelerator, self.task, self.optimizer, self.lr_scheduler = accelerator, task, optimizer, lr_scheduler
         self.generator, self.params, self.wrapped, self.cfg = generator, params, wrapped, cfg
+        self.record = record  # the run's settings, written into every checkpoint
         self.history: list[dict[str, Any]] = []
         self.position = 0  # micro-batches this rank has drawn from the stream, unreadable ones included
         self.bad_steps, self.bad_in_a_row = 0, 0
@@ -284,7 +346,7 @@ class _Run:
             self.position = step * self.cfg.gradient_accumulation_steps
 
     def steps(self, stream: Iterator[Any], step: int, t0: float) -> None:
-        accelerator, cfg, task = self.accelerator, self.cfg, self.task
+        accelerator, cfg = self.accelerator, self.cfg
         bar = tqdm(
             total=cfg.max_steps,
             initial=step,
@@ -292,6 +354,13 @@ class _Run:
             unit="step",
             disable=not accelerator.is_local_main_process,
         )
+        try:
+            self._steps(stream, step, t0, bar)
+        finally:
+            bar.close()  # also when a step fails: the error then starts a line of its own
+
+    def _steps(self, stream: Iterator[Any], step: int, t0: float, bar) -> None:
+        accelerator, cfg, task = self.accelerator, self.cfg, self.task
         samples_since, t_log = 0, time.time()
         while step < cfg.max_steps:
             if hasattr(task, "before_optimizer_step"):
@@ -307,7 +376,6 @@ class _Run:
                 self.bad_steps += 1
                 self.bad_in_a_row += 1
                 if self.bad_in_a_row >= cfg.max_bad_steps:
-                    bar.close()
                     raise NonFiniteTraining(
                         f"stopped at step {step}: {self.bad_in_a_row} optimiser steps in a row had a non-finite loss "
                         f"or gradient (--max-bad-steps {cfg.max_bad_steps}); lower --learning-rate or check the data"
@@ -329,8 +397,10 @@ class _Run:
                 samples_since, t_log = 0, time.time()
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 self.checkpoint(step, time.time() - t0)
-            if accelerator.is_main_process and (
-                (cfg.validate_every and step % cfg.validate_every == 0) or step == cfg.max_steps
+            if (
+                accelerator.is_main_process
+                and cfg.validate_every
+                and (step % cfg.validate_every == 0 or step == cfg.max_steps)
             ):
                 # Compiled networks run eagerly here: a grid's batch size would otherwise compile a graph of its own.
                 with torch.compiler.set_stance("force_eager"):
@@ -340,7 +410,6 @@ class _Run:
                 images = getattr(task, "validation_images", None)  # the grid just written, [1, H, W, 3] uint8
                 if images and cfg.write_logs:
                     log_images(accelerator, images, step)
-        bar.close()
 
     def one_step(self, stream: Iterator[Any]) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
         """One optimiser step over ``gradient_accumulation_steps`` micro-batches: (mean loss, grad norm, samples,
@@ -409,6 +478,8 @@ class _Run:
             "data_positions": positions,
             "bad_steps": [self.bad_steps, self.bad_in_a_row],
         }
+        if self.record is not None:
+            meta["run"] = self.record
         save_training_state(root / f"step-{step}", state, self.optimizer.optimizer, meta, self.generator)
         for _, old in checkpoint_steps(root)[self.cfg.keep_checkpoints :]:
             shutil.rmtree(old, ignore_errors=True)

@@ -1,10 +1,15 @@
 """Building a training run from user-facing settings: model, data, task, loop. Used by ``lcm distill``,
-``lcm finetune`` and ``lcm demo``; nothing here knows argparse."""
+``lcm finetune`` and ``lcm demo``; nothing here knows argparse.
+
+Before anything is loaded, the run folder is checked: it may not be (or contain) the model or the data it reads,
+and a new run refuses a folder that already holds a model or another run (:mod:`lcm.training.run_folder`).
+"""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
+import sys
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
@@ -13,17 +18,19 @@ from typing import Any
 from lcm.data.latent_cache import LatentCache
 from lcm.data.loader import batch_stream
 from lcm.data.sources import collate_skip_none, open_data, parse_data_spec
+from lcm.limits import MAX_BATCH, MAX_IMAGE_SIDE, MAX_WORKERS
+from lcm.locations import local_path_or_none
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import StudentKind
 from lcm.training.lcd import LCDConfig
 from lcm.training.lcf import LCFConfig
-from lcm.training.loop import TRAIN_DIR, TrainConfig, cpu_processes, train
+from lcm.training.loop import TrainConfig, cpu_processes, train
+from lcm.training.run_folder import check_folder_state, own_run_folder
 from lcm.training.task import DistillTask, FinetuneTask, LoraSettings
 
-__all__ = ["RUN_CONFIG", "DataConfig", "build_dataset", "read_run_config", "run_distillation", "run_finetune"]
+__all__ = ["DataConfig", "build_dataset", "run_distillation", "run_finetune"]
 
 FASHION = "fashion-mnist"
-RUN_CONFIG = "run_config.json"  # in OUT/train: everything a run was started with, read back by --resume
 
 
 @dataclass(frozen=True)
@@ -37,14 +44,17 @@ class DataConfig:
     batch_size: int = 32  # per device
     num_workers: int = 0
     data_dir: Path | None = None  # Fashion-MNIST files
+    allow_outside: bool = False  # metadata.jsonl may name files outside the data folder
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise ValueError(f"--num-workers must be at least 0, got {self.num_workers}")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise ValueError(f"--batch-size must be between 1 and {MAX_BATCH}, got {self.batch_size}")
+        if not 0 <= self.num_workers <= MAX_WORKERS:
+            raise ValueError(f"--num-workers must be between 0 and {MAX_WORKERS}, got {self.num_workers}")
+        if self.resolution is not None and not (8 <= self.resolution <= MAX_IMAGE_SIDE and self.resolution % 8 == 0):
+            raise ValueError(
+                f"--resolution must be a multiple of 8 between 8 and {MAX_IMAGE_SIDE}, got {self.resolution}"
+            )
 
     def check(self) -> None:
         """Refuse a data string that cannot be read: a missing local path, a bad class list (hub names and URLs are
@@ -64,6 +74,7 @@ def build_dataset(cfg: DataConfig, model: LatentDiffusion):
         center_crop=cfg.center_crop,
         random_flip=cfg.random_flip,
         data_dir=cfg.data_dir,
+        allow_outside=cfg.allow_outside,
     )
     if isinstance(dataset, LatentCache):
         dataset.check_model(model)
@@ -102,7 +113,8 @@ def run_distillation(
         )
 
     settings = {"command": "distill", "flags": flags, "lcd": lcd, "student": student, "lora": lora}
-    return _run(teacher, task, data, loop, {**settings, "gradient_checkpointing": gradient_checkpointing})
+    settings = {**settings, "gradient_checkpointing": gradient_checkpointing}
+    return _run(teacher, "--teacher", "teacher", task, data, loop, settings)
 
 
 def run_finetune(
@@ -136,7 +148,8 @@ def run_finetune(
         )
 
     settings = {"command": "finetune", "flags": flags, "lcf": lcf, "student": student, "lora": lora}
-    return _run(lcm, task, data, loop, {**settings, "gradient_checkpointing": gradient_checkpointing})
+    settings = {**settings, "gradient_checkpointing": gradient_checkpointing}
+    return _run(lcm, "--model", "LCM", task, data, loop, settings)
 
 
 def _plain(value: Any) -> Any:
@@ -154,42 +167,64 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _write_run_config(out: Path, record: dict[str, Any]) -> None:
-    folder = out / TRAIN_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (RUN_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(_plain(record), indent=2, allow_nan=False) + "\n")
-    tmp.replace(folder / RUN_CONFIG)  # never half a file, whenever the process dies
+def _resolved(text: str | Path) -> str:
+    """A local path as an absolute path (a hub id or a name as it is), for the record a resume is checked against."""
+    local = local_path_or_none(os.fspath(text))
+    return str(local.resolve()) if local is not None and local.exists() else os.fspath(text)
 
 
-def read_run_config(out: str | Path) -> dict[str, Any] | None:
-    """The settings the run in ``out`` was started with (``OUT/train/run_config.json``), or None."""
-    path = Path(out) / TRAIN_DIR / RUN_CONFIG
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); remove it to resume with the flags you give") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{path} does not hold a run configuration; remove it to resume with the flags you give")
-    return record
+def check_out(out: Path, inputs: dict[str, tuple[str, str | Path | None]]) -> None:
+    """Refuse a run folder that is, or contains, one of the ``inputs`` (``{flag: (what, path)}``): the export and the
+    checkpoints would overwrite or bury what the run reads."""
+    folder = out.expanduser().resolve()
+    for flag, (what, given) in inputs.items():
+        local = local_path_or_none(os.fspath(given)) if given is not None else None
+        if local is None or not local.exists():
+            continue
+        path = local.resolve()
+        if path == folder or folder in path.parents:
+            verb = "is" if path == folder else "contains"
+            raise ValueError(f"--out {out} {verb} the {what} ({flag} {given}): choose another --out")
 
 
-def _run(model_path: str | Path, make_task, data: DataConfig, loop: TrainConfig, settings: dict[str, Any]) -> dict:
+def _check_new_run(out: Path) -> None:
+    """A new run writes its model into ``out``: refuse a folder that holds files besides its training state."""
+    if out.is_dir() and (others := sorted(p.name for p in out.iterdir() if p.name != "train")):
+        shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+        raise ValueError(
+            f"--out {out} already holds files ({shown}): a new run writes its model there; choose a new or empty "
+            "folder, or resume the run in it with --resume latest"
+        )
+
+
+def _run(
+    model_path: str | Path, flag: str, what: str, make_task, data: DataConfig, loop: TrainConfig, settings: dict
+) -> dict:
     from accelerate import PartialState
 
     data.check()  # fail on a mistyped path before minutes of model loading
+    check_out(loop.out, {flag: (what, model_path), "--data": ("data", data.source)})
     state = PartialState(cpu=cpu_processes(loop.cpu))
+    owner = contextlib.ExitStack()
+    if state.num_processes == 1:  # refuse now, before minutes of loading (several ranks decide in train)
+
+        def check() -> None:
+            if check_folder_state(loop.train_dir, loop.train_dir / "checkpoints", loop.resume, None) is None:
+                _check_new_run(loop.out)
+
+        owner.enter_context(own_run_folder(loop.train_dir, " ".join(sys.argv)[:300], check))
+    with owner:
+        return _build_and_train(model_path, make_task, data, loop, settings, state)
+
+
+def _build_and_train(model_path, make_task, data: DataConfig, loop: TrainConfig, settings: dict, state) -> dict:
     model = LatentDiffusion.from_pretrained(model_path, device=state.device)
     dataset = build_dataset(data, model)
     task = make_task(model)
-    if state.is_main_process:
-        local = Path(os.fspath(model_path)).expanduser()
-        resolved = str(local.resolve()) if local.exists() else (model.source or os.fspath(model_path))
-        given = {"model": os.fspath(model_path), "model_resolved": resolved}
-        prompts = {"validation_prompts": task.validation_prompts, "validation_w": task.validation_w}
-        _write_run_config(loop.out, {**settings, **given, "data": data, "loop": loop, **prompts})
+    prompts = {"validation_prompts": task.validation_prompts, "validation_w": task.validation_w}
+    resolved = {"model_resolved": _resolved(model_path), "data_resolved": _resolved(data.source)}
+    given = {"model": os.fspath(model_path), **resolved}
+    record = _plain({**settings, **given, "data": data, "loop": loop, **prompts})
 
     def batches(start: int):
         return batch_stream(
@@ -203,7 +238,7 @@ def _run(model_path: str | Path, make_task, data: DataConfig, loop: TrainConfig,
             num_workers=data.num_workers,
         )
 
-    summary = train(task, batches, loop)
+    summary = train(task, batches, loop, record)
     skipped = getattr(dataset, "skipped", None)
     if skipped is not None and skipped.total:
         summary["skipped"] = skipped.report()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from lcm.data.captions import CaptionSet, class_prompts
 from lcm.data.fashion_mnist import load_fashion_mnist
 from lcm.images import save_grid
+from lcm.locations import written
 from lcm.maths.ema import ema_update
 from lcm.maths.guidance import EMBEDDED_DEFAULT_W
 from lcm.maths.schedule import NoiseSchedule
@@ -148,7 +149,7 @@ def _run_stage(cfg: TeacherTrainConfig, name: str, stage: _Stage, data: Callable
         keep_checkpoints=1,
         checkpoint_dir=cfg.out / "checkpoints" / name,
         write_logs=False,
-        resume="latest",
+        resume="auto",
         cpu=True,
         label=f"train-teacher {name}",
         **loop,
@@ -332,10 +333,12 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
     with torch.no_grad():
         recon = vae.decode(_encode_all(vae, test.images[:2000])[0]).sample.clamp(-1, 1)
     vae_mse = F.mse_loss(recon, test.images[:2000]).item()
-    vae.save_pretrained(cfg.out / "vae", safe_serialization=True)
+    with written(cfg.out / "vae"):
+        vae.save_pretrained(cfg.out / "vae", safe_serialization=True)
 
     unet, unet_wall = _train_unet(cfg, lat_mean, lat_std, train.labels, scaling, vae, captions, text)
-    unet.save_pretrained(cfg.out / "unet", safe_serialization=True)
+    with written(cfg.out / "unet"):
+        unet.save_pretrained(cfg.out / "unet", safe_serialization=True)
     DDIMScheduler.from_config(TEACHER_SCHEDULER_CONFIG).save_config(cfg.out / "scheduler")
     write_reference(cfg.out)
     _sample_grid(cfg, unet, vae, scaling, cfg.out / "samples" / "final.png")
