@@ -175,11 +175,11 @@ def test_sample_flags_are_checked_before_any_model_loads(monkeypatch, tmp_path, 
         (["--image", str(tmp_path / "missing.png")], "no such file"),
         (["--image", str(tmp_path / "notes.txt")], "not a readable image"),
         (["--height", "30"], "--height must be a multiple of this model's VAE scale factor 4"),
-        (["--width", "0"], "--width must be at least 1"),
+        (["--width", "0"], "--width must be between 1 and 8192"),
         (["--out", str(tmp_path / "one.png")], "names one PNG but 8 images"),
         (["--out", str(tmp_path / "x.jpg")], "--out must be a folder or a .png file"),
         (["--grid", str(tmp_path / "g.jpg")], "--grid writes a PNG"),
-        (["--scale", "0"], "--scale must be at least 1"),
+        (["--scale", "0"], "--scale must be between 1 and 64"),
         (["--lora-scale", "0.5"], "--lora-scale needs --lora"),
     ]
     for args, message in bad:
@@ -428,11 +428,11 @@ def test_validation_grid_is_labelled_and_kept_for_tensorboard(tmp_path, teacher)
 def _client(model):
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
-    from fastapi.testclient import TestClient
 
     from lcm.serve import Engine, create_app
+    from serve_client import local_client
 
-    return TestClient(create_app(Engine(model)))
+    return local_client(create_app(Engine(model)))
 
 
 def _pixels(data_url: str) -> np.ndarray:

@@ -18,7 +18,6 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from fastapi.testclient import TestClient  # noqa: E402
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
 import lcm.sample  # noqa: E402
@@ -29,6 +28,7 @@ from lcm.sample import Sampler, default_model_path, generate  # noqa: E402
 from lcm.serve import Engine, Limits, create_app, serve_model_path  # noqa: E402
 from lcm.serve import engine as engine_module  # noqa: E402
 from lcm.serve.server import is_loopback  # noqa: E402
+from serve_client import local_client  # noqa: E402
 
 PROMPT = "a photo of a sneaker"
 
@@ -94,7 +94,7 @@ def png_of(size=(50, 40), mode="RGB") -> str:
 
 
 def test_http_generate_png_and_json(teacher_engine):
-    with TestClient(create_app(teacher_engine)) as client:
+    with local_client(create_app(teacher_engine)) as client:
         health = client.get("/api/health").json()
         assert health["status"] == "ok" and health["sampler"] == "ddim" and health["image_size"] == [32, 32]
         assert health["limits"]["max_steps"] == 8 and health["device"] == "cpu"
@@ -119,7 +119,7 @@ def test_http_generate_png_and_json(teacher_engine):
 
 
 def test_websocket_lcm_image_equals_the_library(lcm_engine):
-    with TestClient(create_app(lcm_engine)) as client:
+    with local_client(create_app(lcm_engine)) as client:
         with client.websocket_connect("/ws") as ws:
             info = ready(ws)
             assert info["sampler"] == "lcm" and info["is_lcm"] and info["image_size"] == [32, 32]
@@ -190,7 +190,7 @@ BAD = [
 
 
 def test_bad_requests_get_one_line_errors_and_the_socket_lives(teacher_engine):
-    with TestClient(create_app(teacher_engine)) as client, client.websocket_connect("/ws") as ws:
+    with local_client(create_app(teacher_engine)) as client, client.websocket_connect("/ws") as ws:
         ready(ws)
         for request, message in BAD:
             ws.send_text(request if isinstance(request, str) else json.dumps(request))
@@ -214,7 +214,7 @@ def test_limits_are_configurable_and_the_rate_is_per_connection(teacher_engine, 
     noise = io.BytesIO()
     Image.frombytes("RGB", (64, 64), np.random.default_rng(0).bytes(64 * 64 * 3)).save(noise, format="PNG")
     big = base64.b64encode(noise.getvalue()).decode()  # about 16 KB
-    with TestClient(create_app(teacher_engine, limits)) as client:
+    with local_client(create_app(teacher_engine, limits)) as client:
         r = client.post("/api/generate", json={"prompt": "sneaker", "image": big * 8})
         assert r.status_code == 413 and r.json()["error"] == "request too large: images up to 1 KiB"
         with client.websocket_connect("/ws") as ws:
@@ -237,7 +237,7 @@ def test_limits_are_configurable_and_the_rate_is_per_connection(teacher_engine, 
 
 
 def test_max_connections_and_cross_origin(teacher_engine):
-    with TestClient(create_app(teacher_engine, Limits(max_connections=1))) as client:
+    with local_client(create_app(teacher_engine, Limits(max_connections=1))) as client:
         with client.websocket_connect("/ws") as first:
             ready(first)
             with client.websocket_connect("/ws") as second:
@@ -249,7 +249,7 @@ def test_max_connections_and_cross_origin(teacher_engine):
         assert err.value.code == 1008
         r = client.post("/api/generate", json={"prompt": PROMPT}, headers={"origin": "http://elsewhere.example"})
         assert r.status_code == 403
-        r = client.post("/api/generate", json={"prompt": PROMPT, "steps": 1}, headers={"origin": "http://testserver"})
+        r = client.post("/api/generate", json={"prompt": PROMPT, "steps": 1}, headers={"origin": "http://localhost"})
         assert r.status_code == 200
 
 
@@ -259,7 +259,7 @@ def test_max_connections_and_cross_origin(teacher_engine):
 def test_stale_requests_are_dropped_never_queued(teacher_engine, monkeypatch):
     overlap: list[int] = []
     monkeypatch.setattr(engine_module, "_generate", slowed(engine_module._generate, 0.25, overlap))
-    with TestClient(create_app(teacher_engine)) as client:
+    with local_client(create_app(teacher_engine)) as client:
         hub = client.app.state.hub
         with client.websocket_connect("/ws") as a, client.websocket_connect("/ws") as b:
             ready(a), ready(b)
@@ -284,7 +284,7 @@ def test_stale_requests_are_dropped_never_queued(teacher_engine, monkeypatch):
 
 def test_img2img_uses_the_library_when_it_has_it(teacher_engine, monkeypatch):
     monkeypatch.delattr(lcm.sample, "img2img_latents", raising=False)
-    with TestClient(create_app(teacher_engine)) as client:
+    with local_client(create_app(teacher_engine)) as client:
         assert client.get("/api/health").json()["img2img"] is False
         r = client.post("/api/generate", json={"prompt": PROMPT, "image": png_of(), "strength": 0.5})
         assert r.status_code == 400 and "img2img is not supported by this build" in r.json()["error"]
@@ -296,7 +296,7 @@ def test_img2img_uses_the_library_when_it_has_it(teacher_engine, monkeypatch):
         return torch.zeros(len(seeds), *model.latent_shape)
 
     monkeypatch.setattr(lcm.sample, "img2img_latents", img2img_latents, raising=False)
-    with TestClient(create_app(teacher_engine)) as client:
+    with local_client(create_app(teacher_engine)) as client:
         image = "data:image/png;base64," + png_of((100, 60), "RGB")
         body = client.post("/api/generate", json={"prompt": PROMPT, "image": image, "strength": 0.5, "batch": 2})
         assert body.status_code == 200 and body.json()["img2img"] is True

@@ -95,7 +95,7 @@ def latent_shape(model: LatentDiffusion, size: tuple[int, int] | None = None) ->
     height, width = (int(v) for v in size)
     if height < 1 or width < 1 or height % factor or width % factor:
         raise ValueError(
-            f"--height/--width must be positive multiples of this model's VAE scale factor {factor}, "
+            f"height and width must be positive multiples of this model's VAE scale factor {factor}, "
             f"got {height}x{width}"
         )
     return (model.latent_shape[0], height // factor, width // factor)
@@ -105,14 +105,14 @@ def _check_sampler(model: LatentDiffusion, sampler: Sampler, negative_guidance: 
     if sampler.for_distilled and not model.is_lcm:
         raise ValueError(
             f"the {sampler.value} sampler needs an LCM (a consistency-distilled model, or a base model with an "
-            "LCM or TCD LoRA); use --sampler ddim|dpm|dpmpp"
+            "LCM or TCD LoRA); use the ddim, dpm or dpmpp sampler"
         )
     if negative_guidance < 0:
         raise ValueError(f"negative guidance must be >= 0, got {negative_guidance}")
     if negative_guidance and not sampler.for_distilled:
         raise ValueError(
-            "--negative-guidance is for LCMs (lcm, tcd samplers); a teacher's negative prompt is the unconditional "
-            "side of its classifier-free guidance, weighted by --guidance"
+            "negative guidance is for LCMs (lcm, tcd samplers); a teacher's negative prompt is the unconditional "
+            "side of its classifier-free guidance, weighted by w"
         )
 
 
@@ -299,14 +299,14 @@ def img2img_timesteps(
     """The timesteps an img2img run at ``strength`` goes through (see :func:`img2img_latents`); a one-line
     ValueError when ``strength`` leaves no step, or (LCM) fewer skipping-grid points than ``steps``."""
     if not 0 < strength <= 1:
-        raise ValueError(f"--strength must lie in (0, 1], got {strength}")
+        raise ValueError(f"strength must lie in (0, 1], got {strength}")
     if sampler is Sampler.LCM:
         original = int(model.scheduler_config.get("original_inference_steps", 50))
         if int(original * strength) < steps:
             raise ValueError(
-                f"--strength {strength} keeps int({original}·{strength}) = {int(original * strength)} timesteps of "
-                f"this LCM's {original}-point skipping grid, fewer than --steps {steps}: "
-                "raise --strength or lower --steps"
+                f"strength {strength} keeps int({original}·{strength}) = {int(original * strength)} timesteps of "
+                f"this LCM's {original}-point skipping grid, fewer than the {steps} steps asked for: "
+                "raise the strength or lower the steps"
             )
         return lcm_timesteps(steps, original, model.schedule.num_train_timesteps, strength)
     full = _schedule(model, sampler, steps, timestep_spacing)
@@ -341,7 +341,7 @@ def generate(
     if len(prompts) != len(seeds):
         raise ValueError("give one seed per prompt")
     if steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {steps}")
+        raise ValueError(f"steps must be at least 1, got {steps}")
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     if len(negatives) != len(prompts):
         raise ValueError("give one negative prompt, or one per prompt")

@@ -7,6 +7,7 @@ import math
 import sys
 
 from lcm.cli.common import add_speed_args, check_float, check_int
+from lcm.serve.hosts import is_address
 from lcm.serve.protocol import Limits
 
 _LIMITS = Limits()
@@ -25,6 +26,10 @@ def check_flags(args: argparse.Namespace) -> None:
     check_float(args.rate, "--rate", 0, open_low=True)
     check_int(args.max_connections, "--max-connections", 1, 10_000)
     check_int(args.threads, "--threads", 1, 1024)
+    check_float(args.request_timeout, "--request-timeout", 0, open_low=True, high=3600)
+    for name in args.allowed_host or []:
+        if not name.strip() or any(c in name for c in " /?#@"):
+            raise ValueError(f"--allowed-host takes a host name such as myhost.lan, got {name!r}")
     if not math.isfinite(args.lora_scale):
         raise ValueError(f"--lora-scale must be a finite number, got {args.lora_scale}")
     if not args.host.strip():
@@ -48,7 +53,14 @@ def limits_from(args: argparse.Namespace) -> Limits:
         max_image_side=args.max_image_side,
         rate=args.rate,
         max_connections=args.max_connections,
+        request_timeout=args.request_timeout,
     )
+
+
+def allowed_hosts(args: argparse.Namespace) -> tuple[str, ...]:
+    """The names besides localhost and IP addresses that requests may address the server by: ``--allowed-host``,
+    and the ``--host`` it listens on when that is a name."""
+    return tuple(args.allowed_host or ()) + ((args.host,) if not is_address(args.host) else ())
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -82,7 +94,7 @@ def run_serve(args: argparse.Namespace) -> int:
         "Ctrl-C stops it)",
         flush=True,
     )
-    run(create_app(engine, limits), limits, sock)
+    run(create_app(engine, limits, allowed_hosts(args)), limits, sock)
     return 0
 
 
@@ -116,6 +128,14 @@ def add_parser(sub) -> None:
         "without authentication)",
     )
     net.add_argument("--port", type=int, default=7860, help="TCP port (default 7860; 0: any free port)")
+    net.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="a host name browsers may reach the server by, besides localhost and IP addresses (repeatable; the "
+        "--host name is allowed too). Requests naming any other host are refused: this stops other sites' pages "
+        "from reaching the server through DNS rebinding",
+    )
     lim = p.add_argument_group("limits (what one request or connection may ask)")
     lim.add_argument(
         "--max-steps", type=int, default=_LIMITS.max_steps, help=f"sampling steps (default {_LIMITS.max_steps})"
@@ -154,6 +174,13 @@ def add_parser(sub) -> None:
         type=int,
         default=_LIMITS.max_connections,
         help=f"open WebSockets, and HTTP generations waiting at once (default {_LIMITS.max_connections})",
+    )
+    lim.add_argument(
+        "--request-timeout",
+        type=float,
+        default=_LIMITS.request_timeout,
+        help=f"seconds a client may take to send a request's head, and its body, before the connection is closed "
+        f"(default {_LIMITS.request_timeout:g})",
     )
     speed = add_speed_args(p, "each new batch size compiles once on first use")
     speed.add_argument(

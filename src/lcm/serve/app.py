@@ -3,7 +3,8 @@
 Each connection keeps at most ONE pending request: a newer request replaces it, and the replaced one is answered
 ``{"type": "dropped"}``, so a fast typist never builds a queue and the image on screen is always the newest one the
 generator could reach. Every generation runs in the app's single worker thread, under the engine's lock, whichever
-connection asked. See docs/serve.md for the protocol.
+connection asked. Requests with a ``Host`` or ``Origin`` of another site never reach the app
+(:class:`lcm.serve.hosts.HostGuard`). See docs/serve.md for the protocol.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -24,6 +24,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.websockets import WebSocketDisconnect
 
 from lcm.serve.engine import Engine, Result
+from lcm.serve.hosts import HostGuard
 from lcm.serve.protocol import (
     Limits,
     Request,
@@ -66,13 +67,6 @@ class Hub:
 
     def message(self, result: Result) -> dict[str, Any]:
         return image_message(result.request, result.pngs, result.ms, result.sampler.value)
-
-
-def same_origin(headers) -> bool:
-    """A browser page of another site may not use this server (it would spend the user's CPU or GPU); clients
-    that send no Origin (scripts, tests) are not browsers and pass."""
-    origin = headers.get("origin")
-    return origin is None or urlsplit(origin).netloc == headers.get("host")
 
 
 class Session:
@@ -120,6 +114,11 @@ class Session:
             self.hub.stats["refused"] += 1
             await self.send(error_message(str(err), err.rid))
             return
+        except Exception as err:  # whatever else a malformed message provokes: answered, and the socket lives
+            log.exception("request refused")
+            self.hub.stats["refused"] += 1
+            await self.send(error_message(f"bad request ({type(err).__name__})"))
+            return
         replaced, self.pending = self.pending, req
         self.wake.set()
         if replaced is not None:
@@ -147,8 +146,11 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": " ".join(message.split())}, status_code=status)
 
 
-def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
-    """The app for a loaded ``engine``; serve it with uvicorn (``lcm serve``) or test it with FastAPI's TestClient."""
+def create_app(engine: Engine, limits: Limits | None = None, allowed_hosts: tuple[str, ...] = ()) -> FastAPI:
+    """The app for a loaded ``engine``; serve it with uvicorn (``lcm serve``) or test it with FastAPI's TestClient.
+
+    Requests are answered for ``Host`` s that are ``localhost``, an IP address or one of ``allowed_hosts``
+    (:mod:`lcm.serve.hosts`)."""
     if not (STATIC / "index.html").is_file():
         raise ValueError(f"the page's files are missing from {STATIC}; reinstall the package")
     hub = Hub(engine, limits or Limits())
@@ -161,6 +163,7 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
     # No generated API docs: their pages load scripts from a CDN, and this app works offline.
     app = FastAPI(title="lcm serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hub = hub
+    app.add_middleware(HostGuard, allowed=allowed_hosts)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -174,11 +177,12 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
 
     @app.post("/api/generate")
     async def api_generate(request: HTTPRequest, format: str = "json") -> Response:
-        if not same_origin(request.headers):
-            return _error(403, "cross-origin requests are refused")
         if format not in ("json", "png"):
             return _error(400, f"format must be json or png, got {format!r}")
-        body = await _read_body(request, cap=hub.limits.max_upload_bytes * 4 // 3 + 65536)
+        try:
+            body = await _read_body(request, hub.limits.max_upload_bytes * 4 // 3 + 65536, hub.limits.request_timeout)
+        except asyncio.TimeoutError:
+            return _error(408, f"the request body did not arrive within {hub.limits.request_timeout:g} s")
         if body is None:
             return _error(413, f"request too large: images up to {hub.limits.max_upload_bytes // 1024} KiB")
         hub.stats["requests"] += 1
@@ -187,6 +191,10 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
         except RequestError as err:
             hub.stats["refused"] += 1
             return _error(400, str(err))
+        except Exception as err:
+            log.exception("request refused")
+            hub.stats["refused"] += 1
+            return _error(400, f"bad request ({type(err).__name__})")
         if hub.http_waiting >= hub.limits.max_connections:
             return _error(503, f"busy: {hub.http_waiting} generations are waiting; try again")
         hub.http_waiting += 1
@@ -205,9 +213,6 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
 
     @app.websocket("/ws")
     async def websocket(ws: WebSocket) -> None:
-        if not same_origin(ws.headers):
-            await ws.close(code=1008, reason="cross-origin connections are refused")
-            return
         await ws.accept()
         if hub.connections >= hub.limits.max_connections:
             busy = f"server busy: {hub.connections} connections open, at most {hub.limits.max_connections}"
@@ -225,15 +230,20 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
     return app
 
 
-async def _read_body(request: HTTPRequest, cap: int) -> bytes | None:
-    """The request body, or None past ``cap`` bytes (whatever Content-Length claimed)."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def _read_body(request: HTTPRequest, cap: int, timeout: float) -> bytes | None:
+    """The request body, or None past ``cap`` bytes (whatever Content-Length claimed); ``TimeoutError`` when it has
+    not all arrived within ``timeout`` seconds (a client that stalls mid-body holds nothing for long)."""
+
+    async def read() -> bytes | None:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    return await asyncio.wait_for(read(), timeout)
 
 
 def _grid_png(result: Result) -> bytes:

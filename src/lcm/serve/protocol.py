@@ -81,6 +81,7 @@ class Limits:
     max_image_side: int = 4096  # width / height of an upload, before it is resized to the model's size
     rate: float = 60.0  # requests per second per connection (token bucket holding one second's worth)
     max_connections: int = 8  # open WebSockets; also the HTTP generations waiting at once
+    request_timeout: float = 10.0  # seconds a client may take to send a request's head, and its body
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "max_w": MAX_W, "max_seed": MAX_SEED}
@@ -168,6 +169,10 @@ def read_json(text_or_obj: str | bytes | dict) -> dict:
         obj = json.loads(text_or_obj)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RequestError(f"not valid JSON ({err.msg if hasattr(err, 'msg') else err})") from None
+    except RecursionError:
+        raise RequestError("not valid JSON (nested too deeply)") from None
+    except ValueError as err:  # e.g. an integer past Python's digit limit
+        raise RequestError(f"not valid JSON ({' '.join(str(err).split())[:120]})") from None
     if not isinstance(obj, dict):
         raise RequestError(f"a request must be a JSON object, got {type(obj).__name__}")
     return obj
@@ -202,9 +207,13 @@ def _text(value: Any, name: str, max_chars: int, required: bool = False) -> str:
     return value
 
 
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # the decoders an upload may reach, and no others
+
+
 def decode_image(data: str, limits: Limits, shape: tuple[int, int, int]) -> torch.Tensor:
-    """A base64 image (a ``data:`` URL or bare base64) → ``[1, C, H, W]`` in [−1, 1] at the model's size."""
-    from PIL import Image, UnidentifiedImageError
+    """A base64 image (a ``data:`` URL or bare base64) of one of the :data:`UPLOAD_FORMATS` → ``[1, C, H, W]`` in
+    [−1, 1] at the model's size."""
+    from PIL import Image
 
     if data.startswith("data:"):
         data = data.partition(",")[2]
@@ -215,12 +224,14 @@ def decode_image(data: str, limits: Limits, shape: tuple[int, int, int]) -> torc
     except (binascii.Error, ValueError):
         raise RequestError("image is not valid base64") from None
     try:
-        with Image.open(io.BytesIO(raw)) as img:
+        with Image.open(io.BytesIO(raw), formats=UPLOAD_FORMATS) as img:
             if max(img.size) > limits.max_image_side:
                 raise RequestError(f"image is {img.width}x{img.height}; at most {limits.max_image_side} pixels a side")
             channels, height, width = shape
             img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BICUBIC)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+    except RequestError:
+        raise
+    except Exception:  # a decoder meeting a damaged file raises many kinds (OSError, SyntaxError, struct.error, ...)
         raise RequestError("image is not a readable image (PNG, JPEG, WebP, GIF, BMP)") from None
     pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 127.5 - 1.0
     pixels = pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)  # (C, H, W)

@@ -1,5 +1,9 @@
 """Running the app with uvicorn: on a socket bound before the model loads (a taken port is reported at once), in
-the foreground for ``lcm serve``, or in a background thread for tests and benchmarks."""
+the foreground for ``lcm serve``, or in a background thread for tests and benchmarks.
+
+uvicorn waits for a request's head as long as the client likes; :class:`_TimedH11Protocol` closes a connection that
+has not sent a complete head within ``Limits.request_timeout`` (the body's deadline is the app's), so half-open or
+trickling sockets cannot pile up. Connections beyond a ceiling are answered 503 by uvicorn itself."""
 
 from __future__ import annotations
 
@@ -48,12 +52,59 @@ def url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def _protocol(timeout: float):
+    """uvicorn's h11 protocol with a deadline on each request's head (module docstring)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class _TimedH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._head_deadline = None
+            self._arm()
+
+        def _arm(self) -> None:
+            self._cycle_armed = self.cycle
+            self._head_deadline = self.loop.call_later(timeout, self._expire)
+
+        def _disarm(self) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+                self._head_deadline = None
+
+        def _expire(self) -> None:
+            self._head_deadline = None
+            if self.cycle is self._cycle_armed and self.transport.get_protocol() is self:  # still no new request
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not self._cycle_armed or self.transport.get_protocol() is not self:
+                self._disarm()  # a request head arrived (or the socket became a WebSocket)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.transport.get_protocol() is self and not self.transport.is_closing():
+                self._disarm()
+                self._arm()  # the next request on this connection gets its own deadline
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return _TimedH11Protocol
+
+
 def _config(app: FastAPI, limits: Limits, log_level: str):
     import uvicorn
 
     # A WebSocket frame holds one request; an upload is base64 (4/3 of its bytes) plus the other fields.
     return uvicorn.Config(
-        app, log_level=log_level, ws_max_size=limits.max_upload_bytes * 4 // 3 + 65536, timeout_graceful_shutdown=2
+        app,
+        log_level=log_level,
+        http=_protocol(limits.request_timeout),
+        ws_max_size=limits.max_upload_bytes * 4 // 3 + 65536,
+        limit_concurrency=8 * limits.max_connections + 32,  # open sockets (and tasks) past this get a 503
+        timeout_graceful_shutdown=2,
     )
 
 
