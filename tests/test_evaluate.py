@@ -320,7 +320,7 @@ def test_cli_eval_with_a_w_sweep(tmp_path, capsys):
         (["--sweep-w", "1,x"], "comma-separated numbers"),
         (["--metrics", "fid,inception-score"], "unknown metric"),
         (["--prompts", "prompts.txt", "--metrics", "accuracy"], "needs --prompts embedded"),
-        (["--num-samples", "1"], "at least 2"),
+        (["--num-samples", "1"], "--num-samples must be between 2 and"),
         (["--prompts", "prompts.txt", "--metrics", "fid"], "--reference is required"),
         (["--teacher-samplers", ""], "nothing to evaluate"),
     ],

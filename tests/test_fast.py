@@ -100,7 +100,7 @@ def test_device_and_dtype_flags_are_checked():
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--steps", "0"], "--steps must be at least 1"),
+        (["--steps", "0"], "--steps must be between 1 and 1000"),
         (["--guidance", "-5"], "--guidance"),
         (["--num-images", "0"], "--num-images"),
         (["--batch-size", "0"], "--batch-size"),

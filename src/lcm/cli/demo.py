@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lcm.cli.common import check_int
+from lcm.limits import MAX_BATCH, MAX_IMAGES, MAX_SEED, MAX_STEPS
 from lcm.maths.solvers import Solver
 
 
@@ -13,10 +14,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from lcm.demo import demo_config_from, run_demo
 
-    check_int(args.max_steps, "--max-steps", 1)
-    check_int(args.batch_size, "--batch-size", 1)
-    check_int(args.eval_samples, "--eval-samples", 1)
-    check_int(args.seed, "--seed", 0, 2**32 - 1)
+    check_int(args.max_steps, "--max-steps", 1, MAX_STEPS)
+    check_int(args.batch_size, "--batch-size", 1, MAX_BATCH)
+    check_int(args.eval_samples, "--eval-samples", 2, MAX_IMAGES)
+    check_int(args.seed, "--seed", 0, MAX_SEED)
     cfg = demo_config_from(
         Path(args.out),
         args.quick,

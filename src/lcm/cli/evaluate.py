@@ -6,6 +6,7 @@ import argparse
 
 from lcm.cli.common import check_int, float_list, int_list
 from lcm.evaluation.plan import TEACHER_SPACINGS
+from lcm.limits import MAX_BATCH, MAX_IMAGES, MAX_SEED
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -14,10 +15,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from lcm.evaluation.plan import plan_eval
     from lcm.evaluation.run import run_eval
 
-    check_int(args.num_samples, "--num-samples", 1)
-    check_int(args.batch_size, "--batch-size", 1)
-    check_int(args.reference_samples, "--reference-samples", 1)
-    check_int(args.seed, "--seed", 0, 2**32 - 1)
+    check_int(args.num_samples, "--num-samples", 2, MAX_IMAGES)  # a covariance needs two images
+    check_int(args.batch_size, "--batch-size", 1, MAX_BATCH)
+    check_int(args.reference_samples, "--reference-samples", 1, MAX_IMAGES)
+    check_int(args.seed, "--seed", 0, MAX_SEED)
     if args.sweep_w:
         ws = float_list(args.sweep_w, "--sweep-w")
     elif args.w is not None:

@@ -7,7 +7,8 @@ import json
 import math
 from pathlib import Path
 
-from lcm.cli.common import add_speed_args
+from lcm.cli.common import add_speed_args, check_int
+from lcm.limits import MAX_BATCH, MAX_IMAGE_SIDE, MAX_IMAGES, MAX_SEED
 from lcm.models.fast import Compile
 from lcm.sample import DEFAULT_GAMMA, DEFAULT_STRENGTH, Sampler
 
@@ -25,15 +26,12 @@ def _check_number(value: float | None, flag: str, low: float, high: float | None
 def _vae_scale_factor(model: str | None) -> int | None:
     """The VAE scale factor from the model folder's ``vae/config.json`` (no weights are read); None when the
     folder is not here (a hub id: checked once the model is loaded)."""
-    from lcm.models.formats import LORA_META
+    from lcm.models.formats import LORA_META, lora_base
     from lcm.sample import default_sampling_path
 
     path = Path(model).expanduser() if model else default_sampling_path()
     if (path / LORA_META).is_file():
-        try:
-            return _vae_scale_factor(json.loads((path / LORA_META).read_text())["base_model"])
-        except (OSError, ValueError, KeyError):
-            return None
+        return _vae_scale_factor(lora_base(path))  # a malformed record: one line, now
     try:
         config = json.loads((path / "vae" / "config.json").read_text())
         return 2 ** (len(config["block_out_channels"]) - 1)
@@ -49,14 +47,11 @@ def check_flags(args: argparse.Namespace):
     if args.lora is None and args.lora_scale != 1.0:
         raise ValueError("--lora-scale needs --lora")
     _check_number(args.lora_scale, "--lora-scale", -math.inf)
-    for flag, value in (("--steps", args.steps), ("--num-images", args.num_images)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
-    for flag, value in (("--batch-size", args.batch_size), ("--scale", args.scale)):
-        if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
-    if args.scale > 64:
-        raise ValueError(f"--scale must be at most 64, got {args.scale}")
+    check_int(args.steps, "--steps", 1, 1000)
+    check_int(args.num_images, "--num-images", 1, MAX_IMAGES)
+    check_int(args.batch_size, "--batch-size", 1, MAX_BATCH)
+    check_int(args.scale, "--scale", 1, 64)
+    check_int(args.seed, "--seed", 0, MAX_SEED - args.num_images + 1)  # image i's seed is --seed + i
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
         raise ValueError(
             f"--guidance is the paper's w and must be >= 0 (diffusers' guidance_scale - 1), got {args.guidance}"
@@ -73,9 +68,8 @@ def check_flags(args: argparse.Namespace):
     _check_number(args.strength, "--strength", 0.0, 1.0, open_low=True)
     if args.strength is not None and args.image is None:
         raise ValueError("--strength needs --image (the init image of image-to-image)")
-    for flag, value in (("--height", args.height), ("--width", args.width)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
+    check_int(args.height, "--height", 1, MAX_IMAGE_SIDE)
+    check_int(args.width, "--width", 1, MAX_IMAGE_SIDE)
     factor = _vae_scale_factor(args.model)
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and factor is not None and value % factor:
@@ -87,6 +81,10 @@ def check_flags(args: argparse.Namespace):
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
     count = len(args.prompt) * args.num_images
+    if count > MAX_IMAGES:
+        raise ValueError(
+            f"{len(args.prompt)} prompts x --num-images {args.num_images} is {count} images; at most {MAX_IMAGES}"
+        )
     out = Path(args.out)
     if out.suffix.lower() == ".png" and count > 1:
         raise ValueError(

@@ -14,7 +14,16 @@ def run_timesteps(args: argparse.Namespace) -> int:
     from lcm.maths.timesteps import ddim_timesteps, dpm_solver_timesteps, lcm_timesteps
 
     check_int(args.original_steps, "--original-steps", 1, 1000)
-    config = json.loads(args.scheduler_config.read()) if args.scheduler_config else STABLE_DIFFUSION_SCHEDULE
+    config = STABLE_DIFFUSION_SCHEDULE
+    if args.scheduler_config:
+        try:
+            config = json.loads(args.scheduler_config.read())
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise ValueError(f"--scheduler-config: not a JSON file ({type(err).__name__})") from None
+        if not isinstance(config, dict):
+            raise ValueError(
+                f"--scheduler-config must hold a JSON object (a scheduler config), got {type(config).__name__}"
+            )
     schedule = NoiseSchedule.from_config(config)
     num_train = schedule.num_train_timesteps
     if args.sampler == "lcm":

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from lcm.cli.common import check_int
+from lcm.limits import MAX_BATCH, MAX_IMAGES, MAX_SEED, MAX_STEPS
 
 
 def run_train_teacher(args: argparse.Namespace) -> int:
@@ -13,11 +14,11 @@ def run_train_teacher(args: argparse.Namespace) -> int:
 
     from lcm.training.train_teacher import TeacherTrainConfig, train_teacher
 
-    for flag in ("--vae-steps", "--unet-steps", "--classifier-steps", "--batch-size", "--checkpoint-every"):
-        check_int(getattr(args, flag[2:].replace("-", "_")), flag, 1)
-    check_int(args.sample_every, "--sample-every", 1)
-    check_int(args.max_train_images, "--max-train-images", 1)
-    check_int(args.seed, "--seed", 0, 2**32 - 1)
+    for flag in ("--vae-steps", "--unet-steps", "--classifier-steps", "--checkpoint-every", "--sample-every"):
+        check_int(getattr(args, flag[2:].replace("-", "_")), flag, 1, MAX_STEPS)
+    check_int(args.batch_size, "--batch-size", 1, MAX_BATCH)
+    check_int(args.max_train_images, "--max-train-images", 1, MAX_IMAGES)
+    check_int(args.seed, "--seed", 0, MAX_SEED)
     try:
         channels = tuple(int(c) for c in args.unet_channels.split(","))
     except ValueError:

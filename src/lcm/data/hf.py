@@ -11,6 +11,7 @@ from PIL import Image
 
 from lcm.data.base import MapSource, Sample, check_caption, listing, resolve_caption_column
 from lcm.data.transforms import ImageTransform
+from lcm.locations import hub_unavailable
 
 __all__ = ["HFDatasetSource", "has_data_files", "import_datasets", "is_saved_dataset"]
 
@@ -123,6 +124,8 @@ def _load_hf_dataset(datasets: Any, name: str, split: str) -> Any:
     except Exception as err:  # hub, network and format errors alike: one actionable line, cause chained
         local = "" if path.exists() else f" (no local path {path.resolve()} either)"
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if not path.exists() and (reason := hub_unavailable(name, "README.md", repo_type="dataset")):
+            message = reason
         raise ValueError(f"could not load Hugging Face dataset {name!r}, split {split!r}{local}: {message}") from err
 
 

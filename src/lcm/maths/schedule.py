@@ -20,6 +20,8 @@ import torch
 
 __all__ = ["NoiseSchedule", "betas_from_config"]
 
+MAX_TRAIN_TIMESTEPS = 100_000  # diffusion models train on 1,000; a table this long is still small
+
 
 def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Lin et al. 2023, Algorithm 1: shift and scale √ᾱ so that the last step has zero SNR."""
@@ -34,6 +36,8 @@ def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 def betas_from_config(config: Mapping[str, Any]) -> torch.Tensor:
     """β_1..β_T (float64) for a diffusers scheduler config (``beta_schedule``, ``beta_start``, ``beta_end``, …)."""
     num = int(config.get("num_train_timesteps", 1000))
+    if not 2 <= num <= MAX_TRAIN_TIMESTEPS:
+        raise ValueError(f"num_train_timesteps must lie in [2, {MAX_TRAIN_TIMESTEPS}], got {num}")
     trained = config.get("trained_betas")
     schedule = config.get("beta_schedule", "linear")
     start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
@@ -86,8 +90,14 @@ class NoiseSchedule:
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> NoiseSchedule:
-        """From a diffusers scheduler config (any of DDPM/DDIM/PNDM/LCM/DPMSolver… share these keys)."""
-        betas = betas_from_config(config)
+        """From a diffusers scheduler config (any of DDPM/DDIM/PNDM/LCM/DPMSolver… share these keys); a config whose
+        values are of the wrong kind or range is refused in one line."""
+        try:
+            betas = betas_from_config(config)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"scheduler config: {' '.join(str(err).split())[:200]}") from None
+        if len(betas) < 2 or not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("scheduler config: every beta must lie in (0, 1], over at least two timesteps")
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         if config.get("rescale_betas_zero_snr", False):
             alphas_cumprod[-1] = 2.0**-24  # as diffusers: keep σ/α finite at the zero-SNR end

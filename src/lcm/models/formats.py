@@ -4,7 +4,8 @@
 - :func:`is_sdxl`: SDXL's added conditioning (pooled text + time ids);
 - the names of the files an export writes, and the ``LCMScheduler`` config of an exported LCM;
 - :func:`read_record`: what an export recorded about its distillation (w range, consistency constants), read back
-  when the model is loaded, so sampling uses the constants the model was trained with.
+  when the model is loaded, so sampling uses the constants the model was trained with;
+- :func:`read_json_object` / :func:`lora_base`: the records beside the weights, refused in one line when malformed;
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ __all__ = [
     "LORA_META",
     "is_sdxl",
     "lcm_scheduler_config",
-    "safe_weights",
+    "lora_base",
+    "read_json_object",
     "read_record",
+    "safe_weights",
     "w_input_dim",
 ]
 
@@ -32,21 +35,59 @@ DISTILL_RECORD = "lcm_distill.json"  # in an exported full LCM folder: the disti
 ALLOW_PICKLE_ENV = "LCM_ALLOW_PICKLE"  # "1": also load pickled weights (.bin / .pt); set by ``lcm --allow-pickle``
 
 
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in the file ``path``, or a one-line ``ValueError`` naming it."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable JSON file ({type(err).__name__})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def lora_base(folder: str | Path) -> str:
+    """The base model an exported LCM-LoRA folder names in its ``lcm_lora.json`` (which must be a full model: a
+    LoRA whose base is a LoRA folder, itself included, is refused)."""
+    path = Path(folder) / LORA_META
+    base = read_json_object(path).get("base_model")
+    if not isinstance(base, str) or not base.strip():
+        raise ValueError(f"{path} names no base_model (the model folder or hub id the LoRA applies to)")
+    if (Path(base).expanduser() / LORA_META).is_file():
+        raise ValueError(f"{path}: base_model {base} is itself a LoRA folder; it must name a full model")
+    return base
+
+
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
 def safe_weights(what: str, load):
     """``load(use_safetensors=...)``, refusing pickled weights (which can run code) unless the user allowed them.
 
-    A folder that holds only pickled weights is refused in one line that says how to proceed.
+    A failure is one line that says what is wrong with the folder ``what``: weights that are there but unreadable
+    (truncated, damaged), no weights at all, or only pickled ones (and how to proceed).
     """
     allowed = os.environ.get(ALLOW_PICKLE_ENV) == "1"
     try:
         return load(use_safetensors=None if allowed else True)
     except (OSError, ValueError) as err:
-        if allowed or "safetensors" not in str(err):
-            raise
-        raise ValueError(
-            f"{what} has no .safetensors weights; pickled weights can run code when loaded: convert them to "
-            "safetensors, or pass lcm --allow-pickle if you trust their source"
-        ) from None
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        folder = Path(what)
+        if not folder.is_dir():
+            raise ValueError(f"{what}: {first}") from None
+        files = [p for p in folder.iterdir() if p.is_file()]
+        weights = sorted(p.name for p in files if p.suffix == ".safetensors")
+        if weights:
+            raise ValueError(
+                f"{what}: its weights ({', '.join(weights)}) cannot be read, the file is damaged or cut short "
+                f"({first[:120]}); export or download it again"
+            ) from None
+        if not allowed and any(p.suffix in PICKLED for p in files):
+            raise ValueError(
+                f"{what} has no .safetensors weights; pickled weights can run code when loaded: convert them to "
+                "safetensors, or pass lcm --allow-pickle if you trust their source"
+            ) from None
+        raise ValueError(f"{what} holds no weights file (.safetensors)") from None
 
 
 def w_input_dim(unet) -> int | None:
@@ -87,7 +128,7 @@ def read_record(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     for name in (DISTILL_RECORD, LORA_META):
         if (folder / name).is_file():
-            record = json.loads((folder / name).read_text())
+            record = read_json_object(folder / name)
             break
     else:
         return {"w_range": None, "sigma_data": None, "timestep_scaling": None}

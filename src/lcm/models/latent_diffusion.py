@@ -7,19 +7,28 @@ embedded Fashion-MNIST teacher, loaded by the same code. The model turns into th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lcm.locations import local_path_or_none
+from lcm.limits import MAX_IMAGE_SIDE
+from lcm.locations import hub_unavailable, local_path_or_none
 from lcm.maths.consistency import SIGMA_DATA, TIMESTEP_SCALING, boundary_scalings_at, consistency_function
 from lcm.maths.guidance import cached_w_embedding, cfg_combine, default_w
 from lcm.maths.parameterization import Denoised, PredictionType, to_denoised
 from lcm.maths.schedule import NoiseSchedule
-from lcm.models.formats import LORA_META, is_sdxl, lcm_scheduler_config, read_record, safe_weights, w_input_dim
+from lcm.models.formats import (
+    LORA_META,
+    is_sdxl,
+    lcm_scheduler_config,
+    lora_base,
+    read_json_object,
+    read_record,
+    safe_weights,
+    w_input_dim,
+)
 from lcm.models.text import (
     EMBEDDED_ENCODER,
     PromptCache,
@@ -87,9 +96,9 @@ class LatentDiffusion:
         if (Path(path) / LORA_META).is_file():
             if lora is not None:
                 raise ValueError(f"{path} is an LCM-LoRA folder; give its base model as --model and it as --lora")
-            meta = json.loads((Path(path) / LORA_META).read_text())
-            model = cls.from_pretrained(meta["base_model"], device, with_text_encoder, lora=path, lora_scale=lora_scale)
-            model.source, model.lora_base = path, meta["base_model"]
+            base = lora_base(path)
+            model = cls.from_pretrained(base, device, with_text_encoder, lora=path, lora_scale=lora_scale)
+            model.source, model.lora_base = path, base
             return model
         if lora is not None:
             from lcm.models.lora import apply_lora_file
@@ -97,7 +106,7 @@ class LatentDiffusion:
             model = cls.from_pretrained(path, device, with_text_encoder)
             apply_lora_file(model.unet, lora, scale=lora_scale)
             folder = Path(lora) if Path(lora).is_dir() else Path(lora).parent
-            meta = json.loads((folder / LORA_META).read_text()) if (folder / LORA_META).is_file() else {}
+            meta = read_json_object(folder / LORA_META) if (folder / LORA_META).is_file() else {}
             if not model.is_lcm:  # LCM-LoRA's skipping grid is N = 50 unless the LoRA's record says otherwise
                 original = int(meta.get("original_inference_steps", 50))
                 model.scheduler_config = lcm_scheduler_config(model.scheduler_config, original)
@@ -110,10 +119,19 @@ class LatentDiffusion:
             raise ValueError(f"no model folder at {path} (and it is not a hub id of the form owner/name)")
         if local is not None and not (local / "unet").is_dir():
             raise ValueError(f"{path} is not a diffusers model folder: it has no unet/ subfolder")
+        if local is None and (reason := hub_unavailable(path, "unet/config.json")):
+            raise ValueError(f"{path} is not a local folder, and {reason}: give a local model folder")
         unet = safe_weights(
             f"{path}/unet", lambda **kw: UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
         )
         vae = safe_weights(f"{path}/vae", lambda **kw: AutoencoderKL.from_pretrained(path, subfolder="vae", **kw))
+        size = unet.config.sample_size
+        side = (max(size) if isinstance(size, list | tuple) else size) * 2 ** (len(vae.config.block_out_channels) - 1)
+        if not isinstance(side, int) or not 1 <= side <= MAX_IMAGE_SIDE:
+            raise ValueError(
+                f"{path}: its unet/config.json sample_size makes {side}-pixel images; at most {MAX_IMAGE_SIDE} are "
+                "supported"
+            )
         unet, vae = (m.to(device).eval().requires_grad_(False) for m in (unet, vae))
         scheduler_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
         text_encoder = load_text_encoder(path).to(device) if with_text_encoder else None

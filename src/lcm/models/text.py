@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lcm.locations import cache_dir as lcm_cache_dir
-from lcm.models.formats import safe_weights
+from lcm.models.formats import read_json_object, safe_weights
 
 __all__ = [
     "CLIPTextEncoder",
@@ -101,8 +101,21 @@ class TextEncoder(ABC):
         return self
 
 
+def _check_length(name: str, max_length, model) -> None:
+    """Refuse a prompt length the encoder has no positions for (a malformed tokenizer or record would otherwise pad
+    every prompt to it)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"{name}: the text encoder's max_length must be a positive integer, got {max_length!r}")
+    if positions is not None and max_length > positions:
+        raise ValueError(
+            f"{name}: prompts of {max_length} tokens asked for, but the text encoder has {positions} positions"
+        )
+
+
 class _TransformersEncoder(TextEncoder):
     def __init__(self, model, tokenizer, max_length: int, name: str):
+        _check_length(name, max_length, model)
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -191,7 +204,8 @@ class SDXLTextEncoder(TextEncoder):
                 ),
             ),
         ]
-        for model in self.models:
+        for model, tokenizer in zip(self.models, self.tokenizers, strict=True):
+            _check_length(f"SDXL ({model_dir})", tokenizer.model_max_length, model)
             model.eval().requires_grad_(False)
         self.max_length = self.tokenizers[0].model_max_length
         self.hidden_size = sum(m.config.hidden_size for m in self.models)
@@ -247,10 +261,10 @@ def load_text_encoder(model_dir: str | Path) -> TextEncoder:
     """The text encoder a diffusers-format model folder (or hub id) was trained with."""
     ref = Path(model_dir) / "text_encoder" / REFERENCE_FILE
     if ref.is_file():
-        spec = json.loads(ref.read_text())
+        spec = read_json_object(ref)
         if spec.get("kind") != "minilm":
             raise ValueError(f"{ref}: unknown packaged text encoder {spec.get('kind')!r}")
-        return MiniLMTextEncoder(int(spec.get("max_length", 16)))
+        return MiniLMTextEncoder(spec.get("max_length", 16))
     if _has_subfolder(model_dir, "text_encoder_2"):
         return SDXLTextEncoder(str(model_dir))
     return CLIPTextEncoder(str(model_dir))
