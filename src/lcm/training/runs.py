@@ -206,12 +206,14 @@ def _run(
     check_out(loop.out, {flag: (what, model_path), "--data": ("data", data.source)})
     state = PartialState(cpu=cpu_processes(loop.cpu))
     owner = contextlib.ExitStack()
-    if state.num_processes == 1:  # refuse now, before minutes of loading (several ranks decide in train)
 
-        def check() -> None:
-            if check_folder_state(loop.train_dir, loop.train_dir / "checkpoints", loop.resume, None) is None:
-                _check_new_run(loop.out)
+    def check() -> None:  # refuse now, before minutes of loading
+        if check_folder_state(loop.train_dir, loop.train_dir / "checkpoints", loop.resume, None) is None:
+            _check_new_run(loop.out)
 
+    if state.num_processes > 1:
+        check()  # read-only, alike on every rank; rank 0 takes the lock in train
+    else:
         owner.enter_context(own_run_folder(loop.train_dir, " ".join(sys.argv)[:300], check))
     with owner:
         return _build_and_train(model_path, make_task, data, loop, settings, state)
