@@ -27,13 +27,12 @@ from pathlib import Path
 
 import torch
 
+from lcm.config import LCDConfig
 from lcm.data.captions import class_prompts
 from lcm.models.fast import parse_device, use_compile_cache
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.models.student import StudentKind
 from lcm.models.text import TextEmbeddings, TextEncoder
 from lcm.sample import default_model_path
-from lcm.training.lcd import LCDConfig
 from lcm.training.task import DistillTask
 
 HERE = Path(__file__).resolve().parent
@@ -90,7 +89,7 @@ class Row:
 
     def __init__(self, model, args, device, compiled: bool, cached: bool):
         self.compiled, self.cached, self.device = compiled, cached, device
-        self.task = DistillTask(model, StudentKind.FULL, LCDConfig(w_min=1.0, w_max=5.0))
+        self.task = DistillTask(model, LCDConfig(w_min=1.0, w_max=5.0))
         self.params = self.task.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-6, fused=True)
         if compiled:

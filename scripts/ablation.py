@@ -2,10 +2,11 @@
 
     python scripts/ablation.py --out runs/ablation [--k 1 5 10 20 50] [--solvers ddim dpm dpmpp] [--max-steps 600]
 
-Every run is a `lcm demo`-style distillation of the shipped teacher at the same budget (optimiser steps, batch, data
-order, seeds, w range, learning rate); only the skipping step k (N = 1000 // k solver timesteps) and the solver Ψ
-differ. Each LCM is then sampled at 1/2/4 steps with the same prompts and seeds and scored with FD-clf and prompt
-accuracy (the shipped classifier's features vs the 10,000 test images; not FID).
+Every run is the "before-fidelity" recipe (lcm.config.recipes: the demo recipe before docs/fidelity.md changed it,
+a constant rate and the w projection at the base rate) at the same budget (optimiser steps, batch, data order, seeds,
+w range, learning rate); only the skipping step k (N = 1000 // k solver timesteps) and the solver Ψ differ. Each
+LCM is then sampled at 1/2/4 steps with the same prompts and seeds and scored with FD-clf and prompt accuracy (the
+shipped classifier's features vs the 10,000 test images; not FID).
 
 Writes OUT/ablation.json (resumable: finished runs and rows are kept), OUT/ablation.md and OUT/ablation.png.
 """
@@ -14,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
-from lcm.demo import DemoConfig
+from lcm.config.recipes import EVALUATION, recipe_config
 from lcm.evaluation.metrics import FashionEvaluator
 from lcm.evaluation.plots import line_panels
 from lcm.evaluation.prompts import fashion_eval_prompts
@@ -25,35 +25,19 @@ from lcm.evaluation.run import Row, evaluate_row
 from lcm.maths.solvers import Solver
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import Sampler, default_model_path
-from lcm.training.lcd import LCDConfig
-from lcm.training.loop import TrainConfig
-from lcm.training.runs import DataConfig, run_distillation
+from lcm.training.runs import run_training
 
 T = 1000  # the teacher's training timesteps
 
 
-def train_and_score(out: Path, k: int, solver: Solver, base: DemoConfig, steps, prompts, evaluator) -> dict:
+def train_and_score(out: Path, k: int, solver: Solver, max_steps: int, steps, prompts, evaluator) -> dict:
     run_dir = out / f"{solver.value}-k{k}"
-    summary = run_distillation(
-        default_model_path(),
-        DataConfig(batch_size=base.batch_size),
-        LCDConfig(num_solver_steps=T // k, solver=solver, w_min=base.w_min, w_max=base.w_max, ema_decay=base.ema_decay),
-        TrainConfig(
-            out=run_dir,
-            max_steps=base.max_steps,
-            learning_rate=base.learning_rate,
-            seed=base.seed,
-            validate_every=0,
-            checkpoint_every=base.max_steps,
-            resume="auto",
-            log_every=max(base.max_steps // 50, 1),
-        ),
-    )
+    changes = {"method.num_solver_steps": T // k, "method.solver": solver.value, "loop.max_steps": max_steps}
+    changes |= {"loop.checkpoint_every": max_steps, "loop.log_every": max(max_steps // 50, 1)}
+    summary = run_training(recipe_config("before-fidelity", changes), run_dir, resume="auto")
     lcm = LatentDiffusion.from_pretrained(run_dir)
-    rows = [
-        evaluate_row(lcm, Row(f"LCM {solver.value} k={k}", Sampler.LCM, s, base.w_eval), prompts, evaluator)
-        for s in steps
-    ]
+    w = EVALUATION["before-fidelity"]["w"]
+    rows = [evaluate_row(lcm, Row(f"LCM {solver.value} k={k}", Sampler.LCM, s, w), prompts, evaluator) for s in steps]
     return {"k": k, "solver": solver.value, "train_wall_seconds": summary["wall_seconds"], "rows": rows}
 
 
@@ -99,7 +83,6 @@ def main() -> None:
     for k in args.k:
         if not 1 <= k <= T:
             parser.error(f"--k values must lie in [1, {T}], got {k}")
-    base = replace(DemoConfig(), max_steps=args.max_steps)
     evaluator = FashionEvaluator(default_model_path() / "classifier")
     prompts = fashion_eval_prompts(args.samples)
     path = args.out / "ablation.json"
@@ -115,7 +98,7 @@ def main() -> None:
             ):
                 continue
             results[key] = {
-                **train_and_score(args.out, k, solver, base, args.steps, prompts, evaluator),
+                **train_and_score(args.out, k, solver, args.max_steps, args.steps, prompts, evaluator),
                 "max_steps": args.max_steps,
                 "samples": args.samples,
             }

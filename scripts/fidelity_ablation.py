@@ -20,119 +20,134 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import replace
 from pathlib import Path
 
+from lcm.config.recipes import recipe_config
 from lcm.evaluation.metrics import FashionEvaluator
 from lcm.evaluation.prompts import fashion_eval_prompts
 from lcm.evaluation.run import Row, evaluate_row
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.models.student import StudentKind
 from lcm.sample import Sampler, default_model_path
-from lcm.training.lcd import LCDConfig
-from lcm.training.loop import TrainConfig
-from lcm.training.runs import DataConfig, run_distillation
-from lcm.training.task import LoraSettings
+from lcm.training.runs import run_training
 
-BASE_LCD = LCDConfig(num_solver_steps=50, w_min=1.0, w_max=5.0, ema_decay=0.95)
-BASE_TRAIN = {"max_steps": 1500, "learning_rate": 2e-4}
-BATCH = 32
+BASE = "before-fidelity"  # the lcm demo recipe before this ablation (lcm.config.recipes): k = 20, a constant rate
 
-# name → (LCDConfig overrides, TrainConfig overrides, run overrides: batch size, student kind, LoRA rank)
-VARIANTS: dict[str, tuple[dict, dict, dict]] = {
-    "demo": ({}, {}, {}),  # the lcm demo recipe before this ablation: k = 20
-    "k50": ({"num_solver_steps": 20}, {}, {}),
-    "k100": ({"num_solver_steps": 10}, {}, {}),
-    "k200": ({"num_solver_steps": 5}, {}, {}),  # N = 5: an LCM of at most 5 steps
-    "k100-dpmpp": ({"num_solver_steps": 10, "solver": "dpmpp"}, {}, {}),  # 2nd-order teacher step, 2 calls
-    "k100-wlr10": ({"num_solver_steps": 10, "w_lr_scale": 10.0}, {}, {}),  # the w projection learns 10x faster
-    "ema0": ({"ema_decay": 0.0}, {}, {}),  # target = the student under stop-gradient (no EMA)
+# name → dotted overrides of the base (lcm.config.knobs.override)
+VARIANTS: dict[str, dict] = {
+    "demo": {},  # the lcm demo recipe before this ablation: k = 20
+    "k50": {"method.num_solver_steps": 20},
+    "k100": {"method.num_solver_steps": 10},
+    "k200": {"method.num_solver_steps": 5},  # N = 5: an LCM of at most 5 steps
+    "k100-dpmpp": {"method.num_solver_steps": 10, "method.solver": "dpmpp"},  # 2nd-order teacher step, 2 calls
+    "k100-wlr10": {"method.num_solver_steps": 10, "method.w_lr_scale": 10.0},  # the w projection learns 10x faster
+    "ema0": {"method.ema_decay": 0.0},  # target = the student under stop-gradient (no EMA)
     # the demo recipe with the long recipe's learning-rate schedule (cosine to 10% after 100 warm-up steps), at the
     # demo's 1,500 steps and at 1,000 (two thirds of the demo's distillation time)
-    "k100-wlr10-cos": (
-        {"num_solver_steps": 10, "w_lr_scale": 10.0},
-        {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100},
-        {},
-    ),
-    "k100-wlr10-cos1000": (
-        {"num_solver_steps": 10, "w_lr_scale": 10.0},
-        {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100, "max_steps": 1000},
-        {},
-    ),
-    "k100-wlr30": ({"num_solver_steps": 10, "w_lr_scale": 30.0}, {}, {}),  # the w projection 30x faster
+    "k100-wlr10-cos": {
+        "method.num_solver_steps": 10,
+        "method.w_lr_scale": 10.0,
+        "optim.lr_schedule": "cosine_floor",
+        "optim.lr_warmup_steps": 100,
+    },
+    "k100-wlr10-cos1000": {
+        "method.num_solver_steps": 10,
+        "method.w_lr_scale": 10.0,
+        "optim.lr_schedule": "cosine_floor",
+        "optim.lr_warmup_steps": 100,
+        "loop.max_steps": 1000,
+    },
+    "k100-wlr30": {"method.num_solver_steps": 10, "method.w_lr_scale": 30.0},  # the w projection 30x faster
     # the cosine schedule with the w projection at 20x: over the run its rate averages about 11x the base rate
-    "k100-wlr20-cos": (
-        {"num_solver_steps": 10, "w_lr_scale": 20.0},
-        {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100},
-        {},
-    ),
+    "k100-wlr20-cos": {
+        "method.num_solver_steps": 10,
+        "method.w_lr_scale": 20.0,
+        "optim.lr_schedule": "cosine_floor",
+        "optim.lr_warmup_steps": 100,
+    },
     # DPM-Solver++ teacher step (k100-dpmpp's 4-step images) with the cosine schedule and the w projection at 10x
-    "k100-dpmpp-wlr10-cos": (
-        {"num_solver_steps": 10, "solver": "dpmpp", "w_lr_scale": 10.0},
-        {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100},
-        {},
-    ),
+    "k100-dpmpp-wlr10-cos": {
+        "method.num_solver_steps": 10,
+        "method.solver": "dpmpp",
+        "method.w_lr_scale": 10.0,
+        "optim.lr_schedule": "cosine_floor",
+        "optim.lr_warmup_steps": 100,
+    },
     # timestep bias: t_{n+k} drawn ∝ i (the i-th grid point), so t = 999 twice as often as under a uniform draw
-    "k100-wlr10-tbias1": ({"num_solver_steps": 10, "w_lr_scale": 10.0, "timestep_bias": 1.0}, {}, {}),
+    "k100-wlr10-tbias1": {"method.num_solver_steps": 10, "method.w_lr_scale": 10.0, "method.timestep_bias": 1.0},
     # the consistency distance: squared error instead of pseudo-Huber (c = 0.001 per element, nearly an L1 loss on
     # latents of unit scale)
-    "k100-wlr10-l2": ({"num_solver_steps": 10, "w_lr_scale": 10.0, "loss": "l2"}, {}, {}),
+    "k100-wlr10-l2": {"method.num_solver_steps": 10, "method.w_lr_scale": 10.0, "method.loss": "l2"},
     # skip curriculum: the demo recipe's k = 100 for the first 1,000 steps, then k = 20 (the grid it samples on)
-    "k100to20-wlr10": (
-        {"num_solver_steps": 50, "coarse_num_solver_steps": 10, "coarse_steps": 1000, "w_lr_scale": 10.0},
-        {},
-        {},
-    ),
+    "k100to20-wlr10": {
+        "method.num_solver_steps": 50,
+        "method.coarse_num_solver_steps": 10,
+        "method.coarse_steps": 1000,
+        "method.w_lr_scale": 10.0,
+    },
     # mixed skips: half of every batch on the k = 100 grid (fast propagation to the top), half on k = 20 (the finer
     # teacher step), sampled on the k = 20 grid; and the same with three quarters on k = 100
-    "mix20-100-p50-wlr10-cos": (
-        {"num_solver_steps": 50, "coarse_num_solver_steps": 10, "coarse_fraction": 0.5, "w_lr_scale": 10.0},
-        {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100},
-        {},
-    ),
-    "mix20-100-p75-wlr10-cos": (
-        {"num_solver_steps": 50, "coarse_num_solver_steps": 10, "coarse_fraction": 0.75, "w_lr_scale": 10.0},
-        {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100},
-        {},
-    ),
+    "mix20-100-p50-wlr10-cos": {
+        "method.num_solver_steps": 50,
+        "method.coarse_num_solver_steps": 10,
+        "method.coarse_fraction": 0.5,
+        "method.w_lr_scale": 10.0,
+        "optim.lr_schedule": "cosine_floor",
+        "optim.lr_warmup_steps": 100,
+    },
+    "mix20-100-p75-wlr10-cos": {
+        "method.num_solver_steps": 50,
+        "method.coarse_num_solver_steps": 10,
+        "method.coarse_fraction": 0.75,
+        "method.w_lr_scale": 10.0,
+        "optim.lr_schedule": "cosine_floor",
+        "optim.lr_warmup_steps": 100,
+    },
     # the target's EMA rate μ around the demo recipe's 0.95: a target that lags the student by about 10 steps
     # instead of 20 (consistency climbs the trajectory faster, from a noisier target), and one that lags by 100
-    "k100-wlr10-cos-ema90": (
-        {"num_solver_steps": 10, "w_lr_scale": 10.0, "ema_decay": 0.9},
-        {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100},
-        {},
-    ),
-    "k100-wlr10-cos-ema99": (
-        {"num_solver_steps": 10, "w_lr_scale": 10.0, "ema_decay": 0.99},
-        {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100},
-        {},
-    ),
+    "k100-wlr10-cos-ema90": {
+        "method.num_solver_steps": 10,
+        "method.w_lr_scale": 10.0,
+        "method.ema_decay": 0.9,
+        "optim.lr_schedule": "cosine_floor",
+        "optim.lr_warmup_steps": 100,
+    },
+    "k100-wlr10-cos-ema99": {
+        "method.num_solver_steps": 10,
+        "method.w_lr_scale": 10.0,
+        "method.ema_decay": 0.99,
+        "optim.lr_schedule": "cosine_floor",
+        "optim.lr_warmup_steps": 100,
+    },
     # mixed skips (p = 0.5) with the slower target: the two changes that helped the bottom and the top, together
-    "mix20-100-p50-wlr10-cos-ema99": (
-        {
-            "num_solver_steps": 50,
-            "coarse_num_solver_steps": 10,
-            "coarse_fraction": 0.5,
-            "w_lr_scale": 10.0,
-            "ema_decay": 0.99,
-        },
-        {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100},
-        {},
-    ),
+    "mix20-100-p50-wlr10-cos-ema99": {
+        "method.num_solver_steps": 50,
+        "method.coarse_num_solver_steps": 10,
+        "method.coarse_fraction": 0.5,
+        "method.w_lr_scale": 10.0,
+        "method.ema_decay": 0.99,
+        "optim.lr_schedule": "cosine_floor",
+        "optim.lr_warmup_steps": 100,
+    },
     # the demo recipe with a LoRA student of rank 8 (a quarter to an eighth of the teacher's 32-64 channels, as rank
     # 64 is of SD's 320-1280) at 5x the full student's rate: the student is its own target and takes no w input
-    "lora8-k100-cos": (
-        {"num_solver_steps": 10},
-        {"lr_schedule": "cosine_floor", "lr_warmup_steps": 100, "learning_rate": 1e-3},
-        {"student": "lora", "lora_rank": 8},
-    ),
+    "lora8-k100-cos": {
+        "method.num_solver_steps": 10,
+        "optim.lr_schedule": "cosine_floor",
+        "optim.lr_warmup_steps": 100,
+        "optim.learning_rate": 0.001,
+        "student.kind": "lora",
+        "student.lora_rank": 8,
+    },
     # the demo recipe at batch 64 for 750 steps: the same images, half the optimiser steps (with two threads per
     # process, samples/s is flat in the batch size on this CPU)
-    "b64-k100-wlr10-cos": (
-        {"num_solver_steps": 10, "w_lr_scale": 10.0},
-        {"lr_schedule": "cosine_floor", "lr_warmup_steps": 50, "max_steps": 750},
-        {"batch": 64},
-    ),
+    "b64-k100-wlr10-cos": {
+        "method.num_solver_steps": 10,
+        "method.w_lr_scale": 10.0,
+        "optim.lr_schedule": "cosine_floor",
+        "optim.lr_warmup_steps": 50,
+        "loop.max_steps": 750,
+        "data.batch_size": 64,
+    },
 }
 
 W_EVAL = 3.0
@@ -169,26 +184,13 @@ def score(model: LatentDiffusion, rows: list[Row], path: Path, prompts, evaluato
 
 
 def distil(out: Path, variant: str, seed: int, cache: Path | None) -> dict:
-    lcd_over, train_over, run = VARIANTS[variant]
     run_dir = out / f"{variant}-s{seed}"
-    train = {**BASE_TRAIN, **train_over}
-    summary = run_distillation(
-        default_model_path(),
-        DataConfig(source=str(cache) if cache else "fashion-mnist", batch_size=run.get("batch", BATCH)),
-        replace(BASE_LCD, **lcd_over),
-        TrainConfig(
-            out=run_dir,
-            seed=seed,
-            validate_every=0,
-            checkpoint_every=train["max_steps"],
-            resume="auto",
-            log_every=max(train["max_steps"] // 50, 1),
-            report_to=(),
-            **train,
-        ),
-        student=StudentKind(run.get("student", "full")),
-        lora=LoraSettings(rank=run["lora_rank"]) if "lora_rank" in run else None,
-    )
+    changes = {"loop.seed": seed, "loop.report_to": [], **VARIANTS[variant]}
+    if cache:
+        changes["data.source"] = str(cache)
+    cfg = recipe_config(BASE, changes)
+    every = {"loop.checkpoint_every": cfg.loop.max_steps, "loop.log_every": max(cfg.loop.max_steps // 50, 1)}
+    summary = run_training(recipe_config(BASE, {**changes, **every}), run_dir, resume="auto")
     (run_dir / "wall_seconds.json").write_text(json.dumps({"train_wall_seconds": summary["wall_seconds"]}) + "\n")
     return summary
 

@@ -5,7 +5,8 @@ held-out classes, and measure both class sets before and after.
 
 Rows (FD-clf / prompt accuracy at 1, 2, 4 steps, against the test images of the class set evaluated): the LCM
 distilled on the seen classes, the same LCM after LCF on the held-out classes, and the teacher (DDIM, same steps).
-Writes OUT/lcf_demo.json and prints a Markdown table. Finished stages are reused.
+Both runs start from the "before-fidelity" recipe (lcm.config.recipes; N = 50, a constant rate). Writes
+OUT/lcf_demo.json and prints a Markdown table. Finished stages are reused.
 """
 
 from __future__ import annotations
@@ -16,17 +17,15 @@ from pathlib import Path
 
 import torch
 
+from lcm.config import RunConfig, override
+from lcm.config.recipes import EVALUATION, recipe_config
 from lcm.data.captions import CaptionSet
-from lcm.demo import DemoConfig
 from lcm.evaluation.metrics import FashionEvaluator
 from lcm.evaluation.prompts import EvalPrompts
 from lcm.evaluation.run import Row, evaluate_row
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import Sampler, default_model_path
-from lcm.training.lcd import LCDConfig
-from lcm.training.lcf import LCFConfig
-from lcm.training.loop import TrainConfig
-from lcm.training.runs import DataConfig, run_distillation, run_finetune
+from lcm.training.runs import run_training
 
 
 def prompts_for(classes: list[int], n: int, seed: int = 0) -> EvalPrompts:
@@ -48,35 +47,17 @@ def main() -> None:
     seen = [int(c) for c in args.seen.split(",")]
     held = [c for c in range(10) if c not in seen]
     out, teacher = Path(args.out), default_model_path()
-    base = DemoConfig()
     lcd_dir, lcf_dir = out / "lcd-seen", out / "lcf-held"
-    loop = dict(seed=0, validate_every=0, resume="auto")
+    w_eval = EVALUATION["before-fidelity"]["w"]
     if not (lcd_dir / "unet").is_dir():
-        run_distillation(
-            teacher,
-            DataConfig(source="fashion-mnist:" + args.seen, batch_size=base.batch_size),
-            LCDConfig(w_min=base.w_min, w_max=base.w_max, ema_decay=base.ema_decay),
-            TrainConfig(
-                out=lcd_dir,
-                max_steps=args.distill_steps,
-                learning_rate=base.learning_rate,
-                checkpoint_every=args.distill_steps,
-                **loop,
-            ),
-        )
+        changes = {"data.source": "fashion-mnist:" + args.seen, "loop.max_steps": args.distill_steps}
+        run_training(recipe_config("before-fidelity", changes), lcd_dir, resume="auto")
     if not (lcf_dir / "unet").is_dir():
-        run_finetune(
-            lcd_dir,
-            DataConfig(source="fashion-mnist:" + ",".join(map(str, held)), batch_size=base.batch_size),
-            LCFConfig(w=base.w_eval, ema_decay=base.ema_decay),
-            TrainConfig(
-                out=lcf_dir,
-                max_steps=args.finetune_steps,
-                learning_rate=args.finetune_lr,
-                checkpoint_every=args.finetune_steps,
-                **loop,
-            ),
-        )
+        base = recipe_config("before-fidelity")  # its batch and loop; LCF's own method settings
+        finetune = RunConfig(command="finetune", model=str(lcd_dir), data=base.data, loop=base.loop)
+        changes = {"data.source": "fashion-mnist:" + ",".join(map(str, held)), "loop.max_steps": args.finetune_steps}
+        changes |= {"method.w": w_eval, "optim.learning_rate": args.finetune_lr}
+        run_training(override(finetune, changes), lcf_dir, resume="auto")
     models = {
         "teacher DDIM": (teacher, Sampler.DDIM),
         "LCM (seen classes)": (lcd_dir, Sampler.LCM),
@@ -89,7 +70,7 @@ def main() -> None:
         for name, (path, sampler) in models.items():
             model = LatentDiffusion.from_pretrained(path)
             for steps in (1, 2, 4):
-                row = evaluate_row(model, Row(name, sampler, steps, base.w_eval), prompts, evaluator)
+                row = evaluate_row(model, Row(name, sampler, steps, w_eval), prompts, evaluator)
                 results.append({"classes": split, **row})
                 print(
                     f"{split:>8} {name:>22} {steps} steps: FD-clf {row['fd_clf']:.1f} acc {row['prompt_accuracy']:.3f}"

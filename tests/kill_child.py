@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from lcm.training.loop import Task as LoopTask
+
 MAX_STEPS, EVERY, ACCUMULATION = 12, 2, 2
 UNREADABLE = {3, 8, 9}  # stream positions whose batch held no readable image
 RESUME = None if os.environ.get("RESUME") == "none" else "auto"
@@ -100,7 +102,7 @@ class Net(torch.nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-class Task:
+class Task(LoopTask):
     """A small regression with noise from the loop's generator and an EMA copy, like LCD's moving parts."""
 
     def __init__(self):
@@ -134,9 +136,6 @@ class Task:
         self.raw.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
         self.ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
 
-    def validate(self, step, folder):
-        return {}
-
     def export(self, folder):
         from safetensors.torch import save_file
 
@@ -144,9 +143,10 @@ class Task:
 
 
 def run_loop(out: Path, keep: int) -> None:
+    from lcm.config import LoopConfig, OptimConfig
     from lcm.data.base import collate_skip_none
     from lcm.data.loader import batch_stream
-    from lcm.training.loop import TrainConfig, train
+    from lcm.training.loop import train
 
     images = torch.randn(40, 4, generator=torch.Generator().manual_seed(1))
     data = [{"pixel_values": images[i], "caption": ""} for i in range(40)]
@@ -155,20 +155,17 @@ def run_loop(out: Path, keep: int) -> None:
         for i, batch in enumerate(batch_stream(data, 2, collate_skip_none, seed=0, start=start), start=start):
             yield None if i in UNREADABLE else batch
 
-    cfg = TrainConfig(
-        out=out,
+    loop = LoopConfig(
         max_steps=MAX_STEPS,
-        learning_rate=1e-2,
         checkpoint_every=EVERY,
         keep_checkpoints=keep,
         gradient_accumulation_steps=ACCUMULATION,
         validate_every=0,
         log_every=1,
-        resume=RESUME,
         seed=3,
         cpu=True,
     )
-    train(Task(), batches, cfg)
+    train(Task(), batches, out, loop, OptimConfig(learning_rate=1e-2), RESUME)
 
 
 def main() -> None:

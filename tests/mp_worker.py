@@ -19,9 +19,10 @@ from kill_child import Task
 def main() -> None:
     from accelerate import PartialState
 
+    from lcm.config import LoopConfig, OptimConfig
     from lcm.data.base import collate_skip_none
     from lcm.data.loader import batch_stream
-    from lcm.training.loop import TrainConfig, train
+    from lcm.training.loop import train
 
     out, batch, steps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     state = PartialState(cpu=True)
@@ -39,12 +40,8 @@ def main() -> None:
             data, batch, collate_skip_none, start=start, rank=state.process_index, world=state.num_processes
         )
 
-    cfg = TrainConfig(out=out, max_steps=steps, learning_rate=1e-2, checkpoint_every=2, validate_every=0, log_every=1)
-    train(
-        Exact(),
-        batches,
-        TrainConfig(**{**cfg.__dict__, "resume": sys.argv[4] if len(sys.argv) > 4 else None, "cpu": True}),
-    )
+    loop = LoopConfig(max_steps=steps, checkpoint_every=2, validate_every=0, log_every=1, cpu=True)
+    train(Exact(), batches, out, loop, OptimConfig(learning_rate=1e-2), sys.argv[4] if len(sys.argv) > 4 else None)
     folder = Path(f"{out}-seen")
     folder.mkdir(exist_ok=True)
     (folder / f"rank-{state.process_index}-{len(list(folder.iterdir()))}.json").write_text(json.dumps(seen))

@@ -82,22 +82,23 @@ def test_demo_quick_writes_grid_table_and_model(tmp_path):
     assert lcm.is_lcm and lcm.w_range == (1.0, 5.0) and lcm.default_w == 3.0
     assert lcm.scheduler_config["original_inference_steps"] == 10  # the recipe's skipping step k = 100
     run = json.loads((out / "lcm" / "train" / "run_config.json").read_text())
-    assert run["lcd"]["w_lr_scale"] == 10.0 and run["lcd"]["num_solver_steps"] == 10
+    assert run["method"]["w_lr_scale"] == 10.0 and run["method"]["num_solver_steps"] == 10
 
 
 def test_demo_recipes_differ_only_in_length_evaluation_and_speed(tmp_path):
-    from dataclasses import asdict
+    from lcm.config.knobs import leaves
+    from lcm.demo import demo_config
 
-    from lcm.demo import DemoConfig, demo_config_from
-
-    demo, long = DemoConfig.for_recipe("demo", tmp_path), DemoConfig.for_recipe("long", tmp_path)
-    changed = {k for k, v in asdict(long).items() if asdict(demo)[k] != v}
-    assert changed == {"recipe", "max_steps", "eval_samples", "compile"}  # compiling changes the speed, not the maths
-    assert long.max_steps > 6 * demo.max_steps and long.compile == "on"
-    assert demo.lr_schedule == "cosine_floor" and demo.lr_warmup_steps == 100  # both decay (docs/fidelity.md)
-    assert demo_config_from(tmp_path, False, "long", max_steps=10).max_steps == 10  # a flag overrides the recipe
-    with pytest.raises(ValueError, match="--recipe"):
-        DemoConfig.for_recipe("longer", tmp_path)
+    demo, long = demo_config(tmp_path, "demo"), demo_config(tmp_path, "long")
+    a, b = ({p: v for p, _, v in leaves(d.run)} for d in (demo, long))
+    changed = {p for p in a if a[p] != b[p]}
+    # compiling changes the speed, not the maths; how often a run writes and logs changes neither
+    assert changed == {"loop.max_steps", "loop.compile", "loop.checkpoint_every", "loop.log_every"}
+    assert long.run.loop.max_steps > 6 * demo.run.loop.max_steps and long.eval_samples == 2 * demo.eval_samples
+    assert demo.run.optim.lr_schedule == "cosine_floor" and demo.run.optim.lr_warmup_steps == 100  # docs/fidelity.md
+    assert demo_config(tmp_path, "long", {"loop.max_steps": 10}).run.loop.max_steps == 10  # a flag overrides
+    with pytest.raises(ValueError, match="unknown recipe"):
+        demo_config(tmp_path, "longer")
 
 
 def test_shipped_lcm_is_a_w_conditioned_lcm_and_the_shipped_weights_stay_small():

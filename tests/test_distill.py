@@ -11,13 +11,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lcm.cli import main
+from lcm.config import LoopConfig, OptimConfig
 from lcm.maths.ema import ema_update
 from lcm.maths.guidance import w_embedding
 from lcm.maths.solvers import Solver
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import StudentKind, add_lora, full_student
 from lcm.training.lcd import LCD, LCDConfig
-from lcm.training.loop import TrainConfig, train
+from lcm.training.loop import train
 from tiny_models import build_tiny_sd
 
 
@@ -160,7 +161,7 @@ def test_full_student_starts_equal_to_teacher(sd_folder):
 
 
 def test_lcd_config_validation():
-    with pytest.raises(ValueError, match="w_min"):
+    with pytest.raises(ValueError, match="--w-min must not exceed --w-max"):
         LCDConfig(w_min=5, w_max=2)
     with pytest.raises(ValueError):
         LCDConfig(solver="euler")
@@ -216,13 +217,14 @@ class _Crash(Exception):
 
 
 def _run(folder, out, max_steps, resume=None, crash_after=None, kind=StudentKind.FULL, w_lr_scale=1.0, **lcd):
+    from lcm.config import StudentConfig
     from lcm.data.loader import batch_stream
     from lcm.data.sources import collate_skip_none
-    from lcm.training.task import DistillTask, LoraSettings
+    from lcm.training.task import DistillTask
 
     model = LatentDiffusion.from_pretrained(folder)
     cfg = LCDConfig(solver=Solver.DPM_SOLVER_PP_2S, w_min=2, w_max=6, w_lr_scale=w_lr_scale, **lcd)
-    task = DistillTask(model, kind, cfg, LoraSettings(rank=4))
+    task = DistillTask(model, cfg, StudentConfig(kind=kind, lora_rank=4))
     data = _ListData()
 
     def batches(start):
@@ -231,11 +233,9 @@ def _run(folder, out, max_steps, resume=None, crash_after=None, kind=StudentKind
                 raise _Crash  # the process dies between steps
             yield b
 
-    loop = TrainConfig(
-        out=out, max_steps=max_steps, learning_rate=1e-3, checkpoint_every=2, validate_every=0, resume=resume, seed=5
-    )
+    loop = LoopConfig(max_steps=max_steps, checkpoint_every=2, validate_every=0, seed=5)
     try:
-        train(task, batches, loop)
+        train(task, batches, out, loop, OptimConfig(learning_rate=1e-3), resume)
     except _Crash:
         pass
     return task

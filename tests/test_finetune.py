@@ -134,22 +134,22 @@ def test_w_embedding_has_the_unets_own_size(folders, tmp_path):
 
 def test_lcf_defaults_are_the_lcms_own(folders, tmp_path):
     """Unset w and consistency constants of LCF come from the LCM; LCD's constants reach its export."""
+    from lcm.config import LCDConfig, StudentConfig
     from lcm.models.formats import read_record
-    from lcm.training.lcd import LCDConfig
     from lcm.training.task import DistillTask, FinetuneTask
 
     teacher, _, _ = folders
     lcd = LCDConfig(w_min=1.0, w_max=5.0, sigma_data=0.3, timestep_scaling=5.0)
-    DistillTask(LatentDiffusion.from_pretrained(teacher), StudentKind.FULL, lcd).export(tmp_path / "lcm")
+    DistillTask(LatentDiffusion.from_pretrained(teacher), lcd).export(tmp_path / "lcm")
     record = read_record(tmp_path / "lcm")
     assert (record["sigma_data"], record["timestep_scaling"], record["w_range"]) == (0.3, 5.0, (1.0, 5.0))
 
     model = LatentDiffusion.from_pretrained(tmp_path / "lcm")
-    task = FinetuneTask(model, StudentKind.LORA, LCFConfig())
+    task = FinetuneTask(model, LCFConfig(), StudentConfig(kind="lora"))
     assert (task.cfg.w, task.cfg.sigma_data, task.cfg.timestep_scaling) == (3.0, 0.3, 5.0)
     assert task.validation_w == model.default_w == 3.0
     task.export(tmp_path / "lora")
     record = read_record(tmp_path / "lora")
     assert (record["sigma_data"], record["timestep_scaling"], record["w_range"]) == (0.3, 5.0, (3.0, 3.0))
-    explicit = FinetuneTask(LatentDiffusion.from_pretrained(tmp_path / "lcm"), StudentKind.FULL, LCFConfig(w=1.5))
+    explicit = FinetuneTask(LatentDiffusion.from_pretrained(tmp_path / "lcm"), LCFConfig(w=1.5))
     assert (explicit.cfg.w, explicit.validation_w) == (1.5, 1.5)

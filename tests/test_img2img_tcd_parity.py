@@ -244,9 +244,10 @@ def test_teacher_img2img_equals_stable_diffusion_img2img_pipeline(sampler, parit
         kwargs = dict(prompt_embeds=cond, negative_prompt_embeds=negative, image=pils, strength=strength)
         kwargs.update(num_inference_steps=steps, guidance_scale=guidance_scale_from_w(W))
         ref = pipe(**kwargs, generator=gens(), output_type="latent").images
-        mine = img2img_latents(
-            model, images, strength, TextEmbeddings(cond), TextEmbeddings(negative), Sampler(sampler), steps, W, SEEDS
-        )
+        mine = img2img_latents(  # the pipeline's scheduler keeps its config's spacing: "config"
+            model, images, strength, TextEmbeddings(cond), TextEmbeddings(negative), Sampler(sampler), steps, W, SEEDS,
+            "config",
+        )  # fmt: skip
         parity(mine, ref, label=f"{sampler}-{steps}steps-strength{strength}")
         if steps == 4:
             ref_pixels = pipe(**kwargs, generator=gens(), output_type="pt").images

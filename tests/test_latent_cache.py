@@ -10,12 +10,11 @@ from safetensors.torch import load_file
 
 import lcm.data.latent_cache as latent_cache
 from lcm.cli import main
+from lcm.config import LCDConfig
 from lcm.data.base import collate_skip_none
 from lcm.data.latent_cache import LatentCache, write_latent_cache
 from lcm.data.sources import open_data
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.models.student import StudentKind
-from lcm.training.lcd import LCDConfig
 from lcm.training.task import DistillTask
 from tiny_models import build_tiny_sd
 
@@ -50,7 +49,7 @@ def test_cached_batch_equals_encoding_the_images(sd_folder, image_folder, tmp_pa
     posterior draw (the reference side is the model's own encoders, not the cache code)."""
     model = LatentDiffusion.from_pretrained(sd_folder)
     _cache(model, image_folder, tmp_path / "cache", shard_size=4, batch_size=2)
-    task = DistillTask(model, StudentKind.FULL, LCDConfig())
+    task = DistillTask(model, LCDConfig())
     images = collate_skip_none([open_data(str(image_folder), resolution=64)[i] for i in range(N_IMAGES)])
     cached = collate_skip_none([LatentCache(tmp_path / "cache")[i] for i in range(N_IMAGES)])
     assert cached["caption"] == images["caption"]

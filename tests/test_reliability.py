@@ -4,7 +4,6 @@ from other settings is refused in one line, and the run settings are read back o
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -13,10 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from kill_child import Task
+from lcm.config import LoopConfig, OptimConfig
 from lcm.data.base import collate_skip_none
 from lcm.data.loader import batch_stream
 from lcm.training.checkpoint import CorruptCheckpoint, load_training_state
-from lcm.training.loop import NonFiniteTraining, TrainConfig, train
+from lcm.training.loop import NonFiniteTraining, train
 
 DATA = [{"pixel_values": x, "caption": ""} for x in torch.randn(40, 4, generator=torch.Generator().manual_seed(1))]
 
@@ -34,11 +34,10 @@ class PoisonedTask(Task):
         return losses * math.nan if self.calls in self.poisoned else losses
 
 
-def _train(out, task, **overrides):
-    cfg = dict(out=out, max_steps=8, learning_rate=1e-2, checkpoint_every=2, validate_every=0, log_every=1, cpu=True)
-    return train(
-        task, lambda start: batch_stream(DATA, 2, collate_skip_none, start=start), TrainConfig(**cfg | overrides)
-    )
+def _train(out, task, resume=None, **overrides):
+    loop = LoopConfig(**dict(max_steps=8, checkpoint_every=2, validate_every=0, log_every=1, cpu=True) | overrides)
+    batches = lambda start: batch_stream(DATA, 2, collate_skip_none, start=start)  # noqa: E731
+    return train(task, batches, out, loop, OptimConfig(learning_rate=1e-2), resume)
 
 
 def _strict_json(path):
@@ -127,56 +126,37 @@ def test_a_checkpoint_of_other_settings_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def _args(tmp_path, typed=(), **values):
+def _args(out, *typed):
     from lcm.cli import build_parser
-    from lcm.cli.common import typed_flags
 
-    argv = ["distill", "--out", str(tmp_path), *typed]
-    args = build_parser().parse_args(argv)
-    args.command_parser = build_parser()._subparsers._group_actions[0].choices["distill"]
-    args.typed_flags = typed_flags(args.command_parser, argv)
-    return args
+    return build_parser().parse_args(["distill", "--out", str(out), *typed])
 
 
 def test_resume_reads_the_run_settings_and_refuses_a_changed_flag(tmp_path):
-    from lcm.cli.common import recorded_flags, settle_flags
+    from lcm.cli.flags import run_config_from
+    from lcm.config import RunConfig, override
     from lcm.training.run_folder import RUN_CONFIG
 
-    started = _args(tmp_path, ["--batch-size", "3", "--lora-rank", "8", "--teacher", "t", "--data", "d"])
+    started = override(RunConfig(model="t"), {"data.batch_size": 3, "student.lora_rank": 8, "data.source": "d"})
     (tmp_path / "train").mkdir()
-    (tmp_path / "train" / RUN_CONFIG).write_text(json.dumps({"command": "distill", "flags": recorded_flags(started)}))
+    (tmp_path / "train" / RUN_CONFIG).write_text(json.dumps(started.to_dict()))
 
-    resumed = _args(tmp_path, ["--resume", "latest", "--max-steps", "9"])
-    settle_flags(resumed, "distill")
-    assert (resumed.batch_size, resumed.lora_rank, resumed.teacher, resumed.data) == (3, 8, "t", "d")
-    assert resumed.max_steps == 9  # how long to run may change
-    changed = _args(tmp_path, ["--resume", "latest", "--lora-r", "4"])
+    resumed = run_config_from(_args(tmp_path, "--resume", "latest", "--max-steps", "9"), "distill")
+    assert (resumed.data.batch_size, resumed.student.lora_rank, resumed.model, resumed.data.source) == (3, 8, "t", "d")
+    assert resumed.loop.max_steps == 9  # how long to run may change
     with pytest.raises(ValueError, match=r"^--lora-rank 4 differs from this run's 8 \(saved in .*run_config.json\)"):
-        settle_flags(changed, "distill")
+        run_config_from(_args(tmp_path, "--resume", "latest", "--lora-r", "4"), "distill")
     with pytest.raises(ValueError, match="lcm distill run"):
-        settle_flags(_args(tmp_path, ["--resume", "latest"]), "finetune")
+        run_config_from(_args(tmp_path, "--resume", "latest"), "finetune")
 
 
 def test_config_file_starts_a_run_and_typed_flags_override_it(tmp_path):
-    from lcm.cli.common import settle_flags
+    from lcm.cli.flags import run_config_from
 
     config = tmp_path / "c.json"
-    config.write_text(json.dumps({"--batch-size": 5, "solver": "dpm", "seed": 7}))
-    args = _args(tmp_path / "run", ["--config", str(config), "--seed", "2"])
-    settle_flags(args, "distill")
-    assert (args.batch_size, args.solver, args.seed) == (5, "dpm", 2)
+    config.write_text(json.dumps({"--batch-size": 5, "solver": "dpm", "loop.seed": 7}))
+    cfg = run_config_from(_args(tmp_path / "run", "--config", str(config), "--seed", "2"), "distill")
+    assert (cfg.data.batch_size, cfg.method.solver.value, cfg.loop.seed) == (5, "dpm", 2)
     config.write_text(json.dumps({"bogus": 1}))
-    with pytest.raises(ValueError, match="unknown flag"):
-        settle_flags(_args(tmp_path / "run", ["--config", str(config)]), "distill")
-
-
-def test_typed_flags_resolve_prefixes():
-    from lcm.cli.common import typed_flags
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--lora-rank")
-    parser.add_argument("--lora-alpha")
-    assert typed_flags(parser, ["--lora-r", "4", "--lora-alpha=2", "x"]) == {
-        "lora_rank": "--lora-rank",
-        "lora_alpha": "--lora-alpha",
-    }
+    with pytest.raises(ValueError, match="unknown setting"):
+        run_config_from(_args(tmp_path / "run", "--config", str(config)), "distill")

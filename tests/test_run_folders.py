@@ -74,32 +74,31 @@ def test_resume_checks_the_checkpoint_when_run_config_is_gone(finished, tiny_sd,
     assert _snapshot(out) == before
     # the settings come from the checkpoint: a resume with no flags continues the same run
     assert main(["distill", "--out", str(out), "--resume", "latest", "--max-steps", "3"]) == 0
-    assert json.loads((out / "train" / "run_config.json").read_text())["flags"]["batch_size"] == 2
+    assert json.loads((out / "train" / "run_config.json").read_text())["data"]["batch_size"] == 2
 
 
 def test_a_python_api_resume_with_other_settings_is_refused(finished, tmp_path):
     """The library compares the run's settings with the checkpoint's record, whatever the command line said."""
-    from lcm.training.lcd import LCDConfig
-    from lcm.training.loop import TrainConfig
-    from lcm.training.runs import DataConfig, run_distillation
+    from lcm.config import RunConfig, override
+    from lcm.training.runs import run_training
 
     out = _copy(finished, tmp_path)
     saved = json.loads((out / "train" / "run_config.json").read_text())
     (out / "train" / "run_config.json").unlink()
-    loop = TrainConfig(out=out, max_steps=3, learning_rate=2e-6, validate_every=0, resume="latest")
-    data = DataConfig(source=saved["data"]["source"], batch_size=2)
-    with pytest.raises(ValueError, match=r"step-2 was written by a run with other settings: loop.learning_rate"):
-        run_distillation(saved["model"], data, LCDConfig(), loop)
+    cfg = RunConfig.from_dict({k: v for k, v in saved.items() if k != "data_resolved"}, "saved")
+    run_training(override(cfg, {"loop.max_steps": 3}), out, resume="latest")  # the same settings resume
+    with pytest.raises(ValueError, match=r"step-3 was written by a run with other settings: optim.learning_rate"):
+        run_training(override(cfg, {"loop.max_steps": 4, "optim.learning_rate": 2e-6}), out, resume="latest")
 
 
 def test_typing_the_default_teacher_on_resume_is_not_a_change(tmp_path, capsys):
     """A run started without --teacher (the shipped one) resumes with --teacher naming that same folder."""
-    from lcm.cli.common import _same
+    from lcm.cli.flags import _where
     from lcm.sample import default_model_path
 
-    assert _same("teacher", str(default_model_path()), None)
-    assert _same("teacher", os.path.relpath(default_model_path()), str(default_model_path()))
-    assert not _same("teacher", str(tmp_path), None)
+    assert _where(str(default_model_path())) == _where(None)
+    assert _where(os.path.relpath(default_model_path())) == _where(str(default_model_path()))
+    assert _where(str(tmp_path)) != _where(None)
 
 
 def test_resume_latest_with_nothing_to_resume_is_refused(tmp_path, capsys):

@@ -377,7 +377,7 @@ def test_demo_grid_is_labelled(tmp_path, monkeypatch):
         metrics = {"fd_clf": 1.0, "kid_clf": 0.0, "prompt_accuracy": 0.5, "seconds_per_image": 0.0}
         return {"method": row.method, "steps": row.steps, "nfe_per_image": 1, **metrics}
 
-    monkeypatch.setattr(demo, "run_distillation", lambda *a, **k: {"steps": 1, "wall_seconds": 0.0})
+    monkeypatch.setattr(demo, "run_training", lambda *a, **k: {"steps": 1, "wall_seconds": 0.0})
     monkeypatch.setattr(demo.LatentDiffusion, "from_pretrained", lambda *a, **k: object())
     monkeypatch.setattr(demo, "FashionEvaluator", lambda *a, **k: None)
     monkeypatch.setattr(demo, "fashion_eval_prompts", lambda *a, **k: [])
@@ -406,7 +406,8 @@ def test_validation_grid_is_labelled_and_kept_for_tensorboard(tmp_path, teacher)
         method=SimpleNamespace(w_emb=lambda w, device: None, consistency=consistency),
         cfg=SimpleNamespace(num_solver_steps=50),
     )
-    assert ConsistencyTask.validate(task, 7, tmp_path) == {}
+    result = ConsistencyTask.validate(task, 7, tmp_path)
+    assert result.metrics == {}
     prompts, seeds = ["a bag", "a bag", "a coat", "a coat"], [0, 1, 0, 1]
     cond = teacher.encode_prompts(prompts)
     rows = []
@@ -419,7 +420,7 @@ def test_validation_grid_is_labelled_and_kept_for_tensorboard(tmp_path, teacher)
     columns = ["a bag, seed 0", "a bag, seed 1", "a coat, seed 0", "a coat, seed 1"]
     expected = np.asarray(labelled_grid(torch.cat(rows), labels, columns, scale=2))
     np.testing.assert_array_equal(_png(tmp_path / "step-000007.png"), expected)
-    tensorboard = task.validation_images["validation"]
+    tensorboard = result.images["validation"]
     assert tensorboard.shape == (1, *expected.shape, 3) and tensorboard.dtype == np.uint8
     np.testing.assert_array_equal(tensorboard[0, ..., 0], expected)
 

@@ -27,6 +27,7 @@ from lcm.models.latent_diffusion import LatentDiffusion  # noqa: E402
 from lcm.sample import Sampler, default_model_path, generate  # noqa: E402
 from lcm.serve import Engine, Limits, create_app, serve_model_path  # noqa: E402
 from lcm.serve import engine as engine_module  # noqa: E402
+from lcm.serve.protocol import Request  # noqa: E402
 from lcm.serve.server import is_loopback  # noqa: E402
 from serve_client import local_client  # noqa: E402
 
@@ -139,14 +140,15 @@ def test_default_model_prefers_the_shipped_lcm(tmp_path, monkeypatch):
     assert serve_model_path() == tmp_path / "fashion-lcm"
 
 
-def test_prompt_embeddings_are_cached(teacher_engine, monkeypatch):
-    engine = Engine(teacher_engine.model, cache_size=2)
+def test_prompt_embeddings_come_from_the_models_prompt_cache(teacher_engine, monkeypatch):
+    engine = Engine(teacher_engine.model)
     calls = []
-    encode = engine.model.encode_prompts
-    monkeypatch.setattr(engine.model, "encode_prompts", lambda p: calls.append(p) or encode(p))
-    for prompt in ("a", "b", "a", "a", "c", "b"):  # LRU of 2: "b" was evicted by "c"
-        engine.embed(prompt)
-    assert calls == [["a"], ["b"], ["c"], ["b"]]
+    encode = engine.model.prompt_cache.encode
+    monkeypatch.setattr(engine.model.prompt_cache, "encode", lambda p: calls.append(p) or encode(p))
+    for prompt in ("a bag", "a coat", "a bag", "a bag"):  # typing re-sends a prompt with every slider move
+        engine.run(Request(None, prompt, "", 1, 3.0, 0, 1))
+    assert [c for c in calls if c != [""]] == [["a bag"], ["a coat"]]  # each prompt encoded once (and "" at most)
+    assert calls.count([""]) <= 1
 
 
 def slowed(fn, seconds: float, record: list | None = None):
@@ -209,7 +211,7 @@ def test_bad_requests_get_one_line_errors_and_the_socket_lives(teacher_engine):
 
 
 def test_limits_are_configurable_and_the_rate_is_per_connection(teacher_engine, monkeypatch):
-    monkeypatch.setattr(engine_module, "_generate", slowed(engine_module._generate, 0.05))
+    monkeypatch.setattr(engine_module, "generate", slowed(engine_module.generate, 0.05))
     limits = Limits(max_steps=2, max_batch=1, max_prompt_chars=10, rate=5, max_upload_bytes=1024)
     noise = io.BytesIO()
     Image.frombytes("RGB", (64, 64), np.random.default_rng(0).bytes(64 * 64 * 3)).save(noise, format="PNG")
@@ -258,7 +260,7 @@ def test_max_connections_and_cross_origin(teacher_engine):
 
 def test_stale_requests_are_dropped_never_queued(teacher_engine, monkeypatch):
     overlap: list[int] = []
-    monkeypatch.setattr(engine_module, "_generate", slowed(engine_module._generate, 0.25, overlap))
+    monkeypatch.setattr(engine_module, "generate", slowed(engine_module.generate, 0.25, overlap))
     with local_client(create_app(teacher_engine)) as client:
         hub = client.app.state.hub
         with client.websocket_connect("/ws") as a, client.websocket_connect("/ws") as b:
@@ -282,26 +284,22 @@ def test_stale_requests_are_dropped_never_queued(teacher_engine, monkeypatch):
 # --- img2img glue --------------------------------------------------------------------------------------------------
 
 
-def test_img2img_uses_the_library_when_it_has_it(teacher_engine, monkeypatch):
-    monkeypatch.delattr(lcm.sample, "img2img_latents", raising=False)
+def test_img2img_over_the_web_equals_the_library(teacher_engine):
+    """An upload goes through the one image-loading path and :func:`lcm.sample.generate`: the server's images equal
+    the library's for the same file, strength and seeds."""
+    from lcm.images import decode_image_bytes
+
+    upload = png_of((100, 60), "RGB")
     with local_client(create_app(teacher_engine)) as client:
-        assert client.get("/api/health").json()["img2img"] is False
-        r = client.post("/api/generate", json={"prompt": PROMPT, "image": png_of(), "strength": 0.5})
-        assert r.status_code == 400 and "img2img is not supported by this build" in r.json()["error"]
-
-    seen = {}
-
-    def img2img_latents(model, images, strength, cond, uncond, sampler, steps, w, seeds, timestep_spacing=None):
-        seen.update(shape=tuple(images.shape), strength=strength, seeds=seeds, sampler=sampler, low=images.min())
-        return torch.zeros(len(seeds), *model.latent_shape)
-
-    monkeypatch.setattr(lcm.sample, "img2img_latents", img2img_latents, raising=False)
-    with local_client(create_app(teacher_engine)) as client:
-        image = "data:image/png;base64," + png_of((100, 60), "RGB")
-        body = client.post("/api/generate", json={"prompt": PROMPT, "image": image, "strength": 0.5, "batch": 2})
-        assert body.status_code == 200 and body.json()["img2img"] is True
-    assert seen["shape"] == (2, 1, 32, 32) and seen["strength"] == 0.5 and seen["seeds"] == [0, 1]
-    assert seen["sampler"] is Sampler.DDIM and abs(float(seen["low"]) - (200 / 127.5 - 1)) < 1e-6
+        body = client.post(
+            "/api/generate", json={"prompt": PROMPT, "image": upload, "strength": 0.5, "steps": 4, "batch": 2}
+        ).json()
+    assert body["img2img"] is True
+    model = teacher_engine.model
+    init = decode_image_bytes(base64.b64decode(upload), 1, (32, 32))
+    want = generate(model, [PROMPT] * 2, Sampler.DDIM, 4, model.default_w, [0, 1], init_images=init, strength=0.5)
+    for got, image in zip(body["images"], to_uint8(want), strict=True):
+        np.testing.assert_array_equal(pixels(got), image[..., 0])
 
 
 # --- the command -----------------------------------------------------------------------------------------------------
@@ -345,3 +343,23 @@ def test_serve_flags_are_checked_before_any_model_loads(monkeypatch, capsys):
 def test_loopback_addresses():
     assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.4", "example.com"))
+
+
+def test_an_upload_and_the_same_file_on_the_command_line_give_the_same_init_image(tmp_path):
+    """One image-loading path: EXIF orientation applied and the same resampling for ``lcm serve`` uploads and
+    ``lcm sample --image`` (a rotated JPEG that both read differently before)."""
+    from lcm.images import load_image
+    from lcm.serve.protocol import decode_image
+
+    pixels = np.zeros((40, 64, 3), np.uint8)
+    pixels[:, :20] = (250, 10, 10)  # a red band on the left, a dark rest
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    upload = base64.b64encode(path.read_bytes()).decode()
+    for channels in (1, 3):
+        served = decode_image(upload, Limits(), (channels, 32, 32))
+        loaded = load_image(path, channels, (32, 32))
+        torch.testing.assert_close(served, loaded, rtol=0, atol=0)
+    assert loaded[0, 0, :8].mean() > loaded[0, 0, -8:].mean()  # upright: the red band is now on top

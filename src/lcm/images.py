@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 __all__ = [
+    "decode_image_bytes",
     "image_to_tensor",
     "labelled_grid",
     "load_image",
@@ -123,27 +125,56 @@ def image_to_tensor(image: Image.Image, channels: int = 3) -> torch.Tensor:
     return 2.0 * torch.from_numpy(arr.transpose(2, 0, 1).copy())[None] - 1.0
 
 
-def load_image(path: str | Path, channels: int, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """An image file (PNG, JPEG, WebP, …) → ``[1, C, H, W]`` in [−1, 1], resized to ``size = (height, width)``.
+class ImageTooLarge(ValueError):
+    """An image whose side exceeds the bound it was read with."""
+
+
+def decode_image_bytes(
+    data: bytes,
+    channels: int,
+    size: tuple[int, int] | None = None,
+    *,
+    formats: Sequence[str] | None = None,
+    max_side: int | None = None,
+) -> torch.Tensor:
+    """The one way an image enters the project (``lcm sample --image``, uploads to ``lcm serve``): bytes →
+    ``[1, C, H, W]`` in [−1, 1], resized to ``size = (height, width)``.
 
     EXIF orientation is applied (as ``diffusers.utils.load_image``); resizing is Lanczos, the resampling of
-    ``VaeImageProcessor``. Unreadable files raise a one-line ValueError.
+    ``VaeImageProcessor``; ``formats`` limits the decoders tried (None: every Pillow format). A side above
+    ``max_side`` raises :class:`ImageTooLarge` before the pixels are decoded; anything a decoder raises on a damaged
+    file becomes one ``ValueError``.
     """
-    from PIL import UnidentifiedImageError
-
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data), formats=formats) as img:
+            if max_side is not None and max(img.size) > max_side:
+                raise ImageTooLarge(f"image is {img.width}x{img.height}; at most {max_side} pixels a side")
             img = ImageOps.exif_transpose(img)
             img.load()
-    except FileNotFoundError:
-        raise ValueError(f"--image {path}: no such file") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise ValueError(f"--image {path}: not a readable image ({type(err).__name__})") from None
+    except ImageTooLarge:
+        raise
+    except Exception as err:  # decoders meeting damaged files raise many kinds (OSError, SyntaxError, struct.error)
+        raise ValueError(f"not a readable image ({type(err).__name__})") from None
     if size is not None and (img.height, img.width) != tuple(size):
         img = img.convert("RGBA" if img.mode in ("RGBA", "LA", "P") else "RGB").resize(
             (size[1], size[0]), Image.LANCZOS
         )
     return image_to_tensor(img, channels)
+
+
+def load_image(path: str | Path, channels: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An image file (PNG, JPEG, WebP, …) → ``[1, C, H, W]`` in [−1, 1] (:func:`decode_image_bytes`); a missing
+    or unreadable file is a one-line ValueError naming it."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"--image {path}: no such file") from None
+    except OSError as err:
+        raise ValueError(f"--image {path}: cannot be read ({err.strerror})") from None
+    try:
+        return decode_image_bytes(data, channels, size)
+    except ValueError as err:
+        raise ValueError(f"--image {path}: {err}") from None
 
 
 # --- labelled grids ------------------------------------------------------------------------------------------------

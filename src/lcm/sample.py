@@ -13,7 +13,6 @@ generator is drawn from in this order, the order diffusers' pipelines draw from 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from enum import Enum
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from lcm.maths.sampling import (
     sample_lcm,
     sample_tcd,
 )
-from lcm.maths.timesteps import ddim_timesteps, dpm_solver_timesteps, img2img_start, lcm_timesteps
+from lcm.maths.timesteps import Sampler, sampler_timesteps
 from lcm.models.formats import w_input_dim
 from lcm.models.latent_diffusion import LatentDiffusion, network_dtype
 from lcm.models.text import TextEmbeddings
@@ -43,7 +42,6 @@ __all__ = [
     "default_sampling_path",
     "generate",
     "img2img_latents",
-    "img2img_timesteps",
     "latent_shape",
     "sample_latents",
 ]
@@ -51,22 +49,6 @@ __all__ = [
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_GAMMA = 0.3  # TCD's γ (diffusers' ``eta`` of TCDScheduler.step)
 DEFAULT_STRENGTH = 0.6  # img2img strength of ``lcm sample --image`` and ``lcm serve``
-
-
-class Sampler(str, Enum):
-    """How images are drawn; values are the CLI's spellings. The DPM samplers are *multistep* (2M), unlike the
-    singlestep LCD solvers of the same names (:class:`lcm.maths.solvers.Solver`)."""
-
-    LCM = "lcm"  # multistep consistency sampling (LCMs only)
-    TCD = "tcd"  # Trajectory Consistency Distillation's stochastic sampler, gamma (consistency-distilled models)
-    DDIM = "ddim"
-    DPM_SOLVER_2M = "dpm"  # DPM-Solver, 2nd-order multistep
-    DPM_SOLVER_PP_2M = "dpmpp"  # DPM-Solver++(2M)
-
-    @property
-    def for_distilled(self) -> bool:
-        """A sampler of consistency-distilled models (LCM, TCD), which run one network call per step unguided."""
-        return self in (Sampler.LCM, Sampler.TCD)
 
 
 def default_model_path() -> Path:
@@ -197,19 +179,6 @@ def _run(
     )
 
 
-def _schedule(model: LatentDiffusion, sampler: Sampler, steps: int, timestep_spacing: str | None) -> torch.Tensor:
-    """The sampler's full ``steps``-step timestep list for ``model`` (descending)."""
-    config, schedule = model.scheduler_config, model.schedule
-    if sampler.for_distilled:  # TCDScheduler's default schedule is LCMScheduler's (original_inference_steps grid)
-        original = int(config.get("original_inference_steps", 50))
-        return lcm_timesteps(steps, original, schedule.num_train_timesteps)
-    spacing = timestep_spacing or config.get("timestep_spacing", "leading")
-    offset = int(config.get("steps_offset", 0))
-    if sampler is Sampler.DDIM:
-        return ddim_timesteps(steps, schedule.num_train_timesteps, spacing, offset)
-    return dpm_solver_timesteps(steps, schedule, spacing, offset)
-
-
 def sample_latents(
     model: LatentDiffusion,
     cond,
@@ -227,16 +196,16 @@ def sample_latents(
     """Latents ``[B, C, h, w]`` for per-image ``seeds``; ``cond``/``uncond`` are TextEmbeddings of B prompts.
 
     ``uncond`` is the negative prompt: the unconditional side of a teacher's guidance; for an LCM it is used only
-    with ``negative_guidance`` > 0 (:func:`consistency_denoiser`). ``timestep_spacing`` overrides the scheduler
-    config's for the teacher samplers (e.g. ``"trailing"``, which starts every schedule at t = T − 1; with
-    ``"leading"`` a 1-step DDIM starts at t = 1 and returns noise). ``gamma`` is TCD's γ; ``size`` is
-    ``(height, width)`` in pixels (default: the model's native size).
+    with ``negative_guidance`` > 0 (:func:`consistency_denoiser`). The timesteps are
+    :func:`~lcm.maths.timesteps.sampler_timesteps`'s, ``timestep_spacing`` the teacher samplers' (None: the one
+    rule, "trailing"). ``gamma`` is TCD's γ; ``size`` is ``(height, width)`` in pixels (default: the model's native
+    size).
     """
     _check_sampler(model, sampler, negative_guidance)
     batch = len(seeds)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     z = randn_per_image((batch, *latent_shape(model, size)), gens).to(model.device)
-    ts = _schedule(model, sampler, steps, timestep_spacing)
+    ts = sampler_timesteps(sampler, steps, model.scheduler_config, model.schedule, spacing=timestep_spacing)
     return _run(model, sampler, z, ts, cond, uncond, w, gens, gamma, negative_guidance)
 
 
@@ -270,47 +239,20 @@ def img2img_latents(
     """Image-to-image latents ``[B, C, h, w]``: image i (``images`` ``[B, C, H, W]`` in [−1, 1], one per seed) is
     encoded, noised to the first timestep with seed i's generator, then denoised by ``sampler``.
 
-    Timesteps from ``strength`` ∈ (0, 1], as the diffusers pipeline that runs each sampler:
-
-    - LCM (``LatentConsistencyModelImg2ImgPipeline``): ``steps`` timesteps spread over the first
-      ``int(original_inference_steps·strength)`` points of the skipping grid
-      (``LCMScheduler.set_timesteps(strength=)``), so the number of steps stays ``steps``;
-    - DDIM, DPM-Solver(++) and TCD (``StableDiffusionImg2ImgPipeline``, whose scheduler may be TCDScheduler): the
-      last ``int(steps·strength)`` timesteps of the ``steps``-step schedule (:func:`img2img_start`).
-
-    The latent's size is the images' size. Draw order: see the module docstring.
+    Timesteps from ``strength`` ∈ (0, 1] as :func:`~lcm.maths.timesteps.sampler_timesteps` says (the diffusers
+    img2img pipeline of each sampler). The latent's size is the images' size. Draw order: see the module docstring.
     """
     _check_sampler(model, sampler, negative_guidance)
     if images.ndim != 4 or images.shape[0] != len(seeds):
         raise ValueError(f"give one init image per seed: images {tuple(images.shape)} for {len(seeds)} seeds")
-    ts = img2img_timesteps(model, sampler, steps, strength, timestep_spacing)
-    # DPMSolverMultistepScheduler decides its last step's order on the length of the whole schedule
-    lower_order_final = sampler is Sampler.LCM or len(_schedule(model, sampler, steps, timestep_spacing)) < 15
+    ts = sampler_timesteps(sampler, steps, model.scheduler_config, model.schedule, strength, timestep_spacing)
+    # DPMSolverMultistepScheduler decides its last step's order on the length of the whole (steps-long) schedule
+    lower_order_final = sampler is Sampler.LCM or steps < 15
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     z0 = encode_init_images(model, images, gens)
     noise = randn_per_image(z0.shape, gens, z0.device, z0.dtype)
     z = model.schedule.add_noise(z0, noise, float(ts[0]))
     return _run(model, sampler, z, ts, cond, uncond, w, gens, gamma, negative_guidance, lower_order_final)
-
-
-def img2img_timesteps(
-    model: LatentDiffusion, sampler: Sampler, steps: int, strength: float, timestep_spacing: str | None = None
-) -> torch.Tensor:
-    """The timesteps an img2img run at ``strength`` goes through (see :func:`img2img_latents`); a one-line
-    ValueError when ``strength`` leaves no step, or (LCM) fewer skipping-grid points than ``steps``."""
-    if not 0 < strength <= 1:
-        raise ValueError(f"strength must lie in (0, 1], got {strength}")
-    if sampler is Sampler.LCM:
-        original = int(model.scheduler_config.get("original_inference_steps", 50))
-        if int(original * strength) < steps:
-            raise ValueError(
-                f"strength {strength} keeps int({original}·{strength}) = {int(original * strength)} timesteps of "
-                f"this LCM's {original}-point skipping grid, fewer than the {steps} steps asked for: "
-                "raise the strength or lower the steps"
-            )
-        return lcm_timesteps(steps, original, model.schedule.num_train_timesteps, strength)
-    full = _schedule(model, sampler, steps, timestep_spacing)
-    return full[img2img_start(len(full), strength) :]
 
 
 def generate(

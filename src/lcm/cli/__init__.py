@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 from lcm import __version__
 from lcm.cli import cache, consistency, demo, evaluate, sample, serve, timesteps, train_teacher
-from lcm.cli.common import typed_flags
 from lcm.models.formats import ALLOW_PICKLE_ENV
 
 COMMANDS = (demo, train_teacher, sample, serve, consistency, cache, evaluate, timesteps)
@@ -52,9 +51,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    args.command_parser = subparsers.choices[args.command]  # the flags' types, for values read from files
-    args.typed_flags = typed_flags(args.command_parser, argv)  # what a resumed run must not change
     if args.allow_pickle:
         os.environ[ALLOW_PICKLE_ENV] = "1"
     try:

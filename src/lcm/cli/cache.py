@@ -5,48 +5,44 @@ from __future__ import annotations
 import argparse
 
 from lcm.cli.common import check_int
+from lcm.cli.flags import add_knob_flags, typed_settings
 from lcm.limits import MAX_BATCH
+
+# The data settings of a training run that say what is cached (crops and flips cannot be: --random-crop/flip).
+DATA_FLAGS = ("data.source", "data.image_column", "data.caption_column", "data.resolution", "data.num_workers")
+DATA_FLAGS += ("data.data_dir", "data.allow_outside_files")
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from lcm.config.run import DataConfig
     from lcm.data.latent_cache import write_latent_cache
+    from lcm.data.sources import parse_data_spec
     from lcm.models.fast import parse_device
     from lcm.models.latent_diffusion import LatentDiffusion
     from lcm.sample import default_model_path
-    from lcm.training.runs import DataConfig, build_dataset
+    from lcm.training.runs import build_dataset
 
     check_int(args.batch_size, "--batch-size", 1, MAX_BATCH)
     check_int(args.shard_size, "--shard-size", 1, 1 << 20)
     if args.shard_size % args.batch_size:
         raise ValueError(f"--shard-size ({args.shard_size}) must be a multiple of --batch-size ({args.batch_size})")
-    data = DataConfig(
-        source=args.data,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        resolution=args.resolution,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        data_dir=Path(args.data_dir) if args.data_dir else None,
-        allow_outside=args.allow_outside_files,
-    )
-    data.check()
+    data = DataConfig(**{k.removeprefix("data."): v for k, v in typed_settings(args).items()})
+    parse_data_spec(data.source)
     device = parse_device(args.device)
     model_path = args.model or str(default_model_path())
     model = LatentDiffusion.from_pretrained(model_path, device=device)
     dataset = build_dataset(data, model)
     if not hasattr(dataset, "__len__"):
-        raise ValueError(f"--data {args.data}: WebDataset shards stream without a length; cache a folder or dataset")
+        raise ValueError(f"--data {data.source}: WebDataset shards stream without a length; cache a folder or dataset")
     description = {
         "model": str(model_path),
-        "data": args.data,
-        "image_column": args.image_column,
-        "caption_column": args.caption_column,
-        "resolution": args.resolution,
+        "data": data.source,
+        "image_column": data.image_column,
+        "caption_column": data.caption_column,
+        "resolution": data.resolution,
     }
     manifest = write_latent_cache(
-        model, dataset, args.out, description, args.shard_size, args.batch_size, args.num_workers
+        model, dataset, args.out, description, args.shard_size, args.batch_size, data.num_workers
     )
     skipped = f", {manifest['skipped']} unreadable skipped" if manifest["skipped"] else ""
     print(f"cached {manifest['samples']} samples in {len(manifest['shards'])} shards{skipped}: {args.out}")
@@ -63,7 +59,7 @@ def add_parser(sub) -> None:
             "`lcm distill --teacher MODEL --data OUT` then trains from the cache. Each step still draws a fresh "
             "sample of the VAE posterior (its mean and standard deviation are cached). Images are cached with the "
             "data's centre crop and no flips: --random-crop and --random-flip cannot be used with a cache. An "
-            "interrupted run resumes when run again with the same flags."
+            "interrupted run resumes when run again with the same flags. WebDataset shards cannot be cached."
         ),
     )
     p.add_argument(
@@ -71,25 +67,11 @@ def add_parser(sub) -> None:
         help="model whose VAE and text encoder to use: the teacher of the distillation "
         "(default: the shipped Fashion teacher)",
     )
-    p.add_argument(
-        "--data",
-        default="fashion-mnist",
-        help="what to encode: any --data of lcm distill except WebDataset shards (default fashion-mnist)",
-    )
     p.add_argument("--out", required=True, help="cache folder (lcm_cache.json and shard-NNNNN.safetensors)")
-    p.add_argument("--image-column", help="image column of a datasets dataset (default image)")
-    p.add_argument("--caption-column", help="caption column / metadata key (default text)")
-    p.add_argument("--resolution", type=int, help="image size (default: the model's native size)")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default 64)")
     p.add_argument(
         "--shard-size", type=int, default=1024, help="samples per shard, a multiple of --batch-size (default 1024)"
     )
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: Debian package or download)")
-    p.add_argument(
-        "--allow-outside-files",
-        action="store_true",
-        help="let a folder's metadata.jsonl name image files outside the folder (default: such lines are skipped)",
-    )
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_knob_flags(p, DATA_FLAGS)
     p.set_defaults(func=run_cache)

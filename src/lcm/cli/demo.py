@@ -5,32 +5,24 @@ from __future__ import annotations
 import argparse
 
 from lcm.cli.common import check_int
-from lcm.limits import MAX_BATCH, MAX_IMAGES, MAX_SEED, MAX_STEPS
-from lcm.maths.solvers import Solver
+from lcm.cli.flags import add_knob_flags, typed_settings
+from lcm.config.recipes import RECIPES
+from lcm.limits import MAX_IMAGES
+
+# The few settings of a recipe the demo lets a user change (every other one is the recipe's).
+DEMO_FLAGS = ("loop.max_steps", "data.batch_size", "method.solver", "loop.seed", "data.data_dir", "loop.compile")
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
     from pathlib import Path
 
-    from lcm.demo import demo_config_from, run_demo
+    from lcm.demo import demo_config, run_demo
 
-    check_int(args.max_steps, "--max-steps", 1, MAX_STEPS)
-    check_int(args.batch_size, "--batch-size", 1, MAX_BATCH)
     check_int(args.eval_samples, "--eval-samples", 2, MAX_IMAGES)
-    check_int(args.seed, "--seed", 0, MAX_SEED)
-    cfg = demo_config_from(
-        Path(args.out),
-        args.quick,
-        args.recipe,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        solver=args.solver,
-        eval_samples=args.eval_samples,
-        seed=args.seed,
-        data_dir=Path(args.data_dir) if args.data_dir else None,
-        teacher=Path(args.teacher) if args.teacher else None,
-        compile=args.compile,
-    )
+    cfg = demo_config(Path(args.out), "quick" if args.quick else args.recipe, typed_settings(args), args.eval_samples)
+    if args.teacher:
+        cfg = replace(cfg, run=replace(cfg.run, model=args.teacher))
     run_demo(cfg)
     return 0
 
@@ -52,25 +44,14 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--recipe",
-        choices=("demo", "long"),
+        choices=[r for r in RECIPES if r != "quick"],
         default="demo",
-        help="distillation recipe (docs/fidelity.md): demo (default, about 10 minutes on 2 CPU cores end to end) or "
-        "long (10,000 compiled steps, under an hour; closer to the teacher at 1-2 steps)",
+        help="distillation recipe (docs/fidelity.md): demo (default, about 10 minutes on 2 CPU cores end to end), "
+        "long (10,000 compiled steps, under an hour; closer to the teacher at 1-2 steps) or before-fidelity (the "
+        "demo recipe before docs/fidelity.md, the base of the ablation scripts)",
     )
     p.add_argument("--quick", action="store_true", help="a minute-long smoke run (20 steps, 100 images per row)")
-    p.add_argument("--max-steps", type=int, help="LCD steps (default: the recipe's)")
-    p.add_argument("--batch-size", type=int, help="LCD batch size (default 32)")
-    p.add_argument("--solver", choices=[s.value for s in Solver], help="ODE solver of distillation (default ddim)")
-    p.add_argument("--eval-samples", type=int, help="images per table row (default 1000)")
-    p.add_argument("--seed", type=int, help="seed of distillation and evaluation (default 0)")
-    p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: Debian package or download)")
+    p.add_argument("--eval-samples", type=int, help="images per table row (default: the recipe's, 1000 for demo)")
     p.add_argument("--teacher", help="a Fashion teacher folder from lcm train-teacher (default: the shipped one)")
-    p.add_argument(
-        "--compile",
-        choices=("on", "off"),
-        help="torch.compile the student, target and teacher for distillation. off (default): eager. on: about "
-        "3 minutes of compiling on a cold cache (kept in $LCM_CACHE/inductor; about 15 s later), then each step about "
-        "1.25x faster, so it pays from the second run on; without a C++ compiler it trains eagerly. The README's "
-        "table is the eager run's; a compiled run gives other last digits",
-    )
+    add_knob_flags(p, DEMO_FLAGS, default="the recipe's")
     p.set_defaults(func=run_demo)

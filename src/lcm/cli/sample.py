@@ -103,9 +103,10 @@ def _plural(n: int, noun: str) -> str:
 
 def run_sample(args: argparse.Namespace) -> int:
     from lcm.images import load_image, save_image, save_labelled_grid
+    from lcm.maths.timesteps import sampler_timesteps
     from lcm.models.fast import optimize
     from lcm.models.latent_diffusion import LatentDiffusion
-    from lcm.sample import default_model_path, default_sampling_path, generate, img2img_timesteps, latent_shape
+    from lcm.sample import default_model_path, default_sampling_path, generate, latent_shape
 
     device, dtype = check_flags(args)
     # A LoRA needs a base model: the shipped teacher; otherwise the shipped LCM.
@@ -140,7 +141,7 @@ def run_sample(args: argparse.Namespace) -> int:
     strength = args.strength if args.strength is not None else DEFAULT_STRENGTH
     init = None
     if args.image is not None:
-        img2img_timesteps(model, sampler, steps, strength)  # a strength that leaves no step: one line, now
+        sampler_timesteps(sampler, steps, model.scheduler_config, model.schedule, strength)  # no step left: one line
         init = load_image(args.image, int(model.vae.config.in_channels), size)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     seeds = [args.seed + i for _ in args.prompt for i in range(args.num_images)]

@@ -6,14 +6,16 @@ import argparse
 import json
 
 from lcm.cli.common import STABLE_DIFFUSION_SCHEDULE, check_int
-from lcm.sample import Sampler
+from lcm.maths.timesteps import DEFAULT_NUM_SOLVER_STEPS, SPACINGS, Sampler
 
 
 def run_timesteps(args: argparse.Namespace) -> int:
     from lcm.maths.schedule import NoiseSchedule
-    from lcm.maths.timesteps import ddim_timesteps, dpm_solver_timesteps, lcm_timesteps
+    from lcm.maths.timesteps import sampler_timesteps
 
     check_int(args.original_steps, "--original-steps", 1, 1000)
+    if not 0 < args.strength <= 1:
+        raise ValueError(f"--strength must lie in (0, 1], got {args.strength}")
     config = STABLE_DIFFUSION_SCHEDULE
     if args.scheduler_config:
         try:
@@ -24,18 +26,10 @@ def run_timesteps(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--scheduler-config must hold a JSON object (a scheduler config), got {type(config).__name__}"
             )
+    config = {**config, "original_inference_steps": args.original_steps}
     schedule = NoiseSchedule.from_config(config)
-    num_train = schedule.num_train_timesteps
-    if args.sampler == "lcm":
-        ts = lcm_timesteps(args.steps, args.original_steps, num_train)
-    elif args.sampler == "ddim":
-        ts = ddim_timesteps(
-            args.steps, num_train, config.get("timestep_spacing", "leading"), config.get("steps_offset", 0)
-        )
-    else:
-        ts = dpm_solver_timesteps(
-            args.steps, schedule, config.get("timestep_spacing", "linspace"), config.get("steps_offset", 0)
-        )
+    sampler = Sampler(args.sampler)
+    ts = sampler_timesteps(sampler, args.steps, config, schedule, args.strength, args.spacing)
     alpha, sigma = schedule.alpha_sigma(ts)
     print(f"{'t':>4}  {'alpha_t':>8}  {'sigma_t':>8}")
     for t, a, s in zip(ts.tolist(), alpha.tolist(), sigma.tolist(), strict=True):
@@ -47,15 +41,22 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "timesteps",
         help="print a sampler's timesteps with their alpha_t and sigma_t",
-        description="Print the timesteps a sampler visits, exactly as the installed diffusers scheduler would.",
+        description="Print the timesteps a sampler visits, exactly as lcm sample, lcm eval and lcm serve visit them "
+        "(and as the installed diffusers scheduler would).",
     )
     p.add_argument("--sampler", choices=[s.value for s in Sampler], default="lcm", help="sampler (default lcm)")
     p.add_argument("--steps", type=int, default=4, help="number of sampling steps (default 4)")
     p.add_argument(
         "--original-steps",
         type=int,
-        default=50,
-        help="LCM only: N, the number of skipping-grid timesteps the LCM was distilled on (default 50)",
+        default=DEFAULT_NUM_SOLVER_STEPS,
+        help=f"lcm and tcd: N, the skipping grid the LCM was distilled on (default {DEFAULT_NUM_SOLVER_STEPS})",
+    )
+    p.add_argument("--strength", type=float, default=1.0, help="img2img strength in (0, 1] (default 1: from noise)")
+    p.add_argument(
+        "--spacing",
+        choices=SPACINGS,
+        help="ddim, dpm, dpmpp: timestep spacing (default trailing, every command's; config: the scheduler config's)",
     )
     p.add_argument(
         "--scheduler-config",

@@ -11,6 +11,7 @@ from lcm.data.sources import parse_data_spec
 from lcm.evaluation.metrics import METRICS
 from lcm.evaluation.prompts import EMBEDDED, data_flag
 from lcm.locations import local_path_or_none
+from lcm.maths.timesteps import DEFAULT_SPACING, SPACINGS
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import Sampler, default_model_path
 
@@ -28,7 +29,7 @@ __all__ = [
 # Teacher samplers by the name a user gives, with the name of their rows.
 TEACHER_SAMPLERS = {"ddim": "DDIM", "dpm": "DPM-Solver", "dpmpp": "DPM-Solver++"}
 # Timestep spacings of the teacher samplers; "config" keeps the teacher's scheduler config.
-TEACHER_SPACINGS = ("trailing", "leading", "linspace", "config")
+TEACHER_SPACINGS = SPACINGS
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 EMBEDDED_METRICS = ("fd-clf", "kid-clf", "accuracy")
 MODEL_METRICS = ("fid", "kid", "clip")
@@ -57,7 +58,7 @@ class EvalSettings:
     reference: str = EMBEDDED
     image_column: str | None = None
     reference_samples: int = 10_000  # images read from a reference data set
-    teacher_spacing: str = "trailing"  # timestep spacing of the teacher samplers; "config": the teacher's own
+    teacher_spacing: str = DEFAULT_SPACING  # of the teacher samplers; "config": the teacher's own
     classifier: str | None = None
     inception_weights: str | None = None
     clip_model: str | None = None
@@ -135,7 +136,7 @@ def plan_eval(
     teacher_steps: Sequence[int] = (1, 2, 4, 8, 25, 50),
     lcms: Sequence[tuple[str, str | None]] = (),
     lcm_steps: Sequence[int] = (1, 2, 4, 8),
-    teacher_spacing: str = "trailing",
+    teacher_spacing: str = DEFAULT_SPACING,
     ws: Sequence[float] | None = None,
     num_samples: int = 2000,
     seed: int = 0,

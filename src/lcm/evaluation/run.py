@@ -70,7 +70,9 @@ class Row:
     sampler: Sampler
     steps: int
     w: float
-    timestep_spacing: str | None = None  # teacher samplers: override the scheduler config's (see generate)
+    timestep_spacing: str | None = (
+        None  # teacher samplers: None is the one rule (lcm.maths.timesteps.sampler_timesteps)
+    )
 
 
 def nfe_per_image(sampler: Sampler, steps: int, w: float) -> int:
@@ -218,7 +220,7 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> list[Record]:
                 models.clear()  # one model in memory at a time
                 models[method.model] = LatentDiffusion.from_pretrained(method.model, plan.device)
             model = models[method.model]
-            spacing = None if method.sampler is Sampler.LCM or s.teacher_spacing == "config" else s.teacher_spacing
+            spacing = None if method.sampler.for_distilled else s.teacher_spacing
 
             def sample(p, seeds, model=model, method=method, steps=steps, w=w, spacing=spacing):
                 cache = cached[method.model]

@@ -1,12 +1,15 @@
 """Discrete timestep lists: the skipping-step grid of LCD, its training pairs, and the samplers' schedules.
 
 Every list here reproduces the installed diffusers scheduler's ``set_timesteps`` (tested for parity), so that a
-model trained or sampled here sees exactly the timesteps it would see in diffusers.
+model trained or sampled here sees exactly the timesteps it would see in diffusers. :func:`sampler_timesteps` is the
+one answer to "which timesteps does this sampler visit", for ``lcm sample``, ``lcm eval``, ``lcm serve``, the demo
+and validation grids alike (docs/sampling.md, "Timesteps").
 """
 
 from __future__ import annotations
 
 import math
+from enum import Enum
 from functools import lru_cache
 
 import numpy as np
@@ -15,7 +18,12 @@ import torch
 from lcm.maths.schedule import NoiseSchedule
 
 __all__ = [
+    "DEFAULT_NUM_SOLVER_STEPS",
+    "DEFAULT_SPACING",
+    "SPACINGS",
     "MixedGrid",
+    "Sampler",
+    "sampler_timesteps",
     "SkippingGrid",
     "ddim_timesteps",
     "dpm_solver_timesteps",
@@ -23,6 +31,79 @@ __all__ = [
     "lcm_timesteps",
     "tcd_intermediate_timesteps",
 ]
+
+
+# N, the number of points of LCD's skipping grid (k = T // N): the paper's and diffusers' 50, written once. An LCM
+# samples on the grid it was distilled on (its LCMScheduler's original_inference_steps), this one when it records none.
+DEFAULT_NUM_SOLVER_STEPS = 50
+# The teacher samplers' one spacing rule: "trailing", so that every schedule, one step included, starts at t = T − 1
+# (with SD's "leading" a 1-step DDIM starts at t = 1 and returns noise). "config" keeps a scheduler config's own.
+DEFAULT_SPACING = "trailing"
+SPACINGS = ("trailing", "leading", "linspace", "config")
+
+
+class Sampler(str, Enum):
+    """How images are drawn; values are the CLI's spellings. The DPM samplers are *multistep* (2M), unlike the
+    singlestep LCD solvers of the same names (:class:`lcm.maths.solvers.Solver`)."""
+
+    LCM = "lcm"  # multistep consistency sampling (LCMs only)
+    TCD = "tcd"  # Trajectory Consistency Distillation's stochastic sampler, gamma (consistency-distilled models)
+    DDIM = "ddim"
+    DPM_SOLVER_2M = "dpm"  # DPM-Solver, 2nd-order multistep
+    DPM_SOLVER_PP_2M = "dpmpp"  # DPM-Solver++(2M)
+
+    @property
+    def for_distilled(self) -> bool:
+        """A sampler of consistency-distilled models (LCM, TCD), which run one network call per step unguided."""
+        return self in (Sampler.LCM, Sampler.TCD)
+
+
+def sampler_timesteps(
+    sampler: Sampler,
+    steps: int,
+    scheduler_config: dict,
+    schedule: NoiseSchedule,
+    strength: float = 1.0,
+    spacing: str | None = None,
+) -> torch.Tensor:
+    """The timesteps ``sampler`` visits in ``steps`` steps (descending, long), from noise or, with ``strength`` < 1,
+    from an image noised for img2img. As the diffusers pipeline that runs each sampler:
+
+    - LCM and TCD: ``LCMScheduler`` / ``TCDScheduler`` on the skipping grid the model was distilled on (its config's
+      ``original_inference_steps``); LCM img2img spreads ``steps`` over the grid's first
+      ``int(N·strength)`` points (``LatentConsistencyModelImg2ImgPipeline``);
+    - DDIM, DPM-Solver(++): ``spacing`` (None: :data:`DEFAULT_SPACING`; "config": the scheduler config's own);
+    - img2img with DDIM, DPM-Solver(++) and TCD: the last ``int(steps·strength)`` of the ``steps``-step schedule
+      (``StableDiffusionImg2ImgPipeline``, :func:`img2img_start`).
+
+    A one-line ``ValueError`` for a strength that leaves no step, or (LCM) fewer grid points than ``steps``.
+    """
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must lie in (0, 1], got {strength}")
+    if spacing is not None and spacing not in SPACINGS:
+        raise ValueError(f"timestep spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+    num_train = schedule.num_train_timesteps
+    if sampler.for_distilled:
+        original = int(scheduler_config.get("original_inference_steps", DEFAULT_NUM_SOLVER_STEPS))
+        if sampler is Sampler.LCM and strength < 1:
+            if int(original * strength) < steps:
+                raise ValueError(
+                    f"strength {strength} keeps int({original}·{strength}) = {int(original * strength)} timesteps of "
+                    f"this LCM's {original}-point skipping grid, fewer than the {steps} steps asked for: "
+                    "raise the strength or lower the steps"
+                )
+            return lcm_timesteps(steps, original, num_train, strength)
+        full = lcm_timesteps(steps, original, num_train)
+    else:
+        chosen = spacing or DEFAULT_SPACING
+        if chosen == "config":
+            chosen = scheduler_config.get("timestep_spacing", "leading" if sampler is Sampler.DDIM else "linspace")
+        offset = int(scheduler_config.get("steps_offset", 0))
+        if sampler is Sampler.DDIM:
+            full = ddim_timesteps(steps, num_train, chosen, offset)
+        else:
+            full = dpm_solver_timesteps(steps, schedule, chosen, offset)
+    return full if strength == 1 else full[img2img_start(len(full), strength) :]
 
 
 class SkippingGrid:
@@ -33,7 +114,9 @@ class SkippingGrid:
     ∝ i^γ: 0 is the paper's uniform draw, γ > 0 draws the high-noise end, where few-step sampling starts, more often.
     """
 
-    def __init__(self, num_solver_steps: int = 50, num_train_timesteps: int = 1000, bias: float = 0.0):
+    def __init__(
+        self, num_solver_steps: int = DEFAULT_NUM_SOLVER_STEPS, num_train_timesteps: int = 1000, bias: float = 0.0
+    ):
         if not 1 <= num_solver_steps <= num_train_timesteps:
             raise ValueError(
                 f"the number of solver steps N must lie in [1, {num_train_timesteps}], got {num_solver_steps}"
@@ -76,7 +159,10 @@ class MixedGrid:
 
 
 def lcm_timesteps(
-    num_steps: int, original_inference_steps: int = 50, num_train_timesteps: int = 1000, strength: float = 1.0
+    num_steps: int,
+    original_inference_steps: int = DEFAULT_NUM_SOLVER_STEPS,
+    num_train_timesteps: int = 1000,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """``LCMScheduler.set_timesteps``: ``num_steps`` evenly spaced indices into the reversed skipping grid.
 

@@ -14,10 +14,10 @@ Inductor's CUDA caches in ``$LCM_CACHE/inductor``; a second process starts from 
 from __future__ import annotations
 
 import os
-from enum import Enum
 
 import torch
 
+from lcm.config.run import Compile
 from lcm.locations import cache_dir
 from lcm.models.aot import compile_forward
 from lcm.models.latent_diffusion import network_device, network_dtype
@@ -35,15 +35,6 @@ __all__ = [
 ]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class Compile(str, Enum):
-    AUTO = "auto"  # compile on CUDA (launch-bound without it); eager on the CPU (a minute's compile per shape)
-    ON = "on"
-    OFF = "off"  # eager
-
-    def enabled(self, device: torch.device) -> bool:
-        return self is Compile.ON or (self is Compile.AUTO and device.type == "cuda")
 
 
 def default_device() -> torch.device:

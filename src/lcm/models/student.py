@@ -5,10 +5,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from enum import Enum
 
 import torch
 
+from lcm.config.run import DEFAULT_LORA_TARGETS, StudentKind
 from lcm.maths.guidance import W_EMBEDDING_DIM
 from lcm.models.formats import w_input_dim
 
@@ -19,29 +19,6 @@ __all__ = [
     "add_lora",
     "full_student",
 ]
-
-# The layers LCM-LoRA adapts (attention, feed-forward, resnet convolutions, samplers, time projections).
-DEFAULT_LORA_TARGETS = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "proj_in",
-    "proj_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "conv1",
-    "conv2",
-    "conv_shortcut",
-    "downsamplers.0.conv",
-    "upsamplers.0.conv",
-    "time_emb_proj",
-)
-
-
-class StudentKind(str, Enum):
-    FULL = "full"  # every UNet weight trained, w-conditioned, EMA target
-    LORA = "lora"  # LoRA adapters only; teacher = adapters off; target = adapters on under no_grad
 
 
 def full_student(teacher_unet, w_embedding_dim: int = W_EMBEDDING_DIM):

@@ -2,10 +2,11 @@
 
 An LCM is sampled with :attr:`Sampler.LCM` (or :attr:`Sampler.TCD` when a request asks, at its ``gamma``; its
 ``negative_guidance`` steers away from the negative prompt); any other folder (a teacher) with DDIM at the requested
-steps on *trailing* timesteps, so that even one step starts from pure noise at t = T − 1, the negative prompt being
-the unconditional side of its guidance. Prompt embeddings are kept in a small
-LRU: typing re-sends the same prompt with every slider move, and encoding one costs about as much as a UNet step of
-the embedded model on a CPU.
+steps on the one spacing rule's trailing timesteps (:func:`lcm.maths.timesteps.sampler_timesteps`), so that even
+one step starts from pure noise at t = T − 1, the negative prompt being the unconditional side of its guidance.
+Generation is :func:`lcm.sample.generate` itself, with prompt embeddings from the model's prompt cache: typing
+re-sends the same prompt with every slider move, and encoding one costs about as much as a UNet step of the embedded
+model on a CPU.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,14 +21,13 @@ from typing import Any
 import torch
 
 import lcm.sample as library
+from lcm.maths.timesteps import sampler_timesteps
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.models.text import TextEmbeddings
-from lcm.sample import DEFAULT_GAMMA, Sampler, sample_latents
+from lcm.sample import DEFAULT_GAMMA, Sampler, generate
 from lcm.serve.protocol import Request, RequestError
 
 __all__ = ["Engine", "Result", "encode_png", "load_engine", "serve_model_path"]
 
-TEACHER_SPACING = "trailing"  # a teacher's DDIM at 1-2 steps starts from t = T − 1 (leading spacing returns noise)
 DEFAULT_STEPS = 4
 
 
@@ -61,57 +60,13 @@ def encode_png(images: torch.Tensor) -> list[bytes]:
     return out
 
 
-def _options(sampler: Sampler, req: Request) -> dict[str, Any]:
-    """The keyword options of the library's samplers a request sets (only those this sampler takes)."""
-    if not sampler.for_distilled:
-        return {}
-    return {"gamma": req.gamma, "negative_guidance": req.negative_guidance}
-
-
-def _img2img_latents(
-    model: LatentDiffusion, cond, uncond, sampler: Sampler, req: Request, seeds: list[int]
-) -> torch.Tensor:
-    """Latents of an img2img request, when this build's :mod:`lcm.sample` has it (the one place to adapt)."""
-    if not hasattr(library, "img2img_latents"):
-        raise RequestError("img2img is not supported by this build of lcm (send no image)")
-    images = req.image.expand(req.batch, -1, -1, -1).to(model.device)
-    spacing = None if sampler.for_distilled else TEACHER_SPACING
-    return library.img2img_latents(
-        model,
-        images,
-        req.strength,
-        cond,
-        uncond,
-        sampler,
-        req.steps,
-        req.w,
-        seeds,
-        timestep_spacing=spacing,
-        **_options(sampler, req),
-    )
-
-
-def _generate(model: LatentDiffusion, sampler: Sampler, req: Request, cond, uncond) -> torch.Tensor:
-    """Images ``[B, C, H, W]`` in [−1, 1] for ``req``: image i from seed ``req.seed + i``, as :func:`generate`."""
-    seeds = [req.seed + i for i in range(req.batch)]
-    if req.image is not None:
-        latents = _img2img_latents(model, cond, uncond, sampler, req, seeds)
-    else:
-        spacing = None if sampler.for_distilled else TEACHER_SPACING
-        options = _options(sampler, req)
-        latents = sample_latents(model, cond, uncond, sampler, req.steps, req.w, seeds, spacing, **options)
-    return model.decode(latents)
-
-
 class Engine:
     """A loaded model that answers :class:`Request`s, one at a time (``lock``), with cached prompt embeddings."""
 
-    def __init__(self, model: LatentDiffusion, cache_size: int = 64):
+    def __init__(self, model: LatentDiffusion):
         self.model = model
         self.sampler = Sampler.LCM if model.is_lcm else Sampler.DDIM
         self.lock = threading.Lock()  # the network is never run by two threads at once
-        self.cache_size = cache_size
-        self._embeddings: OrderedDict[str, TextEmbeddings] = OrderedDict()
         self.generations = 0
 
     @property
@@ -142,10 +97,9 @@ class Engine:
                 "negative_guidance is for LCMs; a teacher's negative_prompt is the unconditional side of its "
                 "guidance, weighted by w"
             )
-        if req.image is not None and hasattr(library, "img2img_timesteps"):
-            spacing = None if sampler.for_distilled else TEACHER_SPACING
+        if req.image is not None:
             try:  # a strength that leaves no step, or (LCM) fewer grid points than steps
-                library.img2img_timesteps(self.model, sampler, req.steps, req.strength, spacing)
+                sampler_timesteps(sampler, req.steps, self.model.scheduler_config, self.model.schedule, req.strength)
             except ValueError as err:
                 raise RequestError(str(err)) from None
         return sampler
@@ -163,29 +117,31 @@ class Engine:
             "channels": self.image_shape[0],
             "device": str(self.model.device),
             "dtype": str(unet.dtype).removeprefix("torch."),
-            "img2img": hasattr(library, "img2img_latents"),
+            "img2img": True,
             "defaults": self.defaults,
         }
 
-    def embed(self, prompt: str) -> TextEmbeddings:
-        """Embeddings of one prompt, ``[1, L, D]``, from the LRU when it was seen lately."""
-        if prompt in self._embeddings:
-            self._embeddings.move_to_end(prompt)
-            return self._embeddings[prompt]
-        emb = self.model.encode_prompts([prompt])
-        self._embeddings[prompt] = emb
-        if len(self._embeddings) > self.cache_size:
-            self._embeddings.popitem(last=False)
-        return emb
-
     def run(self, req: Request) -> Result:
-        """Generate ``req``'s images as PNGs; blocks while another generation holds the lock."""
+        """Generate ``req``'s images as PNGs through :func:`lcm.sample.generate` (image i from seed ``req.seed + i``,
+        prompts from the model's prompt cache); blocks while another generation holds the lock."""
         sampler = self.sampler_for(req)
+        options = {"gamma": req.gamma, "negative_guidance": req.negative_guidance} if sampler.for_distilled else {}
         with self.lock, torch.inference_mode():
             start = time.perf_counter()
-            cond = TextEmbeddings.cat([self.embed(req.prompt)] * req.batch)
-            uncond = TextEmbeddings.cat([self.embed(req.negative_prompt)] * req.batch)
-            images = _generate(self.model, sampler, req, cond, uncond)
+            images = generate(
+                self.model,
+                [req.prompt] * req.batch,
+                sampler,
+                req.steps,
+                req.w,
+                [req.seed + i for i in range(req.batch)],
+                batch_size=req.batch,
+                negative_prompt=req.negative_prompt,
+                init_images=req.image,
+                strength=req.strength,
+                cache_prompts=True,
+                **options,
+            )
             pngs = encode_png(images)
             self.generations += 1
             return Result(req, pngs, (time.perf_counter() - start) * 1e3, sampler)

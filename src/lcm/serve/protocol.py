@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 __all__ = [
@@ -213,7 +211,7 @@ UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # the decoders an upload
 def decode_image(data: str, limits: Limits, shape: tuple[int, int, int]) -> torch.Tensor:
     """A base64 image (a ``data:`` URL or bare base64) of one of the :data:`UPLOAD_FORMATS` → ``[1, C, H, W]`` in
     [−1, 1] at the model's size."""
-    from PIL import Image
+    from lcm.images import ImageTooLarge, decode_image_bytes
 
     if data.startswith("data:"):
         data = data.partition(",")[2]
@@ -223,19 +221,15 @@ def decode_image(data: str, limits: Limits, shape: tuple[int, int, int]) -> torc
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError("image is not valid base64") from None
+    channels, height, width = shape
     try:
-        with Image.open(io.BytesIO(raw), formats=UPLOAD_FORMATS) as img:
-            if max(img.size) > limits.max_image_side:
-                raise RequestError(f"image is {img.width}x{img.height}; at most {limits.max_image_side} pixels a side")
-            channels, height, width = shape
-            img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BICUBIC)
-    except RequestError:
-        raise
-    except Exception:  # a decoder meeting a damaged file raises many kinds (OSError, SyntaxError, struct.error, ...)
+        return decode_image_bytes(
+            raw, channels, (height, width), formats=UPLOAD_FORMATS, max_side=limits.max_image_side
+        )
+    except ImageTooLarge as err:
+        raise RequestError(str(err)) from None
+    except ValueError:
         raise RequestError("image is not a readable image (PNG, JPEG, WebP, GIF, BMP)") from None
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 127.5 - 1.0
-    pixels = pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)  # (C, H, W)
-    return pixels[None]
 
 
 class TokenBucket:

@@ -12,70 +12,23 @@ One call of :meth:`LCD.loss`, for a batch of clean latents z0 and their text con
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from lcm.maths.consistency import SIGMA_DATA, TIMESTEP_SCALING
+from lcm.config.run import LCDConfig, StudentKind
 from lcm.maths.ema import ema_update
 from lcm.maths.guidance import w_embedding
-from lcm.maths.losses import LossType, consistency_loss
-from lcm.maths.solvers import Solver, solve
+from lcm.maths.losses import consistency_loss
+from lcm.maths.solvers import solve
 from lcm.maths.timesteps import MixedGrid, SkippingGrid
 from lcm.models.formats import w_input_dim
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.models.student import StudentKind, adapters_disabled
+from lcm.models.student import adapters_disabled
 from lcm.models.text import TextEmbeddings
 
 __all__ = ["LCD", "LCDConfig", "LCDOutput", "LossMonitor", "StudentTarget"]
-
-
-@dataclass(frozen=True)
-class LCDConfig:
-    num_solver_steps: int = 50  # N: the skipping grid has N points, k = T // N (20)
-    # Skip curriculum (coarse to fine, as iCT's discretisation; docs/fidelity.md): the first ``coarse_steps``
-    # optimiser steps train on a coarser grid of ``coarse_num_solver_steps`` points, the rest on N.
-    coarse_num_solver_steps: int | None = None
-    coarse_steps: int = 0
-    # Mixed skips: after the curriculum, each pair is drawn on the coarse grid with this probability (0: never)
-    coarse_fraction: float = 0.0
-    # Timestep bias γ: t_{n+k} is the i-th grid point with probability ∝ i^γ (0: uniform, the paper's draw)
-    timestep_bias: float = 0.0
-    solver: Solver = Solver.DDIM  # ODE solver Ψ of the guided teacher
-    w_min: float = 2.0  # guidance weight range, paper's w (diffusers' guidance_scale − 1)
-    w_max: float = 14.0
-    loss: LossType = LossType.HUBER
-    huber_c: float = 0.001
-    ema_decay: float = 0.95  # μ of the target network (full student only)
-    w_lr_scale: float = 1.0  # learning-rate multiplier of the student's w projection (docs/fidelity.md)
-    timestep_scaling: float = TIMESTEP_SCALING
-    sigma_data: float = SIGMA_DATA
-
-    def __post_init__(self):
-        object.__setattr__(self, "solver", Solver(self.solver))
-        object.__setattr__(self, "loss", LossType(self.loss))
-        if not 0 <= self.w_min <= self.w_max:
-            raise ValueError(f"need 0 <= w_min <= w_max, got [{self.w_min}, {self.w_max}]")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
-        if self.coarse_num_solver_steps is not None and not 1 <= self.coarse_num_solver_steps <= self.num_solver_steps:
-            raise ValueError(
-                f"--coarse-num-solver-steps must lie in [1, --num-solver-steps = {self.num_solver_steps}] (a coarser "
-                f"grid), got {self.coarse_num_solver_steps}"
-            )
-        if self.coarse_steps < 0 or (self.coarse_steps and self.coarse_num_solver_steps is None):
-            raise ValueError("--coarse-steps must be at least 0, and needs --coarse-num-solver-steps")
-        if not 0.0 <= self.coarse_fraction <= 1.0 or (self.coarse_fraction and self.coarse_num_solver_steps is None):
-            raise ValueError(
-                f"--coarse-fraction must lie in [0, 1], and needs --coarse-num-solver-steps; got {self.coarse_fraction}"
-            )
-        if not math.isfinite(self.timestep_bias) or self.timestep_bias < 0:
-            raise ValueError(f"--timestep-bias must be a finite number >= 0, got {self.timestep_bias}")
-        if not self.w_lr_scale > 0 or self.w_lr_scale == float("inf"):
-            raise ValueError(f"--w-lr-scale must be a positive number, got {self.w_lr_scale}")
 
 
 class LCDOutput(NamedTuple):

@@ -13,51 +13,34 @@ export recorded), so fine-tuning continues the function the LCM was distilled as
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
-from lcm.maths.losses import LossType, consistency_loss
+from lcm.config.run import LCFConfig, StudentKind
+from lcm.maths.losses import consistency_loss
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.models.student import StudentKind
 from lcm.models.text import TextEmbeddings
 from lcm.training.lcd import LCDOutput, StudentTarget
 
-__all__ = ["LCF", "LCFConfig"]
+__all__ = ["LCF", "for_model"]
 
 
-@dataclass(frozen=True)
-class LCFConfig:
-    num_solver_steps: int = 50  # N of the skipping grid (k = T // N), as the LCM was distilled
-    w: float | None = None  # the one guidance weight fed to the LCM; None: the LCM's own default w (module docstring)
-    loss: LossType = LossType.HUBER
-    huber_c: float = 0.001
-    ema_decay: float = 0.95
-    timestep_scaling: float | None = None  # None: the LCM's own (recorded by its export)
-    sigma_data: float | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "loss", LossType(self.loss))
-        if self.w is not None and self.w < 0:
-            raise ValueError(f"--lcf-w must be non-negative, got {self.w}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
-
-    def for_model(self, model: LatentDiffusion) -> LCFConfig:
-        """This config with every unset value taken from the LCM being fine-tuned."""
-        return replace(
-            self,
-            w=model.default_w if self.w is None else self.w,
-            sigma_data=model.sigma_data if self.sigma_data is None else self.sigma_data,
-            timestep_scaling=model.timestep_scaling if self.timestep_scaling is None else self.timestep_scaling,
-        )
+def for_model(cfg: LCFConfig, model: LatentDiffusion) -> LCFConfig:
+    """``cfg`` with every unset value taken from the LCM being fine-tuned (module docstring)."""
+    return replace(
+        cfg,
+        w=model.default_w if cfg.w is None else cfg.w,
+        sigma_data=model.sigma_data if cfg.sigma_data is None else cfg.sigma_data,
+        timestep_scaling=model.timestep_scaling if cfg.timestep_scaling is None else cfg.timestep_scaling,
+    )
 
 
 class LCF(StudentTarget):
     """Owns student and target of one fine-tuning run and computes the LCF loss."""
 
     def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg: LCFConfig, target=None):
-        super().__init__(model, student, kind, cfg.for_model(model), target)
+        super().__init__(model, student, kind, for_model(cfg, model), target)
 
     @property
     def w_range(self) -> tuple[float, float]:

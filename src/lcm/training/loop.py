@@ -23,120 +23,32 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from lcm.limits import MAX_STEPS
-from lcm.models.fast import Compile, cpu_compiler, use_compile_cache
+from lcm.config.run import LoopConfig, OptimConfig
+from lcm.models.fast import cpu_compiler, use_compile_cache
 from lcm.training.checkpoint import checkpoint_steps, non_finite, restore_checkpoint, save_training_state
-from lcm.training.optim import LR_SCHEDULES, cosine_floor, make_lr_scheduler, make_optimizer
+from lcm.training.optim import make_lr_scheduler, make_optimizer
 from lcm.training.run_folder import (
-    RESUME_MODES,
     TRAIN_DIR,
     check_folder_state,
     differences,
     own_run_folder,
     write_run_record,
 )
-from lcm.training.tracking import TRACKERS, flat_config, log_images, trackers
+from lcm.training.tracking import flat_config, log_images, trackers
 
-__all__ = [
-    "LR_SCHEDULES",
-    "MIXED_PRECISION",
-    "TRAIN_DIR",
-    "NonFiniteTraining",
-    "Task",
-    "TrainConfig",
-    "cosine_floor",
-    "train",
-]
-
-MIXED_PRECISION = ("no", "fp16", "bf16")  # Accelerate's autocast modes
+__all__ = ["TRAIN_DIR", "NonFiniteTraining", "Task", "Validation", "train", "train_dir"]
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _positive(value: float) -> bool:
-    return math.isfinite(value) and value > 0
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    out: Path  # run folder: the export; training state in out/train
-    max_steps: int = 1000  # optimiser steps
-    learning_rate: float = 1e-6
-    lr_schedule: str = "constant"  # one of LR_SCHEDULES
-    lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 0.0
-    use_8bit_adam: bool = False  # bitsandbytes AdamW8bit (GPU)
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float | None = 1.0  # None: no clipping
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    seed: int = 0
-    noise_seed: int | None = None  # seed of the generator handed to Task.loss (default: from seed and rank)
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    checkpoint_dir: Path | None = None  # where the step-N folders go (default: out/train/checkpoints)
-    validate_every: int = 500  # and at the end; 0: never
-    log_every: int = 10
-    write_logs: bool = True  # TensorBoard logs, train_config.json and train_history.json in out/train
-    resume: str | None = None  # "latest", "auto" (latest, or a new run when there is none) or a checkpoint folder
-    cpu: bool = False  # train on the CPU even where an accelerator is present
-    label: str = "train"  # of the progress bar
-    max_bad_steps: int = 10  # stop after this many optimiser steps in a row with a non-finite loss or gradient
-    compile: str = "auto"  # torch.compile the task's networks: auto (CUDA only), on, off (lcm.models.fast.Compile)
-    report_to: tuple[str, ...] = ("tensorboard",)  # Accelerate trackers (with write_logs); validation grids too
-
-    def __post_init__(self):
-        _check(1 <= self.max_steps <= MAX_STEPS, f"--max-steps must be between 1 and {MAX_STEPS}, got {self.max_steps}")
-        _check(_positive(self.learning_rate), f"--learning-rate must be a positive number, got {self.learning_rate}")
-        _check(
-            self.lr_schedule in LR_SCHEDULES,
-            f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
-        )
-        _check(self.lr_warmup_steps >= 0, f"--lr-warmup-steps must be at least 0, got {self.lr_warmup_steps}")
-        for name, beta in (("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)):
-            _check(0 <= beta < 1, f"{name} must lie in [0, 1), got {beta}")
-        wd = self.adam_weight_decay
-        _check(math.isfinite(wd) and wd >= 0, f"--adam-weight-decay must be a number >= 0, got {wd}")
-        acc = self.gradient_accumulation_steps
-        _check(acc >= 1, f"--gradient-accumulation-steps must be at least 1, got {acc}")
-        norm = self.max_grad_norm
-        _check(norm is None or _positive(norm), f"--max-grad-norm must be a positive number, got {norm}")
-        _check(
-            self.mixed_precision in MIXED_PRECISION,
-            f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}",
-        )
-        for name, seed in (("--seed", self.seed), ("noise_seed", self.noise_seed)):
-            _check(seed is None or 0 <= seed < 2**32, f"{name} must lie in [0, 2**32), got {seed}")
-        _check(self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
-        _check(self.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
-        every = self.validate_every
-        _check(every >= 0, f"--validate-every must be at least 0 (0: never), got {every}")
-        _check(self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}")
-        _check(self.max_bad_steps >= 1, f"--max-bad-steps must be at least 1, got {self.max_bad_steps}")
-        _check(
-            self.resume is None or bool(str(self.resume).strip()),
-            f"--resume takes {' or '.join(RESUME_MODES)} or a checkpoint folder",
-        )
-        for tracker in self.report_to:
-            _check(tracker in TRACKERS, f"--report-to: unknown tracker {tracker!r} ({', '.join(TRACKERS)})")
-        modes = [c.value for c in Compile]
-        _check(self.compile in modes, f"--compile must be one of {', '.join(modes)}, got {self.compile!r}")
-
-    @property
-    def train_dir(self) -> Path:
-        """Where checkpoints, logs, validation grids and the history go (the export stays in ``out``)."""
-        return self.out / TRAIN_DIR
+def train_dir(out: Path) -> Path:
+    """Where a run keeps checkpoints, logs, validation grids and its history (the export stays in ``out``)."""
+    return Path(out) / TRAIN_DIR
 
 
 def cpu_processes(cpu: bool = False) -> bool:
@@ -154,36 +66,65 @@ class NonFiniteTraining(ValueError):
     """Too many optimiser steps in a row had a non-finite loss or gradient."""
 
 
-class Task(Protocol):
-    """What the loop needs from a training method (LCD, LCF) or a stage of the embedded teacher."""
+@dataclass(frozen=True)
+class Validation:
+    """What a task's validation gives the loop: metrics to log, and images for the trackers (``{tag: [N, H, W, 3]
+    uint8}``, the form Accelerate's ``log_images`` takes)."""
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+    metrics: dict[str, float] = field(default_factory=dict)
+    images: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    """What the loop needs from a training method (LCD, LCF) or a stage of the embedded teacher. A subclass
+    implements the five abstract methods; the hooks do nothing unless overridden."""
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        raise NotImplementedError
 
     def wrap(self, prepare) -> list[torch.nn.Module]:
         """Let Accelerate wrap the modules that receive gradients (``prepare`` is ``accelerator.prepare``); return
         the wrapped modules (gradient accumulation skips their all-reduce on non-final micro-batches)."""
+        raise NotImplementedError
 
     def loss(self, batch: Any, generator: torch.Generator) -> torch.Tensor:
         """Per-sample losses ``[B]`` of one batch."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    # --- hooks ------------------------------------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups; a group's ``lr_scale`` multiplies the run's learning rate."""
+        return [{"params": self.trainable_parameters()}]
+
+    def compile(self) -> None:
+        """``torch.compile`` the networks the loss calls, in place (``--compile on``)."""
 
     def before_optimizer_step(self, step: int) -> None:
-        """Optional. Called before the micro-batches of optimiser step ``step`` (1-based), also the first after a
-        resume: what a method schedules by the step (a curriculum) is set here, so a resumed run repeats it."""
+        """Called before the micro-batches of optimiser step ``step`` (1-based), also the first after a resume: what
+        a method schedules by the step (a curriculum) is set here, so a resumed run repeats it."""
 
     def after_optimizer_step(self, step: int) -> None:
         """Called after optimiser step ``step`` (1-based), before any checkpoint of it: EMA updates belong here."""
 
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
+    def log_metrics(self) -> dict[str, float]:
+        """Extra values for the log line (called once per log line)."""
+        return {}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+    def validate(self, step: int, folder: Path) -> Validation:
+        return Validation()
 
-    def validate(self, step: int, folder: Path) -> dict[str, float]: ...
+    def export(self, folder: Path) -> None:
+        """Write the trained model into the run folder."""
 
-    def export(self, folder: Path) -> None: ...
 
-
-def _checkpoint_root(cfg: TrainConfig) -> Path:
-    return cfg.checkpoint_dir if cfg.checkpoint_dir is not None else cfg.train_dir / "checkpoints"
+def _checkpoint_root(cfg: LoopConfig, out: Path) -> Path:
+    return cfg.checkpoint_dir if cfg.checkpoint_dir is not None else train_dir(out) / "checkpoints"
 
 
 def _strict(value: Any) -> Any:
@@ -198,35 +139,44 @@ def _strict(value: Any) -> Any:
 
 
 def train(
-    task: Task, batches: Callable[[int], Iterable[Any]], cfg: TrainConfig, record: dict[str, Any] | None = None
+    task: Task,
+    batches: Callable[[int], Iterable[Any]],
+    out: Path,
+    cfg: LoopConfig,
+    optim: OptimConfig,
+    resume: str | None = None,
+    record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run ``cfg.max_steps`` optimiser steps of ``task``. ``batches(start)`` returns the endless batch stream from
-    micro-batch ``start`` on (see :func:`lcm.data.loader.batch_stream`), so a resumed run continues at the same data
-    position; a run resumed at its last step only restores the task's state. Returns a summary: ``steps``,
-    ``steps_run`` (by this call), ``bad_steps`` (skipped for a non-finite loss or gradient), ``wall_seconds`` and
-    the logged ``history`` of the whole run.
+    """Run ``cfg.max_steps`` optimiser steps of ``task`` with the optimiser ``optim``, in the run folder ``out``.
+
+    ``batches(start)`` returns the endless batch stream from micro-batch ``start`` on (see
+    :func:`lcm.data.loader.batch_stream`), so a resumed run continues at the same data position; a run resumed at
+    its last step only restores the task's state. Returns a summary: ``steps``, ``steps_run`` (by this call),
+    ``bad_steps`` (skipped for a non-finite loss or gradient), ``wall_seconds`` and the logged ``history``.
 
     The run owns its folder while it lives (:mod:`lcm.training.run_folder`): another live run on it, a folder that
     holds another run's state, or ``resume="latest"`` with nothing to resume are refused in one line before anything
-    is written. ``record`` (the run's settings, JSON-ready) goes to ``run_config.json`` and into every checkpoint; a
-    resume from a checkpoint whose record differs (beyond what a resume may change) is refused.
+    is written (``resume``: None for a new run, "latest", "auto" or a checkpoint folder). ``record`` (the run's
+    settings, JSON-ready) goes to ``run_config.json`` and into every checkpoint; a resume from a checkpoint whose
+    record differs (beyond what a resume may change) is refused.
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    folder = train_dir(out)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         cpu=cpu_processes(cfg.cpu),
         log_with=trackers(cfg.report_to) if cfg.write_logs else None,
-        project_config=ProjectConfiguration(project_dir=str(cfg.train_dir), logging_dir=str(cfg.train_dir / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(folder), logging_dir=str(folder / "logs")),
     )
     owner = contextlib.ExitStack()
-    resume, error = None, None
+    asked, resume, error = resume, None, None
     if accelerator.is_main_process:
         try:
-            decide = functools.partial(check_folder_state, cfg.train_dir, _checkpoint_root(cfg), cfg.resume, record)
-            resume = owner.enter_context(own_run_folder(cfg.train_dir, " ".join(sys.argv)[:300], decide))
+            decide = functools.partial(check_folder_state, folder, _checkpoint_root(cfg, out), asked, record)
+            resume = owner.enter_context(own_run_folder(folder, " ".join(sys.argv)[:300], decide))
         except ValueError as err:
             error = str(err)
     if accelerator.num_processes > 1:  # every rank acts on rank 0's decision
@@ -237,17 +187,17 @@ def train(
         owner.close()
         raise ValueError(error)
     with owner:
-        return _train(accelerator, task, batches, cfg, resume, record)
+        return _train(accelerator, task, batches, out, cfg, optim, resume, record)
 
 
-def _train(accelerator, task: Task, batches, cfg: TrainConfig, resume: str | None, record) -> dict[str, Any]:
+def _train(accelerator, task: Task, batches, out: Path, cfg: LoopConfig, optim: OptimConfig, resume, record) -> dict:
     params = task.trainable_parameters()
-    groups = task.parameter_groups() if hasattr(task, "parameter_groups") else [{"params": params}]
-    optimizer = make_optimizer(groups, cfg)
-    lr_scheduler = make_lr_scheduler(optimizer, cfg)
+    groups = task.parameter_groups()
+    optimizer = make_optimizer(groups, optim)
+    lr_scheduler = make_lr_scheduler(optimizer, optim, cfg.max_steps)
     wrapped = task.wrap(accelerator.prepare)
     optimizer = accelerator.prepare(optimizer)
-    if Compile(cfg.compile).enabled(accelerator.device) and hasattr(task, "compile"):
+    if cfg.compile.enabled(accelerator.device):
         use_compile_cache()  # first: asking Inductor anything (as cpu_compiler does) fixes its cache folder
         if accelerator.device.type == "cpu" and cpu_compiler() is None:
             accelerator.print("--compile: no C++ compiler found (Inductor needs one on the CPU); training eagerly")
@@ -267,13 +217,13 @@ def _train(accelerator, task: Task, batches, cfg: TrainConfig, resume: str | Non
                 "was started with, or choose another --out"
             )
 
-    run = _Run(accelerator, task, optimizer, lr_scheduler, generator, params, wrapped, cfg, record)
+    run = _Run(accelerator, task, optimizer, lr_scheduler, generator, params, wrapped, out, cfg, optim, record)
     step, elapsed = 0, 0.0
     meta = None
     if resume is not None:
         meta = restore_checkpoint(
             resume,
-            _checkpoint_root(cfg),
+            _checkpoint_root(cfg, out),
             optimizer.optimizer,
             generator,
             task.load_state_dict,
@@ -290,10 +240,10 @@ def _train(accelerator, task: Task, batches, cfg: TrainConfig, resume: str | Non
             for _ in range(step):  # schedules are functions of the step: replay them, no state to trust
                 lr_scheduler.step()
     if accelerator.is_main_process and record is not None:
-        write_run_record(cfg.train_dir, record)
+        write_run_record(train_dir(out), record)
     if accelerator.is_main_process and cfg.write_logs:
-        accelerator.init_trackers("lcm", config=flat_config(cfg))
-        (cfg.train_dir / "train_config.json").write_text(json.dumps(flat_config(cfg), indent=2) + "\n")
+        accelerator.init_trackers("lcm", config=flat_config(cfg, optim))
+        (train_dir(out) / "train_config.json").write_text(json.dumps(flat_config(cfg, optim), indent=2) + "\n")
 
     first, t0 = step, time.time() - elapsed
     if step < cfg.max_steps:
@@ -302,10 +252,10 @@ def _train(accelerator, task: Task, batches, cfg: TrainConfig, resume: str | Non
     if accelerator.is_main_process:
         if cfg.write_logs:
             history = json.dumps(_strict(run.history), indent=1, allow_nan=False)
-            (cfg.train_dir / "train_history.json").write_text(history + "\n")
+            (train_dir(out) / "train_history.json").write_text(history + "\n")
         if bad := non_finite(task.state_dict()):
             raise ValueError(f"refusing to export: {bad} holds non-finite values (lower --learning-rate)")
-        task.export(cfg.out)
+        task.export(out)
     accelerator.end_training()
     if run.bad_steps:
         accelerator.print(f"skipped {run.bad_steps} optimiser steps with a non-finite loss or gradient")
@@ -322,9 +272,10 @@ def _train(accelerator, task: Task, batches, cfg: TrainConfig, resume: str | Non
 class _Run:
     """The optimiser steps of one :func:`train` call (split out to keep set-up and stepping readable)."""
 
-    def __init__(self, accelerator, task, optimizer, lr_scheduler, generator, params, wrapped, cfg, record):
+    def __init__(self, accelerator, task, optimizer, lr_scheduler, generator, params, wrapped, out, cfg, optim, record):
         self.accelerator, self.task, self.optimizer, self.lr_scheduler = accelerator, task, optimizer, lr_scheduler
-        self.generator, self.params, self.wrapped, self.cfg = generator, params, wrapped, cfg
+        self.generator, self.params, self.wrapped, self.out, self.cfg = generator, params, wrapped, out, cfg
+        self.optim = optim
         self.record = record  # the run's settings, written into every checkpoint
         self.history: list[dict[str, Any]] = []
         self.position = 0  # micro-batches this rank has drawn from the stream, unreadable ones included
@@ -363,8 +314,7 @@ class _Run:
         accelerator, cfg, task = self.accelerator, self.cfg, self.task
         samples_since, t_log = 0, time.time()
         while step < cfg.max_steps:
-            if hasattr(task, "before_optimizer_step"):
-                task.before_optimizer_step(step + 1)
+            task.before_optimizer_step(step + 1)
             loss, grad_norm, samples, ok = self.one_step(stream)
             samples_since += samples
             self.lr_scheduler.step()  # a skipped step still advances the schedule: it stays a function of the step
@@ -389,8 +339,7 @@ class _Run:
                     "lr": self.lr_scheduler.get_last_lr()[0],
                     "samples_per_second": rate,
                 }
-                if hasattr(task, "log_metrics"):
-                    logs.update(task.log_metrics())
+                logs.update(task.log_metrics())
                 accelerator.log({k: v for k, v in logs.items() if math.isfinite(v)}, step=step)
                 self.history.append({"step": step, **_strict(logs), "bad_steps": self.bad_steps})
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", samples_s=f"{rate:.1f}", bad=self.bad_steps)
@@ -404,12 +353,11 @@ class _Run:
             ):
                 # Compiled networks run eagerly here: a grid's batch size would otherwise compile a graph of its own.
                 with torch.compiler.set_stance("force_eager"):
-                    metrics = task.validate(step, cfg.train_dir / "validation")
-                if metrics:
-                    accelerator.log(metrics, step=step)
-                images = getattr(task, "validation_images", None)  # the grid just written, [1, H, W, 3] uint8
-                if images and cfg.write_logs:
-                    log_images(accelerator, images, step)
+                    result = task.validate(step, train_dir(self.out) / "validation")
+                if result.metrics:
+                    accelerator.log(result.metrics, step=step)
+                if result.images and cfg.write_logs:
+                    log_images(accelerator, result.images, step)
 
     def one_step(self, stream: Iterator[Any]) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
         """One optimiser step over ``gradient_accumulation_steps`` micro-batches: (mean loss, grad norm, samples,
@@ -426,7 +374,8 @@ class _Run:
                 total = loss.detach() if total is None else total + loss.detach()
                 if accelerator.sync_gradients:
                     # Clipping at +inf multiplies by exactly 1, so the norm is measured (for the guard) unclipped.
-                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+                    norm = self.optim.max_grad_norm
+                    max_norm = norm if norm is not None else math.inf
                     grad_norm = accelerator.clip_grad_norm_(self.params, max_norm)
                     ok = self.finite(total, grad_norm)
                     if ok:
@@ -470,7 +419,7 @@ class _Run:
             raise ValueError(f"refusing to write checkpoint step-{step}: {bad} holds non-finite values")
         if not accelerator.is_main_process:
             return
-        root = _checkpoint_root(self.cfg)
+        root = _checkpoint_root(self.cfg, self.out)
         meta = {
             "step": step,
             "elapsed": elapsed,

@@ -1,32 +1,30 @@
-"""The training loop's optimiser and learning-rate schedule (:mod:`lcm.training.loop`): AdamW, fused where it can
-be, with per-group rate multipliers, and a schedule counted in optimiser steps."""
+"""The training loop's optimiser and learning-rate schedule: AdamW, fused where it can be, with per-group rate
+multipliers, and a schedule counted in optimiser steps. Its settings are :class:`lcm.config.run.OptimConfig`."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from lcm.training.loop import TrainConfig
+from lcm.config.run import OptimConfig
 
-__all__ = ["LR_SCHEDULES", "cosine_floor", "make_lr_scheduler", "make_optimizer"]
-
-# diffusers.optimization's schedules that need no extra arguments, and ours.
-LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-LR_SCHEDULES += ("cosine_floor",)
+__all__ = ["cosine_floor", "make_lr_scheduler", "make_optimizer"]
 
 
-def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over parameter ``groups``; a group's ``lr_scale`` multiplies ``cfg.learning_rate``."""
+def make_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over parameter ``groups``; a group's ``lr_scale`` multiplies ``cfg.learning_rate`` (which must be set:
+    :meth:`OptimConfig.resolved`)."""
+    if cfg.learning_rate is None:
+        raise ValueError("the learning rate is not set (OptimConfig.resolved fills in its default)")
     groups = [
         {**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": cfg.learning_rate * g.get("lr_scale", 1.0)}
         for g in groups
     ]
     params = [p for g in groups for p in g["params"]]
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay)
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     if cfg.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -51,10 +49,10 @@ def cosine_floor(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
-    """A schedule over optimiser steps (Accelerate's would count micro-batches × processes)."""
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
+    """A schedule over ``max_steps`` optimiser steps (Accelerate's would count micro-batches × processes)."""
     if cfg.lr_schedule == "cosine_floor":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_floor(cfg.lr_warmup_steps, cfg.max_steps))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_floor(cfg.lr_warmup_steps, max_steps))
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(cfg.lr_schedule, optimizer, cfg.lr_warmup_steps, cfg.max_steps)
+    return get_scheduler(cfg.lr_schedule, optimizer, cfg.lr_warmup_steps, max_steps)

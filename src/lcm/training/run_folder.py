@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lcm.config.knobs import leaves
+from lcm.config.run import RunConfig
 from lcm.training.checkpoint import CorruptCheckpoint, checkpoint_steps, verify_checkpoint
 
 __all__ = [
@@ -43,27 +45,12 @@ RUN_CONFIG = "run_config.json"  # in OUT/train: everything a run was started wit
 LOCK_FILE = "lock"  # in OUT/train: held (flock) while a run lives
 RESUME_MODES = ("latest", "auto")  # besides a checkpoint folder
 
-# Settings a resumed run may change: how long it runs and how often it writes, logs or validates, where it reads
-# its files from, and how it is told to resume. Everything else changes what it computes.
-RESUME_MAY_CHANGE = frozenset(
-    {
-        "out",
-        "resume",
-        "config",
-        "max_steps",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "validate_every",
-        "log_every",
-        "report_to",
-        "num_workers",
-        "max_bad_steps",
-        "data_dir",
-    }
-)
-# Entries of a record that describe how the run was *asked for*, not what it computes: the command line (checked
-# flag by flag before anything loads) and the model as typed (the resolved path is compared instead).
-_NOT_COMPARED = frozenset({"flags", "model", "write_logs", "label", "checkpoint_dir"})
+# What a resumed run may change (how long it runs, how often it writes, logs and validates, where it reads its files
+# from): the knobs of the run-config tree marked so, by dotted path. Everything else changes what it computes.
+RESUME_MAY_CHANGE = frozenset(path for path, f, _ in leaves(RunConfig()) if f.metadata["knob"].may_change)
+# Entries of a record that say how a run was asked for, not what it computes: the data as typed (its resolved
+# form, "data_resolved", is compared instead).
+_NOT_COMPARED = frozenset({"data.source"})
 
 T = TypeVar("T")
 _HELD: dict[Path, tuple[int, int]] = {}  # lock file → (fd, depth): re-entrant within a process
@@ -181,18 +168,18 @@ def write_run_record(train_dir: Path, record: dict[str, Any]) -> None:
 
 
 def differences(saved: Any, current: Any, where: str = "") -> list[str]:
-    """The settings in which two records differ, as ``"key: saved → current"`` lines (keys a resume may change,
+    """The settings in which two records differ, as ``"path: saved → current"`` lines (those a resume may change,
     and those that say how a run was asked for, are not compared)."""
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for key in sorted(set(saved) | set(current)):
-            if key in RESUME_MAY_CHANGE or key in _NOT_COMPARED:
+            path = f"{where}.{key}" if where else key
+            if path in RESUME_MAY_CHANGE or path in _NOT_COMPARED:
                 continue
-            name = f"{where}.{key}" if where else key
             if key not in saved or key not in current:
-                out.append(f"{name}: {json.dumps(saved.get(key))} → {json.dumps(current.get(key))}")
+                out.append(f"{path}: {json.dumps(saved.get(key))} → {json.dumps(current.get(key))}")
             else:
-                out += differences(saved[key], current[key], name)
+                out += differences(saved[key], current[key], path)
         return out
     if saved != current:
         return [f"{where}: {json.dumps(saved)} → {json.dumps(current)}"]

@@ -10,56 +10,20 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import asdict, dataclass
-from enum import Enum
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
+from lcm.config.run import DataConfig, RunConfig
 from lcm.data.latent_cache import LatentCache
 from lcm.data.loader import batch_stream
 from lcm.data.sources import collate_skip_none, open_data, parse_data_spec
-from lcm.limits import MAX_BATCH, MAX_IMAGE_SIDE, MAX_WORKERS
 from lcm.locations import local_path_or_none
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.models.student import StudentKind
-from lcm.training.lcd import LCDConfig
-from lcm.training.lcf import LCFConfig
-from lcm.training.loop import TrainConfig, cpu_processes, train
+from lcm.training.loop import cpu_processes, train, train_dir
 from lcm.training.run_folder import check_folder_state, own_run_folder
-from lcm.training.task import DistillTask, FinetuneTask, LoraSettings
+from lcm.training.task import DistillTask, FinetuneTask
 
-__all__ = ["DataConfig", "build_dataset", "run_distillation", "run_finetune"]
-
-FASHION = "fashion-mnist"
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    source: str = FASHION  # "fashion-mnist[:c1,c2,…]", an imagefolder, a datasets name/path or WebDataset shards
-    image_column: str | None = None
-    caption_column: str | None = None
-    resolution: int | None = None  # default: the model's native image size
-    center_crop: bool = True
-    random_flip: bool = False
-    batch_size: int = 32  # per device
-    num_workers: int = 0
-    data_dir: Path | None = None  # Fashion-MNIST files
-    allow_outside: bool = False  # metadata.jsonl may name files outside the data folder
-
-    def __post_init__(self):
-        if not 1 <= self.batch_size <= MAX_BATCH:
-            raise ValueError(f"--batch-size must be between 1 and {MAX_BATCH}, got {self.batch_size}")
-        if not 0 <= self.num_workers <= MAX_WORKERS:
-            raise ValueError(f"--num-workers must be between 0 and {MAX_WORKERS}, got {self.num_workers}")
-        if self.resolution is not None and not (8 <= self.resolution <= MAX_IMAGE_SIDE and self.resolution % 8 == 0):
-            raise ValueError(
-                f"--resolution must be a multiple of 8 between 8 and {MAX_IMAGE_SIDE}, got {self.resolution}"
-            )
-
-    def check(self) -> None:
-        """Refuse a data string that cannot be read: a missing local path, a bad class list (hub names and URLs are
-        checked when opened)."""
-        parse_data_spec(self.source)
+__all__ = ["build_dataset", "check_out", "run_training"]
 
 
 def build_dataset(cfg: DataConfig, model: LatentDiffusion):
@@ -71,100 +35,38 @@ def build_dataset(cfg: DataConfig, model: LatentDiffusion):
         channels=model.vae.config.in_channels,
         image_column=cfg.image_column,
         caption_column=cfg.caption_column,
-        center_crop=cfg.center_crop,
+        center_crop=not cfg.random_crop,
         random_flip=cfg.random_flip,
         data_dir=cfg.data_dir,
-        allow_outside=cfg.allow_outside,
+        allow_outside=cfg.allow_outside_files,
     )
     if isinstance(dataset, LatentCache):
         dataset.check_model(model)
     return dataset
 
 
-def run_distillation(
-    teacher: str | Path,
-    data: DataConfig,
-    lcd: LCDConfig,
-    loop: TrainConfig,
-    student: StudentKind = StudentKind.FULL,
-    lora: LoraSettings | None = None,
-    gradient_checkpointing: bool = False,
-    validation_prompts: tuple[str, ...] = (),
-    validation_w: float | None = None,
-    flags: dict[str, Any] | None = None,
-) -> dict:
-    """Distil ``teacher`` and export the student into ``loop.out``; returns the training summary.
+def run_training(cfg: RunConfig, out: str | Path, resume: str | None = None) -> dict:
+    """Train the run ``cfg`` (LCD of its teacher, or LCF of its LCM) into the run folder ``out`` and export the
+    result there; returns the training summary. ``resume``: None (a new run), "latest", "auto" or a checkpoint
+    folder (:mod:`lcm.training.run_folder`).
 
-    ``validation_w`` defaults to the distilled LCM's own default w (the middle of ``[lcd.w_min, lcd.w_max]``).
-    ``flags`` (the command line's, if any) are recorded with the resolved settings in ``OUT/train/run_config.json``.
+    Defaults that depend on other settings (the learning rate) are filled in here, so the Python API trains exactly
+    as the command line does. The run's tree, with the model and data paths resolved, is its record: written to
+    ``OUT/train/run_config.json`` and into every checkpoint, and compared on resume.
     """
-
-    def task(model: LatentDiffusion):
-        return DistillTask(
-            model,
-            student,
-            lcd,
-            lora,
-            seed=loop.seed,
-            validation_prompts=validation_prompts,
-            validation_w=validation_w,
-            gradient_checkpointing=gradient_checkpointing,
-            provenance={"teacher": str(teacher), "data": data.source},
-        )
-
-    settings = {"command": "distill", "flags": flags, "lcd": lcd, "student": student, "lora": lora}
-    settings = {**settings, "gradient_checkpointing": gradient_checkpointing}
-    return _run(teacher, "--teacher", "teacher", task, data, loop, settings)
+    cfg = cfg.resolved()
+    if cfg.model is None and cfg.command == "finetune":
+        raise ValueError("lcm finetune needs --model: the LCM folder to fine-tune")
+    model_path = cfg.model or str(_default_teacher())
+    cfg = replace(cfg, model=_resolved(model_path))
+    flag, what = ("--teacher", "teacher") if cfg.command == "distill" else ("--model", "LCM")
+    return _run(model_path, flag, what, cfg, Path(out), resume)
 
 
-def run_finetune(
-    lcm: str | Path,
-    data: DataConfig,
-    lcf: LCFConfig,
-    loop: TrainConfig,
-    student: StudentKind = StudentKind.FULL,
-    lora: LoraSettings | None = None,
-    gradient_checkpointing: bool = False,
-    validation_prompts: tuple[str, ...] = (),
-    validation_w: float | None = None,
-    flags: dict[str, Any] | None = None,
-) -> dict:
-    """Fine-tune the LCM ``lcm`` on ``data`` without a teacher (LCF) and export it into ``loop.out``.
+def _default_teacher() -> Path:
+    from lcm.sample import default_model_path
 
-    Unset ``lcf`` values (w, consistency constants) are the loaded LCM's own; ``validation_w`` defaults to ``lcf.w``.
-    """
-
-    def task(model: LatentDiffusion):
-        return FinetuneTask(
-            model,
-            student,
-            lcf,
-            lora,
-            seed=loop.seed,
-            validation_prompts=validation_prompts,
-            validation_w=validation_w,
-            gradient_checkpointing=gradient_checkpointing,
-            provenance={"lcm": str(lcm), "data": data.source},
-        )
-
-    settings = {"command": "finetune", "flags": flags, "lcf": lcf, "student": student, "lora": lora}
-    settings = {**settings, "gradient_checkpointing": gradient_checkpointing}
-    return _run(lcm, "--model", "LCM", task, data, loop, settings)
-
-
-def _plain(value: Any) -> Any:
-    """JSON-ready form of configs: dataclasses as dicts, enums as values, paths as strings."""
-    if hasattr(value, "__dataclass_fields__"):
-        return _plain(asdict(value))
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
+    return default_model_path()
 
 
 def _resolved(text: str | Path) -> str:
@@ -197,50 +99,50 @@ def _check_new_run(out: Path) -> None:
         )
 
 
-def _run(
-    model_path: str | Path, flag: str, what: str, make_task, data: DataConfig, loop: TrainConfig, settings: dict
-) -> dict:
+def _run(model_path: str | Path, flag: str, what: str, cfg: RunConfig, out: Path, resume: str | None) -> dict:
     from accelerate import PartialState
 
-    data.check()  # fail on a mistyped path before minutes of model loading
-    check_out(loop.out, {flag: (what, model_path), "--data": ("data", data.source)})
-    state = PartialState(cpu=cpu_processes(loop.cpu))
+    parse_data_spec(cfg.data.source)  # fail on a mistyped path before minutes of model loading
+    check_out(out, {flag: (what, model_path), "--data": ("data", cfg.data.source)})
+    state = PartialState(cpu=cpu_processes(cfg.loop.cpu))
     owner = contextlib.ExitStack()
+    folder = train_dir(out)
 
     def check() -> None:  # refuse now, before minutes of loading
-        if check_folder_state(loop.train_dir, loop.train_dir / "checkpoints", loop.resume, None) is None:
-            _check_new_run(loop.out)
+        if check_folder_state(folder, folder / "checkpoints", resume, None) is None:
+            _check_new_run(out)
 
     if state.num_processes > 1:
         check()  # read-only, alike on every rank; rank 0 takes the lock in train
     else:
-        owner.enter_context(own_run_folder(loop.train_dir, " ".join(sys.argv)[:300], check))
+        owner.enter_context(own_run_folder(folder, " ".join(sys.argv)[:300], check))
     with owner:
-        return _build_and_train(model_path, make_task, data, loop, settings, state)
+        return _build_and_train(model_path, cfg, out, resume, state)
 
 
-def _build_and_train(model_path, make_task, data: DataConfig, loop: TrainConfig, settings: dict, state) -> dict:
+def _build_and_train(model_path, cfg: RunConfig, out: Path, resume: str | None, state) -> dict:
     model = LatentDiffusion.from_pretrained(model_path, device=state.device)
-    dataset = build_dataset(data, model)
-    task = make_task(model)
-    prompts = {"validation_prompts": task.validation_prompts, "validation_w": task.validation_w}
-    resolved = {"model_resolved": _resolved(model_path), "data_resolved": _resolved(data.source)}
-    given = {"model": os.fspath(model_path), **resolved}
-    record = _plain({**settings, **given, "data": data, "loop": loop, **prompts})
+    dataset = build_dataset(cfg.data, model)
+    task_class = DistillTask if cfg.command == "distill" else FinetuneTask
+    provenance = {"teacher" if cfg.command == "distill" else "lcm": cfg.model, "data": cfg.data.source}
+    task = task_class(model, cfg.method, cfg.student, cfg.loop.seed, cfg.validation, provenance)
+    validation = replace(cfg.validation, prompts=task.validation_prompts, w=task.validation_w)
+    record = replace(cfg, validation=validation).to_dict()
+    record["data_resolved"] = _resolved(cfg.data.source)
 
     def batches(start: int):
         return batch_stream(
             dataset,
-            data.batch_size,
+            cfg.data.batch_size,
             collate_skip_none,
-            seed=loop.seed,
+            seed=cfg.loop.seed,
             start=start,
             rank=state.process_index,
             world=state.num_processes,
-            num_workers=data.num_workers,
+            num_workers=cfg.data.num_workers,
         )
 
-    summary = train(task, batches, loop, record)
+    summary = train(task, batches, out, cfg.loop, cfg.optim, resume, record)
     skipped = getattr(dataset, "skipped", None)
     if skipped is not None and skipped.total:
         summary["skipped"] = skipped.report()

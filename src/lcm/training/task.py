@@ -7,51 +7,42 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lcm.config.run import LCDConfig, LCFConfig, StudentConfig, StudentKind, ValidationConfig
 from lcm.images import save_grid
 from lcm.maths.guidance import default_w
 from lcm.maths.sampling import randn_per_image, sample_lcm
 from lcm.maths.timesteps import lcm_timesteps
 from lcm.models.export import export_lcm_folder, export_lora
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.models.student import DEFAULT_LORA_TARGETS, StudentKind, add_lora, full_student
+from lcm.models.student import add_lora, full_student
 from lcm.models.text import TextEmbeddings
-from lcm.training.lcd import LCD, LCDConfig, LossMonitor
-from lcm.training.lcf import LCF, LCFConfig
+from lcm.training.lcd import LCD, LossMonitor
+from lcm.training.lcf import LCF
+from lcm.training.loop import Task, Validation
 
-__all__ = ["ConsistencyTask", "DistillTask", "FinetuneTask", "LoraSettings", "make_student"]
+__all__ = ["ConsistencyTask", "DistillTask", "FinetuneTask", "make_student"]
 
 
-def make_student(model: LatentDiffusion, kind: StudentKind, lora: LoraSettings, seed: int):
-    """(student, target) for ``kind``: a w-conditioned full UNet with an EMA copy, or LoRA adapters (target None).
-
-    A UNet that already carries LoRA adapters (a loaded LCM-LoRA) keeps them and trains them further.
-    """
-    if kind is StudentKind.FULL:
-        student = full_student(model.unet)
-        return student, copy.deepcopy(student).requires_grad_(False)
+def make_student(model: LatentDiffusion, student: StudentConfig, seed: int):
+    """(student, target) for ``student.kind``: a w-conditioned full UNet with an EMA copy, or LoRA adapters (target
+    None). A UNet that already carries LoRA adapters (a loaded LCM-LoRA) keeps them and trains them further."""
+    if student.kind is StudentKind.FULL:
+        unet = full_student(model.unet)
+        return unet, copy.deepcopy(unet).requires_grad_(False)
     if getattr(model.unet, "peft_config", None):
         for name, p in model.unet.named_parameters():
             p.requires_grad_("lora_" in name)
         return model.unet.train(), None
-    return add_lora(model.unet, lora.rank, lora.alpha, lora.targets, seed).train(), None
+    return add_lora(model.unet, student.lora_rank, student.lora_alpha, student.lora_targets, seed).train(), None
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    rank: int = 64
-    alpha: float | None = None  # default: = rank
-    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    fuse: bool = False  # export merged into a full LCM folder
-
-
-class ConsistencyTask:
+class ConsistencyTask(Task):
     """What LCD and LCF share: batches → (z0, text), student bookkeeping, validation grids, checkpoints, export.
 
     ``method`` (:class:`lcm.training.lcd.LCD` or :class:`lcm.training.lcf.LCF`) supplies the loss and target update;
@@ -64,30 +55,25 @@ class ConsistencyTask:
         self,
         model: LatentDiffusion,
         method,
-        lora: LoraSettings,
+        student: StudentConfig,
         validation_w: float,
-        validation_prompts: tuple[str, ...] = (),
-        validation_seeds: tuple[int, ...] = (0, 1),
-        gradient_checkpointing: bool = False,
+        validation: ValidationConfig,
         provenance: dict | None = None,
     ):
-        self.model, self.method, self.lora = model, method, lora
+        self.model, self.method, self.student_cfg = model, method, student
         self.kind, self.cfg, self.student = method.kind, method.cfg, method.student
-        if gradient_checkpointing:
+        if student.gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
         self.uncond = model.encode_prompts([""])
-        self.validation_prompts, self.validation_w = tuple(validation_prompts), validation_w
-        self.validation_seeds = tuple(validation_seeds)
+        prompts = validation.prompts if validation.prompts is not None else default_validation_prompts(model)
+        self.validation_prompts, self.validation_w = tuple(prompts), validation_w
+        self.validation_seeds = tuple(validation.seeds)
         self.monitor = LossMonitor(model.schedule.num_train_timesteps, method.w_range, self.w_projection)
         self.provenance = {"method": self.method_name, "student": self.kind.value, **(provenance or {})}
 
-    # --- trainer protocol --------------------------------------------------------------------------------------
+    # --- the loop's Task ---------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]
-
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """The optimiser's parameter groups; a group's ``lr_scale`` multiplies the run's learning rate."""
-        return [{"params": self.trainable_parameters()}]
 
     def wrap(self, prepare) -> list[torch.nn.Module]:
         return [self.method.wrap(prepare)]
@@ -159,17 +145,14 @@ class ConsistencyTask:
         return self.method.target
 
     @torch.no_grad()
-    def validate(self, step: int, folder: Path) -> dict[str, float]:
-        """A labelled grid: rows = LCM at 1, 2, 4, 8 steps; columns = validation prompts × seeds (fixed across steps).
-
-        Written to ``folder/step-NNNNNN.png`` and kept as ``self.validation_images`` (``{"validation": [1, H, W, 3]
-        uint8}``, the form Accelerate's ``log_images`` takes) for the training loop to send to TensorBoard.
-        """
+    def validate(self, step: int, folder: Path) -> Validation:
+        """A labelled grid: rows = LCM at 1, 2, 4, 8 steps; columns = validation prompts × seeds (fixed across steps),
+        written to ``folder/step-NNNNNN.png`` and handed to the loop for the trackers."""
         import numpy as np
         from PIL import Image
 
         if not self.validation_prompts:
-            return {}
+            return Validation()
         unet = self.sampling_unet
         was_training = unet.training
         unet.eval()
@@ -191,9 +174,9 @@ class ConsistencyTask:
         columns = [f"{p}, seed {s}" for p, s in zip(prompts, seeds, strict=True)]
         path = save_grid(torch.cat(rows), folder / f"step-{step:06d}.png", scale=2, rows=labels, columns=columns)
         with Image.open(path) as grid:
-            self.validation_images = {"validation": np.asarray(grid.convert("RGB"))[None]}
+            images = {"validation": np.asarray(grid.convert("RGB"))[None]}
         unet.train(was_training)
-        return {}
+        return Validation(images=images)
 
     def export(self, folder: Path) -> None:
         settings = {k: v.value if isinstance(v, Enum) else v for k, v in vars(self.cfg).items()}
@@ -203,7 +186,7 @@ class ConsistencyTask:
         constants = {"sigma_data": self.cfg.sigma_data, "timestep_scaling": self.cfg.timestep_scaling}
         if self.kind is StudentKind.FULL:
             export_lcm_folder(source, self.method.target, scheduler, steps, folder, provenance, **constants)
-        elif self.lora.fuse:
+        elif self.student_cfg.fuse_lora:
             unet = copy.deepcopy(self.student)
             unet.fuse_lora()
             unet.unload_lora()
@@ -212,10 +195,20 @@ class ConsistencyTask:
             export_lora(self.student, self.model.lora_base or source, steps, folder, provenance, **constants)
 
 
+def default_validation_prompts(model: LatentDiffusion) -> tuple[str, ...]:
+    """The validation grid's prompts when none are given: the ten class prompts of the embedded family, two stock
+    prompts otherwise."""
+    if model.is_embedded:
+        from lcm.data.captions import class_prompts
+
+        return tuple(class_prompts())
+    return ("a photo of an astronaut riding a horse", "a cosy cabin in a snowy forest, golden hour")
+
+
 class DistillTask(ConsistencyTask):
     """Latent Consistency Distillation of ``model`` into a full or LoRA student.
 
-    ``validation_w`` defaults to the w the distilled LCM will default to: the middle of ``[w_min, w_max]``.
+    The validation grid's w defaults to the w the distilled LCM will default to: the middle of ``[w_min, w_max]``.
     """
 
     method_name = "LCD"
@@ -223,18 +216,16 @@ class DistillTask(ConsistencyTask):
     def __init__(
         self,
         model: LatentDiffusion,
-        kind: StudentKind,
-        cfg: LCDConfig,
-        lora: LoraSettings | None = None,
+        cfg: LCDConfig | None = None,
+        student: StudentConfig | None = None,
         seed: int = 0,
-        validation_w: float | None = None,
-        **kwargs,
+        validation: ValidationConfig | None = None,
+        provenance: dict | None = None,
     ):
-        lora = lora or LoraSettings()
-        student, target = make_student(model, StudentKind(kind), lora, seed)
-        if validation_w is None:
-            validation_w = default_w((cfg.w_min, cfg.w_max), model.is_embedded)
-        super().__init__(model, LCD(model, student, kind, cfg, target), lora, validation_w, **kwargs)
+        cfg, student, validation = cfg or LCDConfig(), student or StudentConfig(), validation or ValidationConfig()
+        unet, target = make_student(model, student, seed)
+        w = validation.w if validation.w is not None else default_w((cfg.w_min, cfg.w_max), model.is_embedded)
+        super().__init__(model, LCD(model, unet, student.kind, cfg, target), student, w, validation, provenance)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """With ``--w-lr-scale`` other than 1, the w projection learns at its own rate (a group of its own)."""
@@ -248,8 +239,8 @@ class DistillTask(ConsistencyTask):
 class FinetuneTask(ConsistencyTask):
     """Latent Consistency Fine-tuning of an LCM (``model``) on new data, without a teacher.
 
-    Unset :class:`LCFConfig` values (w, consistency constants) are the LCM's own; ``validation_w`` defaults to the
-    w it is fine-tuned at.
+    Unset :class:`LCFConfig` values (w, consistency constants) are the LCM's own; the validation grid's w defaults
+    to the w it is fine-tuned at.
     """
 
     method_name = "LCF"
@@ -257,17 +248,16 @@ class FinetuneTask(ConsistencyTask):
     def __init__(
         self,
         model: LatentDiffusion,
-        kind: StudentKind,
-        cfg: LCFConfig,
-        lora: LoraSettings | None = None,
+        cfg: LCFConfig | None = None,
+        student: StudentConfig | None = None,
         seed: int = 0,
-        validation_w: float | None = None,
-        **kwargs,
+        validation: ValidationConfig | None = None,
+        provenance: dict | None = None,
     ):
         if not model.is_lcm:
             raise ValueError("lcm finetune needs an LCM (the output of lcm distill); for a teacher use lcm distill")
-        lora = lora or LoraSettings()
-        student, target = make_student(model, StudentKind(kind), lora, seed)
-        method = LCF(model, student, kind, cfg, target)
-        validation_w = method.cfg.w if validation_w is None else validation_w
-        super().__init__(model, method, lora, validation_w, **kwargs)
+        cfg, student, validation = cfg or LCFConfig(), student or StudentConfig(), validation or ValidationConfig()
+        unet, target = make_student(model, student, seed)
+        method = LCF(model, unet, student.kind, cfg, target)
+        w = method.cfg.w if validation.w is None else validation.w
+        super().__init__(model, method, student, w, validation, provenance)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TRACKERS", "flat_config", "log_images", "trackers"]
-
-# Accelerate's experiment trackers (LoggerType values), for --report-to
-TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio")
+__all__ = ["flat_config", "log_images", "trackers"]
 
 
 def trackers(report_to: tuple[str, ...]) -> list[str]:
@@ -32,12 +30,14 @@ def log_images(accelerator, images: dict, step: int) -> None:
             tracker.log_images(images, step=step)
 
 
-def flat_config(cfg) -> dict[str, Any]:
-    """The config as trackers take hyperparameters: numbers, strings and booleans only."""
+def flat_config(*sections) -> dict[str, Any]:
+    """Config sections as trackers take hyperparameters: one flat dict of numbers, strings and booleans."""
 
     def flat(v: Any) -> Any:
         if isinstance(v, list | tuple):
             return ",".join(map(str, v))
+        if isinstance(v, Enum):
+            return v.value
         return str(v) if isinstance(v, Path) or v is None else v
 
-    return {k: flat(v) for k, v in asdict(cfg).items()}
+    return {k: flat(v) for section in sections for k, v in asdict(section).items()}

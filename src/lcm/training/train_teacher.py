@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lcm.config.run import LoopConfig, OptimConfig
 from lcm.data.captions import CaptionSet, class_prompts
 from lcm.data.fashion_mnist import load_fashion_mnist
 from lcm.images import save_grid
@@ -30,7 +31,7 @@ from lcm.maths.schedule import NoiseSchedule
 from lcm.models.fashion import FashionClassifier, save_classifier, tiny_unet, tiny_vae
 from lcm.models.text import CachedPromptEmbeddings, MiniLMTextEncoder, write_reference
 from lcm.training.checkpoint import module_state, restore_modules
-from lcm.training.loop import TrainConfig, train
+from lcm.training.loop import Task, Validation, train
 
 __all__ = ["TeacherTrainConfig", "train_teacher", "TEACHER_SCHEDULER_CONFIG"]
 
@@ -107,7 +108,7 @@ def _data_order(n: int, batch: int, seed: int) -> Callable[[int], Iterator[torch
 _STAGE_IDS = {"vae": 1, "unet": 2, "classifier": 3}
 
 
-class _Stage:
+class _Stage(Task):
     """One stage as a loop :class:`~lcm.training.loop.Task`: ``net`` is trained, every module in ``modules`` is
     checkpointed. The model folder is written by :func:`train_teacher`, so ``export`` writes nothing."""
 
@@ -121,40 +122,30 @@ class _Stage:
         self.forward = prepare(self.net)
         return [self.forward]
 
-    def after_optimizer_step(self, step: int) -> None:
-        pass
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return module_state(self.modules)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         restore_modules(state, self.modules)
 
-    def validate(self, step: int, folder: Path) -> dict[str, float]:
-        return {}
 
-    def export(self, folder: Path) -> None:
-        pass
-
-
-def _run_stage(cfg: TeacherTrainConfig, name: str, stage: _Stage, data: Callable, steps: int, **loop) -> float:
+def _run_stage(
+    cfg: TeacherTrainConfig, name: str, stage: _Stage, data: Callable, steps: int, validate_every: int = 0, **optim
+) -> float:
     """Train ``stage`` on the loop for ``steps`` (resuming from ``checkpoints/<name>``); returns its wall time."""
-    settings = TrainConfig(
-        out=cfg.out,
+    loop = LoopConfig(
         max_steps=steps,
-        lr_schedule="cosine_floor",
         seed=cfg.seed,
         noise_seed=cfg.seed * 1000 + _STAGE_IDS[name],
         checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=1,
+        validate_every=validate_every,
         checkpoint_dir=cfg.out / "checkpoints" / name,
         write_logs=False,
-        resume="auto",
         cpu=True,
         label=f"train-teacher {name}",
-        **loop,
     )
-    return train(stage, data, settings)["wall_seconds"]
+    return train(stage, data, cfg.out, loop, OptimConfig(lr_schedule="cosine_floor", **optim), "auto")["wall_seconds"]
 
 
 class _VaeStage(_Stage):
@@ -213,10 +204,10 @@ class _UnetStage(_Stage):
         # EMA warm-up (as diffusers' EMAModel): the average starts short and lengthens to 1/(1 − decay).
         ema_update(self.ema, self.net, min(self.cfg.ema_decay, step / (9 + step)))
 
-    def validate(self, step: int, folder: Path) -> dict[str, float]:
+    def validate(self, step: int, folder: Path) -> Validation:
         if step % self.cfg.sample_every == 0:  # the loop also asks at the last step: that grid is final.png
             _sample_grid(self.cfg, self.ema, self.vae, self.scaling, self.cfg.out / "samples" / f"unet-step-{step}.png")
-        return {}
+        return Validation()
 
 
 def _train_unet(cfg, lat_mean, lat_std, labels, scaling, vae, captions, text):
@@ -230,7 +221,7 @@ def _train_unet(cfg, lat_mean, lat_std, labels, scaling, vae, captions, text):
         data,
         cfg.unet_steps,
         learning_rate=cfg.unet_lr,
-        adam_weight_decay=0.01,
+        weight_decay=0.01,
         lr_warmup_steps=cfg.unet_warmup,
         validate_every=cfg.sample_every,
     )
@@ -294,7 +285,7 @@ def _train_classifier(cfg, images, labels):
         data,
         cfg.classifier_steps,
         learning_rate=2e-3,
-        adam_weight_decay=5e-4,
+        weight_decay=5e-4,
         lr_warmup_steps=100,
         max_grad_norm=None,
     )
