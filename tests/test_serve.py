@@ -212,7 +212,7 @@ def test_bad_requests_get_one_line_errors_and_the_socket_lives(teacher_engine):
 
 def test_limits_are_configurable_and_the_rate_is_per_connection(teacher_engine, monkeypatch):
     monkeypatch.setattr(engine_module, "generate", slowed(engine_module.generate, 0.05))
-    limits = Limits(max_steps=2, max_batch=1, max_prompt_chars=10, rate=5, max_upload_bytes=1024)
+    limits = Limits(max_steps=2, max_batch=1, max_prompt_chars=10, rate=5, max_upload_kb=1)
     noise = io.BytesIO()
     Image.frombytes("RGB", (64, 64), np.random.default_rng(0).bytes(64 * 64 * 3)).save(noise, format="PNG")
     big = base64.b64encode(noise.getvalue()).decode()  # about 16 KB

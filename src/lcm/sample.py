@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from lcm.config.sampling import DEFAULT_GAMMA, DEFAULT_STRENGTH
 from lcm.maths.consistency import boundary_scalings_at
 from lcm.maths.guidance import w_embedding
 from lcm.maths.parameterization import Denoised, to_denoised
@@ -47,8 +48,6 @@ __all__ = [
 ]
 
 ASSETS = Path(__file__).parent / "assets"
-DEFAULT_GAMMA = 0.3  # TCD's γ (diffusers' ``eta`` of TCDScheduler.step)
-DEFAULT_STRENGTH = 0.6  # img2img strength of ``lcm sample --image`` and ``lcm serve``
 
 
 def default_model_path() -> Path:

@@ -50,12 +50,6 @@ def check_float(value: float | None, flag: str, low: float, *, open_low: bool = 
     raise ValueError(f"{flag} must be {allowed}, got {value}")
 
 
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def add_speed_args(p: argparse.ArgumentParser, compile_note: str) -> argparse._ArgumentGroup:
     """``--device``, ``--dtype`` and ``--compile`` of the commands that run a model (sample, serve); returns their
     argument group."""

@@ -91,6 +91,11 @@ def add_parser(sub) -> None:
     p.add_argument("--num-samples", type=int, default=2000, help="images per row (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="prompt and noise seed; image i uses seed*1e6 + i (default 0)")
     p.add_argument("--batch-size", type=int, default=250, help="images per sampling batch (default 250)")
+    _add_data_and_metric_flags(p.add_argument_group("prompts, reference and metrics"))
+    p.set_defaults(func=run_eval)
+
+
+def _add_data_and_metric_flags(p) -> None:
     p.add_argument(
         "--prompts",
         help="'embedded' (Fashion captions, the default for the Fashion teacher), a .txt file with a prompt a line, "
@@ -125,4 +130,3 @@ def add_parser(sub) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default="lcm-eval", help="output folder (default lcm-eval)")
     p.add_argument("--overwrite", action="store_true", help="discard rows of an earlier run with other settings")
-    p.set_defaults(func=run_eval)

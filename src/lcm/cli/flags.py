@@ -14,7 +14,7 @@ from typing import Any
 from lcm.config.knobs import _unwrap, flag_of, knobs, leaves, override
 from lcm.config.run import RunConfig, section_classes
 
-__all__ = ["add_knob_flags", "add_run_flags", "flag_paths", "run_config_from", "typed_settings"]
+__all__ = ["add_knob_flags", "add_run_flags", "add_section_flags", "flag_paths", "run_config_from", "typed_settings"]
 
 SECTIONS = (  # (section, title of its group in --help)
     ("student", "student"),
@@ -44,7 +44,7 @@ def _default_text(f: dataclasses.Field, k) -> str:
     return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _add_section(
+def add_section_flags(
     parser, cls: type, prefix: str, title: str | None, only: tuple[str, ...] | None = None, default: str | None = None
 ) -> None:
     group = parser.add_argument_group(title) if title else parser
@@ -94,7 +94,7 @@ def add_run_flags(parser: argparse.ArgumentParser, command: str) -> None:
     )
     sections = section_classes(command)
     for name, title in SECTIONS:
-        _add_section(parser, sections[name], name + ".", title)
+        add_section_flags(parser, sections[name], name + ".", title)
 
 
 def add_knob_flags(parser: argparse.ArgumentParser, paths: tuple[str, ...], default: str | None = None) -> None:
@@ -103,7 +103,7 @@ def add_knob_flags(parser: argparse.ArgumentParser, paths: tuple[str, ...], defa
     classes = section_classes("distill")
     for section in dict.fromkeys(p.split(".")[0] for p in paths):
         names = tuple(p.split(".", 1)[1] for p in paths if p.startswith(section + "."))
-        _add_section(parser, classes[section], section + ".", None, names, default)
+        add_section_flags(parser, classes[section], section + ".", None, names, default)
 
 
 def typed_settings(args: argparse.Namespace) -> dict[str, Any]:

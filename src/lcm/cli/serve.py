@@ -6,11 +6,10 @@ import argparse
 import math
 import sys
 
-from lcm.cli.common import add_speed_args, check_float, check_int
+from lcm.cli.common import add_speed_args, check_int
+from lcm.cli.flags import add_section_flags, typed_settings
 from lcm.serve.hosts import is_address
 from lcm.serve.protocol import Limits
-
-_LIMITS = Limits()
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -18,15 +17,8 @@ def check_flags(args: argparse.Namespace) -> None:
     from lcm.locations import local_path_or_none
 
     check_int(args.port, "--port", 0, 65535)
-    check_int(args.max_steps, "--max-steps", 1, 100)
-    check_int(args.max_batch, "--max-batch", 1, 64)
-    check_int(args.max_prompt_length, "--max-prompt-length", 1, 100_000)
-    check_int(args.max_upload_kb, "--max-upload-kb", 1, 256 * 1024)
-    check_int(args.max_image_side, "--max-image-side", 1, 16384)
-    check_float(args.rate, "--rate", 0, open_low=True)
-    check_int(args.max_connections, "--max-connections", 1, 10_000)
     check_int(args.threads, "--threads", 1, 1024)
-    check_float(args.request_timeout, "--request-timeout", 0, open_low=True, high=3600)
+    limits_from(args)  # each limit against its range
     for name in args.allowed_host or []:
         if not name.strip() or any(c in name for c in " /?#@"):
             raise ValueError(f"--allowed-host takes a host name such as myhost.lan, got {name!r}")
@@ -45,16 +37,7 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def limits_from(args: argparse.Namespace) -> Limits:
-    return Limits(
-        max_steps=args.max_steps,
-        max_batch=args.max_batch,
-        max_prompt_chars=args.max_prompt_length,
-        max_upload_bytes=args.max_upload_kb * 1024,
-        max_image_side=args.max_image_side,
-        rate=args.rate,
-        max_connections=args.max_connections,
-        request_timeout=args.request_timeout,
-    )
+    return Limits(**{k.removeprefix("limits."): v for k, v in typed_settings(args).items()})
 
 
 def allowed_hosts(args: argparse.Namespace) -> tuple[str, ...]:
@@ -136,52 +119,7 @@ def add_parser(sub) -> None:
         "--host name is allowed too). Requests naming any other host are refused: this stops other sites' pages "
         "from reaching the server through DNS rebinding",
     )
-    lim = p.add_argument_group("limits (what one request or connection may ask)")
-    lim.add_argument(
-        "--max-steps", type=int, default=_LIMITS.max_steps, help=f"sampling steps (default {_LIMITS.max_steps})"
-    )
-    lim.add_argument(
-        "--max-batch", type=int, default=_LIMITS.max_batch, help=f"images per request (default {_LIMITS.max_batch})"
-    )
-    lim.add_argument(
-        "--max-prompt-length",
-        type=int,
-        default=_LIMITS.max_prompt_chars,
-        help=f"characters per prompt or negative prompt (default {_LIMITS.max_prompt_chars})",
-    )
-    lim.add_argument(
-        "--max-upload-kb",
-        type=int,
-        default=_LIMITS.max_upload_bytes // 1024,
-        help=f"size of an img2img upload in KiB (default {_LIMITS.max_upload_bytes // 1024})",
-    )
-    lim.add_argument(
-        "--max-image-side",
-        type=int,
-        default=_LIMITS.max_image_side,
-        help=f"width or height of an upload in pixels, before it is resized to the model's (default "
-        f"{_LIMITS.max_image_side})",
-    )
-    lim.add_argument(
-        "--rate",
-        type=float,
-        default=_LIMITS.rate,
-        help=f"requests per second per connection, bursts of one second's worth (default {_LIMITS.rate:g}; "
-        "a slider drag sends up to one per frame)",
-    )
-    lim.add_argument(
-        "--max-connections",
-        type=int,
-        default=_LIMITS.max_connections,
-        help=f"open WebSockets, and HTTP generations waiting at once (default {_LIMITS.max_connections})",
-    )
-    lim.add_argument(
-        "--request-timeout",
-        type=float,
-        default=_LIMITS.request_timeout,
-        help=f"seconds a client may take to send a request's head, and its body, before the connection is closed "
-        f"(default {_LIMITS.request_timeout:g})",
-    )
+    add_section_flags(p, Limits, "limits.", "limits (what one request or connection may ask)")
     speed = add_speed_args(p, "each new batch size compiles once on first use")
     speed.add_argument(
         "--threads",

@@ -12,6 +12,7 @@ from typing import Any
 
 from lcm.config.knobs import override
 from lcm.config.run import RunConfig
+from lcm.maths.timesteps import DEFAULT_NUM_SOLVER_STEPS
 
 __all__ = ["EVALUATION", "RECIPES", "recipe_config"]
 
@@ -50,7 +51,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # rate): the base of scripts/fidelity_ablation.py, scripts/ablation.py and scripts/lcf_demo.py
     "before-fidelity": {
         **DEMO,
-        "method.num_solver_steps": 50,
+        "method.num_solver_steps": DEFAULT_NUM_SOLVER_STEPS,
         "method.w_lr_scale": 1.0,
         "optim.lr_schedule": "constant",
         "optim.lr_warmup_steps": 0,

@@ -36,11 +36,6 @@ class ImageTransform:
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 3 (RGB) or 1 (greyscale), got {self.channels!r}")
 
-    @property
-    def is_random(self) -> bool:
-        """Whether the output depends on the generator."""
-        return not self.center_crop or self.random_flip
-
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         """``image`` (any PIL mode) → float32 tensor ``[channels, resolution, resolution]`` in [-1, 1]."""
         image = to_mode(image, "RGB" if self.channels == 3 else "L")

@@ -46,10 +46,6 @@ class Solver(str, Enum):
     DPM_SOLVER_2 = "dpm"  # DPM-Solver-2, singlestep, noise form
     DPM_SOLVER_PP_2S = "dpmpp"  # DPM-Solver++(2S), singlestep, data form
 
-    @property
-    def denoiser_calls(self) -> int:
-        return 1 if self is Solver.DDIM else 2
-
 
 def _log_snr_step(
     alpha_s: torch.Tensor, sigma_s: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor

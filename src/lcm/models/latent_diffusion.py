@@ -19,6 +19,7 @@ from lcm.maths.consistency import SIGMA_DATA, TIMESTEP_SCALING, boundary_scaling
 from lcm.maths.guidance import cached_w_embedding, cfg_combine, default_w
 from lcm.maths.parameterization import Denoised, PredictionType, to_denoised
 from lcm.maths.schedule import NoiseSchedule
+from lcm.maths.timesteps import DEFAULT_NUM_SOLVER_STEPS
 from lcm.models.formats import (
     LORA_META,
     is_sdxl,
@@ -107,8 +108,8 @@ class LatentDiffusion:
             apply_lora_file(model.unet, lora, scale=lora_scale)
             folder = Path(lora) if Path(lora).is_dir() else Path(lora).parent
             meta = read_json_object(folder / LORA_META) if (folder / LORA_META).is_file() else {}
-            if not model.is_lcm:  # LCM-LoRA's skipping grid is N = 50 unless the LoRA's record says otherwise
-                original = int(meta.get("original_inference_steps", 50))
+            if not model.is_lcm:  # LCM-LoRA's skipping grid is the default N unless the LoRA's record says otherwise
+                original = int(meta.get("original_inference_steps", DEFAULT_NUM_SOLVER_STEPS))
                 model.scheduler_config = lcm_scheduler_config(model.scheduler_config, original)
                 model.__post_init__()
             model._read_record(folder)

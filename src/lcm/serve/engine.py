@@ -21,14 +21,13 @@ from typing import Any
 import torch
 
 import lcm.sample as library
+from lcm.config.sampling import DEFAULT_GAMMA, DISTILLED_STEPS, default_sampler
 from lcm.maths.timesteps import sampler_timesteps
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.sample import DEFAULT_GAMMA, Sampler, generate
+from lcm.sample import Sampler, generate
 from lcm.serve.protocol import Request, RequestError
 
 __all__ = ["Engine", "Result", "encode_png", "load_engine", "serve_model_path"]
-
-DEFAULT_STEPS = 4
 
 
 def serve_model_path() -> Path:
@@ -65,7 +64,7 @@ class Engine:
 
     def __init__(self, model: LatentDiffusion):
         self.model = model
-        self.sampler = Sampler.LCM if model.is_lcm else Sampler.DDIM
+        self.sampler = default_sampler(model.is_lcm)
         self.lock = threading.Lock()  # the network is never run by two threads at once
         self.generations = 0
 
@@ -77,7 +76,8 @@ class Engine:
 
     @property
     def defaults(self) -> dict[str, Any]:
-        return {"steps": DEFAULT_STEPS, "w": float(self.model.default_w), "gamma": DEFAULT_GAMMA}
+        # real time: an LCM's few steps, for a teacher too (its 1-4 step images show what LCMs are for)
+        return {"steps": DISTILLED_STEPS, "w": float(self.model.default_w), "gamma": DEFAULT_GAMMA}
 
     @property
     def samplers(self) -> tuple[Sampler, ...]:

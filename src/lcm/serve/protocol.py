@@ -25,6 +25,9 @@ from typing import Any
 
 import torch
 
+from lcm.config.knobs import knob, validate
+from lcm.config.sampling import DEFAULT_GAMMA, DEFAULT_STRENGTH
+
 __all__ = [
     "MAX_SEED",
     "MAX_W",
@@ -70,16 +73,34 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request, and one connection, may ask for (each a flag of ``lcm serve``)."""
+    """What one request, and one connection, may ask for: each a knob, and so a flag of ``lcm serve``."""
 
-    max_steps: int = 8  # sampling steps per image
-    max_batch: int = 4  # images per request
-    max_prompt_chars: int = 300  # per prompt (the embedded encoder reads 16 tokens anyway)
-    max_upload_bytes: int = 4 * 2**20  # an img2img upload, as decoded bytes
-    max_image_side: int = 4096  # width / height of an upload, before it is resized to the model's size
-    rate: float = 60.0  # requests per second per connection (token bucket holding one second's worth)
-    max_connections: int = 8  # open WebSockets; also the HTTP generations waiting at once
-    request_timeout: float = 10.0  # seconds a client may take to send a request's head, and its body
+    max_steps: int = knob(8, "sampling steps per image", lo=1, hi=100)
+    max_batch: int = knob(4, "images per request", lo=1, hi=64)
+    max_prompt_chars: int = knob(
+        300, "characters per prompt or negative prompt", lo=1, hi=100_000, flag="--max-prompt-length"
+    )
+    max_upload_kb: int = knob(4096, "size of an img2img upload in KiB", lo=1, hi=256 * 1024)
+    max_image_side: int = knob(
+        4096, "width or height of an upload in pixels, before it is resized to the model's", lo=1, hi=16384
+    )
+    rate: float = knob(
+        60.0,
+        "requests per second per connection, bursts of one second's worth (a slider drag sends up to one per frame)",
+        lo=0,
+        open_lo=True,
+    )
+    max_connections: int = knob(8, "open WebSockets, and HTTP generations waiting at once", lo=1, hi=10_000)
+    request_timeout: float = knob(
+        10.0, "seconds a client may take to send a request's head, and its body", lo=0, hi=3600, open_lo=True
+    )
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_kb * 1024
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "max_w": MAX_W, "max_seed": MAX_SEED}
@@ -97,9 +118,9 @@ class Request:
     seed: int
     batch: int
     image: torch.Tensor | None = None
-    strength: float = 0.6
+    strength: float = DEFAULT_STRENGTH
     sampler: str | None = None  # None: the engine's default for its model
-    gamma: float = 0.3  # TCD's γ
+    gamma: float = DEFAULT_GAMMA  # TCD's γ
     negative_guidance: float = 0.0  # LCMs: S of out(prompt) + S·(out(prompt) − out(negative prompt))
 
 
@@ -143,13 +164,13 @@ def _checked(obj: dict, limits: Limits, defaults: dict[str, Any], image_shape, r
     w = _number(obj.get("w", defaults["w"]), "w", 0.0, MAX_W)
     seed = _int(obj.get("seed", 0), "seed", 0, MAX_SEED)
     batch = _int(obj.get("batch", 1), "batch", 1, limits.max_batch)
-    strength = _number(obj.get("strength", 0.6), "strength", 0.0, 1.0)
+    strength = _number(obj.get("strength", DEFAULT_STRENGTH), "strength", 0.0, 1.0)
     if strength == 0.0:
         raise RequestError("strength must be above 0 (0 would return the uploaded image unchanged)")
     sampler = obj.get("sampler")
     if sampler is not None and sampler not in SAMPLERS:
         raise RequestError(f"sampler must be one of {', '.join(SAMPLERS)}, got {json.dumps(sampler)}")
-    gamma = _number(obj.get("gamma", 0.3), "gamma", 0.0, 1.0)
+    gamma = _number(obj.get("gamma", DEFAULT_GAMMA), "gamma", 0.0, 1.0)
     negative_guidance = _number(obj.get("negative_guidance", 0.0), "negative_guidance", 0.0, MAX_W)
     image = obj.get("image")
     if image is not None:
