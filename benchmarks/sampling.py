@@ -107,7 +107,7 @@ def bench_functions(model, pipe, batch: int, w: float, device, dtype, context, w
 
     def bare(steps: int):
         for _ in range(steps):
-            model.unet_output(model.unet, z, t, text, w_emb)
+            model.unet_output(z, t, text, w_emb)
         return model.decode(z)
 
     def diffusers(steps: int):
@@ -130,7 +130,7 @@ def flops(model: LatentDiffusion, batch: int, w: float, device, dtype, context) 
     text = text_for(model, batch, device, dtype, context)
     z, t, w_emb = bare_inputs(model, batch, w, device, dtype)
     with FlopCounterMode(display=False) as unet_count:
-        model.unet_output(model.unet, z, t, text, w_emb)
+        model.unet_output(z, t, text, w_emb)
     with FlopCounterMode(display=False) as vae_count:
         model.decode(z)
     return float(unet_count.get_total_flops()), float(vae_count.get_total_flops())

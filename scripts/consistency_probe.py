@@ -67,7 +67,7 @@ def probe(lcm_dir: Path, samples: int, ode_steps: int, ts: list[int], ws: list[f
             z = teacher.schedule.add_noise(x0, noise1, tt)
             target = ode_solution(teacher, z, t, w, cond, uncond, ode_steps)
             emb = w_embedding(torch.full((samples,), w), w_dim) if w_dim is not None else None
-            f = lcm.consistency_output(lcm.unet, z, tt.float(), cond, emb)
+            f = lcm.consistency_output(z, tt.float(), cond, emb)
             result["err"][f"{t},{w}"] = (f - target).pow(2).mean().sqrt().item()
             result.setdefault("_f", {})[f"{t},{w}"] = f
             result.setdefault("_ode", {})[f"{t},{w}"] = target

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 
-from lcm.maths.consistency import consistency_function
+from lcm.maths.consistency import boundary_scalings, consistency_function
 from lcm.maths.parameterization import PredictionType, to_denoised
 from lcm.maths.sampling import randn_per_image, sample_ddim, sample_dpm_solver, sample_lcm
 from lcm.maths.schedule import NoiseSchedule
@@ -102,7 +102,9 @@ def test_lcm_scheduler_loop(ptype, parity):
 
         def f(z, t, ours_denoised=ours_denoised):
             alpha, sigma = schedule.alpha_sigma(t)
-            out = consistency_function(z, to_denoised(fake_net(z, t), z, alpha, sigma, PredictionType(ptype)).x0, t)
+            out = consistency_function(
+                z, to_denoised(fake_net(z, t), z, alpha, sigma, PredictionType(ptype)).x0, *boundary_scalings(t)
+            )
             ours_denoised.append(out)
             return out
 

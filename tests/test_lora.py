@@ -85,9 +85,9 @@ def test_exported_lora_loads_completely_in_diffusers(family, tmp_path, parity):
 
     z, t, text = _unet_inputs(student)
     with torch.no_grad():
-        ours = student.unet_output(student.unet, z, t, text)
-        theirs = student.unet_output(pipe.unet, z, t, text)
-    bare = student.unet_output(LatentDiffusion.from_pretrained(teacher).unet, z, t, text)
+        ours = student.unet_output(z, t, text)
+        theirs = student.with_network(pipe.unet).unet_output(z, t, text)
+    bare = student.with_network(LatentDiffusion.from_pretrained(teacher).unet).unet_output(z, t, text)
     assert (ours - bare).abs().max() > 1e-2  # the LoRA matters, so equality below means something
     parity(theirs, ours, tol=1e-5, label=f"lora-export-{family}")
 
@@ -100,14 +100,14 @@ def test_fused_and_full_exports_compute_the_in_memory_student(tmp_path, parity):
     student = _trained_lora_student(teacher)
     z, t, text = _unet_inputs(student)
     with torch.no_grad():
-        ours = student.unet_output(student.unet, z, t, text)
+        ours = student.unet_output(z, t, text)
     fused = copy.deepcopy(student.unet)
     fused.fuse_lora()
     fused.unload_lora()
     folder = export_lcm_folder(teacher, fused, student.scheduler_config, 50, tmp_path / "fused", {})
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     with torch.no_grad():
-        parity(student.unet_output(pipe.unet, z, t, text), ours, tol=1e-4, label="fused-lora-export")
+        parity(student.with_network(pipe.unet).unet_output(z, t, text), ours, tol=1e-4, label="fused-lora-export")
 
     full = full_student(LatentDiffusion.from_pretrained(teacher).unet)
     with torch.no_grad():
@@ -117,8 +117,8 @@ def test_fused_and_full_exports_compute_the_in_memory_student(tmp_path, parity):
     for w in (1.0, 4.0, 8.0):
         emb = w_embedding(torch.full((3,), w), full.config.time_cond_proj_dim)
         with torch.no_grad():
-            ref = student.unet_output(full.eval(), z, t, text, emb)
-            parity(student.unet_output(pipe.unet, z, t, text, emb), ref, tol=1e-5, label="full-export")
+            ref = student.with_network(full.eval()).unet_output(z, t, text, emb)
+            parity(student.with_network(pipe.unet).unet_output(z, t, text, emb), ref, tol=1e-5, label="full-export")
 
 
 def _png(path):
@@ -223,7 +223,12 @@ def test_foreign_lora_files_apply_completely(naming, tmp_path, parity):
     reference = _merge_by_hand(LatentDiffusion.from_pretrained(teacher).unet, layers, scale=0.7)
     z, t, text = _unet_inputs(model)
     with torch.no_grad():
-        parity(model.unet_output(loaded.unet, z, t, text), model.unet_output(reference, z, t, text), 1e-4, naming)
+        parity(
+            model.with_network(loaded.unet).unet_output(z, t, text),
+            model.with_network(reference).unet_output(z, t, text),
+            1e-4,
+            naming,
+        )
 
 
 def test_lcm_sample_with_lora_flag(tmp_path, capsys):

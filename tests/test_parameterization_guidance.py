@@ -84,7 +84,7 @@ def test_boundary_scalings_closed_forms_and_lcm_scheduler():
 def test_consistency_function_is_identity_at_t0():
     g = torch.Generator().manual_seed(2)
     z, x0 = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
-    out = consistency_function(z, x0, torch.tensor([0, 500]))
+    out = consistency_function(z, x0, *boundary_scalings(torch.tensor([0, 500])))
     torch.testing.assert_close(out[0], z[0])
     c_skip, c_out = boundary_scalings(torch.tensor([500]))
     torch.testing.assert_close(out[1], c_skip.float() * z[1] + c_out.float() * x0[1])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,8 +18,7 @@ from lcm.cli import main
 from lcm.data.captions import class_prompts
 from lcm.images import labelled_grid, load_image, save_image, to_uint8
 from lcm.maths.guidance import guidance_scale_from_w, w_embedding
-from lcm.maths.sampling import randn_per_image, sample_lcm
-from lcm.maths.timesteps import lcm_timesteps
+from lcm.maths.sampling import randn_per_image
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.text import TextEmbeddings
 from lcm.sample import Sampler, default_model_path, generate, img2img_latents, sample_latents
@@ -390,32 +388,22 @@ def test_demo_grid_is_labelled(tmp_path, monkeypatch):
     np.testing.assert_array_equal(_png(tmp_path / "demo" / "demo_grid.png"), np.asarray(expected))
 
 
-def test_validation_grid_is_labelled_and_kept_for_tensorboard(tmp_path, teacher):
-    """``ConsistencyTask.validate``: rows "LCM n steps", columns "prompt, seed s"; the grid also as an NHWC array."""
-    from lcm.training.task import ConsistencyTask
+def test_validation_grid_shows_what_the_export_samples(tmp_path, teacher):
+    """``ConsistencyTask.validate``: rows "LCM n steps", columns "prompt, seed s", the images those ``lcm sample``
+    draws from the exported LCM (loaded from disk, not the task's in-memory networks); the grid also as NHWC."""
+    from lcm.config import LCDConfig, ValidationConfig
+    from lcm.training.task import DistillTask
 
-    def consistency(unet, z, t, cond, w_emb):
-        return 0.5 * z + cond.hidden_states.mean() + float(t) / 1000
-
-    task = SimpleNamespace(
-        validation_prompts=("a bag", "a coat"),
-        validation_seeds=(0, 1),
-        validation_w=3.0,
-        sampling_unet=torch.nn.Identity(),
-        model=teacher,
-        method=SimpleNamespace(w_emb=lambda w, device: None, consistency=consistency),
-        cfg=SimpleNamespace(num_solver_steps=50),
-    )
-    result = ConsistencyTask.validate(task, 7, tmp_path)
+    validation = ValidationConfig(prompts=("a bag", "a coat"), w=3.0)
+    task = DistillTask(teacher, LCDConfig(num_solver_steps=10, w_min=1, w_max=5), validation=validation)
+    with torch.no_grad():  # a w projection that is not zero, so that w matters
+        task.method.target.time_embedding.cond_proj.weight.normal_(0, 0.01)
+    result = task.validate(7, tmp_path)
     assert result.metrics == {}
+    task.export(tmp_path / "lcm")
+    exported = LatentDiffusion.from_pretrained(tmp_path / "lcm")
     prompts, seeds = ["a bag", "a bag", "a coat", "a coat"], [0, 1, 0, 1]
-    cond = teacher.encode_prompts(prompts)
-    rows = []
-    for steps in (1, 2, 4, 8):
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        z = randn_per_image((4, *teacher.latent_shape), gens)
-        f = lambda z, t: consistency(None, z, t, cond, None)  # noqa: E731
-        rows.append(teacher.decode(sample_lcm(f, z, lcm_timesteps(steps), teacher.schedule, gens)))
+    rows = [generate(exported, prompts, Sampler.LCM, n, 3.0, seeds) for n in (1, 2, 4, 8)]
     labels = ["LCM 1 step", "LCM 2 steps", "LCM 4 steps", "LCM 8 steps"]
     columns = ["a bag, seed 0", "a bag, seed 1", "a coat, seed 0", "a coat, seed 1"]
     expected = np.asarray(labelled_grid(torch.cat(rows), labels, columns, scale=2))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
 
-from lcm.maths.consistency import consistency_function
+from lcm.maths.consistency import boundary_scalings, consistency_function
 from lcm.maths.guidance import guidance_scale_from_w, w_embedding
 from lcm.maths.parameterization import PredictionType, to_denoised
 from lcm.maths.sampling import randn_per_image, sample_lcm
@@ -82,7 +82,9 @@ def test_our_sampler_equals_lcm_pipeline(ptype, steps, parity):
     def f(z, t):
         out = unet(z, t, encoder_hidden_states=context, timestep_cond=w_emb).sample
         alpha, sigma = schedule.alpha_sigma(t)
-        return consistency_function(z, to_denoised(out, z, alpha, sigma, PredictionType(ptype)).x0, t)
+        return consistency_function(
+            z, to_denoised(out, z, alpha, sigma, PredictionType(ptype)).x0, *boundary_scalings(t)
+        )
 
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     z = randn_per_image((batch, 4, LATENT, LATENT), gens)
@@ -102,7 +104,9 @@ def test_image_i_independent_of_batch():
             emb = w_embedding(torch.full((z.shape[0],), 4.0))
             out = unet(z, t, encoder_hidden_states=ctx, timestep_cond=emb).sample
             alpha, sigma = schedule.alpha_sigma(t)
-            return consistency_function(z, to_denoised(out, z, alpha, sigma, PredictionType.EPSILON).x0, t)
+            return consistency_function(
+                z, to_denoised(out, z, alpha, sigma, PredictionType.EPSILON).x0, *boundary_scalings(t)
+            )
 
         return f
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from lcm.config.sampling import DEFAULT_GAMMA, DEFAULT_STRENGTH
-from lcm.maths.consistency import boundary_scalings_at
-from lcm.maths.guidance import w_embedding
+from lcm.maths.consistency import boundary_scalings_at, consistency_function
+from lcm.maths.guidance import cfg_combine, w_embedding
 from lcm.maths.parameterization import Denoised, to_denoised
 from lcm.maths.sampling import (
     HostDenoiser,
@@ -129,10 +129,9 @@ def consistency_denoiser(
     def denoise(z: torch.Tensor, t: float) -> Denoised:
         zz = torch.cat([z, z]) if guided else z
         t_batch = torch.full((zz.shape[0],), float(t), device=z.device)
-        out = model.unet_output(unet, zz, t_batch, text, emb).float()
+        out = model.unet_output(zz, t_batch, text, emb).float()
         if guided:
-            out_c, out_n = out.chunk(2)
-            out = out_c + scale * (out_c - out_n)  # cfg_combine's formula, with a host-float weight
+            out = cfg_combine(*out.chunk(2), scale)
         alpha, sigma = model.schedule.alpha_sigma_at(float(t))
         return to_denoised(out, z, alpha, sigma, model.prediction_type)
 
@@ -163,7 +162,7 @@ def _run(
 
             def f(z: torch.Tensor, t: float) -> torch.Tensor:
                 c_skip, c_out = boundary_scalings_at(t, model.sigma_data, model.timestep_scaling)
-                return c_skip * z + c_out * net(z, t).x0
+                return consistency_function(z, net(z, t).x0, c_skip, c_out)
 
         return sample_lcm(f, z, timesteps, schedule, generators)
     if sampler is Sampler.TCD:

@@ -40,12 +40,9 @@ def boundary_scalings_at(
 
 
 def consistency_function(
-    z: torch.Tensor,
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    sigma_data: float = SIGMA_DATA,
-    timestep_scaling: float = TIMESTEP_SCALING,
+    z: torch.Tensor, x0: torch.Tensor, c_skip: torch.Tensor | float, c_out: torch.Tensor | float
 ) -> torch.Tensor:
-    """``c_skip(t)·z + c_out(t)·x̂0`` for ``z, x0`` ``[B, C, H, W]`` and ``t`` ``[B]``."""
-    c_skip, c_out = boundary_scalings(t, sigma_data, timestep_scaling)
+    """``c_skip·z + c_out·x̂0`` for ``z, x0`` ``[B, C, H, W]``: the one place the consistency output is formed, for
+    coefficients per sample ``[B]`` (:func:`boundary_scalings`, training), one host float or one 0-d tensor each
+    (:func:`boundary_scalings_at`, sampling; a compiled step's tensor input)."""
     return append_dims(c_skip, z) * z + append_dims(c_out, x0) * x0

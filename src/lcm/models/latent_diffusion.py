@@ -3,10 +3,13 @@
 A folder (or hub id) with ``unet/``, ``vae/``, ``scheduler/`` and a text encoder — a Stable Diffusion checkpoint or the
 embedded Fashion-MNIST teacher, loaded by the same code. The model turns into the callables the maths expects:
 :meth:`denoiser` / :meth:`guided_denoiser` for the solvers and teacher samplers, :meth:`consistency_fn` for LCMs.
+Every method runs the model's own network; :meth:`LatentDiffusion.with_network` makes the same model around another
+one (a student, its EMA target, a wrapped copy), so training, validation and sampling share one code path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,13 @@ import torch
 
 from lcm.limits import MAX_IMAGE_SIDE
 from lcm.locations import hub_unavailable, local_path_or_none
-from lcm.maths.consistency import SIGMA_DATA, TIMESTEP_SCALING, boundary_scalings_at, consistency_function
+from lcm.maths.consistency import (
+    SIGMA_DATA,
+    TIMESTEP_SCALING,
+    boundary_scalings,
+    boundary_scalings_at,
+    consistency_function,
+)
 from lcm.maths.guidance import cached_w_embedding, cfg_combine, default_w
 from lcm.maths.parameterization import Denoised, PredictionType, to_denoised
 from lcm.maths.schedule import NoiseSchedule
@@ -204,11 +213,32 @@ class LatentDiffusion:
         """Scaled latents → images in [−1, 1] (float32)."""
         return self.vae.decode(latents.to(network_dtype(self.vae)) / self.scaling_factor).sample.float().clamp(-1, 1)
 
+    def with_network(
+        self,
+        unet,
+        scheduler_config: dict | None = None,
+        sigma_data: float | None = None,
+        timestep_scaling: float | None = None,
+    ) -> LatentDiffusion:
+        """This model with ``unet`` in its network's place (a student, its EMA target, a distributed or compiled
+        wrapper): the same VAE, text encoder and prompt cache; the scheduler config and consistency constants
+        replaced where given (an LCM's ``LCMScheduler`` config makes it sample as an LCM)."""
+        view = dataclasses.replace(
+            self,
+            unet=unet,
+            scheduler_config=self.scheduler_config if scheduler_config is None else scheduler_config,
+            sigma_data=self.sigma_data if sigma_data is None else sigma_data,
+            timestep_scaling=self.timestep_scaling if timestep_scaling is None else timestep_scaling,
+        )
+        view.prompt_cache = self.prompt_cache
+        return view
+
     # --- the network as the maths sees it -------------------------------------------------------------------
     def unet_output(
-        self, unet, z: torch.Tensor, t: torch.Tensor, text: TextEmbeddings, timestep_cond: torch.Tensor | None = None
+        self, z: torch.Tensor, t: torch.Tensor, text: TextEmbeddings, timestep_cond: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """One UNet call at real-valued ``t`` ``[B]`` (``unet`` may be wrapped for distributed training)."""
+        """One call of the network at real-valued ``t`` ``[B]`` (it may be wrapped for distributed training)."""
+        unet = self.unet
         dtype = network_dtype(unet)
         return unet(
             z.to(dtype),
@@ -236,65 +266,52 @@ class LatentDiffusion:
         alpha, sigma = self.schedule.alpha_sigma(t.to(z.device))  # on the device: no host round trip
         return to_denoised(out.to(z.dtype), z, alpha, sigma, self.prediction_type)
 
-    def denoiser(self, text: TextEmbeddings, unet=None):
+    def denoiser(self, text: TextEmbeddings):
         """Unguided denoiser ``(z, t) → Denoised`` conditioned on ``text``."""
-        unet = unet or self.unet
 
         def denoise(z: torch.Tensor, t: torch.Tensor) -> Denoised:
-            return self._to_denoised(self.unet_output(unet, z, t, text), z, t)
+            return self._to_denoised(self.unet_output(z, t, text), z, t)
 
         return denoise
 
-    def guided_denoiser(self, cond: TextEmbeddings, uncond: TextEmbeddings, w: torch.Tensor, unet=None):
+    def guided_denoiser(self, cond: TextEmbeddings, uncond: TextEmbeddings, w: torch.Tensor):
         """Classifier-free guided denoiser, ``cond + w·(cond − uncond)``: ONE batched forward of 2B."""
-        unet = unet or self.unet
         both = TextEmbeddings.cat([cond, uncond])
 
         def denoise(z: torch.Tensor, t: torch.Tensor) -> Denoised:
-            out = self.unet_output(unet, torch.cat([z, z]), torch.cat([t, t]), both)
-            out_c, out_u = out.chunk(2)
+            out_c, out_u = self.unet_output(torch.cat([z, z]), torch.cat([t, t]), both).chunk(2)
             return self._to_denoised(cfg_combine(out_c, out_u, w), z, t)
 
         return denoise
 
-    def consistency_fn(self, text: TextEmbeddings, w: torch.Tensor | None, unet=None):
-        """The LCM's ``f(z, t) → x̂0``; the w-embedding is passed when the UNet takes one."""
-        unet = unet or self.unet
-        proj_dim = w_input_dim(unet)
+    def consistency_fn(self, text: TextEmbeddings, w: torch.Tensor | None):
+        """The LCM's ``f(z, t) → x̂0``; the w-embedding is passed when the network takes one."""
+        proj_dim = w_input_dim(self.unet)
         if proj_dim is not None and w is None:
             raise ValueError("this LCM is guidance-conditioned: give the guidance weight w")
         if proj_dim is None:
             emb = None
         else:
             emb = cached_w_embedding(w.cpu(), proj_dim).to(self.device, network_dtype(self.unet))
-        return lambda z, t: self.consistency_output(unet, z, t, text, emb)
+        return lambda z, t: self.consistency_output(z, t, text, emb)
 
     def consistency_output(
-        self,
-        unet,
-        z: torch.Tensor,
-        t: torch.Tensor | float,
-        text: TextEmbeddings,
-        w_emb: torch.Tensor | None,
-        sigma_data: float | None = None,
-        timestep_scaling: float | None = None,
+        self, z: torch.Tensor, t: torch.Tensor | float, text: TextEmbeddings, w_emb: torch.Tensor | None
     ) -> torch.Tensor:
-        """``f(z, w, c, t) = c_skip z + c_out x̂0`` of ``unet`` (Eq. 9, Luo et al. 2023), computed in float32+.
+        """``f(z, w, c, t) = c_skip z + c_out x̂0`` of the network (Eq. 9, Luo et al. 2023), computed in float32+,
+        with the model's consistency constants (those its export recorded, or a run's: :meth:`with_network`).
 
         ``t`` is per sample ``[B]`` (training), or one host float for the whole batch (sampling): then the step is
         :class:`ConsistencyStep`, its coefficients a cached tensor, and a compiled model runs it as one graph.
-        The constants default to the model's own (those its export recorded).
         """
-        sigma_data = self.sigma_data if sigma_data is None else sigma_data
-        timestep_scaling = self.timestep_scaling if timestep_scaling is None else timestep_scaling
         if isinstance(t, torch.Tensor):
-            out = self.unet_output(unet, z, t, text, w_emb).float()
+            out = self.unet_output(z, t, text, w_emb).float()
             x0 = self._to_denoised(out, z, t).x0
-            return consistency_function(z, x0, t.to(z.device), sigma_data, timestep_scaling)
+            c_skip, c_out = boundary_scalings(t.to(z.device), self.sigma_data, self.timestep_scaling)
+            return consistency_function(z, x0, c_skip, c_out)
         t_batch = torch.full((z.shape[0],), float(t), device=z.device)
-        coefficients = self.step_coefficients(float(t), sigma_data, timestep_scaling, z.device)
-        step = self.consistency_step if unet is self.unet else ConsistencyStep(self, unet)
-        return step(z, t_batch, text.hidden_states, text.pooled, w_emb, coefficients)
+        coefficients = self.step_coefficients(float(t), self.sigma_data, self.timestep_scaling, z.device)
+        return self.consistency_step(z, t_batch, text.hidden_states, text.pooled, w_emb, coefficients)
 
     @property
     def consistency_step(self) -> ConsistencyStep:
@@ -340,10 +357,10 @@ class ConsistencyStep(torch.nn.Module):
 
     def forward(self, z, t, hidden_states, pooled, timestep_cond, coefficients):
         model = self._model
-        out = model.unet_output(self.unet, z, t, TextEmbeddings(hidden_states, pooled), timestep_cond).float()
+        out = model.unet_output(z, t, TextEmbeddings(hidden_states, pooled), timestep_cond).float()
         alpha, sigma, c_skip, c_out = coefficients.unbind()
         x0 = to_denoised(out, z, alpha, sigma, model.prediction_type).x0
-        return c_skip * z + c_out * x0
+        return consistency_function(z, x0, c_skip, c_out)
 
     def extra_repr(self) -> str:
         return f"prediction_type={self._model.prediction_type.value}"

@@ -96,13 +96,7 @@ class StudentTarget:
 
     def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg, target=None):
         self.model, self.student, self.kind, self.cfg = model, student, StudentKind(kind), cfg
-        T, bias = model.schedule.num_train_timesteps, getattr(cfg, "timestep_bias", 0.0)
-        self.fine_grid = SkippingGrid(cfg.num_solver_steps, T, bias)
-        coarse = getattr(cfg, "coarse_num_solver_steps", None)
-        self.coarse_grid = SkippingGrid(coarse, T, bias) if coarse else None
-        fraction = getattr(cfg, "coarse_fraction", 0.0)
-        self.after_curriculum = MixedGrid(self.fine_grid, self.coarse_grid, fraction) if fraction else self.fine_grid
-        self.grid = self.after_curriculum  # the grid this step's pairs are drawn on (see before_optimizer_step)
+        self.grid = SkippingGrid(cfg.num_solver_steps, model.schedule.num_train_timesteps)  # where pairs are drawn
         if self.kind is StudentKind.FULL:
             if target is None:
                 raise ValueError("a full student needs an EMA target UNet")
@@ -110,7 +104,13 @@ class StudentTarget:
         else:
             self.target = student  # LoRA: the same weights, used under no_grad, no EMA
         self.w_dim = w_input_dim(student)  # the student's own w-embedding size; None: it takes no w
-        self._student_forward = student  # the student as the loss calls it (see wrap)
+        # The student (as the loss calls it: see wrap) and the target as models, with this run's constants
+        self.student_model, self.target_model = self._as_model(student), self._as_model(self.target)
+
+    def _as_model(self, network) -> LatentDiffusion:
+        return self.model.with_network(
+            network, sigma_data=self.cfg.sigma_data, timestep_scaling=self.cfg.timestep_scaling
+        )
 
     @property
     def w_conditioned(self) -> bool:
@@ -118,30 +118,24 @@ class StudentTarget:
 
     def wrap(self, prepare):
         """Train through ``prepare(student)`` (Accelerate's distributed wrapper of the same weights); returns it."""
-        self._student_forward = prepare(self.student)
-        return self._student_forward
+        wrapped = prepare(self.student)
+        self.student_model = self._as_model(wrapped)
+        return wrapped
 
     # --- the networks -----------------------------------------------------------------------------------------
     def w_emb(self, w: torch.Tensor, device: torch.device) -> torch.Tensor | None:
         """The student's ``timestep_cond`` for guidance weights ``w`` ``[B]``, at its own embedding size."""
         return w_embedding(w, self.w_dim).to(device) if self.w_dim is not None else None
 
-    def consistency(self, unet, z, t, text, w_emb):
-        """Consistency function of ``unet`` at (z, t): c_skip z + c_out x̂0, with this run's constants."""
-        return self.model.consistency_output(unet, z, t, text, w_emb, self.cfg.sigma_data, self.cfg.timestep_scaling)
-
     def compile(self) -> None:
-        """``torch.compile`` every network the loss calls, in place (fixed shapes): student, target and, for LCD,
-        the teacher. A LoRA student is its own target and teacher, so it is compiled once."""
-        networks = {id(m): m for m in (self.student, self.target, getattr(self, "teacher_unet", self.student))}
+        """``torch.compile`` every network the loss calls, in place (fixed shapes): student, target and the model's
+        own (LCD's teacher). A LoRA student is its own target and teacher, so it is compiled once."""
+        networks = {id(m): m for m in (self.student, self.target, self.model.unet)}
         for network in networks.values():
             network.compile(dynamic=False)
 
     def before_optimizer_step(self, step: int) -> None:
-        """Skip curriculum: optimiser steps 1 … ``coarse_steps`` draw their pairs on the coarse grid, later ones on
-        the fine grid or, with ``coarse_fraction``, on both."""
-        coarse = self.coarse_grid is not None and step <= getattr(self.cfg, "coarse_steps", 0)
-        self.grid = self.coarse_grid if coarse else self.after_curriculum
+        """What a method schedules by the step (LCD: its skip curriculum); nothing by default."""
 
     def update_target(self) -> None:
         """θ⁻ ← μθ⁻ + (1 − μ)θ after each optimiser step (full student; the LoRA target is the student itself)."""
@@ -154,8 +148,21 @@ class LCD(StudentTarget):
 
     def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg: LCDConfig, target=None):
         super().__init__(model, student, kind, cfg, target)
-        # the teacher: the frozen original UNet, or for LoRA the student with its adapters disabled
-        self.teacher_unet = model.unet if self.kind is StudentKind.FULL else student
+        # The teacher is ``model`` itself: its frozen original UNet, or for LoRA the student (the model's own UNet,
+        # adapted in place) with its adapters disabled. The skipping grid: a curriculum or mixed skips, if asked.
+        T, bias = model.schedule.num_train_timesteps, cfg.timestep_bias
+        self.fine_grid = SkippingGrid(cfg.num_solver_steps, T, bias)
+        coarse = cfg.coarse_num_solver_steps
+        self.coarse_grid = SkippingGrid(coarse, T, bias) if coarse else None
+        fraction = cfg.coarse_fraction
+        self.after_curriculum = MixedGrid(self.fine_grid, self.coarse_grid, fraction) if fraction else self.fine_grid
+        self.grid = self.after_curriculum
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Skip curriculum: optimiser steps 1 … ``coarse_steps`` draw their pairs on the coarse grid, later ones on
+        the fine grid or, with ``coarse_fraction``, on both."""
+        coarse = self.coarse_grid is not None and step <= self.cfg.coarse_steps
+        self.grid = self.coarse_grid if coarse else self.after_curriculum
 
     @property
     def w_range(self) -> tuple[float, float]:
@@ -178,13 +185,13 @@ class LCD(StudentTarget):
         z_start = self.model.schedule.add_noise(z0, noise, t_start)
         t_start, t_end = t_start.to(device), t_end.to(device)
 
-        prediction = self.consistency(self._student_forward, z_start, t_start, cond, w_emb)
+        prediction = self.student_model.consistency_output(z_start, t_start, cond, w_emb)
 
         with torch.no_grad():
             with self._teacher_context():
-                teacher = self.model.guided_denoiser(cond, uncond, w.to(device), unet=self.teacher_unet)
+                teacher = self.model.guided_denoiser(cond, uncond, w.to(device))
                 z_end = solve(self.cfg.solver, teacher, z_start, t_start, t_end, self.model.schedule)
-            target = self.consistency(self.target, z_end.to(z0.dtype), t_end, cond, w_emb)
+            target = self.target_model.consistency_output(z_end.to(z0.dtype), t_end, cond, w_emb)
 
         loss = consistency_loss(prediction, target, self.cfg.loss, self.cfg.huber_c)
         return LCDOutput(loss, t_start, w)

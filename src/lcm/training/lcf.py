@@ -60,7 +60,7 @@ class LCF(StudentTarget):
         z_end = self.model.schedule.add_noise(z0, noise, t_end)
         t_start, t_end = t_start.to(device), t_end.to(device)
 
-        prediction = self.consistency(self._student_forward, z_start, t_start, cond, w_emb)
+        prediction = self.student_model.consistency_output(z_start, t_start, cond, w_emb)
         with torch.no_grad():
-            target = self.consistency(self.target, z_end, t_end, cond, w_emb)
+            target = self.target_model.consistency_output(z_end, t_end, cond, w_emb)
         return LCDOutput(consistency_loss(prediction, target, self.cfg.loss, self.cfg.huber_c), t_start, w)

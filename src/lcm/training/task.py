@@ -16,12 +16,13 @@ import torch
 from lcm.config.run import LCDConfig, LCFConfig, StudentConfig, StudentKind, ValidationConfig
 from lcm.images import save_grid
 from lcm.maths.guidance import default_w
-from lcm.maths.sampling import randn_per_image, sample_lcm
-from lcm.maths.timesteps import lcm_timesteps
+from lcm.maths.timesteps import Sampler
 from lcm.models.export import export_lcm_folder, export_lora
+from lcm.models.formats import lcm_scheduler_config
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import add_lora, full_student
 from lcm.models.text import TextEmbeddings
+from lcm.sample import generate
 from lcm.training.lcd import LCD, LossMonitor
 from lcm.training.lcf import LCF
 from lcm.training.loop import Task, Validation
@@ -139,38 +140,26 @@ class ConsistencyTask(Task):
             return None
         return self.student.time_embedding.cond_proj.weight
 
-    @property
-    def sampling_unet(self):
-        """The network that is exported and sampled: the EMA target (full) or the LoRA student."""
-        return self.method.target
-
     @torch.no_grad()
     def validate(self, step: int, folder: Path) -> Validation:
-        """A labelled grid: rows = LCM at 1, 2, 4, 8 steps; columns = validation prompts × seeds (fixed across steps),
-        written to ``folder/step-NNNNNN.png`` and handed to the loop for the trackers."""
+        """A labelled grid: rows = the LCM as it would be exported (the EMA target, or the LoRA student) at 1, 2, 4
+        and 8 steps; columns = validation prompts × seeds. Drawn by :func:`lcm.sample.generate`, so it shows what
+        ``lcm sample`` will draw; written to ``folder/step-NNNNNN.png`` and handed to the loop for the trackers."""
         import numpy as np
         from PIL import Image
 
         if not self.validation_prompts:
             return Validation()
-        unet = self.sampling_unet
+        unet = self.method.target
         was_training = unet.training
         unet.eval()
+        scheduler = lcm_scheduler_config(self.model.scheduler_config, self.cfg.num_solver_steps)
+        lcm = self.model.with_network(unet, scheduler, self.cfg.sigma_data, self.cfg.timestep_scaling)
         prompts = [p for p in self.validation_prompts for _ in self.validation_seeds]
         seeds = [s for _ in self.validation_prompts for s in self.validation_seeds]
-        cond = self.model.encode_prompts(prompts)
-        w_emb = self.method.w_emb(torch.full((len(prompts),), float(self.validation_w)), self.model.device)
-
-        def f(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.method.consistency(unet, z, t, cond, w_emb)
-
-        rows, labels = [], []
-        for steps in (1, 2, 4, 8):
-            gens = [torch.Generator().manual_seed(s) for s in seeds]
-            z = randn_per_image((len(prompts), *self.model.latent_shape), gens).to(self.model.device)
-            ts = lcm_timesteps(steps, self.cfg.num_solver_steps, self.model.schedule.num_train_timesteps)
-            rows.append(self.model.decode(sample_lcm(f, z, ts, self.model.schedule, gens)).cpu())
-            labels.append(f"LCM {steps} step{'' if steps == 1 else 's'}")
+        steps = (1, 2, 4, 8)
+        rows = [generate(lcm, prompts, Sampler.LCM, n, self.validation_w, seeds) for n in steps]
+        labels = [f"LCM {n} step{'' if n == 1 else 's'}" for n in steps]
         columns = [f"{p}, seed {s}" for p, s in zip(prompts, seeds, strict=True)]
         path = save_grid(torch.cat(rows), folder / f"step-{step:06d}.png", scale=2, rows=labels, columns=columns)
         with Image.open(path) as grid:
