@@ -21,6 +21,7 @@ from lcm.config.recipes import EVALUATION, recipe_config
 from lcm.evaluation.metrics import FashionEvaluator
 from lcm.evaluation.plots import line_panels
 from lcm.evaluation.prompts import fashion_eval_prompts
+from lcm.evaluation.report import markdown_table
 from lcm.evaluation.run import Row, evaluate_row
 from lcm.maths.solvers import Solver
 from lcm.models.latent_diffusion import LatentDiffusion
@@ -43,13 +44,12 @@ def train_and_score(out: Path, k: int, solver: Solver, max_steps: int, steps, pr
 
 def report(results: dict, steps: list[int], max_steps: int, out: Path) -> str:
     runs = sorted(results.values(), key=lambda r: (r["solver"], r["k"]))
-    head = " | ".join(f"FD-clf {s}" for s in steps) + " | " + " | ".join(f"acc {s}" for s in steps)
-    lines = [f"| solver | k | {head} |", "| --- | ---: |" + " ---: |" * (2 * len(steps))]
+    header = ["solver", "k", *(f"FD-clf {s}" for s in steps), *(f"acc {s}" for s in steps)]
+    table = []
     for r in runs:
         by_steps = {row["steps"]: row for row in r["rows"]}
-        fd = " | ".join(f"{by_steps[s]['fd_clf']:.1f}" for s in steps)
-        acc = " | ".join(f"{by_steps[s]['prompt_accuracy']:.3f}" for s in steps)
-        lines.append(f"| {r['solver']} | {r['k']} | {fd} | {acc} |")
+        fd = [f"{by_steps[s]['fd_clf']:.1f}" for s in steps]
+        table.append([r["solver"], r["k"], *fd, *(f"{by_steps[s]['prompt_accuracy']:.3f}" for s in steps)])
     panels = []
     for s in steps:
         series = {}
@@ -68,7 +68,7 @@ def report(results: dict, steps: list[int], max_steps: int, out: Path) -> str:
         logx=True,
         xticks=sorted({r["k"] for r in runs}),
     )
-    return "\n".join(lines) + "\n"
+    return markdown_table(header, table, left=1)
 
 
 def main() -> None:

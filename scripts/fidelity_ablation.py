@@ -25,6 +25,7 @@ from pathlib import Path
 from lcm.config.recipes import recipe_config
 from lcm.evaluation.metrics import FashionEvaluator
 from lcm.evaluation.prompts import fashion_eval_prompts
+from lcm.evaluation.report import markdown_table
 from lcm.evaluation.run import Row, evaluate_row
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import Sampler, default_model_path
@@ -212,32 +213,27 @@ def report(out: Path) -> str:
         spread = f" ± {(max(values) - min(values)) / 2:{fmt}}" if len(values) > 1 else ""
         return f"{mean:{fmt}}{spread}"
 
-    lines = [
-        f"Teacher's best row (DPM-Solver 25 steps, w = 3): FD-clf {best:.1f}; teacher DDIM 1 step: {ddim1:.1f}. "
-        "Mean ± half the range over seeds.",
-        "",
-        "| recipe | seeds | FD-clf 1 | FD-clf 2 | FD-clf 4 | 1 ÷ DDIM-1 | 2 ÷ best | 4 ÷ best | "
-        "acc w=1 | acc w=2 | acc w=3 | acc w=4 | acc w=5 | max acc gap | FD-clf 4, w=1 | FD-clf 4, w=5 |",
-        "| --- |" + " ---: |" * 15,
-    ]
+    header = ["recipe", "seeds", "FD-clf 1", "FD-clf 2", "FD-clf 4", "1 ÷ DDIM-1", "2 ÷ best", "4 ÷ best"]
+    header += [*(f"acc w={w}" for w in (1, 2, 3, 4, 5)), "max acc gap", "FD-clf 4, w=1", "FD-clf 4, w=5"]
+    rows = []
     for variant, seeds in sorted(runs.items(), key=lambda kv: list(VARIANTS).index(kv[0]) if kv[0] in VARIANTS else 99):
         fd = {s: [r[f"LCM|{s}|3"]["fd_clf"] for r in seeds] for s in (1, 2, 4)}
         acc = {w: [r[f"LCM|4|{w:g}"]["accuracy"] for r in seeds] for w in (1, 2, 3, 4, 5)}
         gap = [max(abs(r[f"LCM|4|{w:g}"]["accuracy"] - t_acc[w]) for w in t_acc) for r in seeds]
         fd_w = {w: [r[f"LCM|4|{w:g}"]["fd_clf"] for r in seeds] for w in (1, 5)}
-        lines.append(
-            f"| {variant} | {len(seeds)} | {cell(fd[1], '.1f')} | {cell(fd[2], '.1f')} | {cell(fd[4], '.1f')} | "
-            f"{statistics.fmean(fd[1]) / ddim1:.2f} | {statistics.fmean(fd[2]) / best:.2f} | "
-            f"{statistics.fmean(fd[4]) / best:.2f} | "
-            + " | ".join(cell(acc[w], ".3f") for w in (1, 2, 3, 4, 5))
-            + f" | {cell(gap, '.3f')} | {cell(fd_w[1], '.1f')} | {cell(fd_w[5], '.1f')} |"
+        ratios = [statistics.fmean(fd[1]) / ddim1, statistics.fmean(fd[2]) / best, statistics.fmean(fd[4]) / best]
+        rows.append(
+            [variant, len(seeds), *(cell(fd[s], ".1f") for s in (1, 2, 4)), *(f"{x:.2f}" for x in ratios)]
+            + [*(cell(acc[w], ".3f") for w in (1, 2, 3, 4, 5)), cell(gap, ".3f"), cell(fd_w[1], ".1f")]
+            + [cell(fd_w[5], ".1f")]
         )
-    lines.append(
-        "| teacher DPM-Solver++ 8 steps | — | — | — | — | — | — | — | "
-        + " | ".join(f"{t_acc[w]:.3f}" for w in (1, 2, 3, 4, 5))
-        + f" | — | {t_fd[1]:.1f} | {t_fd[5]:.1f} |"
+    teacher_row = ["teacher DPM-Solver++ 8 steps", *["—"] * 7, *(f"{t_acc[w]:.3f}" for w in (1, 2, 3, 4, 5))]
+    rows.append([*teacher_row, "—", f"{t_fd[1]:.1f}", f"{t_fd[5]:.1f}"])
+    intro = (
+        f"Teacher's best row (DPM-Solver 25 steps, w = 3): FD-clf {best:.1f}; teacher DDIM 1 step: {ddim1:.1f}. "
+        "Mean ± half the range over seeds.\n\n"
     )
-    return "\n".join(lines) + "\n"
+    return intro + markdown_table(header, rows)
 
 
 def main() -> None:

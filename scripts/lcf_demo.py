@@ -22,6 +22,7 @@ from lcm.config.recipes import EVALUATION, recipe_config
 from lcm.data.captions import CaptionSet
 from lcm.evaluation.metrics import FashionEvaluator
 from lcm.evaluation.prompts import EvalPrompts
+from lcm.evaluation.report import markdown_table
 from lcm.evaluation.run import Row, evaluate_row
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import Sampler, default_model_path
@@ -76,14 +77,14 @@ def main() -> None:
                     f"{split:>8} {name:>22} {steps} steps: FD-clf {row['fd_clf']:.1f} acc {row['prompt_accuracy']:.3f}"
                 )
     (out / "lcf_demo.json").write_text(json.dumps({"seen": seen, "held_out": held, "rows": results}, indent=2))
-    print("| classes | model | FD-clf 1 | 2 | 4 | accuracy 1 | 2 | 4 |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    table = []
     for split in ("held-out", "seen"):
         for name in models:
             rs = [r for r in results if r["classes"] == split and r["method"] == name]
-            fd = " | ".join(f"{r['fd_clf']:.1f}" for r in rs)
-            acc = " | ".join(f"{r['prompt_accuracy']:.3f}" for r in rs)
-            print(f"| {split} | {name} | {fd} | {acc} |")
+            table.append(
+                [split, name, *(f"{r['fd_clf']:.1f}" for r in rs), *(f"{r['prompt_accuracy']:.3f}" for r in rs)]
+            )
+    print(markdown_table(["classes", "model", "FD-clf 1", "2", "4", "accuracy 1", "2", "4"], table, left=2))
 
 
 if __name__ == "__main__":

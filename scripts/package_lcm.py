@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lcm.evaluation.report import markdown_table
+
 KEEP = ("unet", "vae", "scheduler", "text_encoder")
 
 
@@ -32,19 +34,28 @@ def commit() -> str:
         return "unknown"
 
 
+def _settings(config: dict) -> dict:
+    """The settings a card names, from a demo's results.json: its run-config tree (``config["run"]``) or, for a
+    demo run before the tree, the flat settings it recorded."""
+    if "run" not in config:
+        return {**config, "solver": str(config["solver"]).removeprefix("Solver.").lower()}
+    run = config["run"]
+    flat = {**run["method"], **run["optim"], **run["loop"], "batch_size": run["data"]["batch_size"]}
+    return {**flat, **{k: config[k] for k in ("recipe", "eval_samples", "w_eval")}}
+
+
 def card(results: dict, files: list[Path], dest: Path, command: str | None = None) -> str:
-    cfg = dict(results["config"])
-    cfg["solver"] = str(cfg["solver"]).removeprefix("Solver.").lower()
-    n = int(cfg.get("num_solver_steps", 50))
+    cfg = _settings(results["config"])
+    n = int(cfg["num_solver_steps"])
     recipe = cfg.get("recipe", "demo")
     command = command or ("lcm demo" + ("" if recipe == "demo" else f" --recipe {recipe}") + " --out lcm-demo")
     rows = [r for r in results["rows"] if r["method"] == "LCM"]
     teacher = [r for r in results["rows"] if r["method"] != "LCM"]
-    table = ["| sampler | steps | FD-clf ↓ | KID-clf ↓ | prompt accuracy ↑ |", "| --- | ---: | ---: | ---: | ---: |"]
-    for r in teacher + rows:
-        table.append(
-            f"| {r['method']} | {r['steps']} | {r['fd_clf']:.1f} | {r['kid_clf']:.4f} | {r['prompt_accuracy']:.3f} |"
-        )
+    table = markdown_table(
+        ["sampler", "steps", "FD-clf ↓", "KID-clf ↓", "prompt accuracy ↑"],
+        [[r["method"], r["steps"], f"{r['fd_clf']:.1f}", f"{r['kid_clf']:.4f}", f"{r['prompt_accuracy']:.3f}"]
+         for r in teacher + rows],
+    ).splitlines()  # fmt: skip
     reproduces = (
         "The run is deterministic: the same command on the same code reproduces these weights and this table."
         if cfg.get("compile", "off") == "off"

@@ -19,6 +19,7 @@ from lcm.config.run import RunConfig
 from lcm.data.captions import class_prompts
 from lcm.evaluation.metrics import FashionEvaluator
 from lcm.evaluation.prompts import fashion_eval_prompts
+from lcm.evaluation.report import markdown_table
 from lcm.evaluation.run import Row, evaluate_row
 from lcm.images import save_labelled_grid
 from lcm.maths.timesteps import DEFAULT_SPACING
@@ -53,16 +54,13 @@ def demo_config(out: Path, recipe: str = "demo", changes: dict | None = None, ev
 
 
 def _table(rows: list[dict]) -> str:
-    lines = [
-        "| method | steps | NFE/image | FD-clf ↓ | KID-clf ↓ | prompt accuracy ↑ | s/image |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['steps']} | {r['nfe_per_image']} | {r['fd_clf']:.1f} | {r['kid_clf']:.4f} | "
-            f"{r['prompt_accuracy']:.3f} | {r['seconds_per_image'] * 1000:.1f} ms |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["method", "steps", "NFE/image", "FD-clf ↓", "KID-clf ↓", "prompt accuracy ↑", "s/image"]
+    cells = [
+        [r["method"], r["steps"], r["nfe_per_image"], f"{r['fd_clf']:.1f}", f"{r['kid_clf']:.4f}",
+         f"{r['prompt_accuracy']:.3f}", f"{r['seconds_per_image'] * 1000:.1f} ms"]
+        for r in rows
+    ]  # fmt: skip
+    return markdown_table(header, cells)
 
 
 def _forget_other_runs(lcm_dir: Path, cfg: DemoConfig) -> None:

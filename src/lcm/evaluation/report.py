@@ -10,7 +10,7 @@ from lcm.evaluation.metrics import METRICS
 from lcm.evaluation.plan import EvalSettings
 from lcm.evaluation.results import Record
 
-__all__ = ["LABELS", "brief", "markdown_report", "write_report"]
+__all__ = ["LABELS", "brief", "markdown_report", "markdown_table", "write_report"]
 
 LABELS = {
     "fd_clf": "FD-clf ↓",
@@ -39,6 +39,17 @@ def _ordered(records: Sequence[Record], attr: str) -> list:
     return list(dict.fromkeys(getattr(r, attr) for r in records))
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1) -> str:
+    """The one Markdown table writer: ``header`` and ``rows`` of cells (already formatted, or ``str()``-ed), the
+    first ``left`` columns left-aligned and the rest (numbers) right-aligned."""
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" if i < left else "---:" for i in range(len(header))) + " |",
+    ]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def markdown_report(records: Sequence[Record], settings: EvalSettings) -> str:
     """``results.md``: per w, a methods × steps table of each metric; then every row with its costs and model."""
     keys = [METRICS[m][0] for m in settings.metrics]
@@ -61,26 +72,19 @@ def markdown_report(records: Sequence[Record], settings: EvalSettings) -> str:
     for w in ws:
         lines += ["", f"## w = {w:g}"]
         for key in keys:
-            lines += ["", f"### {LABELS[key]}", "", "| method | " + " | ".join(f"{s} steps" for s in steps) + " |"]
-            lines.append("| --- |" + " ---: |" * len(steps))
-            for m in methods:
-                cells = [by_key.get((m, s, w)) for s in steps]
-                lines.append(f"| {m} | " + " | ".join(_fmt(key, c.metrics[key]) if c else "—" for c in cells) + " |")
-    lines += [
-        "",
-        "## Every row",
-        "",
-        "| method | steps | w | NFE/image | s/image | " + " | ".join(LABELS[k] for k in keys),
-    ]
-    lines[-1] += " | model |"
-    lines.append("| --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(keys) + " --- |")
-    for r in records:
-        values = " | ".join(_fmt(k, r.metrics[k]) for k in keys)
-        lines.append(
-            f"| {r.method} | {r.steps} | {r.w:g} | {r.nfe_per_image} | {r.seconds_per_image * 1000:.2f} ms | "
-            f"{values} | {r.model} |"
-        )
-    return "\n".join(lines) + "\n"
+            cells = [[_fmt(key, by_key[m, s, w].metrics[key]) if (m, s, w) in by_key else "—" for s in steps]
+                     for m in methods]  # fmt: skip
+            table = markdown_table(
+                ["method", *(f"{s} steps" for s in steps)], [[m, *c] for m, c in zip(methods, cells, strict=True)]
+            )
+            lines += ["", f"### {LABELS[key]}", "", table.rstrip()]
+    header = ["method", "steps", "w", "NFE/image", "s/image", *(LABELS[k] for k in keys), "model"]
+    rows = [
+        [r.method, r.steps, f"{r.w:g}", r.nfe_per_image, f"{r.seconds_per_image * 1000:.2f} ms",
+         *(_fmt(k, r.metrics[k]) for k in keys), r.model]
+        for r in records
+    ]  # fmt: skip
+    return "\n".join([*lines, "", "## Every row", "", markdown_table(header, rows)])
 
 
 def write_report(records: Sequence[Record], settings: EvalSettings, out: Path) -> None:
