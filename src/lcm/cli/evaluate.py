@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 
 from lcm.cli.common import check_int, float_list, int_list
-from lcm.evaluation.plan import TEACHER_SPACINGS
+from lcm.evaluation.plan import TEACHER_SPACINGS, plan_eval
 from lcm.limits import MAX_BATCH, MAX_IMAGES, MAX_SEED
+
+# The defaults are plan_eval's (the Python API's), stated once there; the flags show them.
+DEFAULT = {name: p.default for name, p in inspect.signature(plan_eval).parameters.items()}
+
+
+def _listed(values) -> str:
+    return ",".join(map(str, values))
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lcm.evaluation.plan import plan_eval
     from lcm.evaluation.run import run_eval
 
     check_int(args.num_samples, "--num-samples", 2, MAX_IMAGES)  # a covariance needs two images
@@ -72,25 +79,33 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--lcm", action="append", metavar="PATH[=NAME]", help="an LCM or LCM-LoRA folder to evaluate; repeatable"
     )
-    p.add_argument(
-        "--teacher-samplers", default="ddim,dpm,dpmpp", help="teacher samplers, comma-separated; '' for none"
+    samplers, teacher_steps, lcm_steps = (
+        _listed(DEFAULT[k]) for k in ("teacher_samplers", "teacher_steps", "lcm_steps")
     )
-    p.add_argument("--teacher-steps", default="1,2,4,8,25,50", help="teacher steps (default 1,2,4,8,25,50)")
-    p.add_argument("--lcm-steps", default="1,2,4,8", help="LCM steps (default 1,2,4,8)")
+    p.add_argument(
+        "--teacher-samplers",
+        default=samplers,
+        help=f"teacher samplers, comma-separated; '' for none (default {samplers})",
+    )
+    p.add_argument("--teacher-steps", default=teacher_steps, help=f"teacher steps (default {teacher_steps})")
+    p.add_argument("--lcm-steps", default=lcm_steps, help=f"LCM steps (default {lcm_steps})")
     p.add_argument(
         "--teacher-spacing",
         choices=TEACHER_SPACINGS,
-        default="trailing",
-        help="timesteps of the teacher samplers: trailing (default; every schedule starts at t = T-1, so 1-2 step "
-        "rows are meaningful), leading, linspace, or config (the teacher's scheduler config)",
+        default=DEFAULT["teacher_spacing"],
+        help=f"timesteps of the teacher samplers (default {DEFAULT['teacher_spacing']}: every command's rule, every "
+        "schedule starts at t = T-1, so 1-2 step rows are meaningful), or config (the teacher's scheduler config)",
     )
     p.add_argument(
         "--w", type=float, help="guidance w of every row (default: 3 for the Fashion teacher, 6.5 for others)"
     )
     p.add_argument("--sweep-w", help="comma-separated w values: every row at each w, plus the trade-off plot")
-    p.add_argument("--num-samples", type=int, default=2000, help="images per row (default 2000)")
-    p.add_argument("--seed", type=int, default=0, help="prompt and noise seed; image i uses seed*1e6 + i (default 0)")
-    p.add_argument("--batch-size", type=int, default=250, help="images per sampling batch (default 250)")
+    for flag, name, text in (
+        ("--num-samples", "num_samples", "images per row"),
+        ("--seed", "seed", "prompt and noise seed; image i uses seed*1e6 + i"),
+        ("--batch-size", "batch_size", "images per sampling batch"),
+    ):
+        p.add_argument(flag, type=int, default=DEFAULT[name], help=f"{text} (default {DEFAULT[name]})")
     _add_data_and_metric_flags(p.add_argument_group("prompts, reference and metrics"))
     p.set_defaults(func=run_eval)
 
@@ -108,9 +123,13 @@ def _add_data_and_metric_flags(p) -> None:
         "when it is one), or FID statistics (.npz with mu/sigma, .safetensors with mean/cov)",
     )
     p.add_argument("--image-column", help="image column of a --reference data set")
-    p.add_argument("--split", default="train", help="split of --prompts / --reference data sets (default train)")
+    split, references = DEFAULT["split"], DEFAULT["reference_samples"]
+    p.add_argument("--split", default=split, help=f"split of --prompts / --reference data sets (default {split})")
     p.add_argument(
-        "--reference-samples", type=int, default=10_000, help="images read from a --reference data set (10000)"
+        "--reference-samples",
+        type=int,
+        default=references,
+        help=f"images read from a --reference data set ({references})",
     )
     p.add_argument(
         "--metrics",
