@@ -23,8 +23,8 @@ from tiny_models import build_tiny_sd
 
 
 @pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    return build_tiny_sd(tmp_path_factory.mktemp("sd"), "epsilon")
+def sd_folder(tiny_sd):
+    return tiny_sd
 
 
 @pytest.fixture(scope="module")

@@ -332,13 +332,12 @@ def test_cli_eval_rejects_bad_input(tmp_path, capsys, extra, message):
 
 
 def test_eval_of_a_stable_diffusion_teacher_and_its_lcm_lora_with_fid_and_clip(
-    tmp_path, inception_weights, tiny_clip, capsys
+    tiny_sd, tmp_path, inception_weights, tiny_clip, capsys
 ):
     """The non-embedded path end to end: an SD-shaped teacher, an LCM-LoRA made by lcm distill, prompts from a text
     file, FID/KID against a folder of images and CLIP score."""
-    from tiny_models import build_tiny_sd
 
-    teacher = build_tiny_sd(tmp_path / "sd")
+    teacher = tiny_sd
     data = _imagefolder(tmp_path / "data", 8, seed=2)
     lora = tmp_path / "lora"
     distill = ["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(lora), "--student", "lora"]

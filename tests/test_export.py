@@ -71,10 +71,10 @@ def test_full_export_round_trips_through_latent_consistency_pipeline(ptype, imag
     assert images.shape == (2, 64, 64, 3) and torch.isfinite(torch.from_numpy(images)).all()
 
 
-def test_lora_export_loads_with_load_lora_weights(image_folder, tmp_path, parity):
+def test_lora_export_loads_with_load_lora_weights(tiny_sd, image_folder, tmp_path, parity):
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    teacher = build_tiny_sd(tmp_path / "teacher")
+    teacher = tiny_sd
     _distill(teacher, image_folder, tmp_path / "lora", "--student", "lora", "--lora-rank", "4")
     out = _distill(
         teacher, image_folder, tmp_path / "lora-a2", "--student", "lora", "--lora-rank", "4", "--lora-alpha", "2"
@@ -97,10 +97,10 @@ def test_lora_export_loads_with_load_lora_weights(image_folder, tmp_path, parity
     assert (bare - ref).abs().max() > 1e-3
 
 
-def test_fused_lora_export_is_a_full_lcm_folder(image_folder, tmp_path, parity):
+def test_fused_lora_export_is_a_full_lcm_folder(tiny_sd, image_folder, tmp_path, parity):
     from diffusers import StableDiffusionPipeline
 
-    teacher = build_tiny_sd(tmp_path / "teacher")
+    teacher = tiny_sd
     lora = _distill(
         teacher, image_folder, tmp_path / "lora", "--student", "lora", "--lora-rank", "4", "--max-steps", "2"
     )
@@ -143,8 +143,8 @@ def test_sdxl_full_and_lora(image_folder, tmp_path, parity):
     assert images.shape[0] == 2 and torch.isfinite(torch.from_numpy(images)).all()
 
 
-def test_loss_falls_on_a_tiny_teacher(image_folder, tmp_path):
-    teacher = build_tiny_sd(tmp_path / "teacher")
+def test_loss_falls_on_a_tiny_teacher(tiny_sd, image_folder, tmp_path):
+    teacher = tiny_sd
     out = _distill(teacher, image_folder, tmp_path / "lcm", "--max-steps", "40", "--learning-rate", "3e-4")
     history = [h["loss"] for h in json.loads((out / "train" / "train_history.json").read_text())]
     first, last = sum(history[:8]) / 8, sum(history[-8:]) / 8
@@ -160,8 +160,8 @@ def test_loss_falls_on_a_tiny_teacher(image_folder, tmp_path):
         (["--max-steps", "0"], "max-steps"),
     ],
 )
-def test_distill_errors_are_one_clear_line(args, message, tmp_path, capsys):
-    teacher = build_tiny_sd(tmp_path / "teacher")
+def test_distill_errors_are_one_clear_line(tiny_sd, args, message, tmp_path, capsys):
+    teacher = tiny_sd
     base = ["distill", "--teacher", str(teacher), "--out", str(tmp_path / "o"), "--data", "fashion-mnist"]
     capsys.readouterr()  # forget what building the teacher printed
     assert main(base + args) == 2

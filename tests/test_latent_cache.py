@@ -16,14 +16,13 @@ from lcm.data.latent_cache import LatentCache, write_latent_cache
 from lcm.data.sources import open_data
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.training.task import DistillTask
-from tiny_models import build_tiny_sd
 
 N_IMAGES = 10
 
 
 @pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    return build_tiny_sd(tmp_path_factory.mktemp("sd"), "epsilon")
+def sd_folder(tiny_sd):
+    return tiny_sd
 
 
 @pytest.fixture(scope="module")

@@ -92,11 +92,11 @@ def test_exported_lora_loads_completely_in_diffusers(family, tmp_path, parity):
     parity(theirs, ours, tol=1e-5, label=f"lora-export-{family}")
 
 
-def test_fused_and_full_exports_compute_the_in_memory_student(tmp_path, parity):
+def test_fused_and_full_exports_compute_the_in_memory_student(tiny_sd, tmp_path, parity):
     """(b) for the merged LoRA folder and for a full w-conditioned student, at several (z, t, w)."""
     from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
-    teacher = build_tiny_sd(tmp_path / "teacher")
+    teacher = tiny_sd
     student = _trained_lora_student(teacher)
     z, t, text = _unet_inputs(student)
     with torch.no_grad():
@@ -125,9 +125,9 @@ def _png(path):
     return torch.from_numpy(np.asarray(Image.open(path))).int()
 
 
-def test_lcm_sample_draws_the_in_memory_student(tmp_path, capsys):
+def test_lcm_sample_draws_the_in_memory_student(tiny_sd, tmp_path, capsys):
     """(c) ``lcm sample`` on the exported LoRA folder draws the pixels the in-memory student draws."""
-    teacher = build_tiny_sd(tmp_path / "teacher")
+    teacher = tiny_sd
     student = _trained_lora_student(teacher)
     out = _export(student, tmp_path)
     steps = json.loads((out / "lcm_lora.json").read_text())["original_inference_steps"]
@@ -210,8 +210,8 @@ def _write_mixed(layers, path):
 
 
 @pytest.mark.parametrize("naming", ["kohya", "diffusers-old", "mixed"])
-def test_foreign_lora_files_apply_completely(naming, tmp_path, parity):
-    teacher = build_tiny_sd(tmp_path / "teacher")
+def test_foreign_lora_files_apply_completely(tiny_sd, naming, tmp_path, parity):
+    teacher = tiny_sd
     model = LatentDiffusion.from_pretrained(teacher)
     layers = _foreign_lora(model.unet)
     writer = {"kohya": _write_kohya, "diffusers-old": _write_diffusers_old, "mixed": _write_mixed}[naming]
@@ -231,8 +231,8 @@ def test_foreign_lora_files_apply_completely(naming, tmp_path, parity):
         )
 
 
-def test_lcm_sample_with_lora_flag(tmp_path, capsys):
-    teacher = build_tiny_sd(tmp_path / "teacher")
+def test_lcm_sample_with_lora_flag(tiny_sd, tmp_path, capsys):
+    teacher = tiny_sd
     model = LatentDiffusion.from_pretrained(teacher)
     _write_kohya(_foreign_lora(model.unet), tmp_path / "kohya.safetensors")
     args = ["sample", "--model", str(teacher), "--prompt", "a cat", "--num-images", "1", "--steps", "2"]
@@ -244,10 +244,10 @@ def test_lcm_sample_with_lora_flag(tmp_path, capsys):
     assert "no LoRA file" in capsys.readouterr().err
 
 
-def test_lora_for_another_unet_is_refused(tmp_path, capsys):
+def test_lora_for_another_unet_is_refused(tiny_sd, tmp_path, capsys):
     from safetensors.torch import save_file
 
-    teacher = build_tiny_sd(tmp_path / "teacher")
+    teacher = tiny_sd
     a, b = torch.zeros(2, 8), torch.zeros(8, 2)
     save_file(
         {"unet.mid_block.nonexistent.to_q.lora_A.weight": a, "unet.mid_block.nonexistent.to_q.lora_B.weight": b},
@@ -257,9 +257,9 @@ def test_lora_for_another_unet_is_refused(tmp_path, capsys):
         LatentDiffusion.from_pretrained(teacher, lora=tmp_path / "x.safetensors")
 
 
-def test_pickled_weights_are_refused_unless_allowed(tmp_path, capsys, monkeypatch):
+def test_pickled_weights_are_refused_unless_allowed(tiny_sd, tmp_path, capsys, monkeypatch):
     """A model folder holding only ``.bin`` weights is refused in one line; ``lcm --allow-pickle`` loads it."""
-    teacher = build_tiny_sd(tmp_path / "teacher")
+    teacher = tiny_sd
     unet = LatentDiffusion.from_pretrained(teacher, with_text_encoder=False).unet
     (teacher / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     unet.save_pretrained(teacher / "unet", safe_serialization=False)
