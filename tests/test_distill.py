@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from lcm.cli import main
@@ -390,17 +389,8 @@ def test_loss_monitor_bins_by_t_and_w():
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """Eight random 64² images with captions, in the imagefolder layout ``--data`` reads."""
-    folder = tmp_path_factory.mktemp("images")
-    g = torch.Generator().manual_seed(2)
-    lines = []
-    for i in range(8):
-        pixels = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a photo of a cat {i % 3}"}))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
+def image_folder(captioned_images):
+    return captioned_images
 
 
 class _Interrupted(Exception):
