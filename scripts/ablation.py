@@ -8,7 +8,8 @@ w range, learning rate); only the skipping step k (N = 1000 // k solver timestep
 LCM is then sampled at 1/2/4 steps with the same prompts and seeds and scored with FD-clf and prompt accuracy (the
 shipped classifier's features vs the 10,000 test images; not FID).
 
-Writes OUT/ablation.json (resumable: finished runs and rows are kept), OUT/ablation.md and OUT/ablation.png.
+Writes OUT/SOLVER-kK/results.json (`lcm eval`'s schema; finished runs and rows are kept, so a rerun resumes; a run
+folder holds one budget: use another OUT for another --max-steps), OUT/ablation.md and OUT/ablation.png.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from pathlib import Path
 
 from lcm.config.recipes import EVALUATION, recipe_config
 from lcm.evaluation.metrics import FashionEvaluator
+from lcm.evaluation.plan import EvalSettings
 from lcm.evaluation.plots import line_panels
 from lcm.evaluation.prompts import fashion_eval_prompts
 from lcm.evaluation.report import markdown_table
-from lcm.evaluation.run import Row, evaluate_row
+from lcm.evaluation.results import Record
+from lcm.evaluation.run import Row, evaluate_rows
 from lcm.maths.solvers import Solver
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import Sampler, default_model_path
@@ -31,34 +34,38 @@ from lcm.training.runs import run_training
 T = 1000  # the teacher's training timesteps
 
 
-def train_and_score(out: Path, k: int, solver: Solver, max_steps: int, steps, prompts, evaluator) -> dict:
+def train_and_score(out: Path, k: int, solver: Solver, args, prompts, evaluator) -> list[Record]:
+    """Distil the (k, solver) run (kept when finished) and score its LCM into its results.json."""
     run_dir = out / f"{solver.value}-k{k}"
-    changes = {"method.num_solver_steps": T // k, "method.solver": solver.value, "loop.max_steps": max_steps}
-    changes |= {"loop.checkpoint_every": max_steps, "loop.log_every": max(max_steps // 50, 1)}
-    summary = run_training(recipe_config("before-fidelity", changes), run_dir, resume="auto")
+    changes = {"method.num_solver_steps": T // k, "method.solver": solver.value, "loop.max_steps": args.max_steps}
+    changes |= {"loop.checkpoint_every": args.max_steps, "loop.log_every": max(args.max_steps // 50, 1)}
+    if not (run_dir / "unet").is_dir():
+        run_training(recipe_config("before-fidelity", changes), run_dir, resume="auto")
+    elif (
+        done := json.loads((run_dir / "train" / "run_config.json").read_text())["loop"]["max_steps"]
+    ) != args.max_steps:
+        raise SystemExit(
+            f"{run_dir} was distilled for {done} steps, not --max-steps {args.max_steps}: use another --out"
+        )
     lcm = LatentDiffusion.from_pretrained(run_dir)
     w = EVALUATION["before-fidelity"]["w"]
-    rows = [evaluate_row(lcm, Row(f"LCM {solver.value} k={k}", Sampler.LCM, s, w), prompts, evaluator) for s in steps]
-    return {"k": k, "solver": solver.value, "train_wall_seconds": summary["wall_seconds"], "rows": rows}
+    rows = [Row(f"LCM {solver.value} k={k}", Sampler.LCM, s, w) for s in args.steps]
+    settings = EvalSettings(num_samples=args.samples)
+    return evaluate_rows(lcm, rows, prompts, evaluator, run_dir / "results.json", settings, k=k, solver=solver.value)
 
 
-def report(results: dict, steps: list[int], max_steps: int, out: Path) -> str:
-    runs = sorted(results.values(), key=lambda r: (r["solver"], r["k"]))
+def report(runs: dict[tuple[str, int], list[Record]], steps: list[int], max_steps: int, out: Path) -> str:
     header = ["solver", "k", *(f"FD-clf {s}" for s in steps), *(f"acc {s}" for s in steps)]
     table = []
-    for r in runs:
-        by_steps = {row["steps"]: row for row in r["rows"]}
-        fd = [f"{by_steps[s]['fd_clf']:.1f}" for s in steps]
-        table.append([r["solver"], r["k"], *fd, *(f"{by_steps[s]['prompt_accuracy']:.3f}" for s in steps)])
+    for (solver, k), records in sorted(runs.items()):
+        fd = [f"{r.metrics['fd_clf']:.1f}" for r in records]
+        table.append([solver, k, *fd, *(f"{r.metrics['prompt_accuracy']:.3f}" for r in records)])
     panels = []
-    for s in steps:
+    for i, s in enumerate(steps):
         series = {}
-        for solver in sorted({r["solver"] for r in runs}):
-            mine = [r for r in runs if r["solver"] == solver]
-            series[solver] = (
-                [r["k"] for r in mine],
-                [next(x["fd_clf"] for x in r["rows"] if x["steps"] == s) for r in mine],
-            )
+        for solver in sorted({solver for solver, _ in runs}):
+            mine = sorted((k, records[i].metrics["fd_clf"]) for (name, k), records in runs.items() if name == solver)
+            series[solver] = ([k for k, _ in mine], [fd for _, fd in mine])
         panels.append((f"LCM, {s}-step sampling", series))
     line_panels(
         panels,
@@ -66,7 +73,7 @@ def report(results: dict, steps: list[int], max_steps: int, out: Path) -> str:
         "skipping step k",
         f"FD-clf ({max_steps} LCD steps)",
         logx=True,
-        xticks=sorted({r["k"] for r in runs}),
+        xticks=sorted({k for _, k in runs}),
     )
     return markdown_table(header, table, left=1)
 
@@ -85,27 +92,11 @@ def main() -> None:
             parser.error(f"--k values must lie in [1, {T}], got {k}")
     evaluator = FashionEvaluator(default_model_path() / "classifier")
     prompts = fashion_eval_prompts(args.samples)
-    path = args.out / "ablation.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    runs = {}
     for solver in map(Solver, args.solvers):
         for k in args.k:
-            key = f"{solver.value}-k{k}"
-            done = results.get(key)
-            if (
-                done
-                and done.get("max_steps") == args.max_steps
-                and {r["steps"] for r in done["rows"]} >= set(args.steps)
-            ):
-                continue
-            results[key] = {
-                **train_and_score(args.out, k, solver, args.max_steps, args.steps, prompts, evaluator),
-                "max_steps": args.max_steps,
-                "samples": args.samples,
-            }
-            args.out.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(results, indent=2) + "\n")
-            print(f"{key}: " + ", ".join(f"{r['steps']} steps FD-clf {r['fd_clf']:.1f}" for r in results[key]["rows"]))
-    table = report(results, args.steps, args.max_steps, args.out)
+            runs[solver.value, k] = train_and_score(args.out, k, solver, args, prompts, evaluator)
+    table = report(runs, args.steps, args.max_steps, args.out)
     (args.out / "ablation.md").write_text(table)
     print(table)
 

@@ -8,7 +8,8 @@ Every variant is a set of `lcm distill` settings over one base (the `lcm demo` r
 OUT/VARIANT-sSEED and is scored with the same prompts and initial noise: the LCM at w = 3 with 1, 2 and 4 steps, and
 at 4 steps for w = 1, 2, 4, 5 (the w control), 2,000 images per row, FD-clf and prompt accuracy (the shipped
 classifier's features against the 10,000 test images; not FID). The teacher's reference rows (DPM-Solver 25 steps and
-DDIM 1 step at w = 3; DPM-Solver++ 8 steps at each w) are computed once into OUT/teacher.json. Runs that finished are
+DDIM 1 step at w = 3; DPM-Solver++ 8 steps at each w) are computed once into OUT/teacher/results.json. Every
+row is a record of `lcm eval`'s results.json schema. Runs that finished are
 kept, so the command resumes; several processes may work on different variants of one OUT at once.
 
 With ``--cache`` (an `lcm cache` folder of the shipped teacher) the runs read cached latents: the same distribution
@@ -24,9 +25,11 @@ from pathlib import Path
 
 from lcm.config.recipes import recipe_config
 from lcm.evaluation.metrics import FashionEvaluator
+from lcm.evaluation.plan import EvalSettings
 from lcm.evaluation.prompts import fashion_eval_prompts
 from lcm.evaluation.report import markdown_table
-from lcm.evaluation.run import Row, evaluate_row
+from lcm.evaluation.results import load_results
+from lcm.evaluation.run import Row, evaluate_rows
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import Sampler, default_model_path
 from lcm.training.runs import run_training
@@ -169,19 +172,15 @@ def teacher_rows() -> list[Row]:
     return rows + [Row("teacher DPM-Solver++", Sampler.DPM_SOLVER_PP_2M, 8, w, "trailing") for w in (1, 2, 3, 4, 5)]
 
 
-def key(row: Row) -> str:
-    return f"{row.method}|{row.steps}|{row.w:g}"
-
-
-def score(model: LatentDiffusion, rows: list[Row], path: Path, prompts, evaluator) -> dict:
-    done = json.loads(path.read_text()) if path.is_file() else {}
-    for row in rows:
-        if key(row) not in done:
-            r = evaluate_row(model, row, prompts, evaluator)
-            done[key(row)] = {"fd_clf": r["fd_clf"], "accuracy": r["prompt_accuracy"]}
-            path.write_text(json.dumps(done, indent=1) + "\n")
-            print(f"{path.parent.name}: {key(row)}: FD-clf {r['fd_clf']:.1f}, accuracy {r['prompt_accuracy']:.3f}")
-    return done
+def scored(out: Path, lcm_runs: bool = True) -> dict[str, list[dict]]:
+    """{variant: [{(method, steps, w): metrics} per finished seed]} of OUT, or {"teacher": [...]} for its rows."""
+    found: dict[str, list[dict]] = {}
+    for path in sorted(out.glob("*-s*/results.json") if lcm_runs else out.glob("teacher/results.json")):
+        records = load_results(path)[1]
+        if len(records) == len(lcm_rows() if lcm_runs else teacher_rows()):
+            variant = path.parent.name.rsplit("-s", 1)[0] if lcm_runs else "teacher"
+            found.setdefault(variant, []).append({(r.method, r.steps, r.w): r.metrics for r in records})
+    return found
 
 
 def distil(out: Path, variant: str, seed: int, cache: Path | None) -> dict:
@@ -197,16 +196,11 @@ def distil(out: Path, variant: str, seed: int, cache: Path | None) -> dict:
 
 
 def report(out: Path) -> str:
-    teacher = json.loads((out / "teacher.json").read_text())
-    best, ddim1 = teacher["teacher DPM-Solver|25|3"]["fd_clf"], teacher["teacher DDIM|1|3"]["fd_clf"]
-    t_acc = {w: teacher[f"teacher DPM-Solver++|8|{w:g}"]["accuracy"] for w in (1, 2, 3, 4, 5)}
-    t_fd = {w: teacher[f"teacher DPM-Solver++|8|{w:g}"]["fd_clf"] for w in (1, 5)}
-    runs: dict[str, list[dict]] = {}
-    for path in sorted(out.glob("*-s*/scores.json")):
-        variant = path.parent.name.rsplit("-s", 1)[0]
-        scores = json.loads(path.read_text())
-        if len(scores) == len(lcm_rows()):
-            runs.setdefault(variant, []).append(scores)
+    teacher = scored(out, lcm_runs=False)["teacher"][0]
+    best, ddim1 = teacher["teacher DPM-Solver", 25, 3.0]["fd_clf"], teacher["teacher DDIM", 1, 3.0]["fd_clf"]
+    t_acc = {w: teacher["teacher DPM-Solver++", 8, w]["prompt_accuracy"] for w in (1.0, 2.0, 3.0, 4.0, 5.0)}
+    t_fd = {w: teacher["teacher DPM-Solver++", 8, w]["fd_clf"] for w in (1.0, 5.0)}
+    runs = scored(out)
 
     def cell(values: list[float], fmt: str) -> str:
         mean = statistics.fmean(values)
@@ -217,18 +211,18 @@ def report(out: Path) -> str:
     header += [*(f"acc w={w}" for w in (1, 2, 3, 4, 5)), "max acc gap", "FD-clf 4, w=1", "FD-clf 4, w=5"]
     rows = []
     for variant, seeds in sorted(runs.items(), key=lambda kv: list(VARIANTS).index(kv[0]) if kv[0] in VARIANTS else 99):
-        fd = {s: [r[f"LCM|{s}|3"]["fd_clf"] for r in seeds] for s in (1, 2, 4)}
-        acc = {w: [r[f"LCM|4|{w:g}"]["accuracy"] for r in seeds] for w in (1, 2, 3, 4, 5)}
-        gap = [max(abs(r[f"LCM|4|{w:g}"]["accuracy"] - t_acc[w]) for w in t_acc) for r in seeds]
-        fd_w = {w: [r[f"LCM|4|{w:g}"]["fd_clf"] for r in seeds] for w in (1, 5)}
+        fd = {s: [r["LCM", s, W_EVAL]["fd_clf"] for r in seeds] for s in (1, 2, 4)}
+        acc = {w: [r["LCM", 4, w]["prompt_accuracy"] for r in seeds] for w in t_acc}
+        gap = [max(abs(r["LCM", 4, w]["prompt_accuracy"] - t_acc[w]) for w in t_acc) for r in seeds]
+        fd_w = {w: [r["LCM", 4, w]["fd_clf"] for r in seeds] for w in (1.0, 5.0)}
         ratios = [statistics.fmean(fd[1]) / ddim1, statistics.fmean(fd[2]) / best, statistics.fmean(fd[4]) / best]
         rows.append(
             [variant, len(seeds), *(cell(fd[s], ".1f") for s in (1, 2, 4)), *(f"{x:.2f}" for x in ratios)]
-            + [*(cell(acc[w], ".3f") for w in (1, 2, 3, 4, 5)), cell(gap, ".3f"), cell(fd_w[1], ".1f")]
-            + [cell(fd_w[5], ".1f")]
+            + [*(cell(acc[w], ".3f") for w in t_acc), cell(gap, ".3f"), cell(fd_w[1.0], ".1f")]
+            + [cell(fd_w[5.0], ".1f")]
         )
-    teacher_row = ["teacher DPM-Solver++ 8 steps", *["—"] * 7, *(f"{t_acc[w]:.3f}" for w in (1, 2, 3, 4, 5))]
-    rows.append([*teacher_row, "—", f"{t_fd[1]:.1f}", f"{t_fd[5]:.1f}"])
+    teacher_row = ["teacher DPM-Solver++ 8 steps", *["—"] * 7, *(f"{t_acc[w]:.3f}" for w in t_acc)]
+    rows.append([*teacher_row, "—", f"{t_fd[1.0]:.1f}", f"{t_fd[5.0]:.1f}"])
     intro = (
         f"Teacher's best row (DPM-Solver 25 steps, w = 3): FD-clf {best:.1f}; teacher DDIM 1 step: {ddim1:.1f}. "
         "Mean ± half the range over seeds.\n\n"
@@ -250,7 +244,7 @@ def main() -> None:
         p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     a.out.mkdir(parents=True, exist_ok=True)
     if not a.report:
-        prompts = fashion_eval_prompts(EVAL_SAMPLES, 0)
+        prompts, settings = fashion_eval_prompts(EVAL_SAMPLES, 0), EvalSettings(num_samples=EVAL_SAMPLES)
         evaluator = FashionEvaluator(default_model_path() / "classifier")
         for variant in variants:
             for seed in (int(s) for s in a.seeds.split(",")):
@@ -258,10 +252,10 @@ def main() -> None:
                 if not (run_dir / "wall_seconds.json").is_file():
                     distil(a.out, variant, seed, a.cache)
                 lcm = LatentDiffusion.from_pretrained(run_dir)
-                score(lcm, lcm_rows(), run_dir / "scores.json", prompts, evaluator)
+                evaluate_rows(lcm, lcm_rows(), prompts, evaluator, run_dir / "results.json", settings)
         if a.teacher:
             teacher = LatentDiffusion.from_pretrained(default_model_path())
-            score(teacher, teacher_rows(), a.out / "teacher.json", prompts, evaluator)
+            evaluate_rows(teacher, teacher_rows(), prompts, evaluator, a.out / "teacher" / "results.json", settings)
     table = report(a.out)
     (a.out / "fidelity.md").write_text(table)
     print(table)

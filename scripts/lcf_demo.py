@@ -6,13 +6,13 @@ held-out classes, and measure both class sets before and after.
 Rows (FD-clf / prompt accuracy at 1, 2, 4 steps, against the test images of the class set evaluated): the LCM
 distilled on the seen classes, the same LCM after LCF on the held-out classes, and the teacher (DDIM, same steps).
 Both runs start from the "before-fidelity" recipe (lcm.config.recipes; N = 50, a constant rate). Writes
-OUT/lcf_demo.json and prints a Markdown table. Finished stages are reused.
+OUT/eval-held-out/results.json and OUT/eval-seen/results.json (`lcm eval`'s schema) and prints a Markdown table.
+Finished stages and rows are reused.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -21,9 +21,10 @@ from lcm.config import RunConfig, override
 from lcm.config.recipes import EVALUATION, recipe_config
 from lcm.data.captions import CaptionSet
 from lcm.evaluation.metrics import FashionEvaluator
+from lcm.evaluation.plan import EvalSettings
 from lcm.evaluation.prompts import EvalPrompts
 from lcm.evaluation.report import markdown_table
-from lcm.evaluation.run import Row, evaluate_row
+from lcm.evaluation.run import Row, evaluate_rows
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import Sampler, default_model_path
 from lcm.training.runs import run_training
@@ -64,26 +65,17 @@ def main() -> None:
         "LCM (seen classes)": (lcd_dir, Sampler.LCM),
         "LCM + LCF (held-out)": (lcf_dir, Sampler.LCM),
     }
-    results = []
+    table = []
     for split, classes in (("held-out", held), ("seen", seen)):
         evaluator = FashionEvaluator(teacher / "classifier", classes=classes)
-        prompts = prompts_for(classes, args.samples)
-        for name, (path, sampler) in models.items():
-            model = LatentDiffusion.from_pretrained(path)
-            for steps in (1, 2, 4):
-                row = evaluate_row(model, Row(name, sampler, steps, w_eval), prompts, evaluator)
-                results.append({"classes": split, **row})
-                print(
-                    f"{split:>8} {name:>22} {steps} steps: FD-clf {row['fd_clf']:.1f} acc {row['prompt_accuracy']:.3f}"
-                )
-    (out / "lcf_demo.json").write_text(json.dumps({"seen": seen, "held_out": held, "rows": results}, indent=2))
-    table = []
-    for split in ("held-out", "seen"):
-        for name in models:
-            rs = [r for r in results if r["classes"] == split and r["method"] == name]
-            table.append(
-                [split, name, *(f"{r['fd_clf']:.1f}" for r in rs), *(f"{r['prompt_accuracy']:.3f}" for r in rs)]
-            )
+        prompts, path = prompts_for(classes, args.samples), out / f"eval-{split}" / "results.json"
+        settings = EvalSettings(prompts=f"fashion-mnist:{','.join(map(str, classes))}", num_samples=args.samples)
+        for name, (folder, sampler) in models.items():
+            model = LatentDiffusion.from_pretrained(folder)
+            rows = [Row(name, sampler, steps, w_eval) for steps in (1, 2, 4)]
+            rs = evaluate_rows(model, rows, prompts, evaluator, path, settings, classes=classes)
+            fd, acc = (f"{r.metrics['fd_clf']:.1f}" for r in rs), (f"{r.metrics['prompt_accuracy']:.3f}" for r in rs)
+            table.append([split, name, *fd, *acc])
     print(markdown_table(["classes", "model", "FD-clf 1", "2", "4", "accuracy 1", "2", "4"], table, left=2))
 
 

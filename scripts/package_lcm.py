@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from lcm.evaluation.report import markdown_table
+from lcm.evaluation.results import Record, load_results
 
 KEEP = ("unet", "vae", "scheduler", "text_encoder")
 
@@ -34,27 +35,28 @@ def commit() -> str:
         return "unknown"
 
 
-def _settings(config: dict) -> dict:
-    """The settings a card names, from a demo's results.json: its run-config tree (``config["run"]``) or, for a
-    demo run before the tree, the flat settings it recorded."""
-    if "run" not in config:
-        return {**config, "solver": str(config["solver"]).removeprefix("Solver.").lower()}
-    run = config["run"]
+def _settings(results: Path) -> tuple[dict, float, list[Record]]:
+    """The settings a card names (a demo's run-config tree, flattened), its training seconds and its rows, from the
+    demo's results.json."""
+    records = load_results(results)[1]
+    about = json.loads(results.read_text())
+    config, run = about["config"], about["config"]["run"]
     flat = {**run["method"], **run["optim"], **run["loop"], "batch_size": run["data"]["batch_size"]}
-    return {**flat, **{k: config[k] for k in ("recipe", "eval_samples", "w_eval")}}
+    flat |= {k: config[k] for k in ("recipe", "eval_samples", "w_eval")}
+    return flat, about["train_wall_seconds"], records
 
 
-def card(results: dict, files: list[Path], dest: Path, command: str | None = None) -> str:
-    cfg = _settings(results["config"])
+def card(results: Path, files: list[Path], dest: Path, command: str | None = None) -> str:
+    cfg, wall_seconds, records = _settings(results)
     n = int(cfg["num_solver_steps"])
     recipe = cfg.get("recipe", "demo")
     command = command or ("lcm demo" + ("" if recipe == "demo" else f" --recipe {recipe}") + " --out lcm-demo")
-    rows = [r for r in results["rows"] if r["method"] == "LCM"]
-    teacher = [r for r in results["rows"] if r["method"] != "LCM"]
+    rows = [r for r in records if r.method != "LCM"] + [r for r in records if r.method == "LCM"]
     table = markdown_table(
         ["sampler", "steps", "FD-clf ↓", "KID-clf ↓", "prompt accuracy ↑"],
-        [[r["method"], r["steps"], f"{r['fd_clf']:.1f}", f"{r['kid_clf']:.4f}", f"{r['prompt_accuracy']:.3f}"]
-         for r in teacher + rows],
+        [[r.method, r.steps, *(f"{r.metrics[k]:{f}}" for k, f in (("fd_clf", ".1f"), ("kid_clf", ".4f"),
+                                                                   ("prompt_accuracy", ".3f")))]
+         for r in rows],
     ).splitlines()  # fmt: skip
     reproduces = (
         "The run is deterministic: the same command on the same code reproduces these weights and this table."
@@ -83,7 +85,7 @@ Recipe (`lcm demo`'s, recipe "{cfg.get("recipe", "demo")}"; docs/fidelity.md): {
 on the skipping grid N = {n} (k = {1000 // n}), w ~ U[{cfg["w_min"]}, {cfg["w_max"]}], w projection at
 {cfg.get("w_lr_scale", 1.0)}× the learning rate, Huber loss (c = 0.001), EMA target μ = {cfg["ema_decay"]}, seed
 {cfg["seed"]}, on the 60,000 Fashion-MNIST training images with the
-teacher's class captions; {results["train_wall_seconds"]:.0f} s of distillation on a 2-core CPU (wall time, which
+teacher's class captions; {wall_seconds:.0f} s of distillation on a 2-core CPU (wall time, which
 depends on what else runs on the cores). {reproduces}
 
 ## Evaluation
@@ -122,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             f"package_lcm: {args.demo_out} is not a finished lcm demo folder (lcm/unet, results.json)", file=sys.stderr
         )
         return 2
-    results = json.loads(results_file.read_text())
-    if results["config"]["max_steps"] < 100:
+    if _settings(results_file)[0]["max_steps"] < 100:
         print("package_lcm: refusing a --quick demo (its numbers mean nothing)", file=sys.stderr)
         return 2
     if dest.exists():
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             meta["teacher"] = "the shipped teacher (lcm/assets/fashion-teacher)"
         record.write_text(json.dumps(meta, indent=2) + "\n")
     files = sorted(f for f in dest.rglob("*") if f.is_file())
-    (dest / "README.md").write_text(card(results, files, dest, args.command))
+    (dest / "README.md").write_text(card(results_file, files, dest, args.command))
     total = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     print(f"packaged {src} into {dest} ({total / 2**20:.1f} MiB)")
     return 0

@@ -2,7 +2,7 @@
 
     python scripts/ship_teacher.py RUN_DIR QUALITY_JSON --command "lcm train-teacher ..." --machine "..."
 
-RUN_DIR is `lcm train-teacher --out`'s folder; QUALITY_JSON is scripts/teacher_quality.py's output. Only weights,
+RUN_DIR is `lcm train-teacher --out`'s folder; QUALITY_JSON is scripts/teacher_quality.py's results.json. Only weights,
 configs, the final sample grid and the card are copied (no checkpoints).
 """
 
@@ -12,6 +12,9 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+
+from lcm.evaluation.report import markdown_table
+from lcm.evaluation.results import load_results
 
 DEST = Path(__file__).resolve().parents[1] / "src" / "lcm" / "assets" / "fashion-teacher"
 
@@ -24,17 +27,19 @@ def main() -> None:
     parser.add_argument("--machine", required=True, help="where it ran")
     args = parser.parse_args()
     report = json.loads((args.run_dir / "training_report.json").read_text())
-    quality = json.loads(args.quality_json.read_text())
+    settings, records = load_results(args.quality_json)
+    references = json.loads(args.quality_json.read_text())["references"]
     shutil.rmtree(DEST, ignore_errors=True)
     for part in ("vae", "unet", "scheduler", "text_encoder", "classifier"):
         shutil.copytree(args.run_dir / part, DEST / part)
     shutil.copy(args.run_dir / "samples" / "final.png", DEST / "samples.png")
     (DEST / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     wall = report["wall_seconds"]
-    rows = "\n".join(
-        f"| {r['method']} | {r.get('steps', '')} | {r.get('w', '')} | {r['fd_clf']:.2f} | {r['kid_clf']:.4f} | "
-        f"{r['prompt_accuracy']:.3f} |"
-        for r in quality["rows"]
+    cells = [[name, "", "", m] for name, m in references.items()]
+    cells += [[r.method, r.steps, f"{r.w:g}", r.metrics] for r in records]
+    rows = markdown_table(
+        ["method", "steps", "w", "FD-clf", "KID-clf", "prompt accuracy"],
+        [[*c[:3], f"{c[3]['fd_clf']:.2f}", f"{c[3]['kid_clf']:.4f}", f"{c[3]['prompt_accuracy']:.3f}"] for c in cells],
     )
     cfg = report["config"]
     card = f"""# Fashion-MNIST latent diffusion teacher (embedded default of `lcm`)
@@ -65,14 +70,12 @@ metrics (FD-clf, KID-clf, prompt accuracy).
   Wall time {wall["classifier"]:.0f} s.
 - VAE reconstruction MSE on 2,000 test images: {report["vae_test_mse"]:.4f}.
 
-## Quality (offline metrics, {quality["samples_per_row"]} samples per row)
+## Quality (offline metrics, {settings["num_samples"]} samples per row)
 
 FD-clf / KID-clf: Fréchet / kernel distance in the classifier's 128-d features against the 10,000 test images (not
 FID). Prompt accuracy: the classifier agrees with the prompted class (prompts cycle through the classes with varied
 templates and synonyms). `w` is the paper's guidance weight (diffusers' guidance_scale − 1).
 
-| method | steps | w | FD-clf | KID-clf | prompt accuracy |
-| --- | ---: | ---: | ---: | ---: | ---: |
 {rows}
 
 Reproduce: `python scripts/teacher_quality.py --w 3`.

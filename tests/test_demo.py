@@ -10,6 +10,7 @@ from PIL import Image
 from lcm.cli import main
 from lcm.data.fashion_mnist import DEBIAN_DIR
 from lcm.evaluation.metrics import FashionEvaluator
+from lcm.evaluation.results import load_results
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import Sampler, default_model_path, generate
 
@@ -62,21 +63,21 @@ def test_sample_without_model_uses_the_shipped_lcm(tmp_path):
 def test_demo_quick_writes_grid_table_and_model(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert [(r["method"], r["steps"]) for r in results["rows"]] == [
-        (m, s) for m in ("teacher DDIM", "LCM") for s in (1, 2, 4, 8)
-    ]
-    rows = {(r["method"], r["steps"]): r for r in results["rows"]}
+    settings, records = load_results(out / "results.json")  # lcm eval's schema
+    assert settings["num_samples"] == 100 and settings["seed"] == 0
+    assert [(r.method, r.steps) for r in records] == [(m, s) for m in ("teacher DDIM", "LCM") for s in (1, 2, 4, 8)]
+    assert {r.model for r in records} == {str(default_model_path()), str(out / "lcm")}
+    rows = {(r.method, r.steps): r.metrics for r in records}
     # The teacher rows measure something: 8 DDIM steps are far better than 1 by the shipped classifier (at 100 images
     # per row the full-size figures are 1 step ~ 1090 / 0.10, 8 steps ~ 66 / 0.95; a broken sampler or metric fails).
     one, eight = rows["teacher DDIM", 1], rows["teacher DDIM", 8]
     assert eight["fd_clf"] < one["fd_clf"] / 3 and eight["prompt_accuracy"] > one["prompt_accuracy"] + 0.2, (one, eight)
     assert eight["prompt_accuracy"] > 0.8, eight
-    assert [r["nfe_per_image"] for r in results["rows"]] == [2, 4, 8, 16, 1, 2, 4, 8]
+    assert [r.nfe_per_image for r in records] == [2, 4, 8, 16, 1, 2, 4, 8]
     # the Markdown table is the JSON's numbers
     table = (out / "results.md").read_text()
-    for r in results["rows"]:
-        assert f"| {r['method']} | {r['steps']} | {r['nfe_per_image']} | {r['fd_clf']:.1f} |" in table
+    for r in records:
+        assert f"| {r.method} | {r.steps} | {r.nfe_per_image} | {r.metrics['fd_clf']:.1f} |" in table
     assert (out / "demo_grid.png").is_file()
     lcm = LatentDiffusion.from_pretrained(out / "lcm")
     assert lcm.is_lcm and lcm.w_range == (1.0, 5.0) and lcm.default_w == 3.0

@@ -1,6 +1,5 @@
 """``lcm demo`` at its defaults reproduces the table the README shows (about 7 minutes on 2 cores: ``-m slow``)."""
 
-import json
 import re
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import pytest
 
 from lcm.cli import main
 from lcm.data.fashion_mnist import DEBIAN_DIR
+from lcm.evaluation.results import load_results
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -36,6 +36,8 @@ def test_readme_table_is_parsed():
 @pytest.mark.skipif(not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(), reason="needs dataset-fashion-mnist")
 def test_demo_reproduces_the_readme_table(tmp_path):
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
-    results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    got = {(r["method"], r["steps"]): (round(r["fd_clf"], 1), round(r["prompt_accuracy"], 3)) for r in results["rows"]}
+    records = load_results(tmp_path / "demo" / "results.json")[1]
+    got = {
+        (r.method, r.steps): (round(r.metrics["fd_clf"], 1), round(r.metrics["prompt_accuracy"], 3)) for r in records
+    }
     assert got == readme_demo_rows()

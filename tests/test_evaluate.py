@@ -366,7 +366,7 @@ def test_eval_of_a_stable_diffusion_teacher_and_its_lcm_lora_with_fid_and_clip(
 
 
 def test_ablation_script_smoke(tmp_path, monkeypatch, capsys):
-    """scripts/ablation.py end to end at a toy budget: runs, resumable JSON, table and plot."""
+    """scripts/ablation.py end to end at a toy budget: runs, resumable results in lcm eval's schema, table, plot."""
     import runpy
     import sys
 
@@ -374,14 +374,18 @@ def test_ablation_script_smoke(tmp_path, monkeypatch, capsys):
     argv = ["ablation.py", "--out", str(tmp_path), "--k", "50", "--solvers", "ddim", "dpmpp", "--max-steps", "2"]
     monkeypatch.setattr(sys, "argv", [*argv, "--steps", "1", "--samples", "20"])
     runpy.run_path(script, run_name="__main__")
-    results = json.loads((tmp_path / "ablation.json").read_text())
-    assert sorted(results) == ["ddim-k50", "dpmpp-k50"]
-    assert all(r["k"] == 50 and r["max_steps"] == 2 and len(r["rows"]) == 1 for r in results.values())
+    for solver in ("ddim", "dpmpp"):
+        settings, records = load_results(tmp_path / f"{solver}-k50" / "results.json")
+        assert settings["num_samples"] == 20 and [(r.method, r.steps) for r in records] == [(f"LCM {solver} k=50", 1)]
+        assert json.loads((tmp_path / f"{solver}-k50" / "results.json").read_text())["k"] == 50
     assert (tmp_path / "ablation.png").stat().st_size > 0
     assert "| ddim | 50 |" in (tmp_path / "ablation.md").read_text()
     capsys.readouterr()
-    runpy.run_path(script, run_name="__main__")  # finished runs are kept, not retrained
+    runpy.run_path(script, run_name="__main__")  # finished runs and rows are kept, not retrained or rescored
     assert "ddim-k50:" not in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", [*argv[:-1], "3", "--steps", "1", "--samples", "20"])
+    with pytest.raises(SystemExit, match="distilled for 2 steps, not --max-steps 3"):
+        runpy.run_path(script, run_name="__main__")
 
 
 def test_evaluation_encodes_each_distinct_prompt_once_before_sampling(tmp_path):

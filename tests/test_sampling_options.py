@@ -16,6 +16,7 @@ from PIL import Image
 
 from lcm.cli import main
 from lcm.data.captions import class_prompts
+from lcm.evaluation.run import row_record
 from lcm.images import labelled_grid, load_image, save_image, to_uint8
 from lcm.maths.guidance import guidance_scale_from_w, w_embedding
 from lcm.maths.sampling import randn_per_image
@@ -372,8 +373,8 @@ def test_demo_grid_is_labelled(tmp_path, monkeypatch):
         return made[-1]
 
     def fake_row(model, row, prompts, evaluator):
-        metrics = {"fd_clf": 1.0, "kid_clf": 0.0, "prompt_accuracy": 0.5, "seconds_per_image": 0.0}
-        return {"method": row.method, "steps": row.steps, "nfe_per_image": 1, **metrics}
+        metrics = {"fd_clf": 1.0, "kid_clf": 0.0, "prompt_accuracy": 0.5, "seconds_per_image": 0.0, "n_samples": 1}
+        return row_record(row, "model", metrics, fingerprint="-")
 
     monkeypatch.setattr(demo, "run_training", lambda *a, **k: {"steps": 1, "wall_seconds": 0.0})
     monkeypatch.setattr(demo.LatentDiffusion, "from_pretrained", lambda *a, **k: object())

@@ -18,8 +18,10 @@ from lcm.config.recipes import EVALUATION, recipe_config
 from lcm.config.run import RunConfig
 from lcm.data.captions import class_prompts
 from lcm.evaluation.metrics import FashionEvaluator
+from lcm.evaluation.plan import EvalSettings
 from lcm.evaluation.prompts import fashion_eval_prompts
-from lcm.evaluation.report import markdown_table
+from lcm.evaluation.report import brief, markdown_table
+from lcm.evaluation.results import Record, save_results
 from lcm.evaluation.run import Row, evaluate_row
 from lcm.images import save_labelled_grid
 from lcm.maths.timesteps import DEFAULT_SPACING
@@ -53,11 +55,11 @@ def demo_config(out: Path, recipe: str = "demo", changes: dict | None = None, ev
     )
 
 
-def _table(rows: list[dict]) -> str:
+def _table(rows: list[Record]) -> str:
     header = ["method", "steps", "NFE/image", "FD-clf ↓", "KID-clf ↓", "prompt accuracy ↑", "s/image"]
     cells = [
-        [r["method"], r["steps"], r["nfe_per_image"], f"{r['fd_clf']:.1f}", f"{r['kid_clf']:.4f}",
-         f"{r['prompt_accuracy']:.3f}", f"{r['seconds_per_image'] * 1000:.1f} ms"]
+        [r.method, r.steps, r.nfe_per_image, f"{r.metrics['fd_clf']:.1f}", f"{r.metrics['kid_clf']:.4f}",
+         f"{r.metrics['prompt_accuracy']:.3f}", f"{r.seconds_per_image * 1000:.1f} ms"]
         for r in rows
     ]  # fmt: skip
     return markdown_table(header, cells)
@@ -91,9 +93,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         for steps in (1, 2, 4, 8):
             rows.append(evaluate_row(model, Row(method, sampler, steps, cfg.w_eval), prompts, evaluator))
             grid.append(generate(model, grid_prompts, sampler, steps, cfg.w_eval, grid_seeds))
-            r = rows[-1]
-            print(f"{method} {steps} steps: FD-clf {r['fd_clf']:.1f}, prompt accuracy {r['prompt_accuracy']:.3f}")
-    row_labels = [f"{r['method']} {r['steps']} step{'' if r['steps'] == 1 else 's'}" for r in rows]
+            print(f"{method} {steps} steps: {brief(rows[-1])}")
+    row_labels = [f"{r.method} {r.steps} step{'' if r.steps == 1 else 's'}" for r in rows]
     grid_path = save_labelled_grid(torch.cat(grid), cfg.out / "demo_grid.png", row_labels, grid_prompts, scale=2)
     table = _table(rows)
     header = (
@@ -109,8 +110,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     )
     (cfg.out / "results.md").write_text(header + table)
     config = {"recipe": cfg.recipe, "eval_samples": cfg.eval_samples, "w_eval": cfg.w_eval, "run": cfg.run.to_dict()}
-    results = {"config": config, "train_wall_seconds": summary["wall_seconds"], "rows": rows}
-    (cfg.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    settings = EvalSettings(num_samples=cfg.eval_samples, seed=seed)
+    save_results(cfg.out / "results.json", settings, rows, config=config, train_wall_seconds=summary["wall_seconds"])
     print("\n" + table)
     print(f"grid: {grid_path}\ntable: {cfg.out / 'results.md'}\nmodel: {lcm_dir}")
-    return results
+    return {"config": config, "train_wall_seconds": summary["wall_seconds"], "records": rows}

@@ -26,6 +26,7 @@ __all__ = [
 ]
 
 SCHEMA = "lcm-eval/1"
+NOT_THE_MODEL = ("results.json", "wall_seconds.json", "demo_config.json")  # files beside a model, not of it
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,11 @@ def load_results(path: Path) -> tuple[dict, list[Record]]:
     return data["settings"], [Record.from_dict(r) for r in data["records"]]
 
 
-def save_results(path: Path, settings: EvalSettings, records: Sequence[Record]) -> None:
-    data = {"schema": SCHEMA, "settings": settings.to_dict(), "records": [r.to_dict() for r in records]}
+def save_results(path: Path, settings: EvalSettings, records: Sequence[Record], **about) -> None:
+    """Write ``results.json``; ``about``: what else made the rows (``lcm demo``'s run-config tree, its training
+    time), kept beside them and ignored by :func:`load_results`."""
+    data = {"schema": SCHEMA, "settings": settings.to_dict(), "records": [r.to_dict() for r in records], **about}
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)  # a crash never leaves half a file
@@ -107,7 +111,10 @@ def model_fingerprint(model: str) -> str:
         return f"hub:{model}"
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")):
-        if f.suffix in (".safetensors", ".bin", ".json") and "checkpoints" not in f.relative_to(path).parts:
+        parts = f.relative_to(path).parts
+        if parts[0] in ("train", "checkpoints") or (len(parts) == 1 and f.name in NOT_THE_MODEL):
+            continue  # training state, and what scripts write beside a run's model
+        if f.suffix in (".safetensors", ".bin", ".json"):
             st = f.stat()
             h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]

@@ -15,7 +15,7 @@ sampler × steps × guidance gives one row (:func:`evaluate_sampling`). A run wr
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,9 +37,11 @@ __all__ = [
     "SampleFn",
     "eval_reference",
     "evaluate_row",
+    "evaluate_rows",
     "evaluate_sampling",
     "fill_prompt_cache",
     "nfe_per_image",
+    "row_record",
     "run_eval",
 ]
 
@@ -94,8 +96,8 @@ def fill_prompt_cache(model: LatentDiffusion, prompts: EvalPrompts) -> bool:
 
 def evaluate_row(
     model: LatentDiffusion, row: Row, prompts: EvalPrompts, evaluator: Evaluator, batch_size: int = 250
-) -> dict:
-    """One row's metrics as a flat dict: method, sampler, steps, w, the metric values and the costs per image.
+) -> Record:
+    """One row's :class:`Record`: metric values, costs per image and the identity of ``model`` (its ``source``).
 
     The prompts' text embeddings come from the model's prompt cache, filled before the clock starts: rows repeat
     the same prompts, and a row's cost per image is its sampling and decoding.
@@ -115,15 +117,55 @@ def evaluate_row(
             cache_prompts=cache,
         )
 
-    metrics = evaluate_sampling(sample, prompts, evaluator, batch_size)
-    return {
-        "method": row.method,
-        "sampler": row.sampler.value,
-        "steps": row.steps,
-        "w": row.w,
-        **metrics,
-        "nfe_per_image": nfe_per_image(row.sampler, row.steps, row.w),
-    }
+    return row_record(row, str(model.source), evaluate_sampling(sample, prompts, evaluator, batch_size))
+
+
+def evaluate_rows(
+    model: LatentDiffusion,
+    rows: Sequence[Row],
+    prompts: EvalPrompts,
+    evaluator: Evaluator,
+    path: Path,
+    settings: EvalSettings,
+    **about,
+) -> list[Record]:
+    """The records of ``rows`` sampled from ``model``, kept in ``path`` (a ``results.json``; ``about`` as in
+    :func:`~lcm.evaluation.results.save_results`): rows already there for these weights are reused and each new one
+    is saved as it finishes, so a rerun resumes. ``settings`` say how ``prompts`` and ``evaluator`` were made."""
+    done = {r.key: r for r in reusable_records(path, settings, overwrite=False)}
+    source = str(model.source)
+    fingerprint = model_fingerprint(source)
+    records = []
+    for row in rows:
+        key = (row.method, source, row.sampler.value, row.steps, row.w)
+        if key not in done or done[key].model_fingerprint != fingerprint:
+            done[key] = evaluate_row(model, row, prompts, evaluator)
+            save_results(path, settings, list(done.values()), **about)
+            print(f"{path.parent.name}: {row.method} {row.steps} steps w={row.w:g}: {brief(done[key])}")
+        records.append(done[key])
+    return records
+
+
+def row_record(row: Row, model: str, values: dict[str, float], fingerprint: str | None = None) -> Record:
+    """The :class:`Record` of ``row`` sampled from ``model`` (a folder or hub id) with the ``values`` of
+    :func:`evaluate_sampling`: the one schema of every evaluated row (``lcm eval``, ``lcm demo``, the scripts)."""
+    from lcm import __version__
+
+    return Record(
+        method=row.method,
+        model=model,
+        model_fingerprint=fingerprint or model_fingerprint(model),
+        sampler=row.sampler.value,
+        steps=row.steps,
+        w=row.w,
+        metrics={k: v for k, v in values.items() if k not in ("n_samples", "seconds_per_image")},
+        n_samples=int(values["n_samples"]),
+        seconds_per_image=values["seconds_per_image"],
+        nfe_per_image=nfe_per_image(row.sampler, row.steps, row.w),
+        git_commit=source_revision(),
+        lcm_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- reference
@@ -182,8 +224,6 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> list[Record]:
     """Evaluate every method × steps × w of ``plan`` not already in ``out/results.json``; write the report."""
     from tqdm import tqdm
 
-    from lcm import __version__
-
     s = plan.settings
     plan.out.mkdir(parents=True, exist_ok=True)
     path = plan.out / "results.json"
@@ -213,7 +253,6 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> list[Record]:
         )
         prompts = load_prompts(s.prompts, s.num_samples, s.seed, s.caption_column, s.split, plan.data_dir)
         models = {todo[0][0].model: first}
-        commit = source_revision()
         cached: dict[str, bool] = {}  # model → whether its prompt cache holds the evaluation's prompts
         for method, steps, w in tqdm(todo, desc="rows", unit="row", disable=not progress):
             if method.model not in models:
@@ -241,21 +280,8 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> list[Record]:
                 sample(prompts.prompts[:2], prompts.seeds[:2])
 
             values = evaluate_sampling(sample, prompts, evaluator, plan.batch_size, progress)
-            record = Record(
-                method=method.name,
-                model=method.model,
-                model_fingerprint=fingerprints[method.model],
-                sampler=method.sampler.value,
-                steps=steps,
-                w=w,
-                metrics={k: v for k, v in values.items() if k not in ("n_samples", "seconds_per_image")},
-                n_samples=int(values["n_samples"]),
-                seconds_per_image=values["seconds_per_image"],
-                nfe_per_image=nfe_per_image(method.sampler, steps, w),
-                git_commit=commit,
-                lcm_version=__version__,
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            )
+            row = Row(method.name, method.sampler, steps, w, spacing)
+            record = row_record(row, method.model, values, fingerprints[method.model])
             done[record.key] = record
             save_results(path, s, list(done.values()))
             tqdm.write(f"{method.name} {steps} steps w={w:g}: " + brief(record))
