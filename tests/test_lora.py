@@ -18,7 +18,7 @@ from lcm.maths.guidance import w_embedding
 from lcm.models.export import export_lcm_folder, export_lora
 from lcm.models.formats import lcm_scheduler_config
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.models.lora import adapted_modules
+from lcm.models.lora import LoraSpec, adapted_modules
 from lcm.models.student import add_lora, full_student
 from lcm.sample import Sampler, generate
 from tiny_models import build_tiny_sd, build_tiny_sdxl
@@ -217,7 +217,7 @@ def test_foreign_lora_files_apply_completely(tiny_sd, naming, tmp_path, parity):
     writer = {"kohya": _write_kohya, "diffusers-old": _write_diffusers_old, "mixed": _write_mixed}[naming]
     writer(layers, tmp_path / "lora.safetensors")
 
-    loaded = LatentDiffusion.from_pretrained(teacher, lora=tmp_path / "lora.safetensors", lora_scale=0.7)
+    loaded = LatentDiffusion.from_pretrained(teacher, loras=[LoraSpec(str(tmp_path / "lora.safetensors"), 0.7)])
     assert set(adapted_modules(loaded.unet)) == set(layers)
     assert loaded.is_lcm  # a LoRA given to sample is an LCM-LoRA: the model samples on LCM-LoRA's N = 50 grid
     reference = _merge_by_hand(LatentDiffusion.from_pretrained(teacher).unet, layers, scale=0.7)
@@ -241,7 +241,7 @@ def test_lcm_sample_with_lora_flag(tiny_sd, tmp_path, capsys):
     assert main([*args, "--lora-scale", "0.5", "--out", str(tmp_path / "b.png")]) == 2
     assert "--lora-scale needs --lora" in capsys.readouterr().err
     assert main([*args, "--lora", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "c.png")]) == 2
-    assert "no LoRA file" in capsys.readouterr().err
+    assert "no such file or folder" in capsys.readouterr().err
 
 
 def test_lora_for_another_unet_is_refused(tiny_sd, tmp_path, capsys):
@@ -254,7 +254,7 @@ def test_lora_for_another_unet_is_refused(tiny_sd, tmp_path, capsys):
         tmp_path / "x.safetensors",
     )
     with pytest.raises(ValueError, match="do not exist in this UNet"):
-        LatentDiffusion.from_pretrained(teacher, lora=tmp_path / "x.safetensors")
+        LatentDiffusion.from_pretrained(teacher, loras=[LoraSpec(str(tmp_path / "x.safetensors"))])
 
 
 def test_pickled_weights_are_refused_unless_allowed(tiny_sd, tmp_path, capsys, monkeypatch):

@@ -37,6 +37,7 @@ __all__ = [
     "tiny_clip_tokenizer",
     "tiny_scheduler_config",
     "tiny_text_encoder_config",
+    "tiny_unet",
     "write_tiny_clip_tokenizer",
 ]
 
@@ -323,6 +324,31 @@ def build_tiny_sdxl(path: Path, seed: int = 0, sample_size: int = 8) -> Path:
     )
     _save(pipe, path)
     return path
+
+
+def tiny_unet(in_channels: int = 4, w_conditioned: bool = False, seed: int = 0, sample_size: int = 8):
+    """A bare ``UNet2DConditionModel`` shaped as the tiny SD folder's: (32, 64), cross-attention 32, 4 output channels.
+
+    ``in_channels`` 4 is a text-to-image UNet, 9 an inpainting one (``[z, mask, masked-image latents]``, 4 + 1 + 4,
+    the layout of SD-inpainting); ``w_conditioned`` gives it an LCM's w-embedding input (``time_cond_proj_dim``
+    256). Random weights from ``seed``; in eval mode.
+    """
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CLIP_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        time_cond_proj_dim=256 if w_conditioned else None,
+    ).eval()
 
 
 def folder_size(path: Path) -> int:

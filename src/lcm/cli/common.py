@@ -10,6 +10,36 @@ import math
 STABLE_DIFFUSION_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 
+def add_lora_flags(p: argparse.ArgumentParser, base: str = "--model", extra: str = "") -> None:
+    """``--lora FILE[:SCALE][:ROLE]`` (repeatable) and ``--lora-scale``, for the commands that sample."""
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE][:lcm|style]",
+        help=f"a LoRA file or folder (diffusers', kohya's or peft's naming; .safetensors) applied to {base}'s UNet at "
+        "SCALE (default --lora-scale); repeat to stack, e.g. a style LoRA at 0.8 and an LCM-LoRA at 1: each adapted "
+        "weight becomes W + sum of SCALE·ΔW. The LCM-LoRA among them (an lcm_lora.json beside it, or marked :lcm; "
+        "a lone LoRA is taken for one) makes the model sample as an LCM; mark the others :style when ambiguous" + extra,
+    )
+    p.add_argument("--lora-scale", type=float, default=1.0, help="scale of a --lora given without :SCALE (default 1)")
+
+
+def lora_specs(args: argparse.Namespace) -> tuple:
+    """The ``--lora`` stack, each file checked to exist, before any model is loaded."""
+    from lcm.locations import local_path_or_none
+    from lcm.models.lora import LoraSpec
+
+    if not math.isfinite(args.lora_scale):
+        raise ValueError(f"--lora-scale must be a finite number, got {args.lora_scale}")
+    if not args.lora and args.lora_scale != 1.0:
+        raise ValueError("--lora-scale needs --lora")
+    specs = tuple(LoraSpec.parse(text, args.lora_scale) for text in args.lora or ())
+    for spec in specs:
+        if not local_path_or_none(spec.path).exists():
+            raise ValueError(f"--lora {spec.path}: no such file or folder")
+    return specs
+
+
 def int_list(text: str, flag: str) -> tuple[int, ...]:
     try:
         values = tuple(int(x) for x in text.split(",") if x.strip())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 
-from lcm.cli.common import check_int, float_list, int_list
+from lcm.cli.common import add_lora_flags, check_int, float_list, int_list, lora_specs
 from lcm.evaluation.plan import TEACHER_SPACINGS, plan_eval
 from lcm.limits import MAX_BATCH, MAX_IMAGES, MAX_SEED
 
@@ -39,6 +39,7 @@ def run_eval(args: argparse.Namespace) -> int:
         teacher_steps=int_list(args.teacher_steps, "--teacher-steps"),
         lcms=[(folder, name or None) for folder, _, name in (spec.partition("=") for spec in args.lcm or [])],
         lcm_steps=int_list(args.lcm_steps, "--lcm-steps"),
+        loras=lora_specs(args),
         teacher_spacing=args.teacher_spacing,
         ws=ws,
         num_samples=args.num_samples,
@@ -78,6 +79,12 @@ def add_parser(sub) -> None:
     p.add_argument("--teacher", help="teacher folder or hub id (default: the shipped Fashion teacher)")
     p.add_argument(
         "--lcm", action="append", metavar="PATH[=NAME]", help="an LCM or LCM-LoRA folder to evaluate; repeatable"
+    )
+    add_lora_flags(
+        p,
+        "--teacher",
+        ". The stack is one more method: rows 'LoRA stack' at --lcm-steps with an LCM-LoRA among them, else "
+        "'teacher SAMPLER + LoRA' rows with the teacher samplers",
     )
     samplers, teacher_steps, lcm_steps = (
         _listed(DEFAULT[k]) for k in ("teacher_samplers", "teacher_steps", "lcm_steps")

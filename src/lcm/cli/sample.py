@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import replace
 from pathlib import Path
 
-from lcm.cli.common import add_speed_args
+from lcm.cli.common import add_lora_flags, add_speed_args, lora_specs
 from lcm.cli.flags import add_section_flags, typed_settings
 from lcm.config.sampling import SampleConfig, default_sampler, default_steps
 from lcm.limits import MAX_IMAGES
@@ -62,10 +61,7 @@ def check_flags(args: argparse.Namespace):
     sampling settings and the parsed (device, dtype)."""
     from lcm.models.fast import parse_device, parse_dtype
 
-    if args.lora is None and args.lora_scale != 1.0:
-        raise ValueError("--lora-scale needs --lora")
-    if not math.isfinite(args.lora_scale):
-        raise ValueError(f"--lora-scale must be a finite number, got {args.lora_scale}")
+    lora_specs(args)
     cfg = _settings(args)
     if args.image is not None:
         from lcm.images import load_image
@@ -122,8 +118,9 @@ def run_sample(args: argparse.Namespace) -> int:
 
     cfg, device, dtype = check_flags(args)
     # A LoRA needs a base model: the shipped teacher; otherwise the shipped LCM.
-    model_path = args.model or (default_model_path() if args.lora else default_sampling_path())
-    model = LatentDiffusion.from_pretrained(model_path, lora=args.lora, lora_scale=args.lora_scale)
+    loras = lora_specs(args)
+    model_path = args.model or (default_model_path() if loras else default_sampling_path())
+    model = LatentDiffusion.from_pretrained(model_path, loras=loras)
     cfg = _for_model(cfg, model, args)
     size = (cfg.height, cfg.width)
     latent_shape(model, size)  # refuses sizes the VAE cannot make (a hub model's factor is known only now)
@@ -165,8 +162,7 @@ def _write(images, prompts: list[str], seeds: list[int], cfg: SampleConfig, args
         "height": cfg.height,
         "width": cfg.width,
         "model": model_path,
-        "lora": str(args.lora) if args.lora is not None else None,
-        "lora_scale": args.lora_scale if args.lora is not None else None,
+        "lora": " ".join(str(spec) for spec in lora_specs(args)) or None,
         "software": "lcm",
     }
     out = Path(args.out)
@@ -204,12 +200,7 @@ def add_parser(sub) -> None:
         help="diffusers-format model folder or hub id (default: the shipped embedded LCM; with --lora, the shipped "
         "Fashion teacher)",
     )
-    p.add_argument(
-        "--lora",
-        help="a LoRA file or folder applied to --model's UNet, e.g. an LCM-LoRA (diffusers', kohya's or peft's "
-        "naming; .safetensors); it is sampled as an LCM",
-    )
-    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (default 1)")
+    add_lora_flags(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     p.add_argument(
         "--negative-prompt",

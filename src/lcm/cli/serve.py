@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
-from lcm.cli.common import add_speed_args, check_int
+from lcm.cli.common import add_lora_flags, add_speed_args, check_int, lora_specs
 from lcm.cli.flags import add_section_flags, typed_settings
 from lcm.serve.hosts import is_address
 from lcm.serve.protocol import Limits
@@ -22,14 +21,9 @@ def check_flags(args: argparse.Namespace) -> None:
     for name in args.allowed_host or []:
         if not name.strip() or any(c in name for c in " /?#@"):
             raise ValueError(f"--allowed-host takes a host name such as myhost.lan, got {name!r}")
-    if not math.isfinite(args.lora_scale):
-        raise ValueError(f"--lora-scale must be a finite number, got {args.lora_scale}")
     if not args.host.strip():
         raise ValueError("--host must name an address, e.g. 127.0.0.1")
-    if args.lora is None and args.lora_scale != 1.0:
-        raise ValueError("--lora-scale needs --lora")
-    if args.lora is not None and not local_path_or_none(args.lora).exists():
-        raise ValueError(f"--lora {args.lora}: no such file or folder")
+    lora_specs(args)
     if args.model is not None:
         local = local_path_or_none(args.model, owner_required=True)
         if local is not None and not local.is_dir():
@@ -51,6 +45,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import torch
 
     from lcm.models.fast import parse_device, parse_dtype
+    from lcm.sample import default_model_path
     from lcm.serve import create_app, load_engine, serve_model_path
     from lcm.serve.server import bind, is_loopback, run, url
 
@@ -68,9 +63,9 @@ def run_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     limits = limits_from(args)
-    engine = load_engine(
-        args.model or serve_model_path(), device, dtype, args.compile, lora=args.lora, lora_scale=args.lora_scale
-    )
+    loras = lora_specs(args)
+    model = args.model or (default_model_path() if loras else serve_model_path())  # a LoRA's default base: the teacher
+    engine = load_engine(model, device, dtype, args.compile, loras)
     info = engine.info()
     print(
         f"lcm serve: {url(sock)}  ({info['model']}, {info['sampler']} sampler, {info['device']} {info['dtype']}; "
@@ -95,14 +90,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--model",
         help="diffusers-format model folder or hub id (default: the shipped embedded LCM when installed, else "
-        "the shipped Fashion teacher)",
+        "the shipped Fashion teacher; with --lora, the shipped Fashion teacher)",
     )
-    p.add_argument(
-        "--lora",
-        help="a LoRA file or folder applied to --model's UNet, e.g. an LCM-LoRA (diffusers', kohya's or peft's "
-        "naming; .safetensors); it is sampled as an LCM",
-    )
-    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (default 1)")
+    add_lora_flags(p)
     net = p.add_argument_group("network")
     net.add_argument(
         "--host",

@@ -13,6 +13,7 @@ from lcm.evaluation.prompts import EMBEDDED, data_flag
 from lcm.locations import local_path_or_none
 from lcm.maths.timesteps import DEFAULT_SPACING, SPACINGS
 from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.models.lora import LoraSpec, accelerator_of
 from lcm.sample import Sampler, default_model_path
 
 __all__ = [
@@ -43,6 +44,12 @@ class Method:
     model: str
     sampler: Sampler
     steps: tuple[int, ...]
+    loras: tuple[LoraSpec, ...] = ()  # stacked on ``model``
+
+    @property
+    def identity(self) -> str:
+        """What its rows name as their model: the folder or hub id, with the LoRAs stacked on it."""
+        return " + ".join([self.model, *map(str, self.loras)])
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,7 @@ def _methods(
     teacher_steps: Sequence[int],
     lcms: Sequence[tuple[str, str | None]],
     lcm_steps: Sequence[int],
+    loras: Sequence[LoraSpec] = (),
 ) -> tuple[Method, ...]:
     if bad := [x for x in teacher_samplers if x not in TEACHER_SAMPLERS]:
         raise ValueError(f"--teacher-samplers: unknown sampler(s) {bad}; choose from {', '.join(TEACHER_SAMPLERS)}")
@@ -100,6 +108,14 @@ def _methods(
             raise ValueError(f"--lcm {folder}: no such folder")
         label = name or ("LCM" if len(lcms) == 1 else f"LCM ({Path(folder).name})")
         methods.append(Method(label, folder, Sampler.LCM, tuple(lcm_steps)))
+    if loras:  # the stack on the teacher: an LCM with an LCM-LoRA among them, else sampled as the teacher
+        if accelerator_of(loras, base_is_lcm=False) is not None:
+            methods.append(Method("LoRA stack", teacher, Sampler.LCM, tuple(lcm_steps), tuple(loras)))
+        else:
+            methods += [
+                Method(f"teacher {TEACHER_SAMPLERS[x]} + LoRA", teacher, Sampler(x), tuple(teacher_steps), tuple(loras))
+                for x in teacher_samplers
+            ]
     if not methods:
         raise ValueError("nothing to evaluate: give --lcm and/or --teacher-samplers")
     if len({m.name for m in methods}) != len(methods):
@@ -136,6 +152,7 @@ def plan_eval(
     teacher_steps: Sequence[int] = (1, 2, 4, 8, 25, 50),
     lcms: Sequence[tuple[str, str | None]] = (),
     lcm_steps: Sequence[int] = (1, 2, 4, 8),
+    loras: Sequence[LoraSpec] = (),
     teacher_spacing: str = DEFAULT_SPACING,
     ws: Sequence[float] | None = None,
     num_samples: int = EvalSettings.num_samples,
@@ -155,15 +172,15 @@ def plan_eval(
     device: str | None = None,
     overwrite: bool = False,
 ) -> EvalPlan:
-    """The evaluation of ``teacher`` (default: the shipped one) and the LCMs ``lcms`` ((folder or hub id, row name
-    or None)), with every default filled in (docs/design.md §6).
+    """The evaluation of ``teacher`` (default: the shipped one), the LCMs ``lcms`` ((folder or hub id, row name
+    or None)) and a stack of ``loras`` on the teacher, with every default filled in (docs/design.md §6).
 
     The embedded Fashion teacher defaults to its captions as prompts, FD-clf / KID-clf / prompt accuracy in its own
     classifier's features and the test split as reference; other teachers need ``prompts`` and default to FID / KID
     against the prompts' data set (or ``reference``) and the CLIP score. ``ws`` defaults to the teacher's w.
     """
     teacher = teacher or str(default_model_path())
-    methods = _methods(teacher, teacher_samplers, teacher_steps, lcms, lcm_steps)
+    methods = _methods(teacher, teacher_samplers, teacher_steps, lcms, lcm_steps, loras)
     if teacher_spacing not in TEACHER_SPACINGS:
         raise ValueError(
             f"--teacher-spacing: unknown spacing {teacher_spacing!r}; choose from {', '.join(TEACHER_SPACINGS)}"

@@ -104,9 +104,17 @@ def reusable_records(path: Path, settings: EvalSettings, overwrite: bool) -> lis
     raise ValueError(f"{path} holds rows made with other settings ({diff}); use another --out or --overwrite")
 
 
-def model_fingerprint(model: str) -> str:
-    """Sizes and times of a folder's weight files (cheap even for SD checkpoints); a hub id stands for itself."""
+def model_fingerprint(model: str, loras: Sequence = ()) -> str:
+    """Sizes and times of a folder's weight files (cheap even for SD checkpoints); a hub id stands for itself.
+    With ``loras`` (:class:`~lcm.models.lora.LoraSpec`), their files' fingerprints follow the model's."""
+    if loras:
+        return "+".join(
+            [model_fingerprint(model), *(model_fingerprint(spec.path) + f"@{spec.scale:g}" for spec in loras)]
+        )
     path = Path(model)
+    if path.is_file():  # a LoRA file
+        st = path.stat()
+        return hashlib.sha256(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     if not path.is_dir():
         return f"hub:{model}"
     h = hashlib.sha256()

@@ -228,20 +228,20 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> list[Record]:
     plan.out.mkdir(parents=True, exist_ok=True)
     path = plan.out / "results.json"
     records = reusable_records(path, s, plan.overwrite)
-    fingerprints = {m.model: model_fingerprint(m.model) for m in plan.methods}
+    fingerprints = {m.identity: model_fingerprint(m.model, m.loras) for m in plan.methods}
     done = {r.key: r for r in records if r.model_fingerprint == fingerprints.get(r.model)}
     todo = [
         (m, steps, w)
         for w in plan.ws
         for m in plan.methods
         for steps in m.steps
-        if (m.name, m.model, m.sampler.value, steps, w) not in done
+        if (m.name, m.identity, m.sampler.value, steps, w) not in done
     ]
-    order = {model: i for i, model in enumerate(dict.fromkeys(m.model for m in plan.methods))}
-    todo.sort(key=lambda row: order[row[0].model])  # each model is loaded once
+    order = {model: i for i, model in enumerate(dict.fromkeys(m.identity for m in plan.methods))}
+    todo.sort(key=lambda row: order[row[0].identity])  # each model is loaded once
     print(f"{len(done)} rows reused from {path}, {len(todo)} to evaluate" if done else f"{len(todo)} rows to evaluate")
     if todo:
-        first = LatentDiffusion.from_pretrained(todo[0][0].model, plan.device)
+        first = LatentDiffusion.from_pretrained(todo[0][0].model, plan.device, loras=todo[0][0].loras)
         needs_reference = any(METRICS[m][1] != "clip" for m in s.metrics)
         evaluator = Evaluator(
             s.metrics,
@@ -252,17 +252,17 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> list[Record]:
             device=plan.device,
         )
         prompts = load_prompts(s.prompts, s.num_samples, s.seed, s.caption_column, s.split, plan.data_dir)
-        models = {todo[0][0].model: first}
+        models = {todo[0][0].identity: first}
         cached: dict[str, bool] = {}  # model → whether its prompt cache holds the evaluation's prompts
         for method, steps, w in tqdm(todo, desc="rows", unit="row", disable=not progress):
-            if method.model not in models:
+            if method.identity not in models:
                 models.clear()  # one model in memory at a time
-                models[method.model] = LatentDiffusion.from_pretrained(method.model, plan.device)
-            model = models[method.model]
+                models[method.identity] = LatentDiffusion.from_pretrained(method.model, plan.device, loras=method.loras)
+            model = models[method.identity]
             spacing = None if method.sampler.for_distilled else s.teacher_spacing
 
             def sample(p, seeds, model=model, method=method, steps=steps, w=w, spacing=spacing):
-                cache = cached[method.model]
+                cache = cached[method.identity]
                 return generate(
                     model,
                     p,
@@ -275,17 +275,19 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> list[Record]:
                     cache_prompts=cache,
                 )
 
-            if method.model not in cached:  # not timed: the prompts' text embeddings, the first calls' lazy set-up
-                cached[method.model] = fill_prompt_cache(model, prompts)
+            if method.identity not in cached:  # not timed: the prompts' text embeddings, the first calls' lazy set-up
+                cached[method.identity] = fill_prompt_cache(model, prompts)
                 sample(prompts.prompts[:2], prompts.seeds[:2])
 
             values = evaluate_sampling(sample, prompts, evaluator, plan.batch_size, progress)
             row = Row(method.name, method.sampler, steps, w, spacing)
-            record = row_record(row, method.model, values, fingerprints[method.model])
+            record = row_record(row, method.identity, values, fingerprints[method.identity])
             done[record.key] = record
             save_results(path, s, list(done.values()))
             tqdm.write(f"{method.name} {steps} steps w={w:g}: " + brief(record))
-    wanted = [done[(m.name, m.model, m.sampler.value, st, w)] for w in plan.ws for m in plan.methods for st in m.steps]
+    wanted = [
+        done[(m.name, m.identity, m.sampler.value, st, w)] for w in plan.ws for m in plan.methods for st in m.steps
+    ]
     save_results(path, s, list(done.values()))
     write_report(wanted, s, plan.out)
     return wanted

@@ -6,6 +6,8 @@ Every sampler is a free function over a callable (as k-diffusion's): the consist
 the teacher and for TCD (which reads the network's raw x̂0 and ε̂, at one host-float t). Guidance, conditioning and
 the network live in the callable. Timesteps are float64/long ``[N]`` lists from
 :mod:`lcm.maths.timesteps`; randomness comes from one generator per image, so image i is the same whatever the batch.
+Every sampler takes an optional ``after_step`` (:data:`StepHook`) that may replace the latent after each step: how
+inpainting with a text-to-image UNet re-imposes the known region (:func:`keep_known_region`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from lcm.maths.timesteps import tcd_intermediate_timesteps
 __all__ = [
     "ConsistencyFn",
     "HostDenoiser",
+    "StepHook",
+    "keep_known_region",
     "randn_per_image",
     "sample_ddim",
     "sample_dpm_solver",
@@ -34,6 +38,8 @@ __all__ = [
 ConsistencyFn = Callable[[torch.Tensor, "torch.Tensor | float"], torch.Tensor]
 # (z [B,C,H,W], t) → Denoised(x̂0, ε̂), t one host float shared by the batch.
 HostDenoiser = Callable[[torch.Tensor, float], Denoised]
+# (z after step i [B,C,H,W], i) → the latent the sampler goes on from (after the last step: the result it returns).
+StepHook = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def randn_per_image(
@@ -53,6 +59,29 @@ def _batched(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return t.reshape(1).expand(z.shape[0]).to(z.device)
 
 
+def _after(after_step: StepHook | None, z: torch.Tensor, i: int) -> torch.Tensor:
+    return z if after_step is None else after_step(z, i)
+
+
+def keep_known_region(
+    known: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule
+) -> StepHook:
+    """Inpainting with a text-to-image UNet: after step i, the region to keep (``mask`` 0) is replaced by the known
+    latents ``known`` ``[B,C,h,w]`` noised with ``noise`` to the next timestep, ``α z_known + σ ε`` (after the last
+    step: ``known`` itself); the region to repaint (``mask`` 1, ``[B,1,h,w]``) keeps the sampler's latent.
+
+    ``(1 − m)·known_t + m·z``, as diffusers' ``StableDiffusionInpaintPipeline`` blends when its UNet has 4 input
+    channels, with the same noise that started the run.
+    """
+    ts = [float(t) for t in timesteps.tolist()]
+
+    def blend(z: torch.Tensor, i: int) -> torch.Tensor:
+        known_t = schedule.add_noise(known, noise, ts[i + 1]) if i + 1 < len(ts) else known
+        return (1 - mask) * known_t + mask * z
+
+    return blend
+
+
 @torch.no_grad()
 def sample_lcm(
     f: ConsistencyFn,
@@ -60,6 +89,7 @@ def sample_lcm(
     timesteps: torch.Tensor,
     schedule: NoiseSchedule,
     generators: Sequence[torch.Generator],
+    after_step: StepHook | None = None,
 ) -> torch.Tensor:
     """Multistep consistency sampling (Algorithm 1, Luo et al. 2023); ``z`` is the initial noise ``z_T``.
 
@@ -69,12 +99,12 @@ def sample_lcm(
     # Every draw happens before the loop (image i's generator gives the same numbers in the same order).
     noises = [randn_per_image(z.shape, generators, z.device, z.dtype) for _ in range(len(timesteps) - 1)]
     ts = [float(t) for t in timesteps.tolist()]
-    x0 = z
     for i, t in enumerate(ts):
         x0 = f(z, t)  # jump to the trajectory's origin
-        if i + 1 < len(ts):  # re-noise to the next, lower, timestep
-            z = schedule.add_noise(x0, noises[i], ts[i + 1])
-    return x0
+        # re-noise to the next, lower, timestep; after the last step the result is x̂0 itself
+        z = schedule.add_noise(x0, noises[i], ts[i + 1]) if i + 1 < len(ts) else x0
+        z = _after(after_step, z, i)
+    return z
 
 
 @torch.no_grad()
@@ -85,6 +115,7 @@ def sample_tcd(
     schedule: NoiseSchedule,
     gamma: float,
     generators: Sequence[torch.Generator],
+    after_step: StepHook | None = None,
 ) -> torch.Tensor:
     """TCD's strategic stochastic sampling (Zheng et al. 2024), step for step diffusers' ``TCDScheduler``.
 
@@ -113,11 +144,18 @@ def sample_tcd(
             alpha_next, _ = schedule.alpha_sigma_at(float(ts[i + 1]))
             ratio = (alpha_next / alpha_s) ** 2  # ᾱ_{t_{i+1}} / ᾱ_s ≤ 1
             z = math.sqrt(ratio) * z + math.sqrt(1.0 - ratio) * noises[i]
+        z = _after(after_step, z, i)
     return z
 
 
 @torch.no_grad()
-def sample_ddim(denoiser: Denoiser, z: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+def sample_ddim(
+    denoiser: Denoiser,
+    z: torch.Tensor,
+    timesteps: torch.Tensor,
+    schedule: NoiseSchedule,
+    after_step: StepHook | None = None,
+) -> torch.Tensor:
     """Deterministic DDIM (η = 0) along ``timesteps``; the last step lands on ``schedule.final_alpha_cumprod``.
 
     The step after ``timesteps[i]`` is ``timesteps[i+1]``; for the spacings diffusers uses with SD ("leading",
@@ -131,6 +169,7 @@ def sample_ddim(denoiser: Denoiser, z: torch.Tensor, timesteps: torch.Tensor, sc
         else:
             alpha, sigma = final.sqrt().expand(z.shape[0]), (1 - final).sqrt().expand(z.shape[0])
         z = append_dims(alpha, z) * d.x0 + append_dims(sigma, z) * d.eps
+        z = _after(after_step, z, i)
     return z
 
 
@@ -142,6 +181,7 @@ def sample_dpm_solver(
     schedule: NoiseSchedule,
     data_prediction: bool,
     lower_order_final: bool = True,
+    after_step: StepHook | None = None,
 ) -> torch.Tensor:
     """2nd-order multistep DPM-Solver (noise form) or DPM-Solver++(2M) (data form), midpoint variant.
 
@@ -172,5 +212,6 @@ def sample_dpm_solver(
             h, h_prev = lambdas[i + 1] - lambdas[i], lambdas[i] - lambdas[i - 1]
             m_ext = m + 0.5 * float(h / h_prev) * (m - prev)
             z = update(z, m_ext, a_s, s_s, a_t, s_t)
+        z = _after(after_step, z, i)
         prev = m
     return z

@@ -10,6 +10,7 @@ one (a student, its EMA target, a wrapped copy), so training, validation and sam
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,11 @@ from lcm.models.formats import (
     is_sdxl,
     lcm_scheduler_config,
     lora_base,
-    read_json_object,
     read_record,
     safe_weights,
     w_input_dim,
 )
+from lcm.models.lora import LoraSpec
 from lcm.models.text import (
     EMBEDDED_ENCODER,
     PromptCache,
@@ -73,10 +74,15 @@ class LatentDiffusion:
     text_encoder: TextEncoder | None
     source: str | None = None  # where it was loaded from (folder or hub id)
     lora_base: str | None = None  # for a loaded LCM-LoRA: its base model (``source`` is the LoRA folder)
+    loras: tuple[LoraSpec, ...] = ()  # the LoRAs stacked on the UNet
+    accelerator: LoraSpec | None = None  # the LCM-LoRA among them
     # What an exported LCM recorded about its distillation (read back by ``from_pretrained``):
     w_range: tuple[float, float] | None = None  # the guidance weights it was distilled on
     sigma_data: float = SIGMA_DATA  # consistency constants (docs/design.md §2)
     timestep_scaling: float = TIMESTEP_SCALING
+    # An inpainting UNet's extra input, [B, 1 + C, h, w]: the latent-size mask and the masked image's latents, put
+    # beside z on the channel axis at every call (:meth:`with_inpaint_condition`); None for a text-to-image UNet.
+    inpaint_condition: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.schedule = NoiseSchedule.from_config(self.scheduler_config)
@@ -91,37 +97,26 @@ class LatentDiffusion:
         path: str | Path,
         device: str | torch.device = "cpu",
         with_text_encoder: bool = True,
-        lora: str | Path | None = None,
-        lora_scale: float = 1.0,
+        loras: Sequence[LoraSpec] = (),
     ) -> LatentDiffusion:
         """Load a model folder or hub id; a folder holding an exported LCM-LoRA loads its base model plus the LoRA.
 
-        ``lora``: a LoRA file (or folder) made here or elsewhere (diffusers', kohya's or peft's naming) applied to the
-        UNet at ``lora_scale``. It is taken for an LCM-LoRA: the model samples as an LCM, on the skipping grid of the
-        LoRA's ``lcm_lora.json`` when it has one, else LCM-LoRA's N = 50.
+        ``loras``: LoRA files (or folders) made here or elsewhere (diffusers', kohya's or peft's naming) stacked on
+        the UNet, each at its scale (:func:`lcm.models.lora.apply_lora_stack`). When one of them is an LCM-LoRA
+        (:func:`lcm.models.lora.accelerator_of`) the model samples as an LCM, on the skipping grid of its
+        ``lcm_lora.json`` when it has one, else LCM-LoRA's N = 50.
         """
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-        path = str(path)
-        if (Path(path) / LORA_META).is_file():
-            if lora is not None:
-                raise ValueError(f"{path} is an LCM-LoRA folder; give its base model as --model and it as --lora")
+        path, loras = str(path), tuple(loras)
+        if (Path(path) / LORA_META).is_file():  # an exported LCM-LoRA: its base, the LoRA and any others given
             base = lora_base(path)
-            model = cls.from_pretrained(base, device, with_text_encoder, lora=path, lora_scale=lora_scale)
-            model.source, model.lora_base = path, base
+            model = cls.from_pretrained(base, device, with_text_encoder, (LoraSpec(path, 1.0, "lcm"), *loras))
+            model.source = path
             return model
-        if lora is not None:
-            from lcm.models.lora import apply_lora_file
-
+        if loras:
             model = cls.from_pretrained(path, device, with_text_encoder)
-            apply_lora_file(model.unet, lora, scale=lora_scale)
-            folder = Path(lora) if Path(lora).is_dir() else Path(lora).parent
-            meta = read_json_object(folder / LORA_META) if (folder / LORA_META).is_file() else {}
-            if not model.is_lcm:  # LCM-LoRA's skipping grid is the default N unless the LoRA's record says otherwise
-                original = int(meta.get("original_inference_steps", DEFAULT_NUM_SOLVER_STEPS))
-                model.scheduler_config = lcm_scheduler_config(model.scheduler_config, original)
-                model.__post_init__()
-            model._read_record(folder)
+            model._stack_loras(loras)
             model.lora_base = path
             return model
         local = local_path_or_none(path, owner_required=True)
@@ -149,6 +144,21 @@ class LatentDiffusion:
         if local is not None:
             model._read_record(local)
         return model
+
+    def _stack_loras(self, loras: tuple[LoraSpec, ...]) -> None:
+        """Apply ``loras`` to the UNet; an LCM-LoRA among them makes this model an LCM (its grid, its record)."""
+        from lcm.models.lora import accelerator_of, apply_lora_stack
+
+        accelerator = accelerator_of(loras, self.is_lcm)
+        apply_lora_stack(self.unet, loras)
+        self.loras, self.accelerator = loras, accelerator
+        if accelerator is None:
+            return
+        if not self.is_lcm:  # LCM-LoRA's skipping grid is the default N unless the LoRA's record says otherwise
+            original = int((accelerator.record or {}).get("original_inference_steps", DEFAULT_NUM_SOLVER_STEPS))
+            self.scheduler_config = lcm_scheduler_config(self.scheduler_config, original)
+            self.__post_init__()
+        self._read_record(accelerator.folder)
 
     def _read_record(self, folder: Path) -> None:
         """Take the w range and consistency constants an export recorded (docs/design.md §4)."""
@@ -183,9 +193,21 @@ class LatentDiffusion:
         return default_w(self.w_range, self.is_embedded)
 
     @property
+    def latent_channels(self) -> int:
+        """C of the latents z: the VAE's, not the UNet's input channels (9 for an inpainting UNet)."""
+        return int(self.vae.config.latent_channels)
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         size = self.unet.config.sample_size
-        return (self.unet.config.in_channels, size, size)
+        return (self.latent_channels, size, size)
+
+    @property
+    def is_inpainting(self) -> bool:
+        """An inpainting UNet (SD-inpainting's layout): it takes ``[z, mask, masked-image latents]``, 2C + 1
+        channels, as its input."""
+        unet = getattr(self.unet, "module", self.unet)  # a distributed wrapper
+        return int(unet.config.in_channels) == 2 * self.latent_channels + 1
 
     @property
     def scaling_factor(self) -> float:
@@ -233,6 +255,18 @@ class LatentDiffusion:
         view.prompt_cache = self.prompt_cache
         return view
 
+    def with_inpaint_condition(self, mask: torch.Tensor, masked_latents: torch.Tensor) -> LatentDiffusion:
+        """This model with its inpainting UNet's extra input fixed: the latent-size ``mask`` ``[B, 1, h, w]`` (1 =
+        repaint) and ``masked_latents`` ``[B, C, h, w]``, the latents of the image with the region to repaint
+        blanked out; every network call then sees ``[z, mask, masked_latents]``, as diffusers' inpainting pipeline
+        builds it."""
+        if not self.is_inpainting:
+            raise ValueError("only an inpainting UNet (2C + 1 input channels) takes a mask and a masked image")
+        condition = torch.cat([mask, masked_latents], dim=1)
+        view = dataclasses.replace(self, inpaint_condition=condition.to(self.device))
+        view.prompt_cache = self.prompt_cache
+        return view
+
     # --- the network as the maths sees it -------------------------------------------------------------------
     def unet_output(
         self, z: torch.Tensor, t: torch.Tensor, text: TextEmbeddings, timestep_cond: torch.Tensor | None = None
@@ -241,12 +275,20 @@ class LatentDiffusion:
         unet = self.unet
         dtype = network_dtype(unet)
         return unet(
-            z.to(dtype),
+            self._network_input(z).to(dtype),
             t.to(device=z.device, dtype=torch.float32),
             encoder_hidden_states=text.hidden_states.to(dtype),
             timestep_cond=None if timestep_cond is None else timestep_cond.to(dtype),
             added_cond_kwargs=self._added_conditions(text, z, dtype),
         ).sample
+
+    def _network_input(self, z: torch.Tensor) -> torch.Tensor:
+        """``z``, or ``[z, mask, masked latents]`` for an inpainting UNet; the condition is repeated to z's batch,
+        which classifier-free guidance doubles."""
+        if self.inpaint_condition is None:
+            return z
+        condition = self.inpaint_condition.to(z.dtype)
+        return torch.cat([z, condition.repeat(z.shape[0] // condition.shape[0], 1, 1, 1)], dim=1)
 
     def _added_conditions(self, text: TextEmbeddings, z: torch.Tensor, dtype) -> dict | None:
         """SDXL's micro-conditioning: pooled text embedding and (original size, crop, target size) time ids."""

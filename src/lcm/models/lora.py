@@ -13,20 +13,106 @@ attention adapter.
 Files made elsewhere — diffusers' older ``lora.down`` / ``lora_linear_layer`` naming, kohya's
 ``lora_unet_…lora_down.weight`` + ``.alpha`` naming, peft naming — are read through diffusers' own converters and then
 brought to peft naming as a whole before they reach the UNet.
+
+A stack of LoRAs (:class:`LoraSpec`, ``FILE[:SCALE][:ROLE]``) is the LCM-LoRA paper's linear combination: every
+adapted weight is W + Σ_i λ_i·ΔW_i (peft adapters active together, each at its scale). At most one of them is the
+*accelerator*, the LCM-LoRA that makes the stack a few-step model (:func:`accelerator_of`); the others are style
+LoRAs or other fine-tunes of the same base.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lcm.locations import written
-from lcm.models.formats import LORA_FILE, is_sdxl
+from lcm.models.formats import LORA_FILE, LORA_META, is_sdxl, read_json_object
 
-__all__ = ["adapted_modules", "apply_lora_file", "lora_state_dict", "read_lora_file", "write_lora_file"]
+__all__ = [
+    "LoraSpec",
+    "accelerator_of",
+    "adapted_modules",
+    "apply_lora_file",
+    "apply_lora_stack",
+    "lora_state_dict",
+    "read_lora_file",
+    "write_lora_file",
+]
 
 UNET_PREFIX = "unet."
+ROLES = ("lcm", "style")  # the accelerator (an LCM-LoRA) or anything else stacked with it
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA of a stack: a file (or a folder holding ``pytorch_lora_weights.safetensors``), its scale λ and its
+    role: "lcm" (the accelerator), "style", or None (read from the record beside it: see :func:`accelerator_of`)."""
+
+    path: str
+    scale: float = 1.0
+    role: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, default_scale: float = 1.0) -> LoraSpec:
+        """``FILE[:SCALE][:ROLE]`` (``style.safetensors:0.8``, ``lcm-lora:1:lcm``); a path may hold colons."""
+        path, scale, role = str(text), None, None
+        head, _, tail = path.rpartition(":")
+        if head and tail in ROLES:
+            path, role = head, tail
+        head, _, tail = path.rpartition(":")
+        if head:
+            try:
+                scale = float(tail)
+            except ValueError:
+                pass  # a colon of the path itself
+            else:
+                path = head
+        scale = default_scale if scale is None else scale
+        if not math.isfinite(scale):
+            raise ValueError(f"--lora {text}: the scale must be a finite number, got {scale}")
+        if not path:
+            raise ValueError(f"--lora {text}: no file given")
+        return cls(path, scale, role)
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.scale:g}" + (f":{self.role}" if self.role else "")
+
+    @property
+    def folder(self) -> Path:
+        """The folder whose records describe this LoRA (itself, or the file's folder)."""
+        path = Path(self.path).expanduser()
+        return path if path.is_dir() else path.parent
+
+    @property
+    def record(self) -> dict | None:
+        """The ``lcm_lora.json`` of an LCM-LoRA exported here, or None."""
+        meta = self.folder / LORA_META
+        return read_json_object(meta) if meta.is_file() else None
+
+
+def accelerator_of(specs: Sequence[LoraSpec], base_is_lcm: bool) -> LoraSpec | None:
+    """The LCM-LoRA of a stack: the one marked ``:lcm``, or the one with an ``lcm_lora.json`` (unless marked
+    ``:style``); a lone LoRA without either is taken for one (LCM-LoRA files made elsewhere carry no record).
+    Several unmarked LoRAs on a base that is not an LCM are ambiguous and refused in one line."""
+    marked = [s for s in specs if s.role == "lcm" or (s.role is None and s.record is not None)]
+    if len(marked) > 1:
+        names = ", ".join(s.path for s in marked)
+        raise ValueError(f"--lora: {len(marked)} LCM-LoRAs ({names}); stack one accelerator with style LoRAs")
+    if marked:
+        return marked[0]
+    unmarked = [s for s in specs if s.role is None]
+    if len(specs) == 1 and unmarked:
+        return specs[0]
+    if base_is_lcm or not unmarked:
+        return None
+    raise ValueError(
+        "--lora: several LoRAs and none is known as the LCM-LoRA (no lcm_lora.json beside it): mark it FILE:SCALE:lcm, "
+        "or the others FILE:SCALE:style"
+    )
 
 
 def _adapter_name(unet) -> str:
@@ -108,12 +194,10 @@ def read_lora_file(path: str | Path, sdxl: bool = False) -> tuple[dict[str, torc
     return unet_state, alphas or None
 
 
-def apply_lora_file(unet, path: str | Path, scale: float = 1.0) -> dict[str, int]:
-    """Load the LoRA at ``path`` into ``unet`` (frozen), at ``scale``; refuse a file whose modules do not all exist.
-
-    The adapter gets diffusers' own name (``default_0`` for the first), as ``pipe.load_lora_weights`` would give it.
-    Returns ``{"modules": n}``, the number of modules that now carry the adapter.
-    """
+def apply_lora_file(unet, path: str | Path) -> str:
+    """Load the LoRA at ``path`` into ``unet`` as one more adapter (at scale 1; :func:`apply_lora_stack` sets the
+    scales), refusing a file whose modules or shapes do not all fit. Returns the adapter's name, diffusers' own
+    (``default_0`` for the first, ``default_1`` ...), as ``pipe.load_lora_weights`` would give it."""
     from diffusers.utils.peft_utils import get_adapter_name
 
     state, alphas = read_lora_file(path, sdxl=is_sdxl(unet))
@@ -122,11 +206,22 @@ def apply_lora_file(unet, path: str | Path, scale: float = 1.0) -> dict[str, int
     if missing := sorted(wanted - names):
         raise ValueError(f"{path}: {len(missing)} LoRA module(s) do not exist in this UNet, e.g. {missing[0]}")
     adapter_name = get_adapter_name(unet)
-    unet.load_lora_adapter(state, network_alphas=alphas, adapter_name=adapter_name, prefix="unet")
+    try:
+        unet.load_lora_adapter(state, network_alphas=alphas, adapter_name=adapter_name, prefix="unet")
+    except (RuntimeError, ValueError) as err:  # torch's size mismatch: a LoRA of another base model
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} does not fit this UNet (a LoRA for another base model?): {first}") from None
     loaded = adapted_modules(unet, adapter_name)
     if len(loaded) != len(wanted):  # the loader dropped some (a key format it did not recognise)
         raise ValueError(f"{path}: only {len(loaded)} of {len(wanted)} LoRA modules were applied")
-    if scale != 1.0:
-        unet.set_adapters([adapter_name], weights=[scale])
+    return adapter_name
+
+
+def apply_lora_stack(unet, specs: Sequence[LoraSpec]) -> list[str]:
+    """Load every LoRA of ``specs`` into ``unet`` (frozen), all active at their scales: each adapted weight acts as
+    W + Σ_i λ_i·ΔW_i. Returns the adapters' names in the order of ``specs``."""
+    names = [apply_lora_file(unet, spec.path) for spec in specs]
+    if any(spec.scale != 1.0 for spec in specs) or len(names) > 1:
+        unet.set_adapters(names, weights=[spec.scale for spec in specs])
     unet.requires_grad_(False)
-    return {"modules": len(loaded)}
+    return names

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import lcm.sample as library
 from lcm.config.sampling import DEFAULT_GAMMA, DISTILLED_STEPS, default_sampler
 from lcm.maths.timesteps import sampler_timesteps
 from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.models.lora import LoraSpec
 from lcm.sample import Sampler, generate
 from lcm.serve.protocol import Request, RequestError
 
@@ -110,6 +112,7 @@ class Engine:
         return {
             "model": str(self.model.source),
             "lora_base": self.model.lora_base,
+            "loras": [str(spec) for spec in self.model.loras],
             "is_lcm": self.model.is_lcm,
             "sampler": self.sampler.value,
             "samplers": [s.value for s in self.samplers],
@@ -157,13 +160,12 @@ def load_engine(
     device: torch.device,
     dtype: torch.dtype,
     compile: Any = "off",
-    lora: str | None = None,
-    lora_scale: float = 1.0,
+    loras: Sequence[LoraSpec] = (),
 ) -> Engine:
-    """Load and place a model folder (or hub id), optionally with a LoRA, and warm it up."""
+    """Load and place a model folder (or hub id), optionally with a stack of LoRAs, and warm it up."""
     from lcm.models.fast import Compile, optimize
 
-    model = LatentDiffusion.from_pretrained(path, lora=lora, lora_scale=lora_scale)
+    model = LatentDiffusion.from_pretrained(path, loras=loras)
     optimize(model, device, dtype, Compile(compile))
     engine = Engine(model)
     engine.warm_up()
