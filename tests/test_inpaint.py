@@ -231,3 +231,43 @@ def test_a_mask_needs_an_init_image():
     _, model = pipeline_and_model("ddim", 4)
     with pytest.raises(ValueError, match="a mask needs an init image"):
         generate(model, PROMPTS, Sampler.DDIM, 2, W, SEEDS, mask=torch.ones(1, 1, SIDE, SIDE))
+
+
+def test_lcm_sample_inpaints_with_mask_files(tmp_path, capsys):
+    """``lcm sample --image --mask``: the mask file read as greyscale in [0, 1], strength 1 by default, the images
+    ``generate`` draws with them; the black region of the result stays the init image's."""
+    from lcm.cli import main
+    from lcm.images import load_image, load_mask, to_uint8
+    from lcm.sample import default_sampling_path
+
+    model = LatentDiffusion.from_pretrained(default_sampling_path())
+    side = model.latent_shape[1] * model.vae_scale_factor
+    init = np.zeros((side, side), np.uint8)
+    init[4:28, 8:24] = 230  # a bright block
+    mask = np.zeros((side, side), np.uint8)
+    mask[:, side // 2 :] = 255  # repaint the right half
+    Image.fromarray(init).save(tmp_path / "init.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    args = [
+        "sample",
+        "--prompt",
+        "a sandal",
+        "--num-images",
+        "1",
+        "--steps",
+        "2",
+        "--image",
+        str(tmp_path / "init.png"),
+    ]
+    assert main([*args, "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "a.png")]) == 0
+    assert "inpainting strength 1" in capsys.readouterr().out
+    image, repaint = load_image(tmp_path / "init.png", 1), load_mask(tmp_path / "mask.png")
+    expected = generate(model, ["a sandal"], Sampler.LCM, 2, model.default_w, [0], init_images=image, mask=repaint,
+                        strength=1.0)  # fmt: skip
+    drawn = np.asarray(Image.open(tmp_path / "a.png")).astype(int)
+    assert np.abs(drawn - to_uint8(expected)[0, ..., 0]).max() <= 1
+    kept, repainted = (np.abs(drawn - init)[:, cols].mean() for cols in (slice(0, side // 4), slice(side // 2, None)))
+    assert kept < 20 < repainted, (kept, repainted)  # the left stays the init image (through the VAE), the right not
+    assert Image.open(tmp_path / "a.png").info["mask"] == str(tmp_path / "mask.png")
+    assert main([*args[:-2], "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "b.png")]) == 2
+    assert "--mask needs --image" in capsys.readouterr().err

@@ -162,19 +162,27 @@ def decode_image_bytes(
     return image_to_tensor(img, channels)
 
 
-def load_image(path: str | Path, channels: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+def load_image(
+    path: str | Path, channels: int, size: tuple[int, int] | None = None, flag: str = "--image"
+) -> torch.Tensor:
     """An image file (PNG, JPEG, WebP, …) → ``[1, C, H, W]`` in [−1, 1] (:func:`decode_image_bytes`); a missing
-    or unreadable file is a one-line ValueError naming it."""
+    or unreadable file is a one-line ValueError naming it (as ``flag``)."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise ValueError(f"--image {path}: no such file") from None
+        raise ValueError(f"{flag} {path}: no such file") from None
     except OSError as err:
-        raise ValueError(f"--image {path}: cannot be read ({err.strerror})") from None
+        raise ValueError(f"{flag} {path}: cannot be read ({err.strerror})") from None
     try:
         return decode_image_bytes(data, channels, size)
     except ValueError as err:
-        raise ValueError(f"--image {path}: {err}") from None
+        raise ValueError(f"{flag} {path}: {err}") from None
+
+
+def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An inpainting mask file → ``[1, 1, H, W]`` in [0, 1] (white = repaint), read as greyscale like an image
+    (``x / 255``, Lanczos to ``size`` when it differs: give a mask of the output size to keep its edges exact)."""
+    return (load_image(path, 1, size, "--mask") + 1.0) / 2.0
 
 
 # --- labelled grids ------------------------------------------------------------------------------------------------

@@ -45,6 +45,10 @@ def _settings(args: argparse.Namespace) -> SampleConfig:
         )
     if "sample.strength" in typed and args.image is None:
         raise ValueError("--strength needs --image (the init image of image-to-image)")
+    if args.mask is not None and args.image is None:
+        raise ValueError("--mask needs --image (the init image whose white mask region is repainted)")
+    if args.mask is not None and "sample.strength" not in typed:
+        cfg = replace(cfg, strength=1.0)  # inpainting's usual default: the masked region from pure noise
     factor = _vae_scale_factor(args.model)
     for flag, value in (("--height", cfg.height), ("--width", cfg.width)):
         if value is not None and factor is not None and value % factor:
@@ -67,6 +71,10 @@ def check_flags(args: argparse.Namespace):
         from lcm.images import load_image
 
         load_image(args.image, 3)  # readable (one line if not), before anything is loaded
+    if args.mask is not None:
+        from lcm.images import load_mask
+
+        load_mask(args.mask)
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
     out, count = Path(args.out), len(args.prompt) * cfg.num_images
@@ -110,11 +118,11 @@ def _for_model(cfg: SampleConfig, model, args: argparse.Namespace) -> SampleConf
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from lcm.images import load_image
+    from lcm.images import load_image, load_mask
     from lcm.maths.timesteps import sampler_timesteps
     from lcm.models.fast import optimize
     from lcm.models.latent_diffusion import LatentDiffusion
-    from lcm.sample import default_model_path, default_sampling_path, generate, latent_shape
+    from lcm.sample import default_model_path, default_sampling_path, generate, inpaint_timesteps, latent_shape
 
     cfg, device, dtype = check_flags(args)
     # A LoRA needs a base model: the shipped teacher; otherwise the shipped LCM.
@@ -125,16 +133,20 @@ def run_sample(args: argparse.Namespace) -> int:
     size = (cfg.height, cfg.width)
     latent_shape(model, size)  # refuses sizes the VAE cannot make (a hub model's factor is known only now)
     optimize(model, device, dtype, Compile(args.compile))
-    init = None
+    init = mask = None
     if args.image is not None:  # a strength that leaves no step: one line, before any image is drawn
-        sampler_timesteps(cfg.sampler, cfg.steps, model.scheduler_config, model.schedule, cfg.strength)
+        if args.mask is not None:
+            inpaint_timesteps(model, cfg.sampler, cfg.steps, cfg.strength)
+            mask = load_mask(args.mask, size)
+        else:
+            sampler_timesteps(cfg.sampler, cfg.steps, model.scheduler_config, model.schedule, cfg.strength)
         init = load_image(args.image, int(model.vae.config.in_channels), size)
     prompts = [p for p in args.prompt for _ in range(cfg.num_images)]
     seeds = [cfg.seed + i for _ in args.prompt for i in range(cfg.num_images)]
     options = {"gamma": cfg.gamma, "negative_guidance": cfg.negative_guidance, "strength": cfg.strength}
     images = generate(
         model, prompts, cfg.sampler, cfg.steps, cfg.guidance, seeds, batch_size=cfg.batch_size, progress=True,
-        negative_prompt=args.negative_prompt or "", size=size, init_images=init, **options,
+        negative_prompt=args.negative_prompt or "", size=size, init_images=init, mask=mask, **options,
     )  # fmt: skip
     _write(images, prompts, seeds, cfg, args, str(model_path))
     return 0
@@ -149,6 +161,7 @@ def _write(images, prompts: list[str], seeds: list[int], cfg: SampleConfig, args
     from lcm.images import save_image, save_labelled_grid
 
     tcd, img2img, w = cfg.sampler is Sampler.TCD, args.image is not None, cfg.guidance
+    inpaint = args.mask is not None
     settings = {
         "negative_prompt": args.negative_prompt or "",
         "steps": cfg.steps,
@@ -158,6 +171,7 @@ def _write(images, prompts: list[str], seeds: list[int], cfg: SampleConfig, args
         "gamma": cfg.gamma if tcd else None,
         "negative_guidance": cfg.negative_guidance or None,
         "image": str(args.image) if img2img else None,
+        "mask": str(args.mask) if inpaint else None,
         "strength": cfg.strength if img2img else None,
         "height": cfg.height,
         "width": cfg.width,
@@ -174,7 +188,7 @@ def _write(images, prompts: list[str], seeds: list[int], cfg: SampleConfig, args
     what = f"{_plural(len(images), 'image')} ({cfg.sampler.value}, {_plural(cfg.steps, 'step')}, w={w:g}"
     what += f", gamma={cfg.gamma:g}" if tcd else ""
     what += f", negative guidance {cfg.negative_guidance:g}" if cfg.negative_guidance else ""
-    what += f", img2img strength {cfg.strength:g}" if img2img else ""
+    what += f", {'inpainting' if inpaint else 'img2img'} strength {cfg.strength:g}" if img2img else ""
     print(f"{what}) written to {out}")
     if args.grid is not None:
         grid = Path(args.grid) if args.grid else (out.with_name(out.stem + "-grid.png") if single else out / "grid.png")
@@ -211,6 +225,13 @@ def add_parser(sub) -> None:
         "--image",
         help="init image (PNG, JPEG, …) for image-to-image, resized (Lanczos) to the output size: --height/--width, "
         "default the model's native size",
+    )
+    p.add_argument(
+        "--mask",
+        help="inpainting: a mask image for --image (white = repaint, black = keep; read as greyscale, binarised at "
+        "50%%, resized like --image), as diffusers' inpainting pipelines. --strength defaults to 1 here (the masked "
+        "region from pure noise). Text-to-image models keep the black region by blending after every step; "
+        "inpainting models (9-channel UNets) take the mask as input and need it",
     )
     p.add_argument(
         "--out",

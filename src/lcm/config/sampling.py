@@ -62,7 +62,8 @@ class SampleConfig:
         DEFAULT_STRENGTH,
         "img2img strength: how much noise the init image gets; lcm keeps --steps steps on the first strength·N "
         "points of its skipping grid, the others run the last int(steps·strength) of their steps, as diffusers' "
-        "img2img pipelines. Needs --image",
+        "img2img pipelines. Needs --image; with --mask the default is 1 and every sampler runs the last "
+        "int(steps·strength) steps, as diffusers' inpainting pipeline",
         lo=0,
         hi=1,
         open_lo=True,
