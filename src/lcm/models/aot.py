@@ -13,6 +13,10 @@ package serves every model of an architecture, and the cache key is the architec
 versions, not the weights; but the weights must not change after the first call (this is a sampling path: training
 keeps ``torch.compile``). Packages live in ``$LCM_CACHE/aot``; a second process loads one in milliseconds instead of
 compiling for a minute.
+
+A forward made with ``build=False`` never compiles: it runs a package when the cache holds one for the signature and
+the eager forward until then, looking again at most once a second. ``lcm serve`` uses it to answer at once while
+another process builds the packages (:mod:`lcm.serve.engine`), and switches to them as they appear.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -40,6 +45,7 @@ _INDUCTOR_CONFIG = {
     "aot_inductor.use_runtime_constant_folding": True,  # so folded constants are computed from those weights
 }
 _EAGER = object()  # a signature this module runs eagerly (not exportable, or the compiled output disagreed)
+_RECHECK_SECONDS = 1.0  # how often a forward that does not build looks for a package another process builds
 _building = threading.local()  # depth > 0 while a package is being built on this thread
 
 
@@ -134,11 +140,13 @@ class FixedShapeForward:
     after (``lcm.models.fast.optimize`` places it, then installs this).
     """
 
-    def __init__(self, module: torch.nn.Module, method: str = "forward", label: str | None = None):
+    def __init__(self, module: torch.nn.Module, method: str = "forward", label: str | None = None, build: bool = True):
         self.module, self.method = module, method
         self.eager = getattr(module, method)
         self.label = label or type(module).__name__
+        self.build = build  # False: only load packages that are in the cache (another process builds them)
         self.entries: dict = {}
+        self._looked: dict = {}  # signature → when the cache was last looked at (build=False)
 
     @property
     def compiled(self) -> int:
@@ -150,7 +158,15 @@ class FixedShapeForward:
             return self.eager(*args, **kwargs)
         key, tensors = _signature(args, kwargs)
         entry = _EAGER if key is None else self.entries.get(key)
-        if entry is None:
+        if entry is None and not self.build:
+            now = time.monotonic()
+            if now - self._looked.get(key, -_RECHECK_SECONDS) >= _RECHECK_SECONDS:
+                if self._path(key).exists():
+                    entry = self.entries[key] = self._build(key, args, kwargs, tensors)
+                self._looked[key] = time.monotonic()  # after the look (its first key reads the versions: slow)
+            if entry is None:
+                return self.eager(*args, **kwargs)
+        elif entry is None:
             entry = self.entries[key] = self._build(key, args, kwargs, tensors)
         if entry is _EAGER:
             return self.eager(*args, **kwargs)
@@ -178,6 +194,9 @@ class FixedShapeForward:
         text = json.dumps(description, sort_keys=True, default=repr)
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
+    def _path(self, key) -> Path:
+        return cache_dir("aot") / f"{self.label}-{self._cache_key(key)}.pt2"
+
     def _build(self, key, args, kwargs, tensors):
         with torch.no_grad(), _tracing_eagerly():
             reference = self.eager(*args, **kwargs)
@@ -186,7 +205,7 @@ class FixedShapeForward:
                 return _EAGER
             pick, rebuild = form
             call = _Call(self.module, self.eager, pick).eval()
-            path = cache_dir("aot") / f"{self.label}-{self._cache_key(key)}.pt2"
+            path = self._path(key)
             try:
                 if not path.exists():
                     self._compile(call, args, kwargs, path)
@@ -221,8 +240,10 @@ class FixedShapeForward:
             partial.unlink(missing_ok=True)
 
 
-def compile_forward(module: torch.nn.Module, method: str = "forward", label: str | None = None) -> FixedShapeForward:
+def compile_forward(
+    module: torch.nn.Module, method: str = "forward", label: str | None = None, build: bool = True
+) -> FixedShapeForward:
     """Replace ``module.<method>`` on this instance by a :class:`FixedShapeForward`; returns it."""
-    fast = FixedShapeForward(module, method, label)
+    fast = FixedShapeForward(module, method, label, build)
     setattr(module, method, fast)
     return fast

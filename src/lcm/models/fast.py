@@ -25,6 +25,7 @@ from lcm.models.latent_diffusion import network_device, network_dtype
 __all__ = [
     "DTYPES",
     "Compile",
+    "compiled_forwards",
     "cpu_compiler",
     "default_device",
     "default_dtype",
@@ -95,9 +96,12 @@ def _place(network, device: torch.device, dtype: torch.dtype) -> None:
         network.to(device=device, dtype=dtype)
 
 
-def optimize(model, device: torch.device, dtype: torch.dtype, compile: Compile = Compile.AUTO):
+def optimize(model, device: torch.device, dtype: torch.dtype, compile: Compile = Compile.AUTO, build: bool = True):
     """Move ``model`` (a :class:`~lcm.models.latent_diffusion.LatentDiffusion`) to ``device`` / ``dtype`` and compile
-    its UNet and VAE decoder in place; returns the model. Outputs equal the eager model's to the dtype's precision."""
+    its UNet and VAE decoder in place; returns the model. Outputs equal the eager model's to the dtype's precision.
+
+    ``build=False`` (CPU): compile nothing here, but run the packages another process puts in the cache as soon as
+    they are there (:class:`~lcm.models.aot.FixedShapeForward`)."""
     upcast_vae = bool(model.vae.config.get("force_upcast", False)) and dtype != torch.float32
     _place(model.unet, device, dtype)
     _place(model.vae, device, torch.float32 if upcast_vae else dtype)
@@ -114,7 +118,15 @@ def optimize(model, device: torch.device, dtype: torch.dtype, compile: Compile =
         model.vae.decoder.compile(dynamic=False, mode="reduce-overhead")
         model.vae.post_quant_conv.compile(dynamic=False, mode="reduce-overhead")
     else:  # CPU: AOTInductor packages, no guards and no Python per call (lcm.models.aot)
-        compile_forward(model.unet, "forward", "unet")  # the teacher samplers' call
-        compile_forward(model.consistency_step, "forward", "lcm-step")  # an LCM's: UNet and boundary as one graph
-        compile_forward(model.vae, "decode", "vae-decode")
+        compile_forward(model.unet, "forward", "unet", build)  # the teacher samplers' call
+        compile_forward(model.consistency_step, "forward", "lcm-step", build)  # an LCM's: UNet and boundary as one
+        compile_forward(model.vae, "decode", "vae-decode", build)
     return model
+
+
+def compiled_forwards(model) -> int:
+    """How many (network, input signature) pairs of ``model`` run AOT-compiled packages now (CPU)."""
+    from lcm.models.aot import FixedShapeForward
+
+    forwards = (model.unet.forward, model.consistency_step.forward, model.vae.decode)
+    return sum(f.compiled for f in forwards if isinstance(f, FixedShapeForward))
