@@ -48,7 +48,7 @@ def _actions(command: str) -> dict[str, object]:
 
 
 def test_the_training_flags_are_exactly_the_trees_knobs():
-    for command in ("distill", "finetune"):
+    for command in ("distill", "finetune", "tune"):
         actions = _actions(command)
         knobs = {path: f for path, f, _ in leaves(RunConfig(command=command))}
         flags = {dest for dest in actions if "." in dest}

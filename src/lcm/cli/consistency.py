@@ -1,5 +1,5 @@
-"""``lcm distill`` (LCD) and ``lcm finetune`` (LCF): their flags are the knobs of the run-config tree
-(:mod:`lcm.cli.flags`)."""
+"""``lcm distill`` (LCD), ``lcm finetune`` (LCF) and ``lcm tune`` (a diffusion model's own loss): their flags are the
+knobs of the run-config tree (:mod:`lcm.cli.flags`)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,17 @@ def add_parser(sub) -> None:
     ft.add_argument("--model", help="(required) the LCM to fine-tune: a full LCM folder or an LCM-LoRA folder")
     add_run_flags(ft, "finetune")
     ft.set_defaults(func=_run("finetune", "fine-tuned"))
+
+    tu = sub.add_parser(
+        "tune",
+        help="fine-tune a diffusion model (not an LCM) on your images with its own loss: a style LoRA or a full UNet",
+        description=(
+            "Fine-tune a diffusers latent diffusion model on image-caption data with its denoising loss (epsilon, v "
+            "or sample prediction, as its scheduler says), a fraction of the captions dropped for classifier-free "
+            "guidance. A LoRA student (--student lora) exports pytorch_lora_weights.safetensors, a style LoRA that "
+            "lcm sample --lora stacks with an LCM-LoRA and lcm merge fuses; a full student exports a model folder."
+        ),
+    )
+    tu.add_argument("--model", help="the model to fine-tune: a folder or hub id (default: the shipped Fashion teacher)")
+    add_run_flags(tu, "tune")
+    tu.set_defaults(func=_run("tune", "tuned"))

@@ -24,7 +24,7 @@ SECTIONS = (  # (section, title of its group in --help)
     ("loop", "training loop"),
     ("validation", "validation"),
 )
-MODEL_FLAG = {"distill": "teacher", "finetune": "model"}
+MODEL_FLAG = {"distill": "teacher", "finetune": "model", "tune": "model"}
 
 
 def _comma_list(text: str) -> tuple[str, ...]:

@@ -43,6 +43,7 @@ __all__ = [
     "RunConfig",
     "StudentConfig",
     "StudentKind",
+    "TuneConfig",
     "ValidationConfig",
     "section_classes",
 ]
@@ -115,7 +116,7 @@ class StudentConfig:
     lora_rank: int = knob(64, "LoRA rank", lo=1, hi=4096)
     lora_alpha: float | None = knob(None, "LoRA alpha", lo=0, open_lo=True, default_text="= rank, i.e. scale 1")
     lora_targets: tuple[str, ...] = knob(DEFAULT_LORA_TARGETS, "module names to adapt, comma-separated")
-    fuse_lora: bool = knob(False, "export the LoRA merged into a full LCM folder")
+    fuse_lora: bool = knob(False, "export the LoRA merged into a full model folder")
     gradient_checkpointing: bool = knob(False, "trade compute for UNet activation memory")
 
     def __post_init__(self):
@@ -198,10 +199,24 @@ class LCFConfig(ConsistencyConfig):
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """Fine-tuning a diffusion model (not an LCM) with its own denoising loss: a style LoRA or a full UNet, to be
+    stacked with an LCM-LoRA or merged (``lcm tune``)."""
+
+    caption_dropout: float = knob(
+        0.1, "fraction of captions replaced by the empty prompt, so classifier-free guidance keeps working", lo=0, hi=1
+    )
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     learning_rate: float | None = knob(
         None, "AdamW learning rate", lo=0, open_lo=True,
-        default_text="1e-6 for a full LCD student, 1e-5 for a full LCF student, 1e-4 for LoRA, as diffusers' scripts",
+        default_text="1e-6 for a full LCD student, 1e-5 for a full LCF or tune student, 1e-4 for LoRA, as diffusers' "
+        "scripts",
     )  # fmt: skip
     lr_schedule: str = knob("constant", "learning-rate schedule (cosine_floor: cosine to 10%)", choices=LR_SCHEDULES)
     lr_warmup_steps: int = knob(0, "linear warm-up steps", lo=0, hi=MAX_STEPS)
@@ -219,7 +234,7 @@ class OptimConfig:
         for the command line and the Python API alike."""
         if self.learning_rate is not None:
             return self
-        rate = 1e-4 if kind is StudentKind.LORA else (1e-5 if command == "finetune" else 1e-6)
+        rate = 1e-4 if kind is StudentKind.LORA else (1e-5 if command in ("finetune", "tune") else 1e-6)
         return dataclasses.replace(self, learning_rate=rate)
 
 
@@ -283,20 +298,22 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One training run: what ``lcm distill`` / ``lcm finetune`` are given, and what a run folder records."""
+    """One training run: what ``lcm distill`` / ``finetune`` / ``tune`` are given, and what a run folder records."""
 
-    command: str = "distill"  # "distill" (LCD from a teacher) or "finetune" (LCF of an LCM)
-    model: str | None = None  # the teacher (distill) or the LCM (finetune); None: the shipped teacher
+    command: str = (
+        "distill"  # "distill" (LCD from a teacher), "finetune" (LCF of an LCM), "tune" (a teacher's own loss)
+    )
+    model: str | None = None  # the teacher (distill, tune) or the LCM (finetune); None: the shipped teacher
     data: DataConfig = field(default_factory=DataConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
-    method: LCDConfig | LCFConfig = None  # default: LCDConfig() for distill, LCFConfig() for finetune
+    method: LCDConfig | LCFConfig | TuneConfig = None  # default: the command's (METHODS)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self):
         if self.command not in METHODS:
-            raise ValueError(f"a run's command is distill or finetune, got {self.command!r}")
+            raise ValueError(f"a run's command is one of {', '.join(METHODS)}, got {self.command!r}")
         if self.method is None:
             object.__setattr__(self, "method", METHODS[self.command]())
         if type(self.method) is not METHODS[self.command]:
@@ -316,7 +333,7 @@ class RunConfig:
             raise ValueError(f"{where}: expected a JSON object of settings")
         command = data.get("command", "distill")
         if command not in METHODS:
-            raise ValueError(f"{where}: command must be distill or finetune, got {command!r}")
+            raise ValueError(f"{where}: command must be one of {', '.join(METHODS)}, got {command!r}")
         sections = section_classes(command)
         if unknown := sorted(set(data) - set(sections) - {"command", "model"}):
             raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}")
@@ -327,7 +344,7 @@ class RunConfig:
         return cls(command=command, model=model, **values)
 
 
-METHODS = {"distill": LCDConfig, "finetune": LCFConfig}
+METHODS = {"distill": LCDConfig, "finetune": LCFConfig, "tune": TuneConfig}
 
 
 def section_classes(command: str) -> dict[str, type]:

@@ -22,8 +22,12 @@ from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.training.loop import cpu_processes, train, train_dir
 from lcm.training.run_folder import check_folder_state, own_run_folder
 from lcm.training.task import DistillTask, FinetuneTask
+from lcm.training.tune import TuneTask
 
 __all__ = ["build_dataset", "check_out", "run_training"]
+
+# The flag naming each command's model, and what the model is to it.
+MODEL_ROLE = {"distill": ("--teacher", "teacher"), "finetune": ("--model", "LCM"), "tune": ("--model", "base model")}
 
 
 def build_dataset(cfg: DataConfig, model: LatentDiffusion):
@@ -59,7 +63,7 @@ def run_training(cfg: RunConfig, out: str | Path, resume: str | None = None) -> 
         raise ValueError("lcm finetune needs --model: the LCM folder to fine-tune")
     model_path = cfg.model or str(_default_teacher())
     cfg = replace(cfg, model=_resolved(model_path))
-    flag, what = ("--teacher", "teacher") if cfg.command == "distill" else ("--model", "LCM")
+    flag, what = MODEL_ROLE[cfg.command]
     return _run(model_path, flag, what, cfg, Path(out), resume)
 
 
@@ -123,8 +127,8 @@ def _run(model_path: str | Path, flag: str, what: str, cfg: RunConfig, out: Path
 def _build_and_train(model_path, cfg: RunConfig, out: Path, resume: str | None, state) -> dict:
     model = LatentDiffusion.from_pretrained(model_path, device=state.device)
     dataset = build_dataset(cfg.data, model)
-    task_class = DistillTask if cfg.command == "distill" else FinetuneTask
-    provenance = {"teacher" if cfg.command == "distill" else "lcm": cfg.model, "data": cfg.data.source}
+    task_class = {"distill": DistillTask, "finetune": FinetuneTask, "tune": TuneTask}[cfg.command]
+    provenance = {MODEL_ROLE[cfg.command][1].lower().replace(" ", "_"): cfg.model, "data": cfg.data.source}
     task = task_class(model, cfg.method, cfg.student, cfg.loop.seed, cfg.validation, provenance)
     validation = replace(cfg.validation, prompts=task.validation_prompts, w=task.validation_w)
     record = replace(cfg, validation=validation).to_dict()

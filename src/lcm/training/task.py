@@ -27,7 +27,7 @@ from lcm.training.lcd import LCD, LossMonitor
 from lcm.training.lcf import LCF
 from lcm.training.loop import Task, Validation
 
-__all__ = ["ConsistencyTask", "DistillTask", "FinetuneTask", "make_student"]
+__all__ = ["ConsistencyTask", "DistillTask", "FinetuneTask", "encode_batch", "make_student"]
 
 
 def make_student(model: LatentDiffusion, student: StudentConfig, seed: int):
@@ -80,22 +80,7 @@ class ConsistencyTask(Task):
         return [self.method.wrap(prepare)]
 
     def encode_batch(self, batch: dict[str, Any], generator: torch.Generator):
-        """(z0, cond, uncond) of a collated batch: a fresh VAE posterior sample, cached text embeddings.
-
-        A latent cache's batch (:mod:`lcm.data.latent_cache`) holds the posterior and the embeddings already: the
-        sample ``mean + std·ε`` draws ε from ``generator`` exactly as the VAE's own posterior sample would.
-        """
-        device = self.model.device
-        if "latent_mean" in batch:
-            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
-            z0 = mean + std * torch.randn(mean.shape, generator=generator).to(device, mean.dtype)
-            cond = TextEmbeddings(batch["hidden_states"], batch.get("pooled")).to(device)
-            uncond = TextEmbeddings.cat([self.uncond] * len(batch["caption"]))
-            return z0.float(), cond, uncond
-        z0 = self.model.encode_images(batch["pixel_values"], generator)
-        cond = self.model.encode_prompts(batch["caption"], cache=True)
-        uncond = TextEmbeddings.cat([self.uncond] * len(batch["caption"]))
-        return z0.to(self.model.device).float(), cond, uncond
+        return encode_batch(self.model, self.uncond, batch, generator)
 
     def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         z0, cond, uncond = self.encode_batch(batch, generator)
@@ -182,6 +167,24 @@ class ConsistencyTask(Task):
             export_lcm_folder(self.model.lora_base or source, unet, scheduler, steps, folder, provenance, **constants)
         else:
             export_lora(self.student, self.model.lora_base or source, steps, folder, provenance, **constants)
+
+
+def encode_batch(model: LatentDiffusion, uncond: TextEmbeddings, batch: dict[str, Any], generator: torch.Generator):
+    """(z0, cond, uncond) of a collated batch: a fresh VAE posterior sample, cached text embeddings, and ``uncond``
+    (the empty prompt's embedding) once per sample.
+
+    A latent cache's batch (:mod:`lcm.data.latent_cache`) holds the posterior and the embeddings already: the
+    sample ``mean + std·ε`` draws ε from ``generator`` exactly as the VAE's own posterior sample would.
+    """
+    device, uncond = model.device, TextEmbeddings.cat([uncond] * len(batch["caption"]))
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+        z0 = mean + std * torch.randn(mean.shape, generator=generator).to(device, mean.dtype)
+        cond = TextEmbeddings(batch["hidden_states"], batch.get("pooled")).to(device)
+        return z0.float(), cond, uncond
+    z0 = model.encode_images(batch["pixel_values"], generator)
+    cond = model.encode_prompts(batch["caption"], cache=True)
+    return z0.to(device).float(), cond, uncond
 
 
 def default_validation_prompts(model: LatentDiffusion) -> tuple[str, ...]:
