@@ -1,13 +1,21 @@
-"""Keystroke-to-image latency of ``lcm serve`` through its real WebSocket, as a fast typist feels it.
+"""Keystroke-to-image latency of ``lcm serve`` through its real WebSocket, as a fast typist feels it; or, with
+``--stream``, the frame rate of streaming img2img, as the page's camera sends frames.
 
     python benchmarks/serve.py                       # the embedded LCM on the CPU, 4 steps, ~10 s of typing
     python benchmarks/serve.py --model lcm-demo/lcm --steps 2 --seconds 20
+    python benchmarks/serve.py --stream              # 10 init images, cycling, one frame in flight, ~10 s
 
-The server runs in this process (uvicorn in a thread, on a free loopback port); the client types prompts one
+The server runs in this process (uvicorn in a thread, on a free loopback port). Typing: the client types prompts one
 character at a time, a request every ``--interval-ms``, over a WebSocket. A keystroke is answered by the first image
 whose request id is its own or later (the server drops stale requests), so its latency is that image's arrival minus
 the keystroke's send time. Reports p50/p95 latency, images per second sustained and the server-side generation time,
 against the goals (median <= 100 ms at 4 steps, >= 10 images/s on a 2-core CPU), and writes JSON (``--out``).
+
+Streaming: the client sends img2img requests (``--strength``) whose init images cycle through ``--images`` different
+pictures at the model's size (PNG data: URLs, as the page sends a camera frame), the next as soon as the previous is
+answered, never two at once, for ``--seconds`` or ``--frames``. Reports frames per second sustained (images answered
+over the time from the first send to the last answer) and the p50/p90 frame->image latency (send to image received).
+
 Without ``--model`` it uses the shipped embedded LCM, or a w-conditioned copy of the shipped teacher (as
 benchmarks/sampling.py; the speed does not depend on distillation).
 """
@@ -15,6 +23,8 @@ benchmarks/sampling.py; the speed does not depend on distillation).
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import os
 import platform
@@ -36,6 +46,7 @@ PHRASES = (
     "a small handbag with a strap",
 )
 GOALS = {"p50_ms": 100.0, "images_per_s": 10.0}
+STREAM_PROMPT = "a red sneaker with white laces"
 
 
 def keystrokes():
@@ -99,6 +110,68 @@ def type_into(url: str, steps: int, interval: float, seconds: float) -> dict:
     return {"sent": sent, "images": images, **counts, "errors": errors[:5]}
 
 
+def init_images(shape: tuple[int, int, int], count: int) -> list[str]:
+    """``count`` different pictures at the model's ``(C, H, W)`` (smooth seeded patterns: 4x4 random values, resized
+    bicubically) as PNG data: URLs, as the page sends a frame drawn to a canvas of the model's size."""
+    import numpy as np
+    from PIL import Image
+
+    channels, height, width = shape
+    rng = np.random.default_rng(0)
+    urls = []
+    for _ in range(count):
+        coarse = rng.integers(0, 256, (4, 4, channels), dtype=np.uint8)
+        picture = Image.fromarray(coarse[..., 0] if channels == 1 else coarse).resize((width, height), Image.BICUBIC)
+        buf = io.BytesIO()
+        picture.save(buf, format="PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"))
+    return urls
+
+
+def stream_into(url: str, frames: list[str], steps: int, strength: float, seconds: float, count: int | None) -> dict:
+    """Send img2img frames cycling through ``frames``, each as soon as the previous one is answered, for ``seconds``
+    or ``count`` frames; each frame's send and answer times, the answer's type and server ms."""
+    from websockets.sync.client import connect
+
+    records: list[tuple[float, float, str, float | None]] = []  # (sent, answered, reply type, server ms)
+    errors: list[str] = []
+    with connect(url.replace("http", "ws", 1) + "/ws", max_size=2**24) as ws:
+        assert json.loads(ws.recv())["type"] == "ready"
+        start = time.perf_counter()
+        rid = 0
+        while time.perf_counter() - start < seconds and (count is None or rid < count):
+            rid += 1
+            request = {"id": rid, "prompt": STREAM_PROMPT, "steps": steps, "seed": 0, "strength": strength}
+            sent = time.perf_counter()
+            ws.send(json.dumps({**request, "image": frames[(rid - 1) % len(frames)]}))
+            while (msg := json.loads(ws.recv(timeout=60)))["id"] != rid:  # one frame in flight: the next reply is its
+                pass
+            records.append((sent, time.perf_counter(), msg["type"], msg.get("ms")))
+            if msg["type"] == "error":
+                errors.append(msg["message"])
+    return {"records": records, "errors": errors[:5]}
+
+
+def summarise_stream(run: dict) -> dict:
+    records = run["records"]
+    images = [(sent, answered, ms) for sent, answered, kind, ms in records if kind == "image"]
+    if not images:
+        raise SystemExit(f"no frame was answered with an image: {run['errors'][:1]}")
+    latencies = [(answered - sent) * 1e3 for sent, answered, _ in images]
+    server_ms = [ms for _, _, ms in images]
+    deciles = statistics.quantiles(latencies, n=10) if len(latencies) > 1 else latencies * 9
+    return {
+        "frames": len(records),
+        "images": len(images),
+        "dropped": sum(kind == "dropped" for _, _, kind, _ in records),
+        "errors": sum(kind == "error" for _, _, kind, _ in records),
+        "frames_per_s": len(images) / (records[-1][1] - records[0][0]),
+        "latency_ms": {"p50": statistics.median(latencies), "p90": deciles[8], "mean": statistics.fmean(latencies)},
+        "latency_max_ms": max(latencies),
+        "server_ms": {"p50": statistics.median(server_ms)},
+    }
+
+
 def summarise(run: dict) -> dict:
     sent, images = run["sent"], run["images"]
     latencies, served = [], 0
@@ -127,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="model folder (default: the embedded LCM)")
     p.add_argument("--steps", type=int, default=4, help="sampling steps per image (default 4)")
     p.add_argument("--interval-ms", type=float, default=30.0, help="time between keystrokes (default 30)")
-    p.add_argument("--seconds", type=float, default=10.0, help="how long to type (default 10)")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long to type, or to stream (default 10)")
+    p.add_argument("--stream", action="store_true", help="stream img2img frames instead of typing")
+    p.add_argument("--frames", type=int, help="--stream: stop after this many frames (default: after --seconds)")
+    p.add_argument("--images", type=int, default=10, help="--stream: different init images, cycling (default 10)")
+    p.add_argument("--strength", type=float, default=0.6, help="--stream: img2img strength (default 0.6)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads, as lcm serve's default (1)")
     p.add_argument(
         "--compile",
@@ -135,8 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         default="off",
         help="torch.compile the UNet and decoder (lcm serve --compile)",
     )
-    p.add_argument("--out", default=str(HERE / "results" / "serve-cpu.json"), help="JSON output")
+    p.add_argument("--out", help="JSON output (default: results/serve-cpu.json, with --stream serve-stream-cpu.json)")
     args = p.parse_args(argv)
+    if (args.frames is not None and args.frames < 1) or args.images < 1:
+        p.error("--frames and --images must be at least 1")
+    out = Path(args.out or HERE / "results" / ("serve-stream-cpu.json" if args.stream else "serve-cpu.json"))
 
     from lcm.serve import Limits, create_app, load_engine
     from lcm.serve.server import start_in_thread
@@ -149,15 +229,23 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits()
     server = start_in_thread(create_app(engine, limits), limits)
     try:
-        type_into(server.url, args.steps, args.interval_ms / 1e3, 1.0)  # warm the path end to end
-        run = type_into(server.url, args.steps, args.interval_ms / 1e3, args.seconds)
+        if args.stream:
+            frames = init_images(engine.image_shape, args.images)
+            stream_into(server.url, frames, args.steps, args.strength, 1.0, 5)  # warm the path end to end
+            run = stream_into(server.url, frames, args.steps, args.strength, args.seconds, args.frames)
+        else:
+            type_into(server.url, args.steps, args.interval_ms / 1e3, 1.0)  # warm the path end to end
+            run = type_into(server.url, args.steps, args.interval_ms / 1e3, args.seconds)
     finally:
         server.stop()
-    summary = summarise(run)
-    summary["goals"] = {
-        "p50_latency_ms<=100": summary["latency_ms"]["p50"] <= GOALS["p50_ms"],
-        "images_per_s>=10": summary["images_per_s"] >= GOALS["images_per_s"],
-    }
+    summary = summarise_stream(run) if args.stream else summarise(run)
+    setting = {"strength": args.strength, "init_images": args.images} if args.stream else {}
+    if not args.stream:
+        summary["goals"] = {
+            "p50_latency_ms<=100": summary["latency_ms"]["p50"] <= GOALS["p50_ms"],
+            "images_per_s>=10": summary["images_per_s"] >= GOALS["images_per_s"],
+        }
+        setting = {"interval_ms": args.interval_ms}
     result = {
         "device": platform.processor() or platform.machine() or "cpu",
         "cpu_count": os.cpu_count(),
@@ -165,27 +253,37 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_1min": os.getloadavg()[0],
         "torch": torch.__version__,
         "model": label,
+        "mode": "stream" if args.stream else "typing",
         "sampler": engine.sampler.value,
         "steps": args.steps,
         "compile": args.compile,
         "load_and_warm_up_s": round(load_s, 1),
-        "interval_ms": args.interval_ms,
+        **setting,
         "seconds": args.seconds,
         **summary,
         "first_errors": run["errors"],
     }
     lat = summary["latency_ms"]
-    print(
-        f"{label} (compile {args.compile}), {engine.sampler.value} {args.steps} steps, a keystroke every "
-        f"{args.interval_ms:g} ms for {args.seconds:g} s: keystroke->image p50 {lat['p50']:.1f} ms, "
-        f"p95 {lat['p95']:.1f} ms; "
-        f"{summary['images_per_s']:.1f} images/s; server {summary['server_ms']['p50']:.1f} ms/image (p50); "
-        f"{summary['dropped']} of {summary['keystrokes']} requests dropped as stale"
-    )
-    print("goals: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in summary["goals"].items()))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written {args.out}")
+    if args.stream:
+        print(
+            f"{label} (compile {args.compile}), {engine.sampler.value} {args.steps} steps, img2img strength "
+            f"{args.strength:g}, {summary['frames']} frames cycling through {args.images} init images, one in flight: "
+            f"{summary['frames_per_s']:.1f} frames/s; frame->image p50 {lat['p50']:.1f} ms, p90 {lat['p90']:.1f} ms; "
+            f"server {summary['server_ms']['p50']:.1f} ms/frame (p50); {summary['dropped']} dropped, "
+            f"{summary['errors']} errors"
+        )
+    else:
+        print(
+            f"{label} (compile {args.compile}), {engine.sampler.value} {args.steps} steps, a keystroke every "
+            f"{args.interval_ms:g} ms for {args.seconds:g} s: keystroke->image p50 {lat['p50']:.1f} ms, "
+            f"p95 {lat['p95']:.1f} ms; "
+            f"{summary['images_per_s']:.1f} images/s; server {summary['server_ms']['p50']:.1f} ms/image (p50); "
+            f"{summary['dropped']} of {summary['keystrokes']} requests dropped as stale"
+        )
+        print("goals: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in summary["goals"].items()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written {out}")
     return 0
 
 

@@ -131,3 +131,62 @@ def test_compile_cache_is_lcm_cache_unless_the_user_names_one(monkeypatch, tmp_p
 def test_auto_compiles_only_on_cuda():
     assert Compile.AUTO.enabled(torch.device("cuda")) and not Compile.AUTO.enabled(torch.device("cpu"))
     assert Compile.ON.enabled(torch.device("cpu")) and not Compile.OFF.enabled(torch.device("cuda"))
+
+
+def test_a_forward_that_does_not_build_runs_packages_as_they_appear(monkeypatch, tmp_path):
+    """``build=False`` (``lcm serve`` on the CPU): eager and nothing built while the cache lacks the package; the
+    package another process writes is used from the next look at the cache on (at most one look a second)."""
+    import lcm.models.aot as aot
+
+    monkeypatch.setenv("LCM_CACHE", str(tmp_path))
+    built = []
+
+    def fake_build(self, key, args, kwargs, tensors):  # what loading a package returns: (package, rebuild)
+        built.append(key)
+        return "package", lambda out: out * 0 + 7
+
+    monkeypatch.setattr(aot.FixedShapeForward, "_build", fake_build)
+    monkeypatch.setattr(aot, "_run", lambda package, tensors: tensors[0])
+    fast, x = aot.FixedShapeForward(torch.nn.Linear(3, 2), build=False), torch.ones(1, 3)
+    assert torch.equal(fast(x), fast.eager(x)) and not built and fast.compiled == 0
+    path = fast._path(aot._signature((x,), {})[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()  # another process finished the package
+    assert torch.equal(fast(x), fast.eager(x)) and not built  # looked less than a second ago: still eager
+    monkeypatch.setattr(aot, "_RECHECK_SECONDS", 0.0)
+    assert torch.equal(fast(x), torch.full((1, 3), 7.0)) and len(built) == 1 and fast.compiled == 1
+    assert torch.equal(fast(x), torch.full((1, 3), 7.0)) and len(built) == 1  # loaded once
+
+
+@pytest.mark.slow
+def test_serve_answers_at_once_and_switches_to_what_another_process_compiles(monkeypatch, tmp_path):
+    """``lcm serve --compile on`` on the CPU: the engine is eager while a background ``lcm sample --compile on``
+    fills an empty AOT cache, then runs the packages, drawing what the eager engine draws."""
+    import time
+
+    from lcm.sample import default_sampling_path
+    from lcm.serve.engine import load_engine
+    from lcm.serve.protocol import Request
+
+    monkeypatch.setenv("LCM_CACHE", str(tmp_path / "cache"))
+    cpu = torch.device("cpu")
+    engine = load_engine(default_sampling_path(), cpu, torch.float32, "on")
+    eager = load_engine(default_sampling_path(), cpu, torch.float32, "off")
+    request = Request(1, "a coat", "", 4, 3.0, 5, 1)
+    assert engine.compile_status() == "building" and engine.background.running
+    first = engine.run(request)
+    deadline = time.monotonic() + 600
+    while engine.background.running and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not engine.background.failed, engine.background.last_line()
+    time.sleep(1.1)  # the forwards look at the cache at most once a second
+    compiled = engine.run(request)
+    assert engine.compile_status() == "on" and engine.info()["compile"] == "on"
+    expected = eager.run(request).pngs
+    assert first.pngs == expected  # eager while building: the same PNG bytes
+    from lcm.images import decode_image_bytes
+
+    got, want = (decode_image_bytes(p, 1) for p in (compiled.pngs[0], expected[0]))
+    assert (got - want).abs().max() <= 2 / 255 * 2  # compiled: within a level or two of 255
+    again = load_engine(default_sampling_path(), cpu, torch.float32, "on")  # a second start: the cache at once
+    assert again.background is None and again.compile_status() == "on"

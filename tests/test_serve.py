@@ -85,9 +85,9 @@ def library_pixels(model, sampler, steps, w, seeds, spacing=None) -> np.ndarray:
     return to_uint8(images)[..., 0]
 
 
-def png_of(size=(50, 40), mode="RGB") -> str:
+def png_of(size=(50, 40), mode="RGB", fmt="PNG") -> str:
     buf = io.BytesIO()
-    Image.new(mode, size, (200,) * len(mode)).save(buf, format="PNG")
+    Image.new(mode, size, (200,) * len(mode)).save(buf, format=fmt)
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -185,6 +185,11 @@ BAD = [
     ({"id": 9, "prompt": PROMPT, "image": base64.b64encode(b"just text").decode()}, "not a readable image"),
     ({"id": 10, "prompt": PROMPT, "image": "%%%"}, "image is not valid base64"),
     ({"id": 11, "prompt": PROMPT, "image": png_of(), "strength": 2}, "strength must be between 0 and 1"),
+    ({"id": 12, "prompt": PROMPT, "mask": png_of()}, "mask needs an image"),
+    ({"id": 13, "prompt": PROMPT, "image": png_of(), "mask": png_of(fmt="TIFF")}, "mask is not a readable image"),
+    ({"id": 14, "prompt": PROMPT, "image": png_of(), "mask": base64.b64encode(b"text").decode()}, "mask is not a"),
+    ({"id": 15, "prompt": PROMPT, "image": png_of(), "mask": "%%%"}, "mask is not valid base64"),
+    ({"id": 16, "prompt": PROMPT, "image": png_of(), "mask": [1]}, "mask must be a base64 string"),
     ({"prompt": PROMPT}, "id: each request needs an integer id"),
     ("{not json", "not valid JSON"),
     ("[1, 2]", "a request must be a JSON object, got list"),
@@ -224,9 +229,11 @@ def test_limits_are_configurable_and_the_rate_is_per_connection(teacher_engine, 
             assert info["limits"]["rate"] == 5 and info["limits"]["max_steps"] == 2
             ws.send_json({"id": 0, "prompt": "sneaker", "image": big})
             assert ws.receive_json()["message"] == "image is too large: at most 1 KiB"
+            ws.send_json({"id": 0, "prompt": "sneaker", "image": png_of(), "mask": big})  # the same bound for masks
+            assert ws.receive_json()["message"] == "mask is too large: at most 1 KiB"
             ws.send_json({"id": 0, "prompt": "sneaker", "steps": 3})
             assert ws.receive_json()["message"] == "steps must be between 1 and 2, got 3"
-            for i in range(1, 13):  # a burst of 12 against a bucket of 5 (two spent above), refilling at 5/s
+            for i in range(1, 13):  # a burst of 12 against a bucket of 5 (three spent above), refilling at 5/s
                 ws.send_json({"id": i, "prompt": "sneaker", "steps": 1})
             replies = [ws.receive_json() for _ in range(12)]
             with client.websocket_connect("/ws") as other:  # another connection has its own bucket
@@ -299,6 +306,38 @@ def test_img2img_over_the_web_equals_the_library(teacher_engine):
     init = decode_image_bytes(base64.b64decode(upload), 1, (32, 32))
     want = generate(model, [PROMPT] * 2, Sampler.DDIM, 4, model.default_w, [0, 1], init_images=init, strength=0.5)
     for got, image in zip(body["images"], to_uint8(want), strict=True):
+        np.testing.assert_array_equal(pixels(got), image[..., 0])
+
+
+def test_inpainting_over_the_socket_equals_the_library(lcm_engine):
+    """An image and a mask (white = repaint, of another size than the model's: resized as the image is) go through
+    :func:`lcm.sample.generate` with ``mask=``: the server's images equal the library's, seed by seed."""
+    from lcm.images import decode_image_bytes
+
+    rng = np.random.default_rng(1)
+    picture = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8)).save(picture, format="PNG")
+    stencil = np.zeros((40, 64), np.uint8)
+    stencil[8:32, 32:] = 255  # repaint a block on the right; keep the rest
+    drawn = io.BytesIO()
+    Image.fromarray(stencil).save(drawn, format="PNG")
+    upload, mask = (base64.b64encode(b.getvalue()).decode() for b in (picture, drawn))
+    request = {"prompt": PROMPT, "steps": 4, "w": 2.0, "seed": 5, "batch": 2, "strength": 0.75, "image": upload}
+    with local_client(create_app(lcm_engine)) as client, client.websocket_connect("/ws") as ws:
+        ready(ws)
+        ws.send_json({"id": 1, **request, "mask": "data:image/png;base64," + mask})
+        reply = ws.receive_json()
+        ws.send_json({"id": 2, **request, "mask": mask, "steps": 1})  # int(1 · 0.75) = 0 inpainting steps
+        refused = ws.receive_json()
+    assert reply["type"] == "image" and reply["inpaint"] is True and reply["img2img"] is True, reply
+    assert refused["type"] == "error" and refused["id"] == 2 and "raise the strength" in refused["message"]
+    init = decode_image_bytes(base64.b64decode(upload), 1, (32, 32))
+    white = (decode_image_bytes(base64.b64decode(mask), 1, (32, 32)) + 1) / 2
+    with torch.no_grad():
+        want = generate(
+            lcm_engine.model, [PROMPT] * 2, Sampler.LCM, 4, 2.0, [5, 6], init_images=init, mask=white, strength=0.75
+        )
+    for got, image in zip(reply["images"], to_uint8(want), strict=True):
         np.testing.assert_array_equal(pixels(got), image[..., 0])
 
 

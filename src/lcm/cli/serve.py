@@ -67,9 +67,10 @@ def run_serve(args: argparse.Namespace) -> int:
     model = args.model or (default_model_path() if loras else serve_model_path())  # a LoRA's default base: the teacher
     engine = load_engine(model, device, dtype, args.compile, loras)
     info = engine.info()
+    compiled = {"building": "; compiling in the background, eager until then", "on": "; compiled"}
     print(
-        f"lcm serve: {url(sock)}  ({info['model']}, {info['sampler']} sampler, {info['device']} {info['dtype']}; "
-        "Ctrl-C stops it)",
+        f"lcm serve: {url(sock)}  ({info['model']}, {info['sampler']} sampler, {info['device']} {info['dtype']}"
+        f"{compiled.get(info['compile'], '')}; Ctrl-C stops it)",
         flush=True,
     )
     run(create_app(engine, limits, allowed_hosts(args)), limits, sock)
@@ -110,7 +111,12 @@ def add_parser(sub) -> None:
         "from reaching the server through DNS rebinding",
     )
     add_section_flags(p, Limits, "limits.", "limits (what one request or connection may ask)")
-    speed = add_speed_args(p, "each new batch size compiles once on first use")
+    speed = add_speed_args(
+        p,
+        "on the CPU the server answers at once with the eager networks while another process compiles them "
+        "(AOTInductor, cached in $LCM_CACHE/aot), and switches when they are ready; a second start uses the cache at "
+        "once. Requests of one image are compiled; larger batches run eagerly",
+    )
     speed.add_argument(
         "--threads",
         type=int,

@@ -66,7 +66,7 @@ class Hub:
         return result
 
     def message(self, result: Result) -> dict[str, Any]:
-        return image_message(result.request, result.pngs, result.ms, result.sampler.value)
+        return image_message(result.request, result.pngs, result.ms, result.sampler.value, result.compile)
 
 
 class Session:
@@ -180,7 +180,7 @@ def create_app(engine: Engine, limits: Limits | None = None, allowed_hosts: tupl
         if format not in ("json", "png"):
             return _error(400, f"format must be json or png, got {format!r}")
         try:
-            body = await _read_body(request, hub.limits.max_upload_bytes * 4 // 3 + 65536, hub.limits.request_timeout)
+            body = await _read_body(request, hub.limits.max_request_bytes, hub.limits.request_timeout)
         except asyncio.TimeoutError:
             return _error(408, f"the request body did not arrive within {hub.limits.request_timeout:g} s")
         if body is None:

@@ -11,7 +11,11 @@ model on a CPU.
 
 from __future__ import annotations
 
+import atexit
 import io
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -29,7 +33,7 @@ from lcm.models.lora import LoraSpec
 from lcm.sample import Sampler, generate
 from lcm.serve.protocol import Request, RequestError
 
-__all__ = ["Engine", "Result", "encode_png", "load_engine", "serve_model_path"]
+__all__ = ["BackgroundCompile", "Engine", "Result", "encode_png", "load_engine", "serve_model_path"]
 
 
 def serve_model_path() -> Path:
@@ -45,6 +49,7 @@ class Result:
     pngs: list[bytes]
     ms: float  # embeddings + sampling + decode + PNG encoding, under the lock
     sampler: Sampler
+    compile: str = "off"  # Engine.compile_status() when it was made
 
 
 def encode_png(images: torch.Tensor) -> list[bytes]:
@@ -61,14 +66,61 @@ def encode_png(images: torch.Tensor) -> list[bytes]:
     return out
 
 
+class BackgroundCompile:
+    """The CPU's compiled networks, built by another process while this one serves eagerly: ``command`` (an
+    ``lcm sample --compile on`` run of the same model and LoRAs) puts the AOT packages in the shared cache, and the
+    engine's forwards, made with ``build=False``, switch to them as they appear (:mod:`lcm.models.aot`)."""
+
+    def __init__(self, command: list[str]):
+        self.command = command
+        self.log = tempfile.TemporaryFile()  # the builder's output, read back if it fails
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+        atexit.register(self.stop)
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    @property
+    def failed(self) -> bool:
+        return self.process.poll() not in (None, 0)
+
+    def last_line(self) -> str:
+        """The builder's last line of output (why it failed)."""
+        self.log.seek(0)
+        lines = [line.strip() for line in self.log.read().decode(errors="replace").splitlines() if line.strip()]
+        return lines[-1][:200] if lines else f"exit status {self.process.returncode}"
+
+    def stop(self) -> None:
+        if self.running:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
 class Engine:
     """A loaded model that answers :class:`Request`s, one at a time (``lock``), with cached prompt embeddings."""
 
-    def __init__(self, model: LatentDiffusion):
+    def __init__(self, model: LatentDiffusion, compile: str = "off"):
         self.model = model
         self.sampler = default_sampler(model.is_lcm)
         self.lock = threading.Lock()  # the network is never run by two threads at once
         self.generations = 0
+        self.compile = compile  # "off" or "on", as asked
+        self.background: BackgroundCompile | None = None
+
+    def compile_status(self) -> str:
+        """ "off"; "building" (eager while another process compiles); "on" (compiled networks run); "failed"
+        (eager: the build failed)."""
+        from lcm.models.fast import compiled_forwards
+
+        if self.compile == "off":
+            return "off"
+        if self.background is None or compiled_forwards(self.model):
+            return "on"
+        return "failed" if self.background.failed else "building"
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -88,7 +140,8 @@ class Engine:
 
     def sampler_for(self, req: Request) -> Sampler:
         """The sampler of ``req`` (the model's default when it names none), or a one-line :class:`RequestError` for a
-        request this model cannot run (a sampler or negative guidance it lacks, an img2img strength leaving no step)."""
+        request this model cannot run (a sampler or negative guidance it lacks, an img2img or inpainting strength
+        leaving no step)."""
         sampler = self.sampler if req.sampler is None else Sampler(req.sampler)
         if sampler not in self.samplers:
             kind = "an LCM" if self.model.is_lcm else "a teacher"
@@ -99,11 +152,13 @@ class Engine:
                 "negative_guidance is for LCMs; a teacher's negative_prompt is the unconditional side of its "
                 "guidance, weighted by w"
             )
-        if req.image is not None:
-            try:  # a strength that leaves no step, or (LCM) fewer grid points than steps
+        try:  # a strength that leaves no step, or (LCM img2img) fewer grid points than steps
+            if req.mask is not None:
+                library.inpaint_timesteps(self.model, sampler, req.steps, req.strength)
+            elif req.image is not None:
                 sampler_timesteps(sampler, req.steps, self.model.scheduler_config, self.model.schedule, req.strength)
-            except ValueError as err:
-                raise RequestError(str(err)) from None
+        except ValueError as err:
+            raise RequestError(str(err)) from None
         return sampler
 
     def info(self) -> dict[str, Any]:
@@ -121,12 +176,16 @@ class Engine:
             "device": str(self.model.device),
             "dtype": str(unet.dtype).removeprefix("torch."),
             "img2img": True,
+            "inpaint": True,
             "defaults": self.defaults,
+            "compile": self.compile_status(),
+            "compile_error": self.background.last_line() if self.compile_status() == "failed" else None,
         }
 
     def run(self, req: Request) -> Result:
         """Generate ``req``'s images as PNGs through :func:`lcm.sample.generate` (image i from seed ``req.seed + i``,
-        prompts from the model's prompt cache); blocks while another generation holds the lock."""
+        prompts from the model's prompt cache; img2img with ``req.image``, inpainting with ``req.mask`` too); blocks
+        while another generation holds the lock."""
         sampler = self.sampler_for(req)
         options = {"gamma": req.gamma, "negative_guidance": req.negative_guidance} if sampler.for_distilled else {}
         with self.lock, torch.inference_mode():
@@ -142,17 +201,23 @@ class Engine:
                 negative_prompt=req.negative_prompt,
                 init_images=req.image,
                 strength=req.strength,
+                mask=req.mask,
                 cache_prompts=True,
                 **options,
             )
             pngs = encode_png(images)
             self.generations += 1
-            return Result(req, pngs, (time.perf_counter() - start) * 1e3, sampler)
+            ms = (time.perf_counter() - start) * 1e3
+        return Result(req, pngs, ms, sampler, self.compile_status())
 
     def warm_up(self) -> float:
-        """One generation at the defaults, so the first client does not pay for lazy initialisation; its ms."""
-        d = self.defaults
-        return self.run(Request(None, "", "", d["steps"], d["w"], 0, 1)).ms
+        """One generation at the defaults, so the first client does not pay for lazy initialisation; its ms. An
+        inpainting model warms up on a blank image with all of it to repaint."""
+        d, image, mask = self.defaults, None, None
+        if self.model.is_inpainting:
+            image, mask = torch.zeros((1, *self.image_shape)), torch.ones((1, 1, *self.image_shape[1:]))
+        request = Request(None, "", "", d["steps"], d["w"], 0, 1, image=image, mask=mask, strength=1.0)
+        return self.run(request).ms
 
 
 def load_engine(
@@ -162,11 +227,24 @@ def load_engine(
     compile: Any = "off",
     loras: Sequence[LoraSpec] = (),
 ) -> Engine:
-    """Load and place a model folder (or hub id), optionally with a stack of LoRAs, and warm it up."""
-    from lcm.models.fast import Compile, optimize
+    """Load and place a model folder (or hub id), optionally with a stack of LoRAs, and warm it up.
+
+    Compiled on the CPU, it answers at once: the packages the AOT cache holds are used from the first request, and
+    the missing ones are built by a :class:`BackgroundCompile` while the eager networks serve."""
+    from lcm.models.fast import DTYPES, Compile, compiled_forwards, optimize
 
     model = LatentDiffusion.from_pretrained(path, loras=loras)
-    optimize(model, device, dtype, Compile(compile))
-    engine = Engine(model)
-    engine.warm_up()
+    wanted = Compile(compile).enabled(device)
+    in_background = wanted and device.type == "cpu"
+    optimize(model, device, dtype, Compile(compile), build=not in_background)
+    engine = Engine(model, "on" if wanted else "off")
+    engine.warm_up()  # picks up the packages already in the cache
+    if in_background and compiled_forwards(model) < 2:  # an LCM's step or a teacher's UNet, and the decoder
+        name = next(k for k, v in DTYPES.items() if v == dtype)
+        command = [sys.executable, "-m", "lcm.cli", "sample", "--model", str(path)]
+        command += [x for spec in loras for x in ("--lora", str(spec))]
+        command += ["--prompt", "a", "--num-images", "1", "--steps", str(engine.defaults["steps"])]
+        command += ["--compile", "on", "--device", "cpu", "--dtype", name]
+        command += ["--out", str(Path(tempfile.mkdtemp(prefix="lcm-compile-")) / "warm-up.png")]
+        engine.background = BackgroundCompile(command)
     return engine

@@ -4,9 +4,10 @@ A request is one JSON object, the same over the WebSocket and ``POST /api/genera
 
     {"id": 7, "prompt": "a red sneaker", "negative_prompt": "", "steps": 4, "w": 3.0, "seed": 0, "batch": 1,
      "image": "data:image/png;base64,...", "strength": 0.6, "sampler": "tcd", "gamma": 0.3,
-     "negative_guidance": 1.0}
+     "negative_guidance": 1.0, "mask": "data:image/png;base64,..."}
 
-Only ``prompt`` is required (and ``id`` on the socket); ``image``/``strength`` ask for img2img; ``sampler`` ("lcm"
+Only ``prompt`` is required (and ``id`` on the socket); ``image``/``strength`` ask for img2img, and with ``mask``
+(white = repaint) for inpainting; ``sampler`` ("lcm"
 or "tcd" for an LCM, "ddim" for a teacher; default the model's), ``gamma`` (TCD's γ) and ``negative_guidance`` (an
 LCM's guidance away from ``negative_prompt``, a second UNet call per step; docs/sampling.md) are optional. Every check
 lives here and ends in a :class:`RequestError` whose message is one line, so a client learns what to change and its
@@ -36,6 +37,7 @@ __all__ = [
     "RequestError",
     "TokenBucket",
     "decode_image",
+    "decode_mask",
     "dropped_message",
     "error_message",
     "image_message",
@@ -59,6 +61,7 @@ FIELDS = (
     "sampler",
     "gamma",
     "negative_guidance",
+    "mask",
 )
 SAMPLERS = ("lcm", "tcd", "ddim")  # what a request may name; the engine refuses those its model cannot run
 
@@ -80,7 +83,7 @@ class Limits:
     max_prompt_chars: int = knob(
         300, "characters per prompt or negative prompt", lo=1, hi=100_000, flag="--max-prompt-length"
     )
-    max_upload_kb: int = knob(4096, "size of an img2img upload in KiB", lo=1, hi=256 * 1024)
+    max_upload_kb: int = knob(4096, "size of an img2img upload (an image or a mask) in KiB", lo=1, hi=256 * 1024)
     max_image_side: int = knob(
         4096, "width or height of an upload in pixels, before it is resized to the model's", lo=1, hi=16384
     )
@@ -102,13 +105,20 @@ class Limits:
     def max_upload_bytes(self) -> int:
         return self.max_upload_kb * 1024
 
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest request worth reading: an image and a mask, each up to ``max_upload_bytes`` in base64, and
+        64 KiB for the other fields."""
+        return 2 * ((self.max_upload_bytes * 4) // 3 + 4) + 65536
+
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "max_w": MAX_W, "max_seed": MAX_SEED}
 
 
 @dataclass(frozen=True, eq=False)
 class Request:
-    """A validated generation request; ``image`` is ``[1, C, H, W]`` in [−1, 1] at the model's size, or None."""
+    """A validated generation request; ``image`` is ``[1, C, H, W]`` in [−1, 1] at the model's size, or None;
+    ``mask`` (only with an image) ``[1, 1, H, W]`` in [0, 1] at the same size, 1 = repaint, or None."""
 
     id: int | None
     prompt: str
@@ -122,6 +132,7 @@ class Request:
     sampler: str | None = None  # None: the engine's default for its model
     gamma: float = DEFAULT_GAMMA  # TCD's γ
     negative_guidance: float = 0.0  # LCMs: S of out(prompt) + S·(out(prompt) − out(negative prompt))
+    mask: torch.Tensor | None = None  # inpainting: where the image is repainted
 
 
 def parse_request(
@@ -177,7 +188,16 @@ def _checked(obj: dict, limits: Limits, defaults: dict[str, Any], image_shape, r
         if not isinstance(image, str):
             raise RequestError("image must be a base64 string (or a data: URL), got " + type(image).__name__)
         image = decode_image(image, limits, image_shape)
-    return Request(rid, prompt, negative, steps, w, seed, batch, image, strength, sampler, gamma, negative_guidance)
+    mask = obj.get("mask")
+    if mask is not None:
+        if image is None:
+            raise RequestError("mask needs an image: send the image to repaint with it (white = repaint)")
+        if not isinstance(mask, str):
+            raise RequestError("mask must be a base64 string (or a data: URL), got " + type(mask).__name__)
+        mask = decode_mask(mask, limits, image_shape[1:])
+    return Request(
+        rid, prompt, negative, steps, w, seed, batch, image, strength, sampler, gamma, negative_guidance, mask
+    )
 
 
 def read_json(text_or_obj: str | bytes | dict) -> dict:
@@ -229,28 +249,35 @@ def _text(value: Any, name: str, max_chars: int, required: bool = False) -> str:
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # the decoders an upload may reach, and no others
 
 
-def decode_image(data: str, limits: Limits, shape: tuple[int, int, int]) -> torch.Tensor:
+def decode_image(data: str, limits: Limits, shape: tuple[int, int, int], field: str = "image") -> torch.Tensor:
     """A base64 image (a ``data:`` URL or bare base64) of one of the :data:`UPLOAD_FORMATS` → ``[1, C, H, W]`` in
-    [−1, 1] at the model's size."""
+    [−1, 1] at the model's size; refusals name ``field``."""
     from lcm.images import ImageTooLarge, decode_image_bytes
 
     if data.startswith("data:"):
         data = data.partition(",")[2]
     if len(data) > (limits.max_upload_bytes * 4) // 3 + 4:
-        raise RequestError(f"image is too large: at most {limits.max_upload_bytes // 1024} KiB")
+        raise RequestError(f"{field} is too large: at most {limits.max_upload_bytes // 1024} KiB")
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError("image is not valid base64") from None
+        raise RequestError(f"{field} is not valid base64") from None
     channels, height, width = shape
     try:
         return decode_image_bytes(
             raw, channels, (height, width), formats=UPLOAD_FORMATS, max_side=limits.max_image_side
         )
     except ImageTooLarge as err:
-        raise RequestError(str(err)) from None
+        raise RequestError(f"{field}: {err}" if field != "image" else str(err)) from None
     except ValueError:
-        raise RequestError("image is not a readable image (PNG, JPEG, WebP, GIF, BMP)") from None
+        raise RequestError(f"{field} is not a readable image (PNG, JPEG, WebP, GIF, BMP)") from None
+
+
+def decode_mask(data: str, limits: Limits, size: tuple[int, int]) -> torch.Tensor:
+    """An inpainting mask, checked and resized as an image (:func:`decode_image`) → ``[1, 1, H, W]`` in [0, 1]
+    (its grey levels; white = repaint), for :func:`lcm.sample.repaint_mask` to binarise."""
+    grey = decode_image(data, limits, (1, *size), field="mask")
+    return (grey + 1.0) / 2.0  # as lcm.images.load_mask reads a mask file
 
 
 class TokenBucket:
@@ -279,8 +306,9 @@ def dropped_message(rid: int | None) -> dict[str, Any]:
     return {"type": "dropped", "id": rid}
 
 
-def image_message(req: Request, pngs: list[bytes], ms: float, sampler: str) -> dict[str, Any]:
-    """The answer to a request: its PNGs as data: URLs, the server-side ms, and the settings they were made with."""
+def image_message(req: Request, pngs: list[bytes], ms: float, sampler: str, compile: str = "off") -> dict[str, Any]:
+    """The answer to a request: its PNGs as data: URLs, the server-side ms, the settings they were made with, and
+    whether the networks ran compiled (``compile``: off, building, on or failed)."""
     return {
         "type": "image",
         "id": req.id,
@@ -292,6 +320,8 @@ def image_message(req: Request, pngs: list[bytes], ms: float, sampler: str) -> d
         "seed": req.seed,
         "batch": req.batch,
         "img2img": req.image is not None,
+        "inpaint": req.mask is not None,
         "gamma": req.gamma if sampler == "tcd" else None,
         "negative_guidance": req.negative_guidance,
+        "compile": compile,
     }

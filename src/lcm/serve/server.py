@@ -97,12 +97,12 @@ def _protocol(timeout: float):
 def _config(app: FastAPI, limits: Limits, log_level: str):
     import uvicorn
 
-    # A WebSocket frame holds one request; an upload is base64 (4/3 of its bytes) plus the other fields.
+    # A WebSocket frame holds one request: an image and a mask in base64, plus the other fields.
     return uvicorn.Config(
         app,
         log_level=log_level,
         http=_protocol(limits.request_timeout),
-        ws_max_size=limits.max_upload_bytes * 4 // 3 + 65536,
+        ws_max_size=limits.max_request_bytes,
         limit_concurrency=8 * limits.max_connections + 32,  # open sockets (and tasks) past this get a 503
         timeout_graceful_shutdown=2,
     )
