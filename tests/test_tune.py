@@ -9,8 +9,9 @@ import torch
 from lcm.cli import main
 from lcm.config import StudentConfig, StudentKind, TuneConfig
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.models.lora import LoraSpec
+from lcm.models.lora import LoraSpec, accelerator_of
 from lcm.training.tune import TuneTask
+from test_lora import _foreign_lora, _write_kohya
 from tiny_models import build_tiny_sd
 
 
@@ -66,6 +67,10 @@ def test_lcm_tune_exports_a_style_lora_that_diffusers_loads_and_that_stacks(tiny
     assert set(adapted_modules(pipe.unet)) == set(adapted_modules(loaded.unet))
     b = [m.lora_B["default_0"].weight for m in adapted_modules(loaded.unet).values()]
     assert any(w.abs().max() > 0 for w in b)  # trained: lora_B left zero
+    accelerator = tmp_path / "lcm-lora.safetensors"  # an LCM-LoRA made elsewhere: no record
+    _write_kohya(_foreign_lora(LatentDiffusion.from_pretrained(tiny_sd).unet), accelerator)
+    stack = [LoraSpec(str(out), 0.8), LoraSpec(str(accelerator))]
+    assert accelerator_of(stack, base_is_lcm=False) == stack[1]  # lcm tune's record says which is the style
 
     assert main(
         ["tune", "--model", str(out / "missing"), "--data", str(captioned_images), "--out", str(tmp_path / "x")]

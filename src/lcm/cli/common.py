@@ -18,8 +18,9 @@ def add_lora_flags(p: argparse.ArgumentParser, base: str = "--model", extra: str
         metavar="FILE[:SCALE][:lcm|style]",
         help=f"a LoRA file or folder (diffusers', kohya's or peft's naming; .safetensors) applied to {base}'s UNet at "
         "SCALE (default --lora-scale); repeat to stack, e.g. a style LoRA at 0.8 and an LCM-LoRA at 1: each adapted "
-        "weight becomes W + sum of SCALE·ΔW. The LCM-LoRA among them (an lcm_lora.json beside it, or marked :lcm; "
-        "a lone LoRA is taken for one) makes the model sample as an LCM; mark the others :style when ambiguous" + extra,
+        "weight becomes W + sum of SCALE·ΔW. The LCM-LoRA among them (marked :lcm, or an lcm_lora.json beside it; "
+        "else the one LoRA that is neither marked :style nor made by lcm tune) makes the model sample as an LCM"
+        + extra,
     )
     p.add_argument("--lora-scale", type=float, default=1.0, help="scale of a --lora given without :SCALE (default 1)")
 

@@ -20,6 +20,7 @@ __all__ = [
     "DISTILL_RECORD",
     "LORA_FILE",
     "LORA_META",
+    "TUNE_RECORD",
     "is_sdxl",
     "lcm_scheduler_config",
     "lora_base",
@@ -32,6 +33,7 @@ __all__ = [
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 LORA_META = "lcm_lora.json"  # beside an exported LoRA: base model, skipping grid, distillation settings
 DISTILL_RECORD = "lcm_distill.json"  # in an exported full LCM folder: the distillation settings
+TUNE_RECORD = "lcm_tune.json"  # beside what lcm tune exports (a style LoRA or model): the base, data and settings
 ALLOW_PICKLE_ENV = "LCM_ALLOW_PICKLE"  # "1": also load pickled weights (.bin / .pt); set by ``lcm --allow-pickle``
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from lcm.locations import written
-from lcm.models.formats import LORA_FILE, LORA_META, is_sdxl, read_json_object
+from lcm.models.formats import LORA_FILE, LORA_META, TUNE_RECORD, is_sdxl, read_json_object
 
 __all__ = [
     "LoraSpec",
@@ -95,24 +95,32 @@ class LoraSpec:
 
 
 def accelerator_of(specs: Sequence[LoraSpec], base_is_lcm: bool) -> LoraSpec | None:
-    """The LCM-LoRA of a stack: the one marked ``:lcm``, or the one with an ``lcm_lora.json`` (unless marked
-    ``:style``); a lone LoRA without either is taken for one (LCM-LoRA files made elsewhere carry no record).
-    Several unmarked LoRAs on a base that is not an LCM are ambiguous and refused in one line."""
-    marked = [s for s in specs if s.role == "lcm" or (s.role is None and s.record is not None)]
+    """The LCM-LoRA of a stack. A LoRA's role is the one it is marked with, else its record's: an ``lcm_lora.json``
+    (an LCM-LoRA exported by ``lcm distill``) or an ``lcm_tune.json`` (a style LoRA made by ``lcm tune``). Without a
+    marked or recorded LCM-LoRA, the one LoRA of unknown role is taken for it (LCM-LoRA files made elsewhere carry no
+    record); several of unknown role on a base that is not an LCM are ambiguous and refused in one line."""
+    roles = [spec.role or _recorded_role(spec) for spec in specs]
+    marked = [spec for spec, role in zip(specs, roles, strict=True) if role == "lcm"]
     if len(marked) > 1:
         names = ", ".join(s.path for s in marked)
         raise ValueError(f"--lora: {len(marked)} LCM-LoRAs ({names}); stack one accelerator with style LoRAs")
     if marked:
         return marked[0]
-    unmarked = [s for s in specs if s.role is None]
-    if len(specs) == 1 and unmarked:
-        return specs[0]
-    if base_is_lcm or not unmarked:
+    unknown = [spec for spec, role in zip(specs, roles, strict=True) if role is None]
+    if len(unknown) == 1:
+        return unknown[0]
+    if base_is_lcm or not unknown:
         return None
     raise ValueError(
         "--lora: several LoRAs and none is known as the LCM-LoRA (no lcm_lora.json beside it): mark it FILE:SCALE:lcm, "
         "or the others FILE:SCALE:style"
     )
+
+
+def _recorded_role(spec: LoraSpec) -> str | None:
+    if spec.record is not None:
+        return "lcm"
+    return "style" if (spec.folder / TUNE_RECORD).is_file() else None
 
 
 def _adapter_name(unet) -> str:

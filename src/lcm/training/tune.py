@@ -26,6 +26,7 @@ from lcm.maths.guidance import default_w
 from lcm.maths.parameterization import to_model_output
 from lcm.maths.timesteps import Sampler
 from lcm.models.export import COMPONENTS, local_model_folder
+from lcm.models.formats import TUNE_RECORD
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.lora import write_lora_file
 from lcm.models.student import add_lora
@@ -34,9 +35,7 @@ from lcm.sample import generate
 from lcm.training.loop import Task, Validation
 from lcm.training.task import default_validation_prompts, encode_batch
 
-__all__ = ["TUNE_RECORD", "TuneTask"]
-
-TUNE_RECORD = "lcm_tune.json"  # beside the export: the base model, the data and the settings
+__all__ = ["TuneTask"]
 
 
 class TuneTask(Task):
