@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lcm.cli.common import add_lora_flags, add_speed_args, lora_specs
 from lcm.cli.flags import add_section_flags, typed_settings
-from lcm.config.sampling import SampleConfig, default_sampler, default_steps
+from lcm.config.sampling import SampleConfig, default_steps
 from lcm.limits import MAX_IMAGES
 from lcm.maths.timesteps import Sampler
 from lcm.models.fast import Compile
@@ -32,11 +32,25 @@ def _vae_scale_factor(model: str | None) -> int | None:
         return None
 
 
+def _made_for_tcd(model: str | None, sampler: Sampler | None) -> bool:
+    """Whether the model's own sampler may be TCD's (a TCD or PCM export, from its record; a hub id: maybe)."""
+    from lcm.models.formats import read_record, samples_with_tcd
+    from lcm.sample import default_sampling_path
+
+    if sampler is not None:
+        return False
+    path = Path(model).expanduser() if model else default_sampling_path()
+    if not path.is_dir():
+        return True  # known once loaded
+    record = read_record(path)
+    return samples_with_tcd(record["consistency"], record["phases"])
+
+
 def _settings(args: argparse.Namespace) -> SampleConfig:
     """The sampling settings, each against its range and the others, before any model is loaded."""
     typed = typed_settings(args)
     cfg = SampleConfig(**{k.removeprefix("sample."): v for k, v in typed.items()})
-    if "sample.gamma" in typed and cfg.sampler is not Sampler.TCD:
+    if "sample.gamma" in typed and cfg.sampler is not Sampler.TCD and not _made_for_tcd(args.model, cfg.sampler):
         raise ValueError("--gamma is the TCD sampler's: add --sampler tcd")
     if cfg.negative_guidance and cfg.sampler and not cfg.sampler.for_distilled:
         raise ValueError(
@@ -91,7 +105,9 @@ def check_flags(args: argparse.Namespace):
 
 def _for_model(cfg: SampleConfig, model, args: argparse.Namespace) -> SampleConfig:
     """The settings with the model's defaults filled in, and refused where the model cannot run them."""
-    sampler = cfg.sampler or default_sampler(model.is_lcm)
+    sampler = cfg.sampler or model.default_sampler
+    if "sample.gamma" in typed_settings(args) and sampler is not Sampler.TCD:
+        raise ValueError(f"--gamma is the TCD sampler's; this model samples with {sampler.value}: add --sampler tcd")
     if sampler.for_distilled and not model.is_lcm:
         raise ValueError(
             f"the {sampler.value} sampler needs an LCM (a consistency-distilled model, or --lora with an LCM or TCD "
@@ -111,10 +127,12 @@ def _for_model(cfg: SampleConfig, model, args: argparse.Namespace) -> SampleConf
     if args.negative_prompt and not sampler.for_distilled and w == 0:
         raise ValueError("--negative-prompt needs --guidance w > 0 (w = 0 runs the teacher without guidance)")
     native_h, native_w = (s * model.vae_scale_factor for s in model.latent_shape[1:])
-    steps = cfg.steps or default_steps(sampler)
+    steps = cfg.steps or (model.default_steps if sampler is model.default_sampler else default_steps(sampler))
+    gamma = cfg.gamma if "sample.gamma" in typed_settings(args) else model.default_gamma
     return replace(
-        cfg, sampler=sampler, steps=steps, guidance=w, height=cfg.height or native_h, width=cfg.width or native_w
-    )
+        cfg, sampler=sampler, steps=steps, guidance=w, gamma=gamma, height=cfg.height or native_h,
+        width=cfg.width or native_w,
+    )  # fmt: skip
 
 
 def run_sample(args: argparse.Namespace) -> int:

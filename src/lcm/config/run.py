@@ -34,6 +34,7 @@ __all__ = [
     "MIXED_PRECISION",
     "TRACKERS",
     "Compile",
+    "Consistency",
     "ConsistencyConfig",
     "DataConfig",
     "LCDConfig",
@@ -138,8 +139,24 @@ class ConsistencyConfig:
     ema_decay: float = knob(0.95, "target EMA decay mu (full student)", lo=0, hi=1, open_hi=True)
 
 
+class Consistency(str, Enum):
+    """What the student learns to map a point of the trajectory onto (docs/methods.md)."""
+
+    LCM = "lcm"  # the trajectory's end, x0 (Luo et al. 2023)
+    TCD = "tcd"  # any earlier grid point s (Zheng et al. 2024, trajectory consistency)
+    PCM = "pcm"  # the edge of its phase (Wang et al. 2024, phased consistency)
+
+
 @dataclass(frozen=True)
 class LCDConfig(ConsistencyConfig):
+    consistency: Consistency = knob(
+        Consistency.LCM,
+        "what the student maps a noisy point onto: lcm (the clean end, x0), tcd (any earlier grid point s, drawn "
+        "per sample; sampled with TCD's sampler) or pcm (the edge of its phase, --phases; sampled deterministically "
+        "at the edges)",
+        flag="--method",
+    )
+    phases: int = knob(1, "PCM's phases M: the grid's N points split into M runs; must divide N", lo=1, hi=1000)
     solver: Solver = knob(Solver.DDIM, "ODE solver of the teacher (Psi of one skipping step)")
     w_min: float = knob(2.0, "smallest guidance w drawn (the paper's w; diffusers' guidance_scale - 1)", lo=0)
     w_max: float = knob(14.0, "largest guidance w drawn", lo=0)
@@ -183,6 +200,17 @@ class LCDConfig(ConsistencyConfig):
             )
         if coarse is None and (self.coarse_steps or self.coarse_fraction):
             raise ValueError("--coarse-steps and --coarse-fraction need --coarse-num-solver-steps")
+        if self.phases > 1 and self.consistency is not Consistency.PCM:
+            raise ValueError(f"--phases is PCM's: add --method pcm (or drop --phases {self.phases})")
+        if self.consistency is Consistency.PCM and self.num_solver_steps % self.phases:
+            raise ValueError(
+                f"--phases must divide --num-solver-steps = {self.num_solver_steps} (the phases split its grid), "
+                f"got {self.phases}"
+            )
+        if self.consistency is not Consistency.LCM and coarse is not None:
+            raise ValueError(
+                f"--method {self.consistency.value} draws its targets on one grid: drop --coarse-num-solver-steps"
+            )
 
 
 @dataclass(frozen=True)

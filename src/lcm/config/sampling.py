@@ -9,15 +9,18 @@ from lcm.config.knobs import knob, validate
 from lcm.limits import MAX_BATCH, MAX_IMAGE_SIDE, MAX_IMAGES, MAX_SEED
 from lcm.maths.timesteps import Sampler
 
-__all__ = ["DEFAULT_GAMMA", "DEFAULT_STRENGTH", "DISTILLED_STEPS", "SampleConfig", "default_sampler", "default_steps"]
+__all__ = [
+    "DEFAULT_GAMMA",
+    "DEFAULT_STRENGTH",
+    "DISTILLED_STEPS",
+    "TEACHER_STEPS",
+    "SampleConfig",
+    "default_steps",
+]
 
 DEFAULT_GAMMA = 0.3  # TCD's γ (diffusers' ``eta`` of TCDScheduler.step)
 DEFAULT_STRENGTH = 0.6  # img2img strength of lcm sample --image and lcm serve
 DISTILLED_STEPS, TEACHER_STEPS = 4, 25  # steps when none are given: an LCM's few, a teacher's usual
-
-
-def default_sampler(is_lcm: bool) -> Sampler:
-    return Sampler.LCM if is_lcm else Sampler.DDIM
 
 
 def default_steps(sampler: Sampler) -> int:
@@ -30,14 +33,14 @@ class SampleConfig:
         None,
         "lcm (multistep consistency sampling) or tcd (TCD's stochastic sampler, --gamma) for LCMs; ddim, dpm "
         "(DPM-Solver 2M) or dpmpp (DPM-Solver++ 2M) for teachers",
-        default_text="lcm for LCMs, else ddim",
+        default_text="the one the model was distilled for: lcm, or tcd for TCD and PCM models; ddim for teachers",
     )
     steps: int | None = knob(
         None,
         "sampling steps",
         lo=1,
         hi=1000,
-        default_text=f"{DISTILLED_STEPS} for lcm and tcd, {TEACHER_STEPS} otherwise",
+        default_text=f"{DISTILLED_STEPS} for lcm and tcd (a PCM model's phases), {TEACHER_STEPS} otherwise",
     )
     guidance: float | None = knob(
         None,
@@ -48,7 +51,8 @@ class SampleConfig:
     gamma: float = knob(
         DEFAULT_GAMMA,
         "TCD's stochasticity gamma in [0, 1] (diffusers' eta): each step goes down to s = (1 - gamma)·t_next and is "
-        "re-noised up to t_next; 0 is deterministic. Needs --sampler tcd",
+        "re-noised up to t_next; 0 is deterministic. For --sampler tcd, the default sampler of TCD and PCM models "
+        "(0 by default for PCM: deterministic steps at its phase edges)",
         lo=0,
         hi=1,
     )

@@ -12,6 +12,7 @@ from lcm.evaluation.metrics import METRICS
 from lcm.evaluation.prompts import EMBEDDED, data_flag
 from lcm.locations import local_path_or_none
 from lcm.maths.timesteps import DEFAULT_SPACING, SPACINGS
+from lcm.models.formats import read_record, samples_with_tcd
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.lora import LoraSpec, accelerator_of
 from lcm.sample import Sampler, default_model_path
@@ -86,6 +87,14 @@ class EvalPlan:
     data_dir: Path | None = None  # Fashion-MNIST files
 
 
+def _distilled_sampler(folder: Path | None) -> Sampler:
+    """The sampler a distilled model was made for, from its record (TCD's for TCD and PCM models; a hub id: LCM)."""
+    if folder is None:
+        return Sampler.LCM
+    record = read_record(folder)
+    return Sampler.TCD if samples_with_tcd(record["consistency"], record["phases"]) else Sampler.LCM
+
+
 def _methods(
     teacher: str,
     teacher_samplers: Sequence[str],
@@ -107,7 +116,7 @@ def _methods(
         if path is not None and not path.exists():
             raise ValueError(f"--lcm {folder}: no such folder")
         label = name or ("LCM" if len(lcms) == 1 else f"LCM ({Path(folder).name})")
-        methods.append(Method(label, folder, Sampler.LCM, tuple(lcm_steps)))
+        methods.append(Method(label, folder, _distilled_sampler(path), tuple(lcm_steps)))
     if loras:  # the stack on the teacher: an LCM with an LCM-LoRA among them, else sampled as the teacher
         if accelerator_of(loras, base_is_lcm=False) is not None:
             methods.append(Method("LoRA stack", teacher, Sampler.LCM, tuple(lcm_steps), tuple(loras)))

@@ -3,7 +3,7 @@ captions of any data set :func:`lcm.data.sources.open_data` reads."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +41,11 @@ def eval_seeds(n: int, seed: int) -> list[int]:
     return list(range(seed * 1_000_000, seed * 1_000_000 + n))
 
 
-def fashion_eval_prompts(n: int, seed: int = 0) -> EvalPrompts:
-    """``n`` prompts cycling through the 10 classes, each a random caption of its class (paraphrases included)."""
+def fashion_eval_prompts(n: int, seed: int = 0, classes: Sequence[int] | None = None) -> EvalPrompts:
+    """``n`` prompts cycling through the 10 classes (or ``classes``), each a random caption of its class (paraphrases
+    included)."""
     captions = CaptionSet()
-    labels = torch.arange(n) % 10
+    labels = torch.arange(n) % 10 if classes is None else torch.tensor(list(classes))[torch.arange(n) % len(classes)]
     idx = captions.sample(labels, 0.0, torch.Generator().manual_seed(seed))
     return EvalPrompts([captions.captions[i] for i in idx], labels, eval_seeds(n, seed))
 

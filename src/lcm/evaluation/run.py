@@ -115,6 +115,7 @@ def evaluate_row(
             batch_size,
             timestep_spacing=row.timestep_spacing,
             cache_prompts=cache,
+            gamma=model.default_gamma,
         )
 
     return row_record(row, str(model.source), evaluate_sampling(sample, prompts, evaluator, batch_size))
@@ -273,6 +274,7 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> list[Record]:
                     plan.batch_size,
                     timestep_spacing=spacing,
                     cache_prompts=cache,
+                    gamma=model.default_gamma,
                 )
 
             if method.identity not in cached:  # not timed: the prompts' text embeddings, the first calls' lazy set-up

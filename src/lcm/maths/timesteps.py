@@ -18,6 +18,8 @@ import torch
 from lcm.maths.schedule import NoiseSchedule
 
 __all__ = [
+    "phase_edge_below",
+    "trajectory_targets",
     "DEFAULT_NUM_SOLVER_STEPS",
     "DEFAULT_SPACING",
     "SPACINGS",
@@ -138,6 +140,26 @@ class SkippingGrid:
             index = torch.multinomial(self.probabilities, batch_size, replacement=True, generator=generator)
         start = self.timesteps[index]
         return start, (start - self.k).clamp(min=0)
+
+
+def phase_edge_below(t: torch.Tensor, grid: SkippingGrid, phases: int) -> torch.Tensor:
+    """PCM's target time for pairs starting at ``t`` ``[B]``: the highest phase edge below ``t``. The ``phases`` M
+    split the grid's N points into M runs of N / M; the edges are 0 and the grid points ending each run but the last
+    (N = 10, k = 100, M = 2: edges 0 and 499), so a pair (t_{n+k}, t_n) never crosses an edge."""
+    if phases < 1 or grid.num_solver_steps % phases:
+        raise ValueError(f"the phases ({phases}) must divide the grid's {grid.num_solver_steps} points")
+    run = grid.num_solver_steps // phases  # grid points per phase
+    index = (t + 1) // grid.k  # 1-based index of t on the grid
+    phase = (index - 1) // run  # 0 … M − 1
+    return torch.where(phase == 0, torch.zeros_like(t), phase * run * grid.k - 1)
+
+
+def trajectory_targets(t_end: torch.Tensor, grid: SkippingGrid, generator: torch.Generator | None) -> torch.Tensor:
+    """TCD's target times for pairs ending at ``t_end`` ``[B]``: s drawn uniformly from 0 and the grid points at or
+    below ``t_end``, so the trajectory consistency function learns to map onto every earlier point of the grid."""
+    below = (t_end + 1) // grid.k  # grid points t_i = i·k − 1 ≤ t_end
+    choice = (torch.rand(t_end.shape, generator=generator) * (below + 1)).long()  # 0 … below
+    return torch.where(choice == 0, torch.zeros_like(t_end), choice * grid.k - 1)
 
 
 class MixedGrid:

@@ -26,6 +26,7 @@ __all__ = [
     "lora_base",
     "read_json_object",
     "read_record",
+    "samples_with_tcd",
     "safe_weights",
     "w_input_dim",
 ]
@@ -121,11 +122,18 @@ def lcm_scheduler_config(
     return {**LCMScheduler.from_config(config).config, "_class_name": "LCMScheduler"}
 
 
+def samples_with_tcd(consistency: str, phases: int) -> bool:
+    """Whether a model distilled with ``--method consistency`` (and PCM's ``phases``) samples with TCD's sampler:
+    TCD models, and PCM models of more than one phase (deterministic at the edges); the rest with the LCM's."""
+    return consistency == "tcd" or (consistency == "pcm" and phases > 1)
+
+
 def read_record(folder: str | Path) -> dict[str, Any]:
     """The distillation / fine-tuning record of an exported model folder (empty for any other folder).
 
-    Returns ``{"w_range": (low, high) | None, "sigma_data": float | None, "timestep_scaling": float | None}``.
-    The w range is the LCD range, or LCF's single w for a model last fine-tuned without a teacher.
+    Returns ``{"w_range": (low, high) | None, "sigma_data": float | None, "timestep_scaling": float | None,
+    "consistency": "lcm" | "tcd" | "pcm", "phases": int}``. The w range is the LCD range, or LCF's single w for a
+    model last fine-tuned without a teacher; ``consistency`` and ``phases`` say which sampler the model was trained for.
     """
     folder = Path(folder)
     for name in (DISTILL_RECORD, LORA_META):
@@ -133,7 +141,7 @@ def read_record(folder: str | Path) -> dict[str, Any]:
             record = read_json_object(folder / name)
             break
     else:
-        return {"w_range": None, "sigma_data": None, "timestep_scaling": None}
+        return {"w_range": None, "sigma_data": None, "timestep_scaling": None, "consistency": "lcm", "phases": 1}
     lcd, lcf = record.get("lcd") or {}, record.get("lcf") or {}
     settings = record.get("consistency") or lcf or lcd
     if lcf and lcf.get("w") is not None:
@@ -146,4 +154,6 @@ def read_record(folder: str | Path) -> dict[str, Any]:
         "w_range": w_range,
         "sigma_data": settings.get("sigma_data"),
         "timestep_scaling": settings.get("timestep_scaling"),
+        "consistency": str(lcd.get("consistency", "lcm")),
+        "phases": int(lcd.get("phases", 1)),
     }

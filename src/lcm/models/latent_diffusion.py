@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lcm.config.sampling import DEFAULT_GAMMA, DISTILLED_STEPS, TEACHER_STEPS
 from lcm.limits import MAX_IMAGE_SIDE
 from lcm.locations import hub_unavailable, local_path_or_none
 from lcm.maths.consistency import (
@@ -29,7 +30,7 @@ from lcm.maths.consistency import (
 from lcm.maths.guidance import cached_w_embedding, cfg_combine, default_w
 from lcm.maths.parameterization import Denoised, PredictionType, to_denoised
 from lcm.maths.schedule import NoiseSchedule
-from lcm.maths.timesteps import DEFAULT_NUM_SOLVER_STEPS
+from lcm.maths.timesteps import DEFAULT_NUM_SOLVER_STEPS, Sampler
 from lcm.models.formats import (
     LORA_META,
     is_sdxl,
@@ -80,6 +81,8 @@ class LatentDiffusion:
     w_range: tuple[float, float] | None = None  # the guidance weights it was distilled on
     sigma_data: float = SIGMA_DATA  # consistency constants (docs/design.md §2)
     timestep_scaling: float = TIMESTEP_SCALING
+    consistency: str = "lcm"  # what it was distilled for: lcm, tcd or pcm (its default sampler)
+    phases: int = 1  # PCM's
     # An inpainting UNet's extra input, [B, 1 + C, h, w]: the latent-size mask and the masked image's latents, put
     # beside z on the channel axis at every call (:meth:`with_inpaint_condition`); None for a text-to-image UNet.
     inpaint_condition: torch.Tensor | None = None
@@ -163,6 +166,8 @@ class LatentDiffusion:
     def _read_record(self, folder: Path) -> None:
         """Take the w range and consistency constants an export recorded (docs/design.md §4)."""
         record = read_record(folder)
+        if record["w_range"] is not None or record["consistency"] != "lcm":
+            self.consistency, self.phases = record["consistency"], record["phases"]
         self.w_range = record["w_range"] or self.w_range
         self.sigma_data = float(record["sigma_data"] or self.sigma_data)
         scaling = record["timestep_scaling"] or self.scheduler_config.get("timestep_scaling")
@@ -196,6 +201,28 @@ class LatentDiffusion:
     def latent_channels(self) -> int:
         """C of the latents z: the VAE's, not the UNet's input channels (9 for an inpainting UNet)."""
         return int(self.vae.config.latent_channels)
+
+    @property
+    def default_sampler(self) -> Sampler:
+        """The sampler this model was made for: LCM for an LCM, TCD's for a TCD or PCM model (deterministic at the
+        phase edges for PCM: :attr:`default_gamma`), DDIM for a teacher."""
+        if not self.is_lcm:
+            return Sampler.DDIM
+        return (
+            Sampler.TCD if self.consistency == "tcd" or (self.consistency == "pcm" and self.phases > 1) else Sampler.LCM
+        )
+
+    @property
+    def default_gamma(self) -> float:
+        """TCD's γ when none is given: 0 for PCM (deterministic steps at the phase edges), TCD's 0.3 otherwise."""
+        return 0.0 if self.consistency == "pcm" else DEFAULT_GAMMA
+
+    @property
+    def default_steps(self) -> int:
+        """Sampling steps when none are given: a PCM model's phases, a few for other LCMs, the usual for teachers."""
+        if self.consistency == "pcm" and self.phases > 1:
+            return self.phases
+        return DISTILLED_STEPS if self.is_lcm else TEACHER_STEPS
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -354,6 +381,28 @@ class LatentDiffusion:
         t_batch = torch.full((z.shape[0],), float(t), device=z.device)
         coefficients = self.step_coefficients(float(t), self.sigma_data, self.timestep_scaling, z.device)
         return self.consistency_step(z, t_batch, text.hidden_states, text.pooled, w_emb, coefficients)
+
+    def trajectory_output(
+        self,
+        z: torch.Tensor,
+        t: torch.Tensor,
+        s: torch.Tensor,
+        text: TextEmbeddings,
+        w_emb: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The trajectory consistency function ``f(z, t → s) = c_skip(t − s)·z + c_out(t − s)·(α_s x̂0 + σ_s ε̂)``
+        for per-sample ``t``, ``s ≤ t`` ``[B]`` (TCD's and PCM's target: the point of the trajectory at s, reached
+        by the exponential integrator, i.e. DDIM, from the network's prediction at t). ``s = 0`` is the clean end
+        (α, σ = 1, 0), so there it is :meth:`consistency_output` exactly; ``s = t`` gives z (the boundary)."""
+        out = self.unet_output(z, t, text, w_emb).float()
+        x0, eps = self._to_denoised(out, z, t)
+        s = s.to(z.device)
+        alpha, sigma = self.schedule.alpha_sigma(s)
+        clean = s == 0
+        alpha, sigma = torch.where(clean, 1.0, alpha).to(z.dtype), torch.where(clean, 0.0, sigma).to(z.dtype)
+        z_s = consistency_function(x0, eps, alpha, sigma)  # α_s x̂0 + σ_s ε̂
+        c_skip, c_out = boundary_scalings((t.to(z.device) - s), self.sigma_data, self.timestep_scaling)
+        return consistency_function(z, z_s, c_skip, c_out)
 
     @property
     def consistency_step(self) -> ConsistencyStep:

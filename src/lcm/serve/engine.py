@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 import lcm.sample as library
-from lcm.config.sampling import DEFAULT_GAMMA, DISTILLED_STEPS, default_sampler
+from lcm.config.sampling import DISTILLED_STEPS
 from lcm.maths.timesteps import sampler_timesteps
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.lora import LoraSpec
@@ -105,7 +105,7 @@ class Engine:
 
     def __init__(self, model: LatentDiffusion, compile: str = "off"):
         self.model = model
-        self.sampler = default_sampler(model.is_lcm)
+        self.sampler = model.default_sampler
         self.lock = threading.Lock()  # the network is never run by two threads at once
         self.generations = 0
         self.compile = compile  # "off" or "on", as asked
@@ -130,8 +130,10 @@ class Engine:
 
     @property
     def defaults(self) -> dict[str, Any]:
-        # real time: an LCM's few steps, for a teacher too (its 1-4 step images show what LCMs are for)
-        return {"steps": DISTILLED_STEPS, "w": float(self.model.default_w), "gamma": DEFAULT_GAMMA}
+        # real time: an LCM's few steps (a PCM model's phases), for a teacher too (its 1-4 step images show what LCMs
+        # are for); TCD's γ as the model was made for (0 for PCM)
+        steps = self.model.default_steps if self.model.is_lcm else DISTILLED_STEPS
+        return {"steps": steps, "w": float(self.model.default_w), "gamma": self.model.default_gamma}
 
     @property
     def samplers(self) -> tuple[Sampler, ...]:
@@ -187,7 +189,8 @@ class Engine:
         prompts from the model's prompt cache; img2img with ``req.image``, inpainting with ``req.mask`` too); blocks
         while another generation holds the lock."""
         sampler = self.sampler_for(req)
-        options = {"gamma": req.gamma, "negative_guidance": req.negative_guidance} if sampler.for_distilled else {}
+        gamma = self.model.default_gamma if req.gamma is None else req.gamma
+        options = {"gamma": gamma, "negative_guidance": req.negative_guidance} if sampler.for_distilled else {}
         with self.lock, torch.inference_mode():
             start = time.perf_counter()
             images = generate(

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from lcm.config.knobs import knob, validate
-from lcm.config.sampling import DEFAULT_GAMMA, DEFAULT_STRENGTH
+from lcm.config.sampling import DEFAULT_STRENGTH
 
 __all__ = [
     "MAX_SEED",
@@ -130,7 +130,7 @@ class Request:
     image: torch.Tensor | None = None
     strength: float = DEFAULT_STRENGTH
     sampler: str | None = None  # None: the engine's default for its model
-    gamma: float = DEFAULT_GAMMA  # TCD's γ
+    gamma: float | None = None  # TCD's γ; None: the model's (0 for PCM, else 0.3)
     negative_guidance: float = 0.0  # LCMs: S of out(prompt) + S·(out(prompt) − out(negative prompt))
     mask: torch.Tensor | None = None  # inpainting: where the image is repainted
 
@@ -181,7 +181,7 @@ def _checked(obj: dict, limits: Limits, defaults: dict[str, Any], image_shape, r
     sampler = obj.get("sampler")
     if sampler is not None and sampler not in SAMPLERS:
         raise RequestError(f"sampler must be one of {', '.join(SAMPLERS)}, got {json.dumps(sampler)}")
-    gamma = _number(obj.get("gamma", DEFAULT_GAMMA), "gamma", 0.0, 1.0)
+    gamma = None if obj.get("gamma") is None else _number(obj["gamma"], "gamma", 0.0, 1.0)
     negative_guidance = _number(obj.get("negative_guidance", 0.0), "negative_guidance", 0.0, MAX_W)
     image = obj.get("image")
     if image is not None:

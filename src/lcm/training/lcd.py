@@ -8,6 +8,11 @@ One call of :meth:`LCD.loss`, for a batch of clean latents z0 and their text con
 4. without gradients: one solver step of the guided teacher, ``ẑ_{t_n} = Ψ(z_{t_{n+k}}, t_{n+k} → t_n)``
    (Eq. 8 with the augmented PF-ODE, Eq. 13), and the target's ``f_θ⁻(ẑ_{t_n}, w, c, t_n)``;
 5. ``d(f_θ, f_θ⁻)`` per sample.
+
+With ``--method tcd`` or ``pcm`` both outputs map onto an earlier point s of the trajectory instead of its clean end
+(:meth:`~lcm.models.latent_diffusion.LatentDiffusion.trajectory_output`, ``f(z, t → s)``): TCD draws s per sample
+from 0 and the grid points at or below t_n, PCM takes the edge of the phase the pair lies in. With s = 0 both are
+the LCM's loss exactly (tests/test_methods.py).
 """
 
 from __future__ import annotations
@@ -17,12 +22,12 @@ from typing import NamedTuple
 
 import torch
 
-from lcm.config.run import LCDConfig, StudentKind
+from lcm.config.run import Consistency, LCDConfig, StudentKind
 from lcm.maths.ema import ema_update
 from lcm.maths.guidance import w_embedding
 from lcm.maths.losses import consistency_loss
 from lcm.maths.solvers import solve
-from lcm.maths.timesteps import MixedGrid, SkippingGrid
+from lcm.maths.timesteps import MixedGrid, SkippingGrid, phase_edge_below, trajectory_targets
 from lcm.models.formats import w_input_dim
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import adapters_disabled
@@ -169,6 +174,16 @@ class LCD(StudentTarget):
         """The guidance weights this run trains on: w ~ U[w_min, w_max]."""
         return self.cfg.w_min, self.cfg.w_max
 
+    def target_times(
+        self, t_start: torch.Tensor, t_end: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor | None:
+        """Where the pair's outputs map to: None for the LCM (the clean end), TCD's drawn s, PCM's phase edge."""
+        if self.cfg.consistency is Consistency.TCD:
+            return trajectory_targets(t_end, self.fine_grid, generator).to(t_end.device)
+        if self.cfg.consistency is Consistency.PCM:
+            return phase_edge_below(t_start, self.fine_grid, self.cfg.phases)
+        return None
+
     def _teacher_context(self):
         return adapters_disabled(self.student) if self.kind is StudentKind.LORA else nullcontext()
 
@@ -185,13 +200,20 @@ class LCD(StudentTarget):
         z_start = self.model.schedule.add_noise(z0, noise, t_start)
         t_start, t_end = t_start.to(device), t_end.to(device)
 
-        prediction = self.student_model.consistency_output(z_start, t_start, cond, w_emb)
+        s = self.target_times(t_start, t_end, generator)
+        if s is None:
+            prediction = self.student_model.consistency_output(z_start, t_start, cond, w_emb)
+        else:
+            prediction = self.student_model.trajectory_output(z_start, t_start, s, cond, w_emb)
 
         with torch.no_grad():
             with self._teacher_context():
                 teacher = self.model.guided_denoiser(cond, uncond, w.to(device))
                 z_end = solve(self.cfg.solver, teacher, z_start, t_start, t_end, self.model.schedule)
-            target = self.target_model.consistency_output(z_end.to(z0.dtype), t_end, cond, w_emb)
+            if s is None:
+                target = self.target_model.consistency_output(z_end.to(z0.dtype), t_end, cond, w_emb)
+            else:
+                target = self.target_model.trajectory_output(z_end.to(z0.dtype), t_end, s, cond, w_emb)
 
         loss = consistency_loss(prediction, target, self.cfg.loss, self.cfg.huber_c)
         return LCDOutput(loss, t_start, w)

@@ -140,11 +140,16 @@ class ConsistencyTask(Task):
         unet.eval()
         scheduler = lcm_scheduler_config(self.model.scheduler_config, self.cfg.num_solver_steps)
         lcm = self.model.with_network(unet, scheduler, self.cfg.sigma_data, self.cfg.timestep_scaling)
+        consistency = getattr(self.cfg, "consistency", None)  # LCD's --method; LCF keeps the LCM's own
+        if consistency is not None:
+            lcm.consistency, lcm.phases = consistency.value, self.cfg.phases
+        sampler, gamma = lcm.default_sampler, lcm.default_gamma
         prompts = [p for p in self.validation_prompts for _ in self.validation_seeds]
         seeds = [s for _ in self.validation_prompts for s in self.validation_seeds]
         steps = (1, 2, 4, 8)
-        rows = [generate(lcm, prompts, Sampler.LCM, n, self.validation_w, seeds) for n in steps]
-        labels = [f"LCM {n} step{'' if n == 1 else 's'}" for n in steps]
+        rows = [generate(lcm, prompts, sampler, n, self.validation_w, seeds, gamma=gamma) for n in steps]
+        name = "LCM" if sampler is Sampler.LCM else f"{consistency.value.upper()} ({sampler.value}, γ {gamma:g})"
+        labels = [f"{name} {n} step{'' if n == 1 else 's'}" for n in steps]
         columns = [f"{p}, seed {s}" for p, s in zip(prompts, seeds, strict=True)]
         path = save_grid(torch.cat(rows), folder / f"step-{step:06d}.png", scale=2, rows=labels, columns=columns)
         with Image.open(path) as grid:

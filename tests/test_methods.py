@@ -1,0 +1,141 @@
+"""TCD and PCM on the LCD loop: each reduces to the LCM's loss where it should, maps where its paper says, and what
+it exports samples in diffusers with the scheduler its authors use."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lcm.training.lcd as lcd_module
+from lcm.cli import main
+from lcm.config import Consistency, LCDConfig, StudentKind
+from lcm.maths.timesteps import SkippingGrid, phase_edge_below, trajectory_targets
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.models.student import full_student
+from lcm.training.lcd import LCD
+
+
+def _losses(tiny_sd, seed=7, **settings):
+    """The per-sample LCD loss of one batch under ``settings``, from the same student, target, batch and draws."""
+    model = LatentDiffusion.from_pretrained(tiny_sd)
+    student = full_student(model.unet)
+    with torch.no_grad():  # a w input that matters, and a target that is not the student
+        student.time_embedding.cond_proj.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    target = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(1e-3)
+    method = LCD(model, student, StudentKind.FULL, LCDConfig(num_solver_steps=10, **settings), target)
+    z0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    cond, uncond = model.encode_prompts(["a", "b", "c", "d"]), model.encode_prompts([""] * 4)
+    with torch.no_grad():
+        return method.loss(z0, cond, uncond, torch.Generator().manual_seed(seed)).loss
+
+
+def test_tcd_with_s_at_zero_and_pcm_with_one_phase_are_the_lcm_loss(tiny_sd, monkeypatch):
+    lcm = _losses(tiny_sd)
+    assert torch.equal(_losses(tiny_sd, consistency=Consistency.PCM, phases=1), lcm)
+    tcd = _losses(tiny_sd, consistency=Consistency.TCD)
+    assert not torch.allclose(tcd, lcm)  # its own targets: another loss
+    monkeypatch.setattr(lcd_module, "trajectory_targets", lambda t_end, grid, generator: torch.zeros_like(t_end))
+    assert torch.equal(_losses(tiny_sd, consistency=Consistency.TCD), lcm)
+    assert not torch.allclose(_losses(tiny_sd, consistency=Consistency.PCM, phases=2), lcm)
+
+
+def test_phase_edges_and_trajectory_targets():
+    grid = SkippingGrid(10, 1000)  # k = 100: 99, 199, ..., 999
+    t = torch.tensor([99, 199, 499, 599, 999])
+    assert phase_edge_below(t, grid, 1).tolist() == [0, 0, 0, 0, 0]
+    assert phase_edge_below(t, grid, 2).tolist() == [0, 0, 0, 499, 499]
+    assert phase_edge_below(t, grid, 5).tolist() == [0, 0, 399, 399, 799]
+    with pytest.raises(ValueError, match="must divide"):
+        phase_edge_below(t, grid, 3)
+    t_end = torch.tensor([0, 99, 499] * 2000)
+    s = trajectory_targets(t_end, grid, torch.Generator().manual_seed(0))
+    for end in (0, 99, 499):
+        drawn = s[t_end == end]
+        expected = {0, *range(99, end + 1, 100)}
+        assert set(drawn.tolist()) == expected and (drawn <= end).all()  # every grid point at or below t_n, and 0
+        counts = torch.bincount((drawn + 1) // 100)
+        assert counts.min() > 0.8 * counts.float().mean()  # uniform
+
+
+def test_the_trajectory_function_is_ddims_jump_and_keeps_its_boundaries(tiny_sd):
+    """f(z, t → s) against diffusers' DDIMScheduler.step (η = 0) from t to s; f(z, t → t) = z; f(z, t → 0) is the
+    LCM's consistency output."""
+    from diffusers import DDIMScheduler
+
+    model = LatentDiffusion.from_pretrained(tiny_sd)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    text = model.encode_prompts(["a cat", "a dog"])
+    t = torch.tensor([999, 999])
+    with torch.no_grad():
+        out = model.trajectory_output(z, t, torch.tensor([499, 499]), text, None)
+        scheduler = DDIMScheduler.from_pretrained(tiny_sd, subfolder="scheduler", timestep_spacing="trailing")
+        scheduler.set_timesteps(2)
+        assert scheduler.timesteps.tolist() == [999, 499]
+        eps = model.unet(z, 999, encoder_hidden_states=text.hidden_states).sample
+        ddim = scheduler.step(eps, 999, z, eta=0.0).prev_sample
+        torch.testing.assert_close(out, ddim, rtol=1e-5, atol=1e-5)
+        assert torch.equal(model.trajectory_output(z, t, t, text, None), z)
+        torch.testing.assert_close(
+            model.trajectory_output(z, t, torch.zeros_like(t), text, None),
+            model.consistency_output(z, t, text, None),
+            rtol=0,
+            atol=0,
+        )
+
+
+@pytest.mark.parametrize("method", ["pcm", "tcd"])
+def test_a_distilled_pcm_or_tcd_samples_in_diffusers_with_tcd_scheduler(method, tiny_sd, captioned_images, tmp_path):
+    """``lcm distill --method pcm --phases 2`` (or tcd) exports a model that records its method; ``lcm sample``
+    draws with TCD's sampler (γ = 0 and the phases' steps for PCM), and diffusers' pipeline with TCDScheduler at the
+    same γ and steps draws the same pixels."""
+    from diffusers import StableDiffusionPipeline, TCDScheduler
+
+    out = tmp_path / method
+    args = ["distill", "--teacher", str(tiny_sd), "--data", str(captioned_images), "--out", str(out), "--method"]
+    args += [method, "--num-solver-steps", "10", "--max-steps", "2", "--batch-size", "2", "--validate-every", "0"]
+    assert main([*args, *(["--phases", "2"] if method == "pcm" else [])]) == 0
+    record = json.loads((out / "lcm_distill.json").read_text())["lcd"]
+    assert record["consistency"] == method
+    model = LatentDiffusion.from_pretrained(out)
+    steps, gamma = (2, 0.0) if method == "pcm" else (4, 0.3)
+    assert (model.default_sampler.value, model.default_steps, model.default_gamma) == ("tcd", steps, gamma)
+    assert (
+        main(["sample", "--model", str(out), "--prompt", "a cat", "--num-images", "2", "--out", str(tmp_path / "s")])
+        == 0
+    )
+    info = Image.open(tmp_path / "s" / "000-seed0.png").info
+    assert (info["sampler"], int(info["steps"])) == ("tcd", steps)
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+    w = model.default_w
+    for seed in (0, 1):
+        image = pipe(
+            "a cat", num_inference_steps=steps, guidance_scale=w + 1, eta=gamma, output_type="np",
+            generator=torch.Generator().manual_seed(seed),
+        ).images[0]  # fmt: skip
+        ours = np.asarray(Image.open(tmp_path / "s" / f"00{seed}-seed{seed}.png")).astype(int)
+        theirs = np.round(image * 255).astype(int)
+        theirs = theirs[..., 0] if ours.ndim == 2 else theirs
+        assert np.abs(ours - theirs).max() <= 1, (seed, np.abs(ours - theirs).max())
+
+
+def test_method_settings_are_checked(tiny_sd, captioned_images, tmp_path, capsys):
+    args = ["distill", "--teacher", str(tiny_sd), "--data", str(captioned_images), "--out", str(tmp_path / "o")]
+    for extra, message in (
+        (["--method", "pcm", "--phases", "3", "--num-solver-steps", "10"], "--phases must divide"),
+        (["--phases", "2"], "--phases is PCM's: add --method pcm"),
+        (["--method", "tcd", "--coarse-num-solver-steps", "10"], "draws its targets on one grid"),
+    ):
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1], (extra, err)
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main([*args, "--method", "dmd"])
+    assert "invalid choice: 'dmd' (choose from 'lcm', 'tcd', 'pcm')" in capsys.readouterr().err
