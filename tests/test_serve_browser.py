@@ -2,7 +2,7 @@
 bring new images, and the latency is shown; Chromium's fake camera streams frames through img2img (frames per
 second and the last frame's latency shown, the device released on stop), a sketch is sent as it is drawn, and a mask
 painted over a chosen image makes it inpainting. ``LCM_SCREENSHOT=1`` also saves the page to
-docs/images/serve.png."""
+docs/images/serve.png, and in streaming mode to docs/images/serve-stream.png."""
 
 from __future__ import annotations
 
@@ -156,6 +156,8 @@ def test_the_camera_streams_frames_and_shows_their_rate(server, browser):
     WebDriverWait(browser, 5).until(lambda d: d.find_element(By.ID, "fps").text != "–")
     assert float(browser.find_element(By.ID, "fps").text) > 0
     assert float(browser.find_element(By.ID, "frame-ms").text) > 0
+    if os.environ.get("LCM_SCREENSHOT") == "1":  # the page in streaming mode, for the README
+        browser.save_screenshot(str(SCREENSHOT.with_name("serve-stream.png")))
     browser.execute_script("window.cameraTracks = document.getElementById('video').srcObject.getTracks();")
 
     browser.find_element(By.ID, "camera").click()  # now "stop camera"
