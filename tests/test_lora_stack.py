@@ -190,8 +190,8 @@ def test_lcm_eval_scores_a_stack_as_one_more_method(tmp_path, capsys):
     _write_kohya(_foreign_lora(unet, seed=5, rank=2), style)
     _write_kohya(_foreign_lora(unet, seed=6, rank=2), accelerator)
     out = tmp_path / "eval"
-    args = ["eval", "--teacher-samplers", "ddim", "--teacher-steps", "1", "--lcm-steps", "1", "--num-samples", "20"]
-    args += ["--batch-size", "10", "--w", "3", "--out", str(out), "--lora", f"{style}:0.5", "--lora"]
+    args = ["eval", "--teacher-samplers", "ddim", "--teacher-steps", "1", "--lcm-steps", "1", "--num-samples", "8"]
+    args += ["--batch-size", "8", "--w", "3", "--out", str(out), "--lora", f"{style}:0.5", "--lora"]
     assert main([*args, f"{accelerator}:lcm"]) == 0
     records = load_results(out / "results.json")[1]
     teacher, stack = records

@@ -1,0 +1,101 @@
+"""LCM, TCD and PCM on equal terms on the embedded benchmark (docs/methods.md): the same data, recipe, budget and
+evaluation, two training seeds each.
+
+    python scripts/methods.py --out runs/methods [--methods lcm,tcd,pcm2,pcm4] [--seeds 0,1] [--samples 2000]
+    python scripts/methods.py --out runs/methods --report            # the table of every finished run
+
+Every run is the ``lcm demo`` recipe (lcm.config.recipes: k = 100, w ~ U[1, 5], cosine rate, 1,500 steps of batch
+32) with only ``--method`` (and PCM's ``--phases``) changed; each (method, seed) distils into OUT/METHOD-sSEED and is
+sampled with its own sampler (LCM: multistep; TCD: γ = 0.3; PCM: γ = 0, deterministic) at 1, 2, 4 and 8 steps, w = 3,
+the same prompts and noise in every row, FD-clf and prompt accuracy (the shipped classifier's features against the
+10,000 test images; not FID). Rows are ``lcm eval``'s records in OUT/METHOD-sSEED/results.json; finished runs and
+rows are kept, so the command resumes. Mean ± half the range over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from lcm.config.recipes import EVALUATION, recipe_config
+from lcm.evaluation.metrics import FashionEvaluator
+from lcm.evaluation.plan import EvalSettings
+from lcm.evaluation.prompts import fashion_eval_prompts
+from lcm.evaluation.report import markdown_table
+from lcm.evaluation.results import load_results
+from lcm.evaluation.run import Row, evaluate_rows
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.sample import default_model_path
+from lcm.training.runs import run_training
+
+# name → dotted overrides of the demo recipe
+METHODS = {
+    "lcm": {},
+    "tcd": {"method.consistency": "tcd"},
+    "pcm2": {"method.consistency": "pcm", "method.phases": 2},
+    "pcm4": {"method.consistency": "pcm", "method.phases": 4},  # on N = 20 (k = 50): 4 does not divide 10
+}
+STEPS = (1, 2, 4, 8)
+
+
+def changes(method: str, seed: int) -> dict:
+    extra = {"method.num_solver_steps": 20} if method == "pcm4" else {}  # 4 phases need N divisible by 4
+    return {**METHODS[method], **extra, "loop.seed": seed, "loop.report_to": []}
+
+
+def run(out: Path, method: str, seed: int, samples: int, prompts, evaluator) -> None:
+    folder = out / f"{method}-s{seed}"
+    if not (folder / "unet").is_dir():
+        run_training(recipe_config("demo", changes(method, seed)), folder, resume="auto")
+    model = LatentDiffusion.from_pretrained(folder)
+    w = EVALUATION["demo"]["w"]
+    rows = [Row(method.upper(), model.default_sampler, s, w) for s in STEPS]
+    settings = EvalSettings(num_samples=samples)
+    evaluate_rows(model, rows, prompts, evaluator, folder / "results.json", settings)
+
+
+def report(out: Path) -> str:
+    runs: dict[str, list[dict]] = {}
+    for path in sorted(out.glob("*-s*/results.json")):
+        records = load_results(path)[1]
+        if len(records) == len(STEPS):
+            runs.setdefault(path.parent.name.rsplit("-s", 1)[0], []).append({r.steps: r.metrics for r in records})
+
+    def cell(values: list[float], fmt: str) -> str:
+        spread = f" ± {(max(values) - min(values)) / 2:{fmt}}" if len(values) > 1 else ""
+        return f"{statistics.fmean(values):{fmt}}{spread}"
+
+    header = ["method", "seeds", *(f"FD-clf {s}" for s in STEPS), *(f"acc {s}" for s in STEPS)]
+    rows = []
+    for method in (m for m in METHODS if m in runs):
+        seeds = runs[method]
+        fd = [cell([r[s]["fd_clf"] for r in seeds], ".1f") for s in STEPS]
+        acc = [cell([r[s]["prompt_accuracy"] for r in seeds], ".3f") for s in STEPS]
+        rows.append([method, len(seeds), *fd, *acc])
+    return "Mean ± half the range over training seeds.\n\n" + markdown_table(header, rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
+    p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    p.add_argument("--samples", type=int, default=2000, help="images per row")
+    p.add_argument("--report", action="store_true", help="only write OUT/methods.md from finished runs")
+    a = p.parse_args()
+    methods = [m for m in a.methods.split(",") if m]
+    if unknown := [m for m in methods if m not in METHODS]:
+        p.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    if not a.report:
+        prompts, evaluator = fashion_eval_prompts(a.samples, 0), FashionEvaluator(default_model_path() / "classifier")
+        for method in methods:  # both seeds of a method before the next: a row is whole as soon as possible
+            for seed in (int(s) for s in a.seeds.split(",")):
+                run(a.out, method, seed, a.samples, prompts, evaluator)
+    table = report(a.out)
+    (a.out / "methods.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
