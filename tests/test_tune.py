@@ -88,3 +88,13 @@ def test_tune_refuses_an_lcm(tiny_sd, tmp_path, capsys):
     model.scheduler_config = lcm_scheduler_config(model.scheduler_config, 50)
     with pytest.raises(ValueError, match="an LCM is fine-tuned by lcm finetune"):
         TuneTask(model)
+
+
+def test_a_full_tune_exports_a_model_folder_with_the_bases_scheduler(tiny_sd, captioned_images, tmp_path):
+    out = tmp_path / "full"
+    args = ["tune", "--model", str(tiny_sd), "--data", str(captioned_images), "--out", str(out), "--max-steps", "2"]
+    assert main([*args, "--batch-size", "2", "--validate-every", "0", "--learning-rate", "1e-3"]) == 0
+    tuned, base = LatentDiffusion.from_pretrained(out), LatentDiffusion.from_pretrained(tiny_sd)
+    assert tuned.scheduler_config == base.scheduler_config and not tuned.is_lcm
+    moved = [k for k, v in tuned.unet.state_dict().items() if not torch.equal(v, base.unet.state_dict()[k])]
+    assert moved and json.loads((out / "lcm_tune.json").read_text())["student"] == "full"

@@ -18,7 +18,7 @@ from lcm.maths.consistency import SIGMA_DATA, TIMESTEP_SCALING
 from lcm.models.formats import DISTILL_RECORD, LORA_META, is_sdxl, lcm_scheduler_config, w_input_dim
 from lcm.models.lora import write_lora_file
 
-__all__ = ["export_lcm_folder", "export_lora", "local_model_folder"]
+__all__ = ["export_lcm_folder", "export_lora", "export_model_folder", "local_model_folder"]
 
 # Parts of a model folder that travel with an exported LCM (the UNet and scheduler are replaced).
 COMPONENTS = (
@@ -88,6 +88,20 @@ def export_lcm_folder(
     LCMScheduler.from_config(config).save_config(out / "scheduler")
     _write_model_index(src, out, is_sdxl(unet), w_input_dim(unet) is not None)
     (out / DISTILL_RECORD).write_text(_record(provenance, sigma_data, timestep_scaling))
+    return out
+
+
+def export_model_folder(source: str | Path, unet, out: str | Path) -> Path:
+    """Write a model folder that samples as ``source`` does (its components, scheduler and model index) with
+    ``unet`` in its UNet's place: a fine-tune, or a base with style LoRAs fused in."""
+    src, out = local_model_folder(source), Path(out)
+    for name in (*COMPONENTS, "scheduler"):
+        if (src / name).is_dir() and src.resolve() != out.resolve():
+            shutil.copytree(src / name, out / name, dirs_exist_ok=True)
+    if (src / "model_index.json").is_file():
+        shutil.copy2(src / "model_index.json", out / "model_index.json")
+    with written(out / "unet"):
+        unet.save_pretrained(out / "unet", safe_serialization=True)
     return out
 
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from lcm.locations import written
-from lcm.models.export import COMPONENTS, export_lcm_folder, local_model_folder
+from lcm.models.export import export_lcm_folder, export_model_folder
 from lcm.models.formats import LORA_FILE
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.lora import LoraSpec
@@ -87,14 +85,7 @@ def merge_loras(base: str | Path, loras: Sequence[LoraSpec], out: str | Path) ->
         )  # fmt: skip
     else:
         steps = None
-        src = local_model_folder(source)
-        for name in (*COMPONENTS, "scheduler"):
-            if (src / name).is_dir():
-                shutil.copytree(src / name, out / name, dirs_exist_ok=True)
-        if (src / "model_index.json").is_file():
-            shutil.copy2(src / "model_index.json", out / "model_index.json")
-        with written(out / "unet"):
-            unet.save_pretrained(out / "unet", safe_serialization=True)
+        export_model_folder(source, unet, out)
         (out / "lcm_merge.json").write_text(json.dumps(provenance, indent=2) + "\n")
     (out / "README.md").write_text(_card(source, provenance, model.is_lcm, steps))
     return out

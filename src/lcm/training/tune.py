@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,10 @@ import torch
 
 from lcm.config.run import StudentConfig, StudentKind, TuneConfig, ValidationConfig
 from lcm.images import save_grid
-from lcm.locations import written
 from lcm.maths.guidance import default_w
 from lcm.maths.parameterization import to_model_output
 from lcm.maths.timesteps import Sampler
-from lcm.models.export import COMPONENTS, local_model_folder
+from lcm.models.export import export_model_folder
 from lcm.models.formats import TUNE_RECORD
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.lora import write_lora_file
@@ -134,14 +132,7 @@ class TuneTask(Task):
                 unet = copy.deepcopy(unet)
                 unet.fuse_lora()
                 unet.unload_lora()
-            source = local_model_folder(self.model.source)
-            for name in (*COMPONENTS, "scheduler"):
-                if (source / name).is_dir():
-                    shutil.copytree(source / name, folder / name, dirs_exist_ok=True)
-            if (source / "model_index.json").is_file():
-                shutil.copy2(source / "model_index.json", folder / "model_index.json")
-            with written(folder / "unet"):
-                unet.save_pretrained(folder / "unet", safe_serialization=True)
+            export_model_folder(self.model.source, unet, folder)
         (folder / TUNE_RECORD).write_text(json.dumps(settings, indent=2, default=str) + "\n")
 
 
