@@ -31,6 +31,7 @@ from lcm.maths.guidance import cached_w_embedding, cfg_combine, default_w
 from lcm.maths.parameterization import Denoised, PredictionType, to_denoised
 from lcm.maths.schedule import NoiseSchedule
 from lcm.maths.timesteps import DEFAULT_NUM_SOLVER_STEPS, Sampler
+from lcm.models.consistency_step import ConsistencyStep
 from lcm.models.formats import (
     LORA_META,
     is_sdxl,
@@ -421,37 +422,3 @@ class LatentDiffusion:
             values = (*self.schedule.alpha_sigma_at(t), *boundary_scalings_at(t, sigma_data, timestep_scaling))
             self._step_coefficients[key] = torch.tensor(values, dtype=torch.float32, device=device)
         return self._step_coefficients[key]
-
-
-class ConsistencyStep(torch.nn.Module):
-    """One consistency step of a sampler, ``f(z, t) = c_skip z + c_out x̂0`` for a batch sharing one timestep.
-
-    The coefficients arrive as a tensor ``[α_t, σ_t, c_skip, c_out]`` (:meth:`LatentDiffusion.step_coefficients`)
-    rather than as numbers, so that one compiled graph of this module serves every timestep: ``--compile on`` on the
-    CPU turns the UNet call and the boundary arithmetic into one package call (:mod:`lcm.models.aot`). Eagerly it
-    computes exactly what the per-sample path computes, in the same order.
-    """
-
-    def __init__(self, model: LatentDiffusion, unet):
-        super().__init__()
-        self.unet = unet
-        self._model = model  # not a submodule: the step owns nothing but the UNet it calls
-
-    @property
-    def config(self) -> dict:
-        """What the graph depends on: the UNet's config and the model's (read by the compiled-package cache key)."""
-        return {
-            **dict(getattr(self.unet, "config", {}) or {}),
-            "prediction_type": self._model.prediction_type.value,
-            "vae_scale_factor": self._model.vae_scale_factor,
-        }
-
-    def forward(self, z, t, hidden_states, pooled, timestep_cond, coefficients):
-        model = self._model
-        out = model.unet_output(z, t, TextEmbeddings(hidden_states, pooled), timestep_cond).float()
-        alpha, sigma, c_skip, c_out = coefficients.unbind()
-        x0 = to_denoised(out, z, alpha, sigma, model.prediction_type).x0
-        return consistency_function(z, x0, c_skip, c_out)
-
-    def extra_repr(self) -> str:
-        return f"prediction_type={self._model.prediction_type.value}"
