@@ -12,6 +12,7 @@ from PIL import Image
 import lcm.training.lcd as lcd_module
 from lcm.cli import main
 from lcm.config import Consistency, LCDConfig, StudentKind
+from lcm.evaluation.plan import _methods
 from lcm.maths.timesteps import SkippingGrid, phase_edge_below, trajectory_targets
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import full_student
@@ -111,6 +112,9 @@ def test_a_distilled_pcm_or_tcd_samples_in_diffusers_with_tcd_scheduler(method, 
     )
     info = Image.open(tmp_path / "s" / "000-seed0.png").info
     assert (info["sampler"], int(info["steps"])) == ("tcd", steps)
+
+    (evaluated,) = _methods(str(tiny_sd), (), (1,), [(str(out), None)], (1, 2))  # what lcm eval --lcm OUT rows
+    assert (evaluated.name, evaluated.sampler.value) == (method.upper(), "tcd")
 
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)

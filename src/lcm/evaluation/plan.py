@@ -87,12 +87,13 @@ class EvalPlan:
     data_dir: Path | None = None  # Fashion-MNIST files
 
 
-def _distilled_sampler(folder: Path | None) -> Sampler:
-    """The sampler a distilled model was made for, from its record (TCD's for TCD and PCM models; a hub id: LCM)."""
-    if folder is None:
-        return Sampler.LCM
-    record = read_record(folder)
-    return Sampler.TCD if samples_with_tcd(record["consistency"], record["phases"]) else Sampler.LCM
+def _distilled(folder: Path | None) -> tuple[str, Sampler]:
+    """(its row name, its sampler) of a distilled model, from its record: "LCM" and the LCM sampler, or "TCD" /
+    "PCM" and TCD's sampler for TCD and multi-phase PCM models (a hub id: LCM)."""
+    record = read_record(folder) if folder is not None else {"consistency": "lcm", "phases": 1}
+    if samples_with_tcd(record["consistency"], record["phases"]):
+        return record["consistency"].upper(), Sampler.TCD
+    return "LCM", Sampler.LCM
 
 
 def _methods(
@@ -115,8 +116,9 @@ def _methods(
         path = local_path_or_none(folder, owner_required=True)
         if path is not None and not path.exists():
             raise ValueError(f"--lcm {folder}: no such folder")
-        label = name or ("LCM" if len(lcms) == 1 else f"LCM ({Path(folder).name})")
-        methods.append(Method(label, folder, _distilled_sampler(path), tuple(lcm_steps)))
+        kind, sampler = _distilled(path)
+        label = name or (kind if len(lcms) == 1 else f"{kind} ({Path(folder).name})")
+        methods.append(Method(label, folder, sampler, tuple(lcm_steps)))
     if loras:  # the stack on the teacher: an LCM with an LCM-LoRA among them, else sampled as the teacher
         if accelerator_of(loras, base_is_lcm=False) is not None:
             methods.append(Method("LoRA stack", teacher, Sampler.LCM, tuple(lcm_steps), tuple(loras)))
