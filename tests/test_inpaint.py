@@ -22,7 +22,7 @@ from lcm.maths.guidance import guidance_scale_from_w
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.text import TextEmbeddings
 from lcm.sample import Sampler, encode_init_images, generate, inpaint_latents
-from test_img2img_tcd_parity import SD, W, _pipe, contexts, init_pils
+from test_img2img_tcd_parity import SD, W, _one_thread, _pipe, contexts, init_pils  # noqa: F401 (autouse)
 from tiny_models import tiny_unet
 
 SEEDS = [31, 32]
@@ -45,15 +45,6 @@ SCHEDULERS = {  # steps_offset 1, which the pipeline would otherwise impose; the
     ),
     "dpmpp": lambda: DPMSolverMultistepScheduler(**SD, **TEACHER, algorithm_type="dpmsolver++"),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Networks this small run fastest on one thread (and steadiest when other work shares the CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class TableEncoder:

@@ -242,24 +242,12 @@ def build_tiny_sd(path: Path, prediction_type: str = "epsilon", seed: int = 0, s
     ``4 × sample_size²``; VAE factor 8 (images ``8·sample_size`` px), scaling 0.18215; CLIP 32-d; DDIMScheduler with
     SD's schedule and ``prediction_type``. Returns ``path``.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     scheduler = DDIMScheduler.from_config(tiny_scheduler_config(prediction_type))
     path = _check(path, sample_size)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CLIP_HIDDEN,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = tiny_unet(seed=seed, sample_size=sample_size)  # seeded first: the VAE and text encoder draw after it
     vae = _tiny_vae(sample_size, scaling_factor=0.18215)
     text_encoder = CLIPTextModel(tiny_text_encoder_config())
     pipe = StableDiffusionPipeline(

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -211,7 +211,7 @@ class Engine:
             pngs = encode_png(images)
             self.generations += 1
             ms = (time.perf_counter() - start) * 1e3
-        return Result(req, pngs, ms, sampler, self.compile_status())
+        return Result(replace(req, gamma=gamma), pngs, ms, sampler, self.compile_status())  # the γ it ran with
 
     def warm_up(self) -> float:
         """One generation at the defaults, so the first client does not pay for lazy initialisation; its ms. An
