@@ -240,15 +240,20 @@ def _run(folder, out, max_steps, resume=None, crash_after=None, kind=StudentKind
     return task
 
 
-@pytest.mark.parametrize("kind", [StudentKind.FULL, StudentKind.LORA])
-def test_resume_after_a_crash_equals_an_uninterrupted_run(sd_folder, tmp_path, kind):
-    straight = _run(sd_folder, tmp_path / "a", 6, kind=kind)
-    _run(sd_folder, tmp_path / "b", 6, crash_after=5, kind=kind)  # dies during step 6; checkpoint at step 4
+@pytest.mark.parametrize(
+    ("kind", "adversarial"), [(StudentKind.FULL, 0.0), (StudentKind.LORA, 0.0), (StudentKind.LORA, 0.5)]
+)
+def test_resume_after_a_crash_equals_an_uninterrupted_run(sd_folder, tmp_path, kind, adversarial):
+    """Weights, EMA target and (with --adversarial-weight) the discriminator's heads and AdamW moments."""
+    settings = {"kind": kind, "adversarial_weight": adversarial}
+    straight = _run(sd_folder, tmp_path / "a", 6, **settings)
+    _run(sd_folder, tmp_path / "b", 6, crash_after=5, **settings)  # dies during step 6; checkpoint at step 4
     assert (tmp_path / "b" / "train" / "checkpoints" / "step-4").is_dir()
     assert not (tmp_path / "b" / "train" / "checkpoints" / "step-6").exists()
-    resumed = _run(sd_folder, tmp_path / "b", 6, resume="latest", kind=kind)
+    resumed = _run(sd_folder, tmp_path / "b", 6, resume="latest", **settings)
     a, b = straight.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
+    assert any(k.startswith("adversarial.optim.") for k in a) == (adversarial > 0)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
     history = (tmp_path / "a" / "train" / "train_history.json").read_text()

@@ -185,6 +185,19 @@ class LCDConfig(ConsistencyConfig):
         "paper's uniform draw; 1 draws the top point N times as often as the lowest",
         lo=0,
     )
+    adversarial_weight: float = knob(
+        0.0,
+        "λ of the adversarial term (docs/methods.md §4): a discriminator on the frozen teacher's encoder features "
+        "tells the student's outputs from training latents, both re-noised to one level; 0 turns it off",
+        lo=0,
+    )
+    adversarial_lr: float = knob(1e-4, "the discriminator's learning rate (its own AdamW)", lo=0, open_lo=True)
+    adversarial_max_t: float = knob(
+        500.0,
+        "the discriminator's highest noise level: the student's output at s and the data are re-noised to a "
+        "level t' ~ U[s, max(s, this)]",
+        lo=0,
+    )
     timestep_scaling: float = TIMESTEP_SCALING  # consistency constants (docs/design.md §2)
     sigma_data: float = SIGMA_DATA
 

@@ -32,12 +32,13 @@ from lcm.models.formats import w_input_dim
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import adapters_disabled
 from lcm.models.text import TextEmbeddings
+from lcm.training.adversarial import AdversarialTerm
 
 __all__ = ["LCD", "LCDConfig", "LCDOutput", "LossMonitor", "StudentTarget"]
 
 
 class LCDOutput(NamedTuple):
-    loss: torch.Tensor  # (B,) per-sample distance
+    loss: torch.Tensor  # (B,) per-sample distance (plus λ times the adversarial term, when there is one)
     t_start: torch.Tensor  # (B,) t_{n+k}
     w: torch.Tensor  # (B,)
 
@@ -99,6 +100,8 @@ class LossMonitor:
 class StudentTarget:
     """Student, target and the consistency function shared by LCD and LCF."""
 
+    adversarial: AdversarialTerm | None = None  # LCD's --adversarial-weight
+
     def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg, target=None):
         self.model, self.student, self.kind, self.cfg = model, student, StudentKind(kind), cfg
         self.grid = SkippingGrid(cfg.num_solver_steps, model.schedule.num_train_timesteps)  # where pairs are drawn
@@ -151,8 +154,11 @@ class StudentTarget:
 class LCD(StudentTarget):
     """Owns student, target and teacher UNets of one distillation run and computes the LCD loss."""
 
-    def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg: LCDConfig, target=None):
+    def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg: LCDConfig, target=None, seed=0):
         super().__init__(model, student, kind, cfg, target)
+        if cfg.adversarial_weight > 0:
+            lr, t_max = cfg.adversarial_lr, cfg.adversarial_max_t
+            self.adversarial = AdversarialTerm(model, cfg.adversarial_weight, lr, t_max, seed)
         # The teacher is ``model`` itself: its frozen original UNet, or for LoRA the student (the model's own UNet,
         # adapted in place) with its adapters disabled. The skipping grid: a curriculum or mixed skips, if asked.
         T, bias = model.schedule.num_train_timesteps, cfg.timestep_bias
@@ -216,4 +222,9 @@ class LCD(StudentTarget):
                 target = self.target_model.trajectory_output(z_end.to(z0.dtype), t_end, s, cond, w_emb)
 
         loss = consistency_loss(prediction, target, self.cfg.loss, self.cfg.huber_c)
+        if self.adversarial is not None:  # its draws come after every draw above: λ > 0 keeps them all
+            adversarial = self.adversarial.generator_loss(
+                self.model, prediction, s, z0, cond, generator, self._teacher_context
+            )
+            loss = loss + adversarial.to(loss.dtype)
         return LCDOutput(loss, t_start, w)

@@ -89,8 +89,10 @@ class ConsistencyTask(Task):
         return out.loss
 
     def log_metrics(self) -> dict[str, float]:
-        """Per-t / per-w loss and the w projection's norms since the last log line (see :class:`LossMonitor`)."""
-        return self.monitor.read()
+        """Per-t / per-w loss and the w projection's norms since the last log line (see :class:`LossMonitor`), and
+        the adversarial term's means when there is one."""
+        adversarial = self.method.adversarial
+        return {**self.monitor.read(), **(adversarial.read() if adversarial is not None else {})}
 
     def compile(self) -> None:
         self.method.compile()
@@ -100,15 +102,23 @@ class ConsistencyTask(Task):
 
     def after_optimizer_step(self, step: int) -> None:
         self.method.update_target()
+        if self.method.adversarial is not None:
+            self.method.adversarial.step()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.kind is StudentKind.FULL:
             state = {f"student.{k}": v for k, v in self.student.state_dict().items()}
             state.update({f"target.{k}": v for k, v in self.method.target.state_dict().items()})
-            return state
-        return {f"lora.{n}": p for n, p in self.student.named_parameters() if p.requires_grad}
+        else:
+            state = {f"lora.{n}": p for n, p in self.student.named_parameters() if p.requires_grad}
+        if self.method.adversarial is not None:
+            state.update({f"adversarial.{k}": v for k, v in self.method.adversarial.state_dict().items()})
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.method.adversarial is not None:
+            prefix = "adversarial."
+            self.method.adversarial.load_state_dict({k[12:]: v for k, v in state.items() if k.startswith(prefix)})
         if self.kind is StudentKind.FULL:
             self.student.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("student.")})
             self.method.target.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("target.")})
@@ -116,7 +126,8 @@ class ConsistencyTask(Task):
         params = dict(self.student.named_parameters())
         with torch.no_grad():
             for key, value in state.items():
-                params[key[5:]].copy_(value)
+                if key.startswith("lora."):
+                    params[key[5:]].copy_(value)
 
     @property
     def w_projection(self) -> torch.nn.Parameter | None:
@@ -222,7 +233,8 @@ class DistillTask(ConsistencyTask):
         cfg, student, validation = cfg or LCDConfig(), student or StudentConfig(), validation or ValidationConfig()
         unet, target = make_student(model, student, seed)
         w = validation.w if validation.w is not None else default_w((cfg.w_min, cfg.w_max), model.is_embedded)
-        super().__init__(model, LCD(model, unet, student.kind, cfg, target), student, w, validation, provenance)
+        method = LCD(model, unet, student.kind, cfg, target, seed)
+        super().__init__(model, method, student, w, validation, provenance)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """With ``--w-lr-scale`` other than 1, the w projection learns at its own rate (a group of its own)."""
