@@ -67,7 +67,7 @@ def main() -> None:
         tune = override(RunConfig(command="tune"), {**STYLE, "data.source": f"fashion-mnist:{a.classes}"})
         run_training(override(tune, {"loop.seed": a.seed}), style, resume="auto")
     if not (accelerator / "lcm_lora.json").is_file():
-        run_training(recipe_config("demo", {**ACCELERATOR, "loop.seed": a.seed}), accelerator, resume="auto")
+        run_training(recipe_config("demo-1500", {**ACCELERATOR, "loop.seed": a.seed}), accelerator, resume="auto")
     stack = [LoraSpec(str(style), a.style_scale, "style"), LoraSpec(str(accelerator), 1.0, "lcm")]
     if not (merged / "unet").is_dir():
         merge_loras(teacher, stack, merged)

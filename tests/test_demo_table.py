@@ -1,4 +1,4 @@
-"""``lcm demo`` at its defaults reproduces the table the README shows (about 7 minutes on 2 cores: ``-m slow``)."""
+"""``lcm demo`` at its defaults reproduces the table the README shows (about 5 minutes on 2 cores: ``-m slow``)."""
 
 import re
 from pathlib import Path
