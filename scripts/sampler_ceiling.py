@@ -15,6 +15,11 @@ lower t) in the place of the consistency function, step by step, with the LCM sa
 - ``LCM then ODE``: the LCM's first prediction, re-noised to the sampler's second timestep, then the ODE to 0.
 - ``ODE then ODE``: the row above with the ODE in both places (its control).
 
+- ``TCD ODE every step``: TCD's sampler (``--gamma``, timesteps as ``lcm sample --sampler tcd`` on the model's
+  grid) with the ODE in the place of the trajectory function: each step the teacher's ODE from t_i to
+  s_i = ⌊(1 − γ)·t_{i+1}⌋, then the forward process back up to t_{i+1}: a perfect TCD model at that γ. (A perfect PCM,
+  and TCD at γ = 0, never re-noise: their sampler returns the teacher's ODE sample, the ``teacher ODE`` row.)
+
 If the teacher's ODE carried its own forward-noised samples back exactly, every row with the ODE in it would be the
 teacher's distribution. FD-clf and prompt accuracy are the embedded benchmark's (the shipped classifier; not FID).
 """
@@ -32,12 +37,13 @@ from consistency_probe import ode_solution  # this script's folder (scripts/) is
 from lcm.evaluation.metrics import FashionEvaluator
 from lcm.evaluation.prompts import fashion_eval_prompts
 from lcm.maths.sampling import randn_per_image, sample_lcm
-from lcm.maths.timesteps import lcm_timesteps
+from lcm.maths.solvers import ddim_step
+from lcm.maths.timesteps import Sampler, lcm_timesteps, sampler_timesteps, tcd_intermediate_timesteps
 from lcm.models.formats import w_input_dim
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import default_model_path
 
-ROWS = ("teacher ODE", "ODE every step", "LCM", "ODE then LCM", "LCM then ODE", "ODE then ODE")
+ROWS = ("teacher ODE", "ODE every step", "LCM", "ODE then LCM", "LCM then ODE", "ODE then ODE", "TCD ODE every step")
 
 
 def ode_fn(teacher: LatentDiffusion, cond, uncond, w: float, steps_from_top: int):
@@ -51,8 +57,30 @@ def ode_fn(teacher: LatentDiffusion, cond, uncond, w: float, steps_from_top: int
     return solve
 
 
+def perfect_tcd(teacher, lcm, z, cond, uncond, w: float, steps: int, gamma: float, ode_steps: int, gens):
+    """TCD's strategic stochastic sampler with the teacher's ODE from t_i to s_i as its trajectory function."""
+    denoiser = teacher.guided_denoiser(cond, uncond, torch.full((z.shape[0],), w))
+    schedule, top = teacher.schedule, teacher.schedule.num_train_timesteps - 1
+    ts = sampler_timesteps(Sampler.TCD, steps, lcm.scheduler_config, schedule).tolist()
+    ss = tcd_intermediate_timesteps(torch.tensor(ts), gamma).tolist()
+    noises = [randn_per_image(z.shape, gens) for _ in range(len(ts) - 1)] if gamma > 0 else []
+    for i, (t, s) in enumerate(zip(ts, ss, strict=True)):
+        grid = torch.linspace(t, s, max(1, math.ceil(ode_steps * (t - s) / top)) + 1).round().long().tolist()
+        for a, b in zip(grid[:-1], grid[1:], strict=True):
+            full_a = torch.full((z.shape[0],), float(a))
+            z = (
+                denoiser(z, full_a).x0
+                if b == 0
+                else ddim_step(denoiser, z, full_a, torch.full_like(full_a, b), schedule)
+            )
+        if noises and i + 1 < len(ts):
+            ratio = (schedule.alpha_sigma_at(float(ts[i + 1]))[0] / schedule.alpha_sigma_at(float(s))[0]) ** 2
+            z = math.sqrt(ratio) * z + math.sqrt(1.0 - ratio) * noises[i]
+    return z
+
+
 @torch.no_grad()
-def sample_row(row: str, teacher, lcm, prompts: list[str], seeds: list[int], w: float, steps: int, ode_steps: int):
+def sample_row(row: str, teacher, lcm, prompts, seeds, w: float, steps: int, ode_steps: int, gamma: float = 0.3):
     """Latents → images ``[B, C, H, W]`` of one row for ``prompts`` and per-image ``seeds`` (lcm eval's noise)."""
     cond, uncond = teacher.encode_prompts(prompts, cache=True), teacher.encode_prompts([""] * len(prompts), cache=True)
     ws = torch.full((len(prompts),), w)
@@ -66,6 +94,8 @@ def sample_row(row: str, teacher, lcm, prompts: list[str], seeds: list[int], w: 
     schedule = lcm.schedule
     if row == "teacher ODE":
         x0 = f_ode(z, first)
+    elif row == "TCD ODE every step":
+        x0 = perfect_tcd(teacher, lcm, z, cond, uncond, w, steps, gamma, ode_steps, gens)
     elif row == "ODE every step":
         x0 = sample_lcm(f_ode, z, ts, schedule, gens)
     elif row == "LCM":
@@ -89,6 +119,7 @@ def main() -> None:
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated, of: " + ", ".join(ROWS))
     p.add_argument("--batch", type=int, default=250, help="images per sampling batch")
     p.add_argument("--seed", type=int, default=0, help="the prompts and noise (lcm eval's --seed)")
+    p.add_argument("--gamma", type=float, default=0.3, help="γ of the TCD row (TCD's default 0.3)")
     p.add_argument("--out", type=Path, help="the scores as JSON (rows already there are kept, not rerun)")
     a = p.parse_args()
     rows = a.rows.split(",")
@@ -104,6 +135,7 @@ def main() -> None:
         for w in (float(x) for x in a.w.split(",")):
             for row in rows:
                 key = f"{row}|{'-' if row == 'teacher ODE' else steps}|{w:g}"  # the teacher's row has no steps
+                key += f"|γ {a.gamma:g}" if row.startswith("TCD") else ""
                 if key in result or (steps == 2 and row == "ODE then ODE"):  # at 2 steps: "ODE every step"
                     continue
                 images = torch.cat(
@@ -117,6 +149,7 @@ def main() -> None:
                             w,
                             steps,
                             a.ode_steps,
+                            a.gamma,
                         )
                         for i in range(0, a.samples, a.batch)
                     ]

@@ -75,6 +75,7 @@ class Row:
     timestep_spacing: str | None = (
         None  # teacher samplers: None is the one rule (lcm.maths.timesteps.sampler_timesteps)
     )
+    gamma: float | None = None  # TCD's γ; None: the model's own (LatentDiffusion.default_gamma)
 
 
 def nfe_per_image(sampler: Sampler, steps: int, w: float) -> int:
@@ -115,7 +116,7 @@ def evaluate_row(
             batch_size,
             timestep_spacing=row.timestep_spacing,
             cache_prompts=cache,
-            gamma=model.default_gamma,
+            gamma=model.default_gamma if row.gamma is None else row.gamma,
         )
 
     return row_record(row, str(model.source), evaluate_sampling(sample, prompts, evaluator, batch_size))
