@@ -18,7 +18,7 @@ __all__ = ["EVALUATION", "RECIPES", "recipe_config"]
 
 # The demo recipe (docs/fidelity.md): k = 100 (N = 10), w ~ U[1, 5], rate 2e-4 with a cosine decay to 10% after 100
 # warm-up steps, the zero-initialised w projection at 10x the rate; 750 steps of batch 32, so that lcm demo ends in
-# about 10 minutes on the slower 2-core CPUs too (docs/performance.md; 1,500 steps until then: "demo-1500").
+# about 10 minutes on the slower 2-core CPUs too (README, docs/fidelity.md §5; 1,500 steps until then: "demo-1500").
 DEMO: dict[str, Any] = {
     "data.batch_size": 32,
     "method.num_solver_steps": 10,
@@ -38,7 +38,7 @@ DEMO: dict[str, Any] = {
 
 RECIPES: dict[str, dict[str, Any]] = {
     "demo": DEMO,
-    # twice the demo's steps: the demo until docs/performance.md halved it, and the budget of docs/eval/methods.md
+    # twice the demo's steps: the demo until it was halved, and the budget of docs/eval/methods.md
     "demo-1500": {**DEMO, "loop.max_steps": 1500, "loop.checkpoint_every": 500},
     # the demo's settings for 10,000 steps, compiled: 1.3-1.4x the eager steps/s on the CPU, so the hour holds them
     "long": {
