@@ -3,8 +3,9 @@
     python benchmarks/distill.py                                  # CPU, the embedded teacher, batch 32
     python benchmarks/distill.py --arch sd15 --device cuda --batch-size 12 --mixed-precision bf16   # 512², random
 
-One row per (compile, cache) setting: the full LCD optimiser step as ``lcm distill`` runs it (batch → latents and text →
-student, guided teacher and target → Huber loss → backward → gradient clipping → fused AdamW → EMA), timed after
+One row per (compile, cache, ``--adversarial`` weight) setting: the full LCD optimiser step as ``lcm distill`` runs
+it (batch → latents and text → student, guided teacher and target → Huber loss [→ the discriminator's features and
+generator term] → backward → gradient clipping → fused AdamW → EMA [→ the discriminator's step]), timed after
 warm-up, median over about ``--steps``, the settings interleaved in blocks of five steps (the first of each
 block untimed). Without the cache every step VAE-encodes its
 images; with it the step reads the cached posterior (mean, std) and text embeddings, as ``lcm distill --data CACHE``
@@ -87,9 +88,9 @@ def make_batch(model: LatentDiffusion, batch: int, cached: bool) -> dict:
 class Row:
     """One setting's LCD step: its own teacher, student, target and optimiser (compiling works in place)."""
 
-    def __init__(self, model, args, device, compiled: bool, cached: bool):
-        self.compiled, self.cached, self.device = compiled, cached, device
-        self.task = DistillTask(model, LCDConfig(w_min=1.0, w_max=5.0))
+    def __init__(self, model, args, device, compiled: bool, cached: bool, adversarial: float = 0.0):
+        self.compiled, self.cached, self.device, self.adversarial = compiled, cached, device, adversarial
+        self.task = DistillTask(model, LCDConfig(w_min=1.0, w_max=5.0, adversarial_weight=adversarial))
         self.params = self.task.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-6, fused=True)
         if compiled:
@@ -125,8 +126,10 @@ def teacher(args, device) -> LatentDiffusion:
 def run_rows(args, device) -> list[dict]:
     """Every setting timed step by step in turn (interleaved), so that a machine whose speed drifts affects all
     settings alike; the first step (compilation included) is reported apart."""
-    settings = [(mode == "compiled", cached) for mode in args.modes.split(",") for cached in (False, True)]
-    rows = [Row(teacher(args, device), args, device, compiled, cached) for compiled, cached in settings]
+    weights = [float(x) for x in args.adversarial.split(",")]
+    modes = [mode == "compiled" for mode in args.modes.split(",")]
+    settings = [(compiled, cached, lam) for compiled in modes for cached in (False, True) for lam in weights]
+    rows = [Row(teacher(args, device), args, device, *setting) for setting in settings]
     first = [row.step() for row in rows]
     for _ in range(args.warmup):
         for row in rows:
@@ -146,13 +149,15 @@ def run_rows(args, device) -> list[dict]:
         result = {
             "compiled": row.compiled,
             "cached": row.cached,
+            "adversarial_weight": row.adversarial,
             "batch": args.batch_size,
             "step_ms": sec * 1e3,
             "samples_per_s": args.batch_size / sec,
             "first_step_s": first_s,
         }
         print(
-            f"compiled={row.compiled!s:5} cached={row.cached!s:5}: {result['step_ms']:8.1f} ms/step, "
+            f"compiled={row.compiled!s:5} cached={row.cached!s:5} λ={row.adversarial:g}: "
+            f"{result['step_ms']:8.1f} ms/step, "
             f"{result['samples_per_s']:7.1f} samples/s (first step {first_s:.1f} s)",
             flush=True,
         )
@@ -166,10 +171,10 @@ def peak_memory_per_setting(args, device) -> list[float]:
         return []
     peaks = []
     for mode in args.modes.split(","):
-        for cached in (False, True):
+        for cached, lam in ((c, float(x)) for c in (False, True) for x in args.adversarial.split(",")):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            row = Row(teacher(args, device), args, device, mode == "compiled", cached)
+            row = Row(teacher(args, device), args, device, mode == "compiled", cached, lam)
             for _ in range(3):
                 row.step()
             peaks.append(torch.cuda.max_memory_allocated() / 2**30)
@@ -186,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per row (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (default 3)")
     p.add_argument("--modes", default="eager,compiled", help="eager,compiled (default both)")
+    p.add_argument("--adversarial", default="0", help="comma-separated --adversarial-weight values (default 0)")
     p.add_argument("--out", default="benchmarks/results/distill.json", help="JSON output")
     args = p.parse_args(argv)
     device = parse_device(args.device)
@@ -195,13 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         row["peak_gib"] = peak
     base = rows[0]["samples_per_s"]
     lines = [
-        "| compiled | latent cache | ms/step | samples/s | vs eager uncached | peak memory |",
-        "|---|---|---:|---:|---:|---:|",
+        "| compiled | latent cache | adversarial λ | ms/step | samples/s | vs the first row | peak memory |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         peak = f"{r['peak_gib']:.2f} GiB" if "peak_gib" in r else "—"
         lines.append(
-            f"| {'yes' if r['compiled'] else 'no'} | {'yes' if r['cached'] else 'no'} | {r['step_ms']:.1f} | "
+            f"| {'yes' if r['compiled'] else 'no'} | {'yes' if r['cached'] else 'no'} | {r['adversarial_weight']:g} | "
+            f"{r['step_ms']:.1f} | "
             f"{r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f}x | {peak} |"
         )
     print("\n" + "\n".join(lines))

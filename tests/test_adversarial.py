@@ -22,19 +22,22 @@ def _losses(tiny_sd, **settings):
     method = LCD(model, student, StudentKind.FULL, LCDConfig(num_solver_steps=10, **settings), target)
     z0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     cond, uncond = model.encode_prompts(["a", "b", "c", "d"]), model.encode_prompts([""] * 4)
-    return method.loss(z0, cond, uncond, torch.Generator().manual_seed(7)).loss, method
+    return method.loss(z0, cond, uncond, torch.Generator().manual_seed(7)), method
 
 
 @pytest.mark.parametrize("consistency", [Consistency.LCM, Consistency.TCD])
 def test_weight_zero_is_no_discriminator_and_the_term_leaves_the_consistency_draws_alone(tiny_sd, consistency):
-    plain, method = _losses(tiny_sd, consistency=consistency)
-    assert method.adversarial is None
+    out, method = _losses(tiny_sd, consistency=consistency)
+    plain = out.loss
+    assert method.adversarial is None and out.consistency is None
     # λ so small that λ·D cannot move a float32 loss of this size: what is left is the consistency loss, which
     # must be the plain one bit for bit (the term draws its levels and noise after every draw of the method)
     tiny, method = _losses(tiny_sd, consistency=consistency, adversarial_weight=1e-30)
-    assert method.adversarial is not None and torch.equal(tiny, plain)
-    strong, method = _losses(tiny_sd, consistency=consistency, adversarial_weight=1.0)
+    assert method.adversarial is not None and torch.equal(tiny.loss, plain)
+    out, method = _losses(tiny_sd, consistency=consistency, adversarial_weight=1.0)
+    strong = out.loss
     assert not torch.allclose(strong, plain)
+    assert torch.equal(out.consistency, plain)  # what the per-t / per-w log bins see: the distance alone
     strong.mean().backward()
     grads = [p.grad for p in method.student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -149,6 +149,13 @@ class NoiseSchedule:
         log_alpha = self.log_alpha(t)
         return log_alpha.exp(), (-torch.expm1(2.0 * log_alpha)).sqrt()
 
+    def alpha_sigma_to(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α_t, σ_t) of a point a trajectory maps to: as :meth:`alpha_sigma`, but (1, 0) at t = 0 exactly, the clean
+        end x0 itself rather than the schedule's first noise level."""
+        alpha, sigma = self.alpha_sigma(t)
+        clean = t == 0
+        return torch.where(clean, 1.0, alpha), torch.where(clean, 0.0, sigma)
+
     def alpha_sigma_at(self, t: float) -> tuple[float, float]:
         """(α_t, σ_t) of one timestep as host floats, computed once per value: a sampler's timesteps are shared by
         the whole batch, so its coefficients cost nothing per step (no small tensor ops, no device round trip)."""

@@ -398,9 +398,7 @@ class LatentDiffusion:
         out = self.unet_output(z, t, text, w_emb).float()
         x0, eps = self._to_denoised(out, z, t)
         s = s.to(z.device)
-        alpha, sigma = self.schedule.alpha_sigma(s)
-        clean = s == 0
-        alpha, sigma = torch.where(clean, 1.0, alpha).to(z.dtype), torch.where(clean, 0.0, sigma).to(z.dtype)
+        alpha, sigma = (c.to(z.dtype) for c in self.schedule.alpha_sigma_to(s))
         z_s = consistency_function(x0, eps, alpha, sigma)  # α_s x̂0 + σ_s ε̂
         c_skip, c_out = boundary_scalings((t.to(z.device) - s), self.sigma_data, self.timestep_scaling)
         return consistency_function(z, z_s, c_skip, c_out)

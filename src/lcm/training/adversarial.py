@@ -67,9 +67,7 @@ def encoder_features(model: LatentDiffusion, z: torch.Tensor, t: torch.Tensor, t
 
 def _alpha_sigma(model: LatentDiffusion, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(α_t, σ_t) per sample, with (1, 0) at t = 0 exactly (the clean end, as the trajectory function takes it)."""
-    alpha, sigma = model.schedule.alpha_sigma(t.to(like.device))
-    clean = t.to(like.device) == 0
-    alpha, sigma = torch.where(clean, 1.0, alpha), torch.where(clean, 0.0, sigma)
+    alpha, sigma = model.schedule.alpha_sigma_to(t.to(like.device))
     shape = (-1,) + (1,) * (like.ndim - 1)
     return alpha.to(like.dtype).reshape(shape), sigma.to(like.dtype).reshape(shape)
 

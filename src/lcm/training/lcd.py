@@ -41,6 +41,7 @@ class LCDOutput(NamedTuple):
     loss: torch.Tensor  # (B,) per-sample distance (plus λ times the adversarial term, when there is one)
     t_start: torch.Tensor  # (B,) t_{n+k}
     w: torch.Tensor  # (B,)
+    consistency: torch.Tensor | None = None  # (B,) the distance alone, when ``loss`` holds more
 
 
 class LossMonitor:
@@ -68,7 +69,7 @@ class LossMonitor:
         self.grad_steps += 1
 
     def add(self, out: LCDOutput) -> None:
-        loss = out.loss.detach().float()
+        loss = (out.loss if out.consistency is None else out.consistency).detach().float()
         t_bin = (out.t_start.to(loss.device) * self.T_BINS // self.T).clamp(0, self.T_BINS - 1).long()
         span = max(self.w_hi - self.w_lo, 1e-12)
         w_bin = ((out.w.to(loss.device) - self.w_lo) / span * self.W_BINS).clamp(0, self.W_BINS - 1).long()
@@ -222,9 +223,10 @@ class LCD(StudentTarget):
                 target = self.target_model.trajectory_output(z_end.to(z0.dtype), t_end, s, cond, w_emb)
 
         loss = consistency_loss(prediction, target, self.cfg.loss, self.cfg.huber_c)
-        if self.adversarial is not None:  # its draws come after every draw above: λ > 0 keeps them all
-            adversarial = self.adversarial.generator_loss(
-                self.model, prediction, s, z0, cond, generator, self._teacher_context
-            )
-            loss = loss + adversarial.to(loss.dtype)
-        return LCDOutput(loss, t_start, w)
+        if self.adversarial is None:
+            return LCDOutput(loss, t_start, w)
+        # its draws come after every draw above: λ > 0 keeps them all
+        adversarial = self.adversarial.generator_loss(
+            self.model, prediction, s, z0, cond, generator, self._teacher_context
+        )
+        return LCDOutput(loss + adversarial.to(loss.dtype), t_start, w, consistency=loss)
