@@ -30,11 +30,13 @@ __all__ = [
     "MAX_LENGTH",
     "SDXL_TIME_EMBED_DIM",
     "VAE_SCALE_FACTOR",
+    "build_tiny_flow",
     "build_tiny_sd",
     "build_tiny_sdxl",
     "folder_size",
     "image_size",
     "tiny_clip_tokenizer",
+    "tiny_flow_transformer",
     "tiny_scheduler_config",
     "tiny_text_encoder_config",
     "tiny_unet",
@@ -342,3 +344,44 @@ def tiny_unet(in_channels: int = 4, w_conditioned: bool = False, seed: int = 0, 
 def folder_size(path: Path) -> int:
     """Total bytes of the files under ``path``."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def tiny_flow_transformer(seed: int = 0, sample_size: int = 8, text_dim: int = CLIP_HIDDEN):
+    """An SD3-shaped MMDiT (``SD3Transformer2DModel``): patch 2, one joint block, two heads of 8, context ``text_dim``
+    (token states and pooled), latents ``4 × sample_size²``; random weights from ``seed``."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=text_dim,
+        caption_projection_dim=16,
+        pooled_projection_dim=text_dim,
+        pos_embed_max_size=sample_size // 2,
+    )
+
+
+def build_tiny_flow(path: Path, shift: float = 3.0, seed: int = 0, sample_size: int = 8, text_dim: int = 384) -> Path:
+    """A flow-matching model folder (SD3's layout without its three text encoders): ``transformer/`` (random
+    :func:`tiny_flow_transformer`), ``vae/`` (with SD3's ``shift_factor``), ``scheduler/``
+    (``FlowMatchEulerDiscreteScheduler`` at ``shift``) and, for ``text_dim`` 384, the embedded MiniLM text encoder's
+    reference. Returns ``path``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from lcm.models.text import write_reference
+
+    path = _check(path, sample_size)
+    tiny_flow_transformer(seed, sample_size, text_dim).save_pretrained(path / "transformer", safe_serialization=True)
+    vae = _tiny_vae(sample_size, scaling_factor=1.5305)
+    vae.register_to_config(shift_factor=0.0609)
+    vae.save_pretrained(path / "vae", safe_serialization=True)
+    FlowMatchEulerDiscreteScheduler(shift=shift).save_config(path / "scheduler")
+    if text_dim == 384:
+        write_reference(path)
+    return path

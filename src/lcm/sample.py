@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lcm.config.sampling import DEFAULT_GAMMA, DEFAULT_STRENGTH
-from lcm.maths.consistency import boundary_scalings_at, consistency_function
+from lcm.maths.consistency import consistency_function
 from lcm.maths.guidance import cfg_combine, w_embedding
 from lcm.maths.parameterization import Denoised, to_denoised
 from lcm.maths.sampling import (
@@ -34,6 +34,7 @@ from lcm.maths.sampling import (
     randn_per_image,
     sample_ddim,
     sample_dpm_solver,
+    sample_heun,
     sample_lcm,
     sample_tcd,
 )
@@ -181,8 +182,7 @@ def _run(
             net = consistency_denoiser(model, cond, uncond, w, negative_guidance)
 
             def f(z: torch.Tensor, t: float) -> torch.Tensor:
-                c_skip, c_out = boundary_scalings_at(t, model.sigma_data, model.timestep_scaling)
-                return consistency_function(z, net(z, t).x0, c_skip, c_out)
+                return consistency_function(z, net(z, t).x0, *model.boundary_at(t))
 
         return sample_lcm(f, z, timesteps, schedule, generators, after_step)
     if sampler is Sampler.TCD:
@@ -192,6 +192,8 @@ def _run(
     denoiser = model.guided_denoiser(cond, uncond, ws) if w != 0 else model.denoiser(cond)
     if sampler is Sampler.DDIM:
         return sample_ddim(denoiser, z, timesteps, schedule, after_step)
+    if sampler is Sampler.HEUN:
+        return sample_heun(denoiser, z, timesteps, schedule, after_step)
     data_prediction = sampler is Sampler.DPM_SOLVER_PP_2M
     return sample_dpm_solver(denoiser, z, timesteps, schedule, data_prediction, lower_order_final, after_step)
 
@@ -236,7 +238,7 @@ def encode_init_images(model: LatentDiffusion, images: torch.Tensor, generators:
     """
     dist = model.vae.encode(images.to(model.device, network_dtype(model.vae))).latent_dist
     eps = randn_per_image(dist.mean.shape, generators, dist.mean.device, dist.mean.dtype)
-    return ((dist.mean + dist.std * eps) * model.scaling_factor).float()
+    return ((dist.mean + dist.std * eps - model.shift_factor) * model.scaling_factor).float()
 
 
 def _check_init_images(images: torch.Tensor, seeds: Sequence[int]) -> None:

@@ -55,6 +55,7 @@ def model_fingerprint(model) -> dict[str, Any]:
         "vae_encoder": digest.hexdigest()[:16],
         "text_encoder": f"{model.text_encoder.name}:{text}",
         "scaling_factor": model.scaling_factor,
+        **({"shift_factor": model.shift_factor} if model.shift_factor else {}),  # SD3's and Flux's VAEs
         "latent_shape": list(model.latent_shape),
     }
 
@@ -167,7 +168,7 @@ def _encode(model, batch: dict) -> dict[str, Any]:
     distinct = list(dict.fromkeys(captions))
     text = model.encode_prompts(distinct)
     return {
-        "mean": (dist.mean.float() * scale).cpu(),
+        "mean": ((dist.mean.float() - model.shift_factor) * scale).cpu(),
         "std": (dist.std.float() * scale).cpu(),
         "captions": captions,
         "distinct": distinct,

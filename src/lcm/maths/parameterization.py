@@ -5,6 +5,8 @@ With ``z_t = α_t x0 + σ_t ε`` (α² + σ² = 1):
 - ε-prediction: ``x̂0 = (z_t − σ_t ε̂) / α_t``
 - v-prediction (Salimans & Ho 2022): ``v = α_t ε − σ_t x0``, so ``x̂0 = α_t z_t − σ_t v̂`` and ``ε̂ = σ_t z_t + α_t v̂``
 - sample-prediction: ``x̂0`` given, ``ε̂ = (z_t − α_t x̂0) / σ_t``
+- flow (velocity) prediction, for a flow schedule (α_t = 1 − σ_t, :class:`lcm.maths.schedule.FlowSchedule`):
+  ``v = ε − x0``, so ``x̂0 = z_t − σ_t v̂`` and ``ε̂ = z_t + α_t v̂`` (diffusers' ``sample − σ·model_output``)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class PredictionType(str, Enum):
     EPSILON = "epsilon"
     V_PREDICTION = "v_prediction"
     SAMPLE = "sample"
+    FLOW = "flow_prediction"  # velocity ε − x0 of a rectified flow (diffusers' FlowMatch schedulers' models)
 
     @classmethod
     def parse(cls, value: str | PredictionType) -> PredictionType:
@@ -66,6 +69,8 @@ def to_denoised(
         return Denoised(a * z - s * output, s * z + a * output)
     if prediction_type is PredictionType.SAMPLE:
         return Denoised(output, (z - a * output) / s)
+    if prediction_type is PredictionType.FLOW:
+        return Denoised(z - s * output, z + a * output)
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
@@ -84,4 +89,6 @@ def to_model_output(
         return a * eps - s * x0
     if prediction_type is PredictionType.SAMPLE:
         return x0
+    if prediction_type is PredictionType.FLOW:
+        return eps - x0
     raise ValueError(f"unknown prediction type {prediction_type!r}")

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lcm.maths.parameterization import Denoised, append_dims
-from lcm.maths.schedule import NoiseSchedule
+from lcm.maths.schedule import FlowSchedule, Schedule
 from lcm.maths.solvers import Denoiser, dpm_solver_1_update, dpm_solver_pp_1_update
 from lcm.maths.timesteps import tcd_intermediate_timesteps
 
@@ -30,6 +30,7 @@ __all__ = [
     "randn_per_image",
     "sample_ddim",
     "sample_dpm_solver",
+    "sample_heun",
     "sample_lcm",
     "sample_tcd",
 ]
@@ -64,7 +65,7 @@ def _after(after_step: StepHook | None, z: torch.Tensor, i: int) -> torch.Tensor
 
 
 def keep_known_region(
-    known: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule
+    known: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, timesteps: torch.Tensor, schedule: Schedule
 ) -> StepHook:
     """Inpainting with a text-to-image UNet: after step i, the region to keep (``mask`` 0) is replaced by the known
     latents ``known`` ``[B,C,h,w]`` noised with ``noise`` to the next timestep, ``α z_known + σ ε`` (after the last
@@ -87,7 +88,7 @@ def sample_lcm(
     f: ConsistencyFn,
     z: torch.Tensor,
     timesteps: torch.Tensor,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     generators: Sequence[torch.Generator],
     after_step: StepHook | None = None,
 ) -> torch.Tensor:
@@ -112,7 +113,7 @@ def sample_tcd(
     denoiser: HostDenoiser,
     z: torch.Tensor,
     timesteps: torch.Tensor,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     gamma: float,
     generators: Sequence[torch.Generator],
     after_step: StepHook | None = None,
@@ -153,7 +154,7 @@ def sample_ddim(
     denoiser: Denoiser,
     z: torch.Tensor,
     timesteps: torch.Tensor,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     after_step: StepHook | None = None,
 ) -> torch.Tensor:
     """Deterministic DDIM (η = 0) along ``timesteps``; the last step lands on ``schedule.final_alpha_cumprod``.
@@ -174,11 +175,38 @@ def sample_ddim(
 
 
 @torch.no_grad()
+def sample_heun(
+    denoiser: Denoiser,
+    z: torch.Tensor,
+    timesteps: torch.Tensor,
+    schedule: FlowSchedule,
+    after_step: StepHook | None = None,
+) -> torch.Tensor:
+    """Heun's method in σ on a flow's ODE ``dz/dσ = v = ε̂ − x̂0``, as diffusers' ``FlowMatchHeunDiscreteScheduler``
+    (no churn): from σ_i to σ_{i+1} an Euler step with v(z, σ_i), then, unless σ_{i+1} = 0 (the last step), the
+    average of that velocity and v at the Euler point. ``N`` steps make ``2N − 1`` network calls."""
+    if not isinstance(schedule, FlowSchedule):
+        raise ValueError("Heun's sampler is for flow-matching models")
+    ts = timesteps.to(torch.float64)
+    sigmas = torch.cat([schedule.sigma(ts), ts.new_zeros(1)]).tolist()
+    for i, t in enumerate(ts):
+        d = denoiser(z, _batched(t, z))
+        v = d.eps - d.x0
+        dt = sigmas[i + 1] - sigmas[i]
+        z_next = z + dt * v
+        if i + 1 < len(ts):
+            d_next = denoiser(z_next, _batched(ts[i + 1], z))
+            z_next = z + dt * (0.5 * (v + (d_next.eps - d_next.x0)))
+        z = _after(after_step, z_next, i)
+    return z
+
+
+@torch.no_grad()
 def sample_dpm_solver(
     denoiser: Denoiser,
     z: torch.Tensor,
     timesteps: torch.Tensor,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     data_prediction: bool,
     lower_order_final: bool = True,
     after_step: StepHook | None = None,

@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from lcm.maths.schedule import NoiseSchedule
+from lcm.maths.schedule import FlowSchedule, Schedule
 
 __all__ = [
     "phase_edge_below",
@@ -28,6 +28,9 @@ __all__ = [
     "sampler_timesteps",
     "SkippingGrid",
     "ddim_timesteps",
+    "flow_consistency_timesteps",
+    "flow_timesteps",
+    "FlowGrid",
     "dpm_solver_timesteps",
     "img2img_start",
     "lcm_timesteps",
@@ -53,6 +56,7 @@ class Sampler(str, Enum):
     DDIM = "ddim"
     DPM_SOLVER_2M = "dpm"  # DPM-Solver, 2nd-order multistep
     DPM_SOLVER_PP_2M = "dpmpp"  # DPM-Solver++(2M)
+    HEUN = "heun"  # Heun's 2nd-order method in σ (flow-matching teachers: FlowMatchHeunDiscreteScheduler)
 
     @property
     def for_distilled(self) -> bool:
@@ -64,9 +68,10 @@ def sampler_timesteps(
     sampler: Sampler,
     steps: int,
     scheduler_config: dict,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     strength: float = 1.0,
     spacing: str | None = None,
+    image_seq_len: int | None = None,
 ) -> torch.Tensor:
     """The timesteps ``sampler`` visits in ``steps`` steps (descending, long), from noise or, with ``strength`` < 1,
     from an image noised for img2img. As the diffusers pipeline that runs each sampler:
@@ -79,9 +84,23 @@ def sampler_timesteps(
       (``StableDiffusionImg2ImgPipeline``, :func:`img2img_start`).
 
     A one-line ``ValueError`` for a strength that leaves no step, or (LCM) fewer grid points than ``steps``.
+
+    A flow-matching model (:class:`FlowSchedule`; ``image_seq_len``: its token count, for a dynamic shift) samples
+    with Euler (the ``ddim`` sampler, DDIM's update being the flow's Euler step) or Heun on
+    ``FlowMatchEulerDiscreteScheduler``'s timesteps, and as an LCM on :func:`flow_consistency_timesteps`.
     """
     if not 0 < strength <= 1:
         raise ValueError(f"strength must lie in (0, 1], got {strength}")
+    if isinstance(schedule, FlowSchedule):
+        if strength < 1:
+            raise ValueError("img2img (strength < 1) is not supported for flow-matching models")
+        if sampler is Sampler.LCM:
+            return flow_consistency_timesteps(steps, schedule, image_seq_len)
+        if sampler in (Sampler.DDIM, Sampler.HEUN):
+            return flow_timesteps(steps, schedule, image_seq_len)
+        raise ValueError(f"a flow-matching model samples with ddim (Euler), heun or lcm, not {sampler.value}")
+    if sampler is Sampler.HEUN:
+        raise ValueError("the heun sampler is for flow-matching models; use ddim, dpm or dpmpp")
     if spacing is not None and spacing not in SPACINGS:
         raise ValueError(f"timestep spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     num_train = schedule.num_train_timesteps
@@ -106,6 +125,61 @@ def sampler_timesteps(
         else:
             full = dpm_solver_timesteps(steps, schedule, chosen, offset)
     return full if strength == 1 else full[img2img_start(len(full), strength) :]
+
+
+def flow_timesteps(num_steps: int, schedule: FlowSchedule, image_seq_len: int | None = None) -> torch.Tensor:
+    """``FlowMatchEulerDiscreteScheduler.set_timesteps`` (float64 ``[N]``, descending; the sampler ends at σ = 0).
+
+    ``num_steps`` values of t evenly spaced from T·σ_max to T·σ_min, then shifted: σ_max = 1 and σ_min is the
+    scheduler's smallest training σ, 1/T, itself shifted when the shift is static (as diffusers builds it at
+    construction, so a static shift acts twice on σ_min). 4 steps, shift 1: 1000, 667, 334, 1.
+    """
+    T = schedule.num_train_timesteps
+    _check_steps(num_steps, T)
+    sigma_min = float(np.float32(1.0 / T) if schedule.dynamic_shift else np.float32(schedule.shifted(1.0 / T)))
+    ts = np.linspace(T * 1.0, sigma_min * T, num_steps)
+    return T * schedule.shifted(torch.from_numpy(ts / T), image_seq_len)
+
+
+def flow_consistency_timesteps(
+    num_steps: int, schedule: FlowSchedule, image_seq_len: int | None = None
+) -> torch.Tensor:
+    """A flow LCM's timesteps (float64 ``[N]``, descending): unshifted u = 1, 1 − 1/N, …, 1/N ("trailing"),
+    shifted, as t = T·σ. 4 steps, shift 1: 1000, 750, 500, 250.
+
+    A flow LCM is distilled at every σ (:class:`FlowGrid`), so any timesteps serve; these spend every step on a
+    real jump (diffusers' default linspace ends at σ = 1/T, one step that changes nothing). In diffusers:
+    ``pipe(..., sigmas=[1, 0.75, 0.5, 0.25])`` with ``FlowMatchLCMScheduler`` visits the same timesteps.
+    """
+    _check_steps(num_steps, schedule.num_train_timesteps)
+    u = 1.0 - torch.arange(num_steps, dtype=torch.float64) / num_steps
+    return schedule.num_train_timesteps * schedule.shifted(u, image_seq_len)
+
+
+class FlowGrid:
+    """LCD's pairs for a flow teacher: ``u ~ U[1/N, 1]`` and ``u − 1/N`` (unshifted), each mapped to t = T·σ(u).
+
+    The skipping grid of :class:`SkippingGrid` with a random offset per sample: the solver's step is one N-th of the
+    unshifted range as there, but every σ is trained, so the student is a consistency function at any timestep a
+    diffusers flow scheduler visits (``FlowMatchLCMScheduler`` spaces them linearly in t). ``image_seq_len`` fixes
+    a dynamic shift.
+    """
+
+    def __init__(self, num_solver_steps: int, schedule: FlowSchedule, image_seq_len: int | None = None):
+        if not 1 <= num_solver_steps <= schedule.num_train_timesteps:
+            raise ValueError(
+                f"the number of solver steps N must lie in [1, {schedule.num_train_timesteps}], got {num_solver_steps}"
+            )
+        self.num_solver_steps, self.schedule, self.image_seq_len = num_solver_steps, schedule, image_seq_len
+        self.k = schedule.num_train_timesteps // num_solver_steps  # the VP grid's skip, for the loss monitor's bins
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``batch_size`` pairs (t_{n+k}, t_n), each ``[B]`` float64."""
+        step = 1.0 / self.num_solver_steps
+        u = step + (1.0 - step) * torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        T = self.schedule.num_train_timesteps
+        to_t = lambda v: T * self.schedule.shifted(v, self.image_seq_len)  # noqa: E731
+        return to_t(u), to_t((u - step).clamp(min=0.0))
 
 
 class SkippingGrid:
@@ -230,7 +304,7 @@ def ddim_timesteps(
 
 def dpm_solver_timesteps(
     num_steps: int,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     timestep_spacing: str = "linspace",
     steps_offset: int = 0,
     lambda_min_clipped: float = -math.inf,

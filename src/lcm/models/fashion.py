@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["FashionClassifier", "load_classifier", "save_classifier", "tiny_unet", "tiny_vae"]
+__all__ = ["FashionClassifier", "load_classifier", "save_classifier", "tiny_flow_transformer", "tiny_unet", "tiny_vae"]
 
 TEXT_DIM = 384  # all-MiniLM-L6-v2 hidden size
 LATENT_CHANNELS, LATENT_SIZE, IMAGE_SIZE = 4, 8, 32
@@ -52,6 +52,28 @@ def tiny_unet(block_out_channels=(32, 64, 64), time_cond_proj_dim: int | None = 
         attention_head_dim=8,
         norm_num_groups=32,
         time_cond_proj_dim=time_cond_proj_dim,
+    )
+
+
+def tiny_flow_transformer(heads: int = 3, layers: int = 4):
+    """SD3Transformer2DModel (MMDiT) on 8² × 4 latents: patch 2 (16 image tokens), width 32·heads, ``layers`` joint
+    blocks, MiniLM context (384-d token states; the pooled input is their mean). 1.36 M parameters at the defaults:
+    a train step of batch 128 took 136 ms here (2 cores), against 195 ms at width 128 and 329 ms at patch 1."""
+    from diffusers import SD3Transformer2DModel
+
+    patch = 2
+    return SD3Transformer2DModel(
+        sample_size=LATENT_SIZE,
+        patch_size=patch,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=layers,
+        attention_head_dim=32,
+        num_attention_heads=heads,
+        joint_attention_dim=TEXT_DIM,
+        caption_projection_dim=32 * heads,
+        pooled_projection_dim=TEXT_DIM,
+        pos_embed_max_size=LATENT_SIZE // patch,
     )
 
 

@@ -21,6 +21,9 @@ __all__ = [
     "LORA_FILE",
     "LORA_META",
     "TUNE_RECORD",
+    "consistency_scheduler_config",
+    "flow_lcm_scheduler_config",
+    "is_flow_network",
     "is_sdxl",
     "lcm_scheduler_config",
     "lora_base",
@@ -103,6 +106,33 @@ def w_input_dim(unet) -> int | None:
 def is_sdxl(unet) -> bool:
     """SDXL's UNet: conditioned on pooled text embeddings and (size, crop) time ids besides the token states."""
     return getattr(unet, "module", unet).config.get("addition_embed_type") == "text_time"
+
+
+def is_flow_network(network) -> bool:
+    """A flow-matching transformer (SD3's MMDiT, ``SD3Transformer2DModel``): joint text-image attention, called with
+    ``hidden_states``, ``encoder_hidden_states``, ``pooled_projections`` and ``timestep`` = 1000·σ."""
+    return getattr(network, "module", network).config.get("joint_attention_dim") is not None
+
+
+def flow_lcm_scheduler_config(teacher_config: dict[str, Any]) -> dict[str, Any]:
+    """A flow teacher's schedule as a ``FlowMatchLCMScheduler`` config (its shift and dynamic-shift settings kept):
+    what an exported flow LCM samples with in diffusers."""
+    from diffusers import FlowMatchLCMScheduler
+
+    keep = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift")
+    keep += ("base_image_seq_len", "max_image_seq_len", "time_shift_type")
+    config = {k: v for k, v in teacher_config.items() if k in keep}
+    return {**FlowMatchLCMScheduler.from_config(config).config, "_class_name": "FlowMatchLCMScheduler"}
+
+
+def consistency_scheduler_config(
+    teacher_config: dict[str, Any], num_solver_steps: int, timestep_scaling: float | None = None
+) -> dict[str, Any]:
+    """The scheduler config a distilled model samples with in diffusers: ``FlowMatchLCMScheduler`` for a flow
+    teacher's schedule, ``LCMScheduler`` (:func:`lcm_scheduler_config`) otherwise."""
+    if str(teacher_config.get("_class_name", "")).startswith("FlowMatch"):
+        return flow_lcm_scheduler_config(teacher_config)
+    return lcm_scheduler_config(teacher_config, num_solver_steps, timestep_scaling)
 
 
 def lcm_scheduler_config(

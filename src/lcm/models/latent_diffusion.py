@@ -1,10 +1,12 @@
 """A diffusers-format latent diffusion model behind one interface (teacher, student or LCM alike).
 
-A folder (or hub id) with ``unet/``, ``vae/``, ``scheduler/`` and a text encoder — a Stable Diffusion checkpoint or the
-embedded Fashion-MNIST teacher, loaded by the same code. The model turns into the callables the maths expects:
-:meth:`denoiser` / :meth:`guided_denoiser` for the solvers and teacher samplers, :meth:`consistency_fn` for LCMs.
-Every method runs the model's own network; :meth:`LatentDiffusion.with_network` makes the same model around another
-one (a student, its EMA target, a wrapped copy), so training, validation and sampling share one code path.
+A folder (or hub id) with ``unet/`` (or a flow-matching ``transformer/``), ``vae/``, ``scheduler/`` and a text
+encoder — a Stable Diffusion checkpoint, an SD3-class flow model or an embedded Fashion-MNIST teacher, loaded by the
+same code; the network is :attr:`LatentDiffusion.unet` whatever its class. The model turns into the callables the
+maths expects: :meth:`denoiser` / :meth:`guided_denoiser` for the solvers and teacher samplers,
+:meth:`consistency_fn` for LCMs. Every method runs the model's own network; :meth:`LatentDiffusion.with_network`
+makes the same model around another one (a student, its EMA target, a wrapped copy), so training, validation and
+sampling share one code path.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from lcm.maths.consistency import (
 )
 from lcm.maths.guidance import cached_w_embedding, cfg_combine, default_w
 from lcm.maths.parameterization import Denoised, PredictionType, to_denoised
-from lcm.maths.schedule import NoiseSchedule
+from lcm.maths.schedule import schedule_from_config
 from lcm.maths.timesteps import DEFAULT_NUM_SOLVER_STEPS, Sampler
 from lcm.models.consistency_step import ConsistencyStep
 from lcm.models.formats import (
     LORA_META,
+    consistency_scheduler_config,
+    is_flow_network,
     is_sdxl,
-    lcm_scheduler_config,
     lora_base,
     read_record,
     safe_weights,
@@ -70,7 +73,7 @@ def network_device(network) -> torch.device:
 
 @dataclass(eq=False)
 class LatentDiffusion:
-    unet: Any  # diffusers UNet2DConditionModel
+    unet: Any  # diffusers UNet2DConditionModel, or SD3Transformer2DModel for a flow-matching model
     vae: Any  # diffusers AutoencoderKL
     scheduler_config: dict
     text_encoder: TextEncoder | None
@@ -89,8 +92,11 @@ class LatentDiffusion:
     inpaint_condition: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        self.schedule = NoiseSchedule.from_config(self.scheduler_config)
-        self.prediction_type = PredictionType.parse(self.scheduler_config.get("prediction_type", "epsilon"))
+        self.schedule = schedule_from_config(self.scheduler_config)
+        if self.schedule.is_flow:
+            self.prediction_type = PredictionType.FLOW
+        else:
+            self.prediction_type = PredictionType.parse(self.scheduler_config.get("prediction_type", "epsilon"))
         self.prompt_cache = PromptCache(self._encode)
         self._step: ConsistencyStep | None = None
         self._step_coefficients: dict[tuple, torch.Tensor] = {}
@@ -110,7 +116,7 @@ class LatentDiffusion:
         (:func:`lcm.models.lora.accelerator_of`) the model samples as an LCM, on the skipping grid of its
         ``lcm_lora.json`` when it has one, else LCM-LoRA's N = 50.
         """
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, DDPMScheduler, SD3Transformer2DModel, UNet2DConditionModel
 
         path, loras = str(path), tuple(loras)
         if (Path(path) / LORA_META).is_file():  # an exported LCM-LoRA: its base, the LoRA and any others given
@@ -126,20 +132,24 @@ class LatentDiffusion:
         local = local_path_or_none(path, owner_required=True)
         if local is not None and not local.is_dir():
             raise ValueError(f"no model folder at {path} (and it is not a hub id of the form owner/name)")
-        if local is not None and not (local / "unet").is_dir():
-            raise ValueError(f"{path} is not a diffusers model folder: it has no unet/ subfolder")
+        flow = local is not None and (local / "transformer").is_dir() and not (local / "unet").is_dir()
+        if local is not None and not flow and not (local / "unet").is_dir():
+            raise ValueError(f"{path} is not a diffusers model folder: it has no unet/ or transformer/ subfolder")
         if local is None and (reason := hub_unavailable(path, "unet/config.json")):
-            raise ValueError(f"{path} is not a local folder, and {reason}: give a local model folder")
+            if hub_unavailable(path, "transformer/config.json"):
+                raise ValueError(f"{path} is not a local folder, and {reason}: give a local model folder")
+            flow = True
+        network_class, folder = (SD3Transformer2DModel, "transformer") if flow else (UNet2DConditionModel, "unet")
         unet = safe_weights(
-            f"{path}/unet", lambda **kw: UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+            f"{path}/{folder}", lambda **kw: network_class.from_pretrained(path, subfolder=folder, **kw)
         )
         vae = safe_weights(f"{path}/vae", lambda **kw: AutoencoderKL.from_pretrained(path, subfolder="vae", **kw))
         size = unet.config.sample_size
         side = (max(size) if isinstance(size, list | tuple) else size) * 2 ** (len(vae.config.block_out_channels) - 1)
         if not isinstance(side, int) or not 1 <= side <= MAX_IMAGE_SIDE:
             raise ValueError(
-                f"{path}: its unet/config.json sample_size makes {side}-pixel images; at most {MAX_IMAGE_SIDE} are "
-                "supported"
+                f"{path}: its {folder}/config.json sample_size makes {side}-pixel images; at most {MAX_IMAGE_SIDE} "
+                "are supported"
             )
         unet, vae = (m.to(device).eval().requires_grad_(False) for m in (unet, vae))
         scheduler_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
@@ -160,7 +170,7 @@ class LatentDiffusion:
             return
         if not self.is_lcm:  # LCM-LoRA's skipping grid is the default N unless the LoRA's record says otherwise
             original = int((accelerator.record or {}).get("original_inference_steps", DEFAULT_NUM_SOLVER_STEPS))
-            self.scheduler_config = lcm_scheduler_config(self.scheduler_config, original)
+            self.scheduler_config = consistency_scheduler_config(self.scheduler_config, original)
             self.__post_init__()
         self._read_record(accelerator.folder)
 
@@ -181,8 +191,15 @@ class LatentDiffusion:
 
     @property
     def is_lcm(self) -> bool:
-        """A distilled LCM: its UNet takes the w-embedding, or its scheduler is an LCMScheduler."""
-        return w_input_dim(self.unet) is not None or self.scheduler_config.get("_class_name") == "LCMScheduler"
+        """A distilled LCM: its UNet takes the w-embedding, or its scheduler is an LCMScheduler (a flow LCM's:
+        FlowMatchLCMScheduler)."""
+        scheduler = self.scheduler_config.get("_class_name")
+        return w_input_dim(self.unet) is not None or scheduler in ("LCMScheduler", "FlowMatchLCMScheduler")
+
+    @property
+    def is_flow(self) -> bool:
+        """A flow-matching model (SD3 / Flux class): velocity prediction on a :class:`FlowSchedule`."""
+        return self.schedule.is_flow
 
     @property
     def is_embedded(self) -> bool:
@@ -252,16 +269,22 @@ class LatentDiffusion:
             raise ValueError("this model was loaded without its text encoder")
         return self.text_encoder.encode(prompts).to(self.device)
 
+    @property
+    def shift_factor(self) -> float:
+        """The VAE's latent shift (SD3's and Flux's VAEs: z = (x − shift)·scale); 0 for SD's."""
+        return float(self.vae.config.get("shift_factor") or 0.0)
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [−1, 1] → scaled latents (a posterior sample)."""
         dist = self.vae.encode(images.to(self.device, network_dtype(self.vae))).latent_dist
-        return dist.sample(generator) * self.scaling_factor
+        return (dist.sample(generator) - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents → images in [−1, 1] (float32)."""
-        return self.vae.decode(latents.to(network_dtype(self.vae)) / self.scaling_factor).sample.float().clamp(-1, 1)
+        latents = latents.to(network_dtype(self.vae)) / self.scaling_factor + self.shift_factor
+        return self.vae.decode(latents).sample.float().clamp(-1, 1)
 
     def with_network(
         self,
@@ -302,12 +325,25 @@ class LatentDiffusion:
         """One call of the network at real-valued ``t`` ``[B]`` (it may be wrapped for distributed training)."""
         unet = self.unet
         dtype = network_dtype(unet)
+        if is_flow_network(unet):
+            return self._transformer_output(z, t, text, timestep_cond, dtype)
         return unet(
             self._network_input(z).to(dtype),
             t.to(device=z.device, dtype=torch.float32),
             encoder_hidden_states=text.hidden_states.to(dtype),
             timestep_cond=None if timestep_cond is None else timestep_cond.to(dtype),
             added_cond_kwargs=self._added_conditions(text, z, dtype),
+        ).sample
+
+    def _transformer_output(self, z, t, text: TextEmbeddings, timestep_cond, dtype) -> torch.Tensor:
+        """An MMDiT's velocity at ``t`` = 1000·σ (pooled input: :meth:`TextEmbeddings.pooled_or_mean`)."""
+        if timestep_cond is not None:
+            raise ValueError("a flow-matching transformer takes no w-embedding: distil it at one guidance weight")
+        return self.unet(
+            hidden_states=self._network_input(z).to(dtype),
+            encoder_hidden_states=text.hidden_states.to(dtype),
+            pooled_projections=text.pooled_or_mean().to(dtype),
+            timestep=t.to(device=z.device, dtype=torch.float32),
         ).sample
 
     def _network_input(self, z: torch.Tensor) -> torch.Tensor:
@@ -377,7 +413,7 @@ class LatentDiffusion:
         if isinstance(t, torch.Tensor):
             out = self.unet_output(z, t, text, w_emb).float()
             x0 = self._to_denoised(out, z, t).x0
-            c_skip, c_out = boundary_scalings(t.to(z.device), self.sigma_data, self.timestep_scaling)
+            c_skip, c_out = self._boundary(t.to(z.device))
             return consistency_function(z, x0, c_skip, c_out)
         t_batch = torch.full((z.shape[0],), float(t), device=z.device)
         coefficients = self.step_coefficients(float(t), self.sigma_data, self.timestep_scaling, z.device)
@@ -400,8 +436,19 @@ class LatentDiffusion:
         s = s.to(z.device)
         alpha, sigma = (c.to(z.dtype) for c in self.schedule.alpha_sigma_to(s))
         z_s = consistency_function(x0, eps, alpha, sigma)  # α_s x̂0 + σ_s ε̂
-        c_skip, c_out = boundary_scalings((t.to(z.device) - s), self.sigma_data, self.timestep_scaling)
+        c_skip, c_out = self._boundary(t.to(z.device) - s)
         return consistency_function(z, z_s, c_skip, c_out)
+
+    def boundary_at(self, t: float) -> tuple[float, float]:
+        """(c_skip, c_out) of one host-float timestep with this model's constants (:meth:`_boundary`'s rule)."""
+        return (0.0, 1.0) if self.is_flow else boundary_scalings_at(t, self.sigma_data, self.timestep_scaling)
+
+    def _boundary(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_skip, c_out) per sample. A flow model's x̂0 = z − σ·v̂ is z itself at σ = 0, so its consistency output
+        is x̂0 as it stands (c_skip 0, c_out 1): the form ``FlowMatchLCMScheduler`` samples with (docs/design.md §7)."""
+        if self.is_flow:
+            return torch.zeros_like(t, dtype=torch.float64), torch.ones_like(t, dtype=torch.float64)
+        return boundary_scalings(t, self.sigma_data, self.timestep_scaling)
 
     @property
     def consistency_step(self) -> ConsistencyStep:
@@ -417,6 +464,7 @@ class LatentDiffusion:
         (t, constants, device): the values the float path multiplies with, as they are cast to float32."""
         key = (t, sigma_data, timestep_scaling, device)
         if key not in self._step_coefficients:
-            values = (*self.schedule.alpha_sigma_at(t), *boundary_scalings_at(t, sigma_data, timestep_scaling))
+            boundary = (0.0, 1.0) if self.is_flow else boundary_scalings_at(t, sigma_data, timestep_scaling)
+            values = (*self.schedule.alpha_sigma_at(t), *boundary)
             self._step_coefficients[key] = torch.tensor(values, dtype=torch.float32, device=device)
         return self._step_coefficients[key]

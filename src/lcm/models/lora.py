@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from lcm.locations import written
-from lcm.models.formats import LORA_FILE, LORA_META, TUNE_RECORD, is_sdxl, read_json_object
+from lcm.models.formats import LORA_FILE, LORA_META, TUNE_RECORD, is_flow_network, is_sdxl, read_json_object
 
 __all__ = [
     "LoraSpec",
@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 UNET_PREFIX = "unet."
+TRANSFORMER_PREFIX = "transformer."  # a flow MMDiT's adapters, as SD3's and Flux's load_lora_weights name them
 ROLES = ("lcm", "style")  # the accelerator (an LCM-LoRA) or anything else stacked with it
 
 
@@ -153,26 +154,35 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     return state
 
 
+def network_prefix(network) -> str:
+    """The key prefix of a network's adapters in a LoRA file: ``transformer.`` for a flow MMDiT, else ``unet.``."""
+    return TRANSFORMER_PREFIX if is_flow_network(network) else UNET_PREFIX
+
+
 def write_lora_file(unet, folder: str | Path) -> Path:
     """Write ``folder/pytorch_lora_weights.safetensors`` in the format ``load_lora_weights`` reads completely."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {UNET_PREFIX + k: v for k, v in lora_state_dict(unet).items()}
+    prefix = network_prefix(unet)
+    state = {prefix + k: v for k, v in lora_state_dict(unet).items()}
     path = folder / LORA_FILE
     with written(path, cleanup=path):
         save_file(state, path, metadata={"format": "pt"})
     return path
 
 
-def read_lora_file(path: str | Path, sdxl: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float] | None]:
+def read_lora_file(
+    path: str | Path, sdxl: bool = False, flow: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, float] | None]:
     """A LoRA file (or a folder holding ``pytorch_lora_weights.safetensors``) in any naming diffusers converts →
     its UNet part in peft naming (keys ``unet.<module>.lora_A.weight``), and per-module alphas where the file has them.
+    With ``flow``, a flow MMDiT's part (``transformer.<module>.lora_A.weight``, SD3's loader; no alphas).
 
     Text-encoder adapters in the file are not applied (the LCM-LoRAs adapt the UNet only): a one-line warning says so.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
     path = Path(path)
@@ -182,17 +192,20 @@ def read_lora_file(path: str | Path, sdxl: bool = False) -> tuple[dict[str, torc
         raise ValueError(f"no LoRA file at {path}")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: LoRA files are read from .safetensors only (pickled weights can run code)")
-    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    pipeline = StableDiffusion3Pipeline if flow else StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    prefix = TRANSFORMER_PREFIX if flow else UNET_PREFIX
     try:
-        state, alphas = pipeline.lora_state_dict(str(path))
+        state, alphas = (pipeline.lora_state_dict(str(path)), None) if flow else pipeline.lora_state_dict(str(path))
     except Exception as err:  # diffusers raises many kinds for a file that is not a LoRA
         raise ValueError(f"{path} is not a LoRA file diffusers can read: {err}") from None
-    unet_state = {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
-    others = sorted({k.split(".", 1)[0] for k in state if not k.startswith(UNET_PREFIX)})
+    unet_state = {k: v for k, v in state.items() if k.startswith(prefix)}
+    others = sorted({k.split(".", 1)[0] for k in state if not k.startswith(prefix)})
     if others:
-        print(f"warning: {path.name}: LoRA weights for {', '.join(others)} are not applied (UNet only)")
+        print(f"warning: {path.name}: LoRA weights for {', '.join(others)} are not applied ({prefix[:-1]} only)")
     if not unet_state:
-        raise ValueError(f"{path} holds no UNet LoRA weights")
+        raise ValueError(f"{path} holds no {prefix[:-1]} LoRA weights")
+    if flow:  # SD3's files are in peft naming already
+        return unet_state, None
     # Convert every key (not just the first) to peft naming: lora.down / lora_linear_layer.down → lora_A.
     unet_state = convert_unet_state_dict_to_peft(
         {k.replace("lora_linear_layer.", "lora."): v for k, v in unet_state.items()}
@@ -208,14 +221,15 @@ def apply_lora_file(unet, path: str | Path) -> str:
     (``default_0`` for the first, ``default_1`` ...), as ``pipe.load_lora_weights`` would give it."""
     from diffusers.utils.peft_utils import get_adapter_name
 
-    state, alphas = read_lora_file(path, sdxl=is_sdxl(unet))
+    flow, prefix = is_flow_network(unet), network_prefix(unet)
+    state, alphas = read_lora_file(path, sdxl=is_sdxl(unet), flow=flow)
     names = {n for n, _ in unet.named_modules()}
-    wanted = {k[len(UNET_PREFIX) :].rsplit(".lora_", 1)[0] for k in state if ".lora_" in k}
+    wanted = {k[len(prefix) :].rsplit(".lora_", 1)[0] for k in state if ".lora_" in k}
     if missing := sorted(wanted - names):
         raise ValueError(f"{path}: {len(missing)} LoRA module(s) do not exist in this UNet, e.g. {missing[0]}")
     adapter_name = get_adapter_name(unet)
     try:
-        unet.load_lora_adapter(state, network_alphas=alphas, adapter_name=adapter_name, prefix="unet")
+        unet.load_lora_adapter(state, network_alphas=alphas, adapter_name=adapter_name, prefix=prefix[:-1])
     except (RuntimeError, ValueError) as err:  # torch's size mismatch: a LoRA of another base model
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path} does not fit this UNet (a LoRA for another base model?): {first}") from None

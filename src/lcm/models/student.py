@@ -10,7 +10,7 @@ import torch
 
 from lcm.config.run import DEFAULT_LORA_TARGETS, StudentKind
 from lcm.maths.guidance import W_EMBEDDING_DIM
-from lcm.models.formats import w_input_dim
+from lcm.models.formats import is_flow_network, w_input_dim
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
@@ -22,15 +22,16 @@ __all__ = [
 
 
 def full_student(teacher_unet, w_embedding_dim: int = W_EMBEDDING_DIM):
-    """A copy of the teacher UNet that also takes the w-embedding as ``timestep_cond``.
+    """A copy of the teacher UNet that also takes the w-embedding as ``timestep_cond`` (a flow MMDiT: a plain copy).
 
     The new projection ``time_embedding.cond_proj`` is zero-initialised, so the student starts exactly equal to the
     teacher (diffusers' script leaves it random).
     """
     from diffusers import UNet2DConditionModel
 
-    if w_input_dim(teacher_unet) is not None:
-        student = copy.deepcopy(teacher_unet)  # already w-conditioned (e.g. distilling an LCM further)
+    if w_input_dim(teacher_unet) is not None or is_flow_network(teacher_unet):
+        # already w-conditioned (e.g. distilling an LCM further), or a flow MMDiT, which takes no w: distilled at one w
+        student = copy.deepcopy(teacher_unet)
     else:
         config = {**teacher_unet.config, "time_cond_proj_dim": w_embedding_dim}
         student = UNet2DConditionModel.from_config(config)

@@ -49,6 +49,11 @@ class TextEmbeddings:
     def __len__(self) -> int:
         return self.hidden_states.shape[0]
 
+    def pooled_or_mean(self) -> torch.Tensor:
+        """The pooled embedding ``[B, P]``, or for an encoder without one (the embedded MiniLM) the mean of the
+        token states: the pooled input of an MMDiT (SD3's ``pooled_projections``)."""
+        return self.pooled if self.pooled is not None else self.hidden_states.mean(dim=1)
+
     def to(self, device=None, dtype=None) -> TextEmbeddings:
         pooled = self.pooled.to(device=device, dtype=dtype) if self.pooled is not None else None
         return TextEmbeddings(self.hidden_states.to(device=device, dtype=dtype), pooled)

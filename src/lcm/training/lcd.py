@@ -27,7 +27,7 @@ from lcm.maths.ema import ema_update
 from lcm.maths.guidance import w_embedding
 from lcm.maths.losses import consistency_loss
 from lcm.maths.solvers import solve
-from lcm.maths.timesteps import MixedGrid, SkippingGrid, phase_edge_below, trajectory_targets
+from lcm.maths.timesteps import FlowGrid, MixedGrid, SkippingGrid, phase_edge_below, trajectory_targets
 from lcm.models.formats import w_input_dim
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import adapters_disabled
@@ -105,7 +105,11 @@ class StudentTarget:
 
     def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg, target=None):
         self.model, self.student, self.kind, self.cfg = model, student, StudentKind(kind), cfg
-        self.grid = SkippingGrid(cfg.num_solver_steps, model.schedule.num_train_timesteps)  # where pairs are drawn
+        # where pairs are drawn: LCD's skipping grid, for a flow teacher at a random offset per pair (every σ)
+        if model.is_flow:
+            self.grid = FlowGrid(cfg.num_solver_steps, model.schedule)
+        else:
+            self.grid = SkippingGrid(cfg.num_solver_steps, model.schedule.num_train_timesteps)
         if self.kind is StudentKind.FULL:
             if target is None:
                 raise ValueError("a full student needs an EMA target UNet")
@@ -157,6 +161,13 @@ class LCD(StudentTarget):
 
     def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg: LCDConfig, target=None, seed=0):
         super().__init__(model, student, kind, cfg, target)
+        if cfg.solver.flow_only and not model.is_flow:
+            raise ValueError(f"--solver {cfg.solver.value} is for flow-matching teachers; use ddim, dpm or dpmpp")
+        if model.is_flow:
+            self._check_flow(cfg)
+            self.fine_grid = self.after_curriculum = self.grid
+            self.coarse_grid = None
+            return
         if cfg.adversarial_weight > 0:
             lr, t_max = cfg.adversarial_lr, cfg.adversarial_max_t
             self.adversarial = AdversarialTerm(model, cfg.adversarial_weight, lr, t_max, seed)
@@ -169,6 +180,18 @@ class LCD(StudentTarget):
         fraction = cfg.coarse_fraction
         self.after_curriculum = MixedGrid(self.fine_grid, self.coarse_grid, fraction) if fraction else self.fine_grid
         self.grid = self.after_curriculum
+
+    @staticmethod
+    def _check_flow(cfg: LCDConfig) -> None:
+        """What a flow teacher's distillation does not have yet, refused in one line each."""
+        if cfg.consistency is not Consistency.LCM:
+            raise ValueError(f"--method {cfg.consistency.value} is not built for flow-matching teachers; use lcm")
+        if cfg.adversarial_weight > 0:
+            raise ValueError("--adversarial-weight is not built for flow-matching teachers")
+        if cfg.coarse_num_solver_steps or cfg.coarse_fraction or cfg.timestep_bias:
+            raise ValueError("coarse grids and --timestep-bias are for VP teachers; a flow teacher trains every σ")
+        if cfg.solver.value == "dpm":
+            raise ValueError("--solver dpm (noise form) cannot reach a flow's σ = 0; use ddim (Euler), heun or dpmpp")
 
     def before_optimizer_step(self, step: int) -> None:
         """Skip curriculum: optimiser steps 1 … ``coarse_steps`` draw their pairs on the coarse grid, later ones on

@@ -18,7 +18,7 @@ from lcm.images import save_grid
 from lcm.maths.guidance import default_w
 from lcm.maths.timesteps import Sampler
 from lcm.models.export import export_lcm_folder, export_lora
-from lcm.models.formats import lcm_scheduler_config
+from lcm.models.formats import consistency_scheduler_config
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import add_lora, full_student
 from lcm.models.text import TextEmbeddings
@@ -149,7 +149,7 @@ class ConsistencyTask(Task):
         unet = self.method.target
         was_training = unet.training
         unet.eval()
-        scheduler = lcm_scheduler_config(self.model.scheduler_config, self.cfg.num_solver_steps)
+        scheduler = consistency_scheduler_config(self.model.scheduler_config, self.cfg.num_solver_steps)
         lcm = self.model.with_network(unet, scheduler, self.cfg.sigma_data, self.cfg.timestep_scaling)
         consistency = getattr(self.cfg, "consistency", None)  # LCD's --method; LCF keeps the LCM's own
         if consistency is not None:

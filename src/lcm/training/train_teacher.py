@@ -1,4 +1,5 @@
-"""``lcm train-teacher``: the embedded default's VAE, latent diffusion UNet and evaluation classifier.
+"""``lcm train-teacher``: the embedded default's VAE, latent diffusion UNet and evaluation classifier, or (with
+``objective="flow"``) the embedded flow-matching teacher.
 
 Three stages, each a :class:`~lcm.training.loop.Task` of the one training loop (so each resumes from its last
 checkpoint, and a finished stage only restores its state), each deterministic given the seed: (1) the AutoencoderKL
@@ -6,6 +7,11 @@ on Fashion-MNIST (MSE + a small KL, as SD's VAE without the GAN), after which th
 1/std of the latents (as SD's 0.18215 was); (2) the ε-prediction UNet on those latents with 10% caption dropout (for
 CFG) and EMA weights; (3) a small classifier whose features define the offline metrics. The output is a
 diffusers-format folder.
+
+The flow objective trains only the network, an SD3-class MMDiT (``SD3Transformer2DModel``), as rectified flow on the
+latents of an existing teacher's VAE (by default the shipped one, whose VAE, text encoder and classifier it reuses, so
+both embedded teachers are measured on equal terms): ``z_σ = (1 − σ) z0 + σ ε``, the velocity ``ε − z0`` as target,
+σ drawn logit-normal (SD3's training density, m = 0, s = 1), 10% caption dropout, EMA weights.
 """
 
 from __future__ import annotations
@@ -27,13 +33,19 @@ from lcm.images import save_grid
 from lcm.locations import written
 from lcm.maths.ema import ema_update
 from lcm.maths.guidance import EMBEDDED_DEFAULT_W
-from lcm.maths.schedule import NoiseSchedule
-from lcm.models.fashion import FashionClassifier, save_classifier, tiny_unet, tiny_vae
+from lcm.maths.schedule import FlowSchedule, NoiseSchedule
+from lcm.models.fashion import FashionClassifier, save_classifier, tiny_flow_transformer, tiny_unet, tiny_vae
 from lcm.models.text import CachedPromptEmbeddings, MiniLMTextEncoder, write_reference
 from lcm.training.checkpoint import module_state, restore_modules
 from lcm.training.loop import Task, Validation, train
 
-__all__ = ["TeacherTrainConfig", "train_teacher", "TEACHER_SCHEDULER_CONFIG"]
+__all__ = [
+    "FLOW_SCHEDULER_CONFIG",
+    "TEACHER_SCHEDULER_CONFIG",
+    "TeacherTrainConfig",
+    "train_flow_teacher",
+    "train_teacher",
+]
 
 # Stable Diffusion's training schedule and DDIM settings.
 TEACHER_SCHEDULER_CONFIG = {
@@ -48,11 +60,19 @@ TEACHER_SCHEDULER_CONFIG = {
     "steps_offset": 1,
     "timestep_spacing": "leading",
 }
+# The embedded flow teacher's: SD3's scheduler without a shift (8² latents are far below the 64² that shift 1 suits;
+# SD3 shifts by 3 at 128²).
+FLOW_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
 
 
 @dataclass(frozen=True)
 class TeacherTrainConfig:
     out: Path  # output model folder
+    objective: str = "eps"  # "eps": VAE, ε-prediction UNet, classifier; "flow": an MMDiT on the latents of vae_from
+    vae_from: Path | None = None  # flow: the teacher folder whose VAE, text encoder and classifier are reused
+    flow_heads: int = 3  # flow: the MMDiT's width is 32·heads
+    flow_layers: int = 4  # flow: joint transformer blocks
+    flow_lr: float = 3e-4
     data_dir: Path | None = None  # Fashion-MNIST IDX files (default: Debian package, cache, download)
     seed: int = 0
     vae_steps: int = 1200  # batch vae_batch each
@@ -81,6 +101,10 @@ class TeacherTrainConfig:
             raise ValueError("--caption-dropout must lie in [0, 1)")
         if self.checkpoint_every < 1 or self.sample_every < 1:
             raise ValueError("--checkpoint-every and --sample-every must be at least 1")
+        if self.objective not in ("eps", "flow"):
+            raise ValueError(f"--objective must be eps or flow, got {self.objective!r}")
+        if self.flow_heads < 1 or self.flow_layers < 1:
+            raise ValueError("--flow-heads and --flow-layers must be at least 1")
 
 
 @functools.lru_cache(maxsize=4)
@@ -105,7 +129,7 @@ def _data_order(n: int, batch: int, seed: int) -> Callable[[int], Iterator[torch
     return batches
 
 
-_STAGE_IDS = {"vae": 1, "unet": 2, "classifier": 3}
+_STAGE_IDS = {"vae": 1, "unet": 2, "classifier": 3, "flow": 4}
 
 
 class _Stage(Task):
@@ -183,22 +207,30 @@ def _encode_all(vae, images: torch.Tensor, batch: int = 1000):
 class _UnetStage(_Stage):
     """ε-prediction on posterior samples of the latents, with an EMA copy (the shipped weights) and sample grids."""
 
+    network_name = "unet"
+
+    def _network(self, cfg: TeacherTrainConfig) -> torch.nn.Module:
+        return tiny_unet(cfg.unet_channels)
+
     def __init__(self, cfg, lat_mean, lat_std, labels, scaling, vae, captions, text):
-        unet, ema = tiny_unet(cfg.unet_channels), tiny_unet(cfg.unet_channels)
+        unet, ema = self._network(cfg), self._network(cfg)
         ema.load_state_dict(unet.state_dict())
-        super().__init__(unet, {"unet": unet, "ema": ema.requires_grad_(False)})
+        super().__init__(unet, {self.network_name: unet, "ema": ema.requires_grad_(False)})
         self.cfg, self.ema, self.vae, self.scaling = cfg, ema, vae, scaling
         self.lat_mean, self.lat_std, self.labels, self.captions, self.text = lat_mean, lat_std, labels, captions, text
         self.schedule = NoiseSchedule.from_config(TEACHER_SCHEDULER_CONFIG)
 
     def loss(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        mean, std = self.lat_mean[idx], self.lat_std[idx]
-        z0 = (mean + std * torch.randn(mean.shape, generator=generator)) * self.scaling
+        z0 = self._clean_latents(idx, generator)
         cap = self.captions.sample(self.labels[idx], self.cfg.caption_dropout, generator)
         t = torch.randint(0, self.schedule.num_train_timesteps, (len(idx),), generator=generator)
         eps = torch.randn(z0.shape, generator=generator)
         pred = self.forward(self.schedule.add_noise(z0, eps, t), t, encoder_hidden_states=self.text(cap).hidden_states)
         return F.mse_loss(pred.sample, eps, reduction="none").flatten(1).mean(1)
+
+    def _clean_latents(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        mean, std = self.lat_mean[idx], self.lat_std[idx]
+        return (mean + std * torch.randn(mean.shape, generator=generator)) * self.scaling
 
     def after_optimizer_step(self, step: int) -> None:
         # EMA warm-up (as diffusers' EMAModel): the average starts short and lengthens to 1/(1 − decay).
@@ -206,21 +238,50 @@ class _UnetStage(_Stage):
 
     def validate(self, step: int, folder: Path) -> Validation:
         if step % self.cfg.sample_every == 0:  # the loop also asks at the last step: that grid is final.png
-            _sample_grid(self.cfg, self.ema, self.vae, self.scaling, self.cfg.out / "samples" / f"unet-step-{step}.png")
+            path = self.cfg.out / "samples" / f"{self.network_name}-step-{step}.png"
+            _sample_grid(self.cfg, self.ema, self.vae, self.scaling, path)
         return Validation()
 
 
+class _FlowStage(_UnetStage):
+    """Rectified flow: velocity ``ε − z0`` at ``z_σ = (1 − σ) z0 + σ ε``, σ logit-normal (SD3's m = 0, s = 1)."""
+
+    network_name = "transformer"
+    flow = FlowSchedule.from_config(FLOW_SCHEDULER_CONFIG)
+
+    def _network(self, cfg: TeacherTrainConfig) -> torch.nn.Module:
+        return tiny_flow_transformer(cfg.flow_heads, cfg.flow_layers)
+
+    def loss(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        z0 = self._clean_latents(idx, generator)
+        cap = self.captions.sample(self.labels[idx], self.cfg.caption_dropout, generator)
+        sigma = torch.sigmoid(torch.randn(len(idx), generator=generator, dtype=torch.float64))
+        t = self.flow.num_train_timesteps * sigma
+        eps = torch.randn(z0.shape, generator=generator)
+        text = self.text(cap)
+        pred = self.forward(
+            hidden_states=self.flow.add_noise(z0, eps, t),
+            encoder_hidden_states=text.hidden_states,
+            pooled_projections=text.pooled_or_mean(),
+            timestep=t.float(),
+        )
+        return F.mse_loss(pred.sample, eps - z0, reduction="none").flatten(1).mean(1)
+
+
 def _train_unet(cfg, lat_mean, lat_std, labels, scaling, vae, captions, text):
-    torch.manual_seed(cfg.seed + 1)
-    stage = _UnetStage(cfg, lat_mean, lat_std, labels, scaling, vae, captions, text)
-    data = _data_order(len(labels), cfg.unet_batch, cfg.seed + 1)
+    """The ε-prediction UNet (``objective="eps"``) or the flow MMDiT (``"flow"``) on the same loop and schedule of
+    learning rates; returns the EMA network and the stage's wall time."""
+    flow = cfg.objective == "flow"
+    torch.manual_seed(cfg.seed + (4 if flow else 1))
+    stage = (_FlowStage if flow else _UnetStage)(cfg, lat_mean, lat_std, labels, scaling, vae, captions, text)
+    data = _data_order(len(labels), cfg.unet_batch, cfg.seed + (4 if flow else 1))
     wall = _run_stage(
         cfg,
-        "unet",
+        "flow" if flow else "unet",
         stage,
         data,
         cfg.unet_steps,
-        learning_rate=cfg.unet_lr,
+        learning_rate=cfg.flow_lr if flow else cfg.unet_lr,
         weight_decay=0.01,
         lr_warmup_steps=cfg.unet_warmup,
         validate_every=cfg.sample_every,
@@ -230,22 +291,23 @@ def _train_unet(cfg, lat_mean, lat_std, labels, scaling, vae, captions, text):
 
 @torch.no_grad()
 def _sample_grid(cfg, unet, vae, scaling, path, seeds=(0, 1, 2, 3)):
-    """10 class prompts (columns) × seeds (rows), DDIM 25 steps at the configured guidance."""
+    """10 class prompts (columns) × seeds (rows), DDIM 25 steps (flow: Euler 25 steps) at the configured guidance."""
     from lcm.maths.sampling import randn_per_image, sample_ddim
-    from lcm.maths.timesteps import ddim_timesteps
+    from lcm.maths.timesteps import ddim_timesteps, flow_timesteps
     from lcm.models.latent_diffusion import LatentDiffusion
 
     vae.config.scaling_factor = scaling
-    model = LatentDiffusion(unet.eval(), vae, TEACHER_SCHEDULER_CONFIG, None)
+    flow = cfg.objective == "flow"
+    model = LatentDiffusion(unet.eval(), vae, FLOW_SCHEDULER_CONFIG if flow else TEACHER_SCHEDULER_CONFIG, None)
     encoder = _text_encoder()
     prompts = class_prompts() * len(seeds)
     cond, uncond = encoder.encode(prompts), encoder.encode([""] * len(prompts))
     gens = [torch.Generator().manual_seed(s) for s in seeds for _ in range(10)]
     z = randn_per_image((len(prompts), *model.latent_shape), gens)
     w = torch.full((len(prompts),), cfg.sample_guidance)
-    ts = ddim_timesteps(25, 1000, "leading", 1)
+    ts = flow_timesteps(25, model.schedule) if flow else ddim_timesteps(25, 1000, "leading", 1)
     latents = sample_ddim(model.guided_denoiser(cond, uncond, w), z, ts, model.schedule)
-    rows = [f"DDIM 25 steps, seed {s}" for s in seeds]
+    rows = [f"{'Euler' if flow else 'DDIM'} 25 steps, seed {s}" for s in seeds]
     save_grid(model.decode(latents), path, scale=2, rows=rows, columns=class_prompts())
     unet.train()
 
@@ -301,9 +363,51 @@ def _accuracy(clf, images, labels, batch=1000):
     return correct / len(labels)
 
 
+def train_flow_teacher(cfg: TeacherTrainConfig) -> dict:
+    """The flow objective: an MMDiT on the latents of ``cfg.vae_from``'s VAE (default: the shipped teacher), whose
+    VAE, text encoder reference and classifier are copied into the folder; returns the report."""
+    import shutil
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    from lcm.sample import default_model_path
+
+    source = Path(cfg.vae_from) if cfg.vae_from else default_model_path()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    train = load_fashion_mnist("train", cfg.data_dir)
+    if cfg.max_train_images is not None:
+        train = type(train)(train.images[: cfg.max_train_images], train.labels[: cfg.max_train_images])
+    captions = CaptionSet()
+    text = CachedPromptEmbeddings(_text_encoder(), captions.captions)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae").eval().requires_grad_(False)
+    scaling = float(vae.config.scaling_factor)
+    lat_mean, lat_std = _encode_all(vae, train.images)
+    network, wall = _train_unet(cfg, lat_mean, lat_std, train.labels, scaling, vae, captions, text)
+    with written(cfg.out / "transformer"):
+        network.save_pretrained(cfg.out / "transformer", safe_serialization=True)
+    for part in ("vae", "text_encoder", "classifier"):
+        if source.resolve() != cfg.out.resolve():
+            shutil.copytree(source / part, cfg.out / part, dirs_exist_ok=True)
+    FlowMatchEulerDiscreteScheduler.from_config(FLOW_SCHEDULER_CONFIG).save_config(cfg.out / "scheduler")
+    _sample_grid(cfg, network, vae, scaling, cfg.out / "samples" / "final.png")
+    report = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "vae_from": str(source),
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "wall_seconds": {"transformer": wall},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    (cfg.out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def train_teacher(cfg: TeacherTrainConfig) -> dict:
     """Run the three stages (resuming any finished part) and write the model folder; returns the stage report."""
     from diffusers import DDIMScheduler
+
+    if cfg.objective == "flow":
+        return train_flow_teacher(cfg)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     train = load_fashion_mnist("train", cfg.data_dir)
