@@ -16,7 +16,7 @@ from lcm.maths.timesteps import FlowGrid, Sampler, flow_consistency_timesteps, f
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.text import TextEmbeddings
 from lcm.sample import sample_latents
-from tiny_models import build_tiny_flow
+from tiny_models import build_tiny_flow, build_tiny_sd3
 
 TEXT_DIM = 32
 
@@ -283,38 +283,71 @@ def _pipeline_lcm(pipe, model: LatentDiffusion, steps: int) -> torch.Tensor:
     return _pipeline_latents(pipe, cond, cond, z, sigmas=u, guidance_scale=1.0)
 
 
-@pytest.mark.parametrize("student", ["full", "lora"])
-def test_flow_distill_exports_sample_in_the_sd3_pipeline(student, captioned_images, tmp_path, parity):
-    """lcm distill of an SD3-shaped flow teacher: the export records FlowMatchLCMScheduler and its shift; diffusers'
-    own loaders (SD3Transformer2DModel / load_lora_weights) and StableDiffusion3Pipeline sample what lcm samples;
-    a LoRA arrives complete (every adapted module)."""
+def _distill(teacher, data, out, *extra):
     from lcm.cli import main
+
+    args = ["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--batch-size", "4"]
+    args += ["--max-steps", "3", "--learning-rate", "1e-3", "--w-min", "2", "--w-max", "2", "--validate-every", "0"]
+    assert main([*args, *extra]) == 0
+    model = LatentDiffusion.from_pretrained(out)
+    assert model.is_lcm and model.is_flow and model.default_sampler is Sampler.LCM
+    return model
+
+
+def test_sd3_text_encoder_matches_the_pipeline(tmp_path):
+    """Two CLIPs and (absent) T5 combined as StableDiffusion3Pipeline.encode_prompt combines them."""
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = build_tiny_sd3(tmp_path / "sd3")
+    ours = LatentDiffusion.from_pretrained(folder).encode_prompts(["a photo of a cat", ""])
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            ["a photo of a cat", ""], None, None, do_classifier_free_guidance=False
+        )
+    assert ours.hidden_states.shape == (2, 77 + 256, 96)
+    torch.testing.assert_close(ours.hidden_states, embeds, rtol=0, atol=0)
+    torch.testing.assert_close(ours.pooled, pooled, rtol=0, atol=0)
+
+
+def test_sd3_full_export_loads_and_samples_in_the_sd3_pipeline(captioned_images, tmp_path, parity):
+    """lcm distill of an SD3 folder (text encoders and model index included): the SD3 pipeline's from_pretrained
+    loads the export with FlowMatchLCMScheduler at the teacher's shift and samples, from the prompts, what lcm
+    samples."""
+    from diffusers import StableDiffusion3Pipeline
+
+    teacher = build_tiny_sd3(tmp_path / "teacher", shift=3.0)
+    ours_model = _distill(teacher, captioned_images, tmp_path / "lcm", "--solver", "heun")
+    ours = sample_latents(ours_model, ours_model.encode_prompts(PROMPTS), None, Sampler.LCM, 2, 0.0, SEEDS)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "lcm", text_encoder_3=None, tokenizer_3=None)
+    assert type(pipe.scheduler).__name__ == "FlowMatchLCMScheduler" and pipe.scheduler.config.shift == 3.0
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    pipe.scheduler.step = functools.partial(pipe.scheduler.step, generator=gens)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPTS, sigmas=[1.0, 0.5], guidance_scale=1.0, generator=gens, output_type="latent").images
+    parity(ours, ref, 1e-5, "full")
+    images = ours_model.decode(ours)
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+
+
+def test_flow_lora_export_loads_with_load_lora_weights(captioned_images, tmp_path, parity):
+    """A flow LCM-LoRA: every adapted module arrives through SD3's load_lora_weights, and the pipeline then samples
+    what lcm samples from the LoRA folder; the distillation changed the network (the bare teacher differs)."""
+    from diffusers import FlowMatchLCMScheduler
+
     from lcm.models.lora import adapted_modules
     from lcm.models.student import add_lora
 
     teacher = build_tiny_flow(tmp_path / "teacher", shift=3.0, text_dim=384)
-    out = tmp_path / student
-    args = ["distill", "--teacher", str(teacher), "--data", str(captioned_images), "--out", str(out)]
-    args += ["--batch-size", "4", "--max-steps", "3", "--learning-rate", "1e-3", "--w-min", "2", "--w-max", "2"]
-    args += ["--validate-every", "0", "--student", student, "--lora-rank", "4", "--solver", "heun"]
-    assert main(args) == 0
-    ours_model = LatentDiffusion.from_pretrained(out)
-    assert ours_model.is_lcm and ours_model.is_flow and ours_model.default_sampler is Sampler.LCM
-    cond = ours_model.encode_prompts(PROMPTS)
-    ours = sample_latents(ours_model, cond, None, Sampler.LCM, 2, 0.0, SEEDS)
-    if student == "full":
-        pipe = _sd3_from_folder(out)
-        assert pipe.scheduler.config.shift == 3.0
-    else:
-        from diffusers import FlowMatchLCMScheduler
-
-        pipe = _sd3_from_folder(teacher)
-        pipe.scheduler = FlowMatchLCMScheduler.from_config({**pipe.scheduler.config, "shift": 3.0})
-        pipe.load_lora_weights(out)
-        fresh = add_lora(LatentDiffusion.from_pretrained(teacher, with_text_encoder=False).unet, rank=4)
-        assert set(adapted_modules(pipe.transformer)) == set(adapted_modules(fresh)) != set()
+    out = tmp_path / "lora"
+    ours_model = _distill(teacher, captioned_images, out, "--student", "lora", "--lora-rank", "4", "--solver", "dpmpp")
+    ours = sample_latents(ours_model, ours_model.encode_prompts(PROMPTS), None, Sampler.LCM, 2, 0.0, SEEDS)
+    pipe = _sd3_from_folder(teacher)
+    pipe.scheduler = FlowMatchLCMScheduler.from_config({**pipe.scheduler.config, "shift": 3.0})
+    pipe.load_lora_weights(out)
+    fresh = add_lora(LatentDiffusion.from_pretrained(teacher, with_text_encoder=False).unet, rank=4)
+    assert set(adapted_modules(pipe.transformer)) == set(adapted_modules(fresh)) != set()
     ref = _pipeline_lcm(pipe, ours_model, 2)
-    parity(ours, ref, 1e-5, student)
-    # the distillation changed the network: the teacher sampled the same way gives something else
+    parity(ours, ref, 1e-5, "lora")
     bare = _pipeline_lcm(_sd3_from_folder(teacher), ours_model, 2)
     assert (bare - ref).abs().max() > 1e-4

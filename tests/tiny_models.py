@@ -31,6 +31,7 @@ __all__ = [
     "SDXL_TIME_EMBED_DIM",
     "VAE_SCALE_FACTOR",
     "build_tiny_flow",
+    "build_tiny_sd3",
     "build_tiny_sd",
     "build_tiny_sdxl",
     "folder_size",
@@ -384,4 +385,45 @@ def build_tiny_flow(path: Path, shift: float = 3.0, seed: int = 0, sample_size: 
     FlowMatchEulerDiscreteScheduler(shift=shift).save_config(path / "scheduler")
     if text_dim == 384:
         write_reference(path)
+    return path
+
+
+def build_tiny_sd3(path: Path, shift: float = 3.0, seed: int = 0, sample_size: int = 8) -> Path:
+    """A ``StableDiffusion3Pipeline`` folder (``model_index.json`` and all) without T5 (``text_encoder_3`` None,
+    which SD3 allows): two 32-d CLIPs with 16-d projections (pooled 32), an MMDiT whose context is 96 wide (the
+    CLIPs' 64 zero-padded, as T5's width would pad them), a VAE with SD3's ``shift_factor``, and
+    ``FlowMatchEulerDiscreteScheduler`` at ``shift``. Returns ``path``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    path = _check(path, sample_size)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=96,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        pos_embed_max_size=sample_size // 2,
+    )
+    vae = _tiny_vae(sample_size, scaling_factor=1.5305)
+    vae.register_to_config(shift_factor=0.0609)
+    encoders = [CLIPTextModelWithProjection(tiny_text_encoder_config(projection_dim=16)) for _ in range(2)]
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=vae,
+        text_encoder=encoders[0],
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=encoders[1],
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    _save(pipe, path)
     return path

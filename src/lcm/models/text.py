@@ -28,6 +28,7 @@ __all__ = [
     "CachedPromptEmbeddings",
     "MiniLMTextEncoder",
     "PromptCache",
+    "SD3TextEncoder",
     "SDXLTextEncoder",
     "TextEmbeddings",
     "TextEncoder",
@@ -249,6 +250,91 @@ class SDXLTextEncoder(TextEncoder):
         return self
 
 
+class SD3TextEncoder(TextEncoder):
+    """Stable Diffusion 3's three encoders, as ``StableDiffusion3Pipeline.encode_prompt`` combines them: the
+    penultimate hidden states of both CLIPs (77 tokens) side by side, zero-padded to T5's width, then T5's 256 token
+    states after them on the sequence axis (zeros when the folder has no ``text_encoder_3``); pooled: both CLIPs'
+    projections side by side. The empty prompt is encoded like any other (SD3 does not zero it)."""
+
+    T5_LENGTH = 256  # the pipeline's max_sequence_length
+
+    def __init__(self, model_dir: str, revision: str | None = None):
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        self.tokenizers = [
+            CLIPTokenizer.from_pretrained(model_dir, subfolder=sub, revision=revision)
+            for sub in ("tokenizer", "tokenizer_2")
+        ]
+        self.models = [
+            safe_weights(
+                f"{model_dir}/{sub}",
+                lambda sub=sub, **kw: CLIPTextModelWithProjection.from_pretrained(
+                    model_dir, subfolder=sub, revision=revision, **kw
+                ),
+            )
+            for sub in ("text_encoder", "text_encoder_2")
+        ]
+        for model, tokenizer in zip(self.models, self.tokenizers, strict=True):
+            _check_length(f"SD3 ({model_dir})", tokenizer.model_max_length, model)
+            model.eval().requires_grad_(False)
+        self.t5 = self.t5_tokenizer = None
+        if _has_subfolder(model_dir, "text_encoder_3"):
+            from transformers import AutoTokenizer, T5EncoderModel
+
+            self.t5_tokenizer = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer_3", revision=revision)
+            self.t5 = (
+                safe_weights(
+                    f"{model_dir}/text_encoder_3",
+                    lambda **kw: T5EncoderModel.from_pretrained(
+                        model_dir, subfolder="text_encoder_3", revision=revision, **kw
+                    ),
+                )
+                .eval()
+                .requires_grad_(False)
+            )
+            self.width = int(self.t5.config.d_model)
+        else:  # the transformer's context width: what the zeros stand in for
+            config = (
+                read_json_object(Path(model_dir) / "transformer" / "config.json") if Path(model_dir).is_dir() else {}
+            )
+            self.width = int(config.get("joint_attention_dim", 4096))
+        self.max_length = self.tokenizers[0].model_max_length + self.T5_LENGTH
+        self.hidden_size = self.width
+        self.name = f"SD3 CLIP x2{' + T5' if self.t5 is not None else ''} ({model_dir})"
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
+        if isinstance(prompts, str):
+            raise TypeError("encode takes a list of prompts, not a single string")
+        states, pooled = [], []
+        for tokenizer, model in zip(self.tokenizers, self.models, strict=True):
+            ids = tokenizer(
+                list(prompts),
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(model.device)
+            out = model(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled.append(out[0])
+        clip = torch.cat(states, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, self.width - clip.shape[-1]))
+        if self.t5 is None:
+            t5 = clip.new_zeros(len(prompts), self.T5_LENGTH, self.width)
+        else:
+            ids = self.t5_tokenizer(
+                list(prompts), padding="max_length", max_length=self.T5_LENGTH, truncation=True, return_tensors="pt"
+            ).input_ids
+            t5 = self.t5(ids.to(self.t5.device))[0].to(clip.dtype)
+        return TextEmbeddings(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))
+
+    def to(self, device) -> TextEncoder:
+        for model in (*self.models, *([self.t5] if self.t5 is not None else [])):
+            model.to(device)
+        return self
+
+
 def write_reference(model_dir: Path, kind: str = "minilm", max_length: int = 16) -> None:
     """Record in a model folder which packaged text encoder it was trained with (weights are not copied)."""
     folder = Path(model_dir) / "text_encoder"
@@ -270,6 +356,8 @@ def load_text_encoder(model_dir: str | Path) -> TextEncoder:
         if spec.get("kind") != "minilm":
             raise ValueError(f"{ref}: unknown packaged text encoder {spec.get('kind')!r}")
         return MiniLMTextEncoder(spec.get("max_length", 16))
+    if _has_subfolder(model_dir, "transformer") and _has_subfolder(model_dir, "text_encoder_2"):
+        return SD3TextEncoder(str(model_dir))
     if _has_subfolder(model_dir, "text_encoder_2"):
         return SDXLTextEncoder(str(model_dir))
     return CLIPTextEncoder(str(model_dir))
