@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from lcm.cli import main
+from lcm.data.captions import class_prompts
 from lcm.data.fashion_mnist import DEBIAN_DIR
 from lcm.evaluation.metrics import FashionEvaluator
 from lcm.evaluation.results import load_results
@@ -112,3 +113,50 @@ def test_shipped_lcm_is_a_w_conditioned_lcm_and_the_shipped_weights_stay_small()
     assets = Path(default_model_path()).parent
     total = sum(f.stat().st_size for f in assets.rglob("*") if f.is_file())
     assert total <= 25 * 2**20, f"shipped weights and cards take {total / 2**20:.1f} MiB (limit 25)"
+
+
+def test_shipped_flow_teacher_draws_the_prompted_garment():
+    """The embedded flow-matching teacher (an MMDiT on the same VAE) draws each prompted class with Euler 25 steps,
+    by the shipped classifier's judgement; its folder is an SD3-layout diffusers folder with a model card."""
+    from lcm.sample import embedded_classifier, flow_teacher_path
+
+    path = flow_teacher_path()
+    card = (path / "README.md").read_text()
+    assert "lcm train-teacher --objective flow" in card and "seed" in card
+    model = LatentDiffusion.from_pretrained(path)
+    assert model.is_flow and not model.is_lcm and type(model.unet).__name__ == "SD3Transformer2DModel"
+    classifier = FashionEvaluator(embedded_classifier(path)).classifier
+    images = generate(model, class_prompts() * 3, Sampler.DDIM, 25, 3.0, list(range(30)))
+    with torch.no_grad():
+        predicted = classifier(images).argmax(1)
+    accuracy = (predicted == torch.arange(10).repeat(3)).float().mean().item()
+    assert accuracy >= 0.7, (accuracy, predicted.tolist())
+
+
+CLASSES = [
+    "t-shirt",
+    "pair of trousers",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
+
+
+@needs_data
+def test_demo_flow_quick_distils_the_flow_teacher(tmp_path):
+    from lcm.sample import flow_teacher_path
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--teacher", "flow", "--quick", "--eval-samples", "40", "--out", str(out)]) == 0
+    _, records = load_results(out / "results.json")
+    assert [(r.method, r.steps) for r in records] == [(m, s) for m in ("teacher Euler", "LCM") for s in (1, 2, 4, 8)]
+    assert {r.model for r in records} == {str(flow_teacher_path()), str(out / "lcm")}
+    lcm = LatentDiffusion.from_pretrained(out / "lcm")
+    assert lcm.is_flow and lcm.is_lcm and lcm.w_range == (3.0, 3.0)
+    assert lcm.scheduler_config["_class_name"] == "FlowMatchLCMScheduler"
+    assert "flow-matching" in (out / "results.md").read_text()

@@ -351,3 +351,130 @@ def test_flow_lora_export_loads_with_load_lora_weights(captioned_images, tmp_pat
     parity(ours, ref, 1e-5, "lora")
     bare = _pipeline_lcm(_sd3_from_folder(teacher), ours_model, 2)
     assert (bare - ref).abs().max() > 1e-4
+
+
+# --- the LCD step for a flow teacher, against a hand-written reference -------------------------------------------
+def _perturb(network, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("solver", [Solver.DDIM, Solver.HEUN, Solver.DPM_SOLVER_PP_2S])
+def test_flow_lcd_step_equals_hand_computed_reference(flow_model, solver):
+    """One LCD loss of a flow teacher written out by hand: pairs (u, u − 1/N) through SD3's shift, z = (1 − σ)·x0
+    + σ·ε, the student's f = z − σ·v, the guided teacher's Euler / Heun step in σ (DPM-Solver++(2S): the library's
+    solver on the flow's λ, checked by its own tests), the target's f at the pair's end, pseudo-Huber."""
+    import copy
+
+    from lcm.config.run import LCDConfig, StudentKind
+    from lcm.models.student import full_student
+    from lcm.training.lcd import LCD
+
+    model, n, w_value, c = flow_model, 20, 2.5, 0.01
+    student = full_student(model.unet)
+    _perturb(student, 1)
+    target = copy.deepcopy(student)
+    _perturb(target, 2)
+    cfg = LCDConfig(num_solver_steps=n, solver=solver, w_min=w_value, w_max=w_value, huber_c=c)
+    lcd = LCD(model, student, StudentKind.FULL, cfg, target)
+    z0 = torch.randn(3, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    cond, uncond = _text(3, 10), _text(3, 11)
+    ours = lcd.loss(z0, cond, uncond, torch.Generator().manual_seed(7)).loss
+
+    g = torch.Generator().manual_seed(7)  # the step's draws, in its order: pairs, noise, w
+    u = 1 / n + (1 - 1 / n) * torch.rand(3, generator=g, dtype=torch.float64)
+    noise = torch.randn(z0.shape, generator=g)
+    torch.rand(3, generator=g)  # w ~ U[w, w]
+    shift = lambda v: 3.0 * v / (1 + 2.0 * v)  # noqa: E731  the folder's shift 3
+    s_start, s_end = shift(u), shift((u - 1 / n).clamp(min=0))
+
+    def v(net, z, sigma, text):
+        t = (1000 * sigma).float()
+        return net(
+            hidden_states=z, encoder_hidden_states=text.hidden_states, pooled_projections=text.pooled, timestep=t
+        )[0]
+
+    def guided(z, sigma):
+        vc, vu = v(model.unet, z, sigma, cond), v(model.unet, z, sigma, uncond)
+        return vc + w_value * (vc - vu)
+
+    col = lambda x: x.float().view(-1, 1, 1, 1)  # noqa: E731
+    z = col(1 - s_start) * z0 + col(s_start) * noise
+    prediction = z - col(s_start) * v(student, z, s_start, cond)
+    with torch.no_grad():
+        v1 = guided(z, s_start)
+        euler = z + col(s_end - s_start) * v1
+        if solver is Solver.DDIM:
+            z_end = euler
+        elif solver is Solver.HEUN:
+            heun = z + col(s_end - s_start) * 0.5 * (v1 + guided(euler, s_end))
+            z_end = torch.where(col(s_end) > 0, heun, euler)
+        else:
+            z_end = solve(solver, model.guided_denoiser(cond, uncond, torch.full((3,), w_value)), z, 1000 * s_start,
+                          1000 * s_end, model.schedule)  # fmt: skip
+        target_out = z_end - col(s_end) * v(target, z_end, s_end, cond)
+    reference = (torch.sqrt((prediction - target_out) ** 2 + c**2) - c).flatten(1).mean(1)
+    torch.testing.assert_close(ours, reference, rtol=2e-4, atol=1e-7)
+
+
+def test_flow_lcd_refuses_what_it_does_not_have(flow_model, tiny_sd):
+    from lcm.config.run import Consistency, LCDConfig, StudentKind
+    from lcm.models.student import full_student
+    from lcm.training.lcd import LCD
+
+    student = full_student(flow_model.unet)
+    for cfg, message in [
+        (LCDConfig(consistency=Consistency.TCD), "not built for flow"),
+        (LCDConfig(adversarial_weight=0.1), "not built for flow"),
+        (LCDConfig(timestep_bias=1.0), "every σ"),
+        (LCDConfig(solver=Solver.DPM_SOLVER_2), "cannot reach"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            LCD(flow_model, student, StudentKind.FULL, cfg, student)
+    vp = LatentDiffusion.from_pretrained(tiny_sd, with_text_encoder=False)
+    with pytest.raises(ValueError, match="for flow-matching teachers"):
+        LCD(vp, full_student(vp.unet), StudentKind.FULL, LCDConfig(solver=Solver.HEUN), full_student(vp.unet))
+
+
+def test_flow_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
+    """A flow student's weights and EMA target after a crash and --resume latest equal an uninterrupted run's."""
+    from lcm.config import LoopConfig, OptimConfig, StudentConfig
+    from lcm.config.run import LCDConfig
+    from lcm.data.loader import batch_stream
+    from lcm.data.sources import collate_skip_none
+    from lcm.training.loop import train
+    from lcm.training.task import DistillTask
+
+    folder = build_tiny_flow(tmp_path / "teacher", shift=3.0, text_dim=384)
+    g = torch.Generator().manual_seed(0)
+    data = [
+        {"pixel_values": torch.rand(3, 64, 64, generator=g) * 2 - 1, "caption": f"a cat {i % 3}"} for i in range(16)
+    ]
+
+    def run(out, crash_after=None, resume=None):
+        task = DistillTask(LatentDiffusion.from_pretrained(folder), LCDConfig(solver=Solver.HEUN), StudentConfig())
+
+        def batches(start):
+            for i, batch in enumerate(batch_stream(data, 4, collate_skip_none, seed=0, start=start)):
+                if i == crash_after:
+                    return  # the stream ends early: the process "dies" between steps
+                yield batch
+
+        loop = LoopConfig(max_steps=4, checkpoint_every=2, validate_every=0, seed=5)
+        if crash_after is None:
+            train(task, batches, out, loop, OptimConfig(learning_rate=1e-3), resume)
+        else:
+            with pytest.raises(Exception):  # noqa: B017, PT011  whatever the loop says of a stream that ended early
+                train(task, batches, out, loop, OptimConfig(learning_rate=1e-3), resume)
+        return task.state_dict()
+
+    straight = run(tmp_path / "a")
+    run(tmp_path / "b", crash_after=3)
+    assert (tmp_path / "b" / "train" / "checkpoints" / "step-2").is_dir()
+    assert not (tmp_path / "b" / "train" / "checkpoints" / "step-4").exists()
+    resumed = run(tmp_path / "b", resume="latest")
+    assert straight.keys() == resumed.keys() and any(k.startswith("target.") for k in straight)
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)

@@ -1,7 +1,8 @@
 """``lcm demo``: distil the shipped Fashion-MNIST teacher on the CPU, then compare it with its teacher.
 
 Writes, under ``--out``: the LCM (a diffusers folder), ``demo_grid.png`` (rows: teacher DDIM at 1/2/4/8 steps, then
-the LCM at 1/2/4/8; columns: the ten class prompts, one seed each) and ``results.md`` / ``results.json`` (FD-clf,
+the LCM at 1/2/4/8; columns: the ten class prompts, one seed each; a flow teacher samples with Euler, the flow's
+DDIM) and ``results.md`` / ``results.json`` (FD-clf,
 KID-clf, prompt accuracy, seconds per image per row).
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lcm.config.recipes import EVALUATION, recipe_config
+from lcm.config.recipes import EVALUATION, FLOW, recipe_config
 from lcm.config.run import RunConfig
 from lcm.data.captions import class_prompts
 from lcm.evaluation.metrics import FashionEvaluator
@@ -26,7 +27,7 @@ from lcm.evaluation.run import Row, evaluate_row
 from lcm.images import save_labelled_grid
 from lcm.maths.timesteps import DEFAULT_SPACING
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.sample import Sampler, default_model_path, generate
+from lcm.sample import Sampler, default_model_path, embedded_classifier, generate
 from lcm.training.runs import run_training
 
 __all__ = ["DemoConfig", "demo_config", "run_demo"]
@@ -43,13 +44,22 @@ class DemoConfig:
     w_eval: float = EVALUATION["demo"]["w"]  # guidance of every evaluated row, teacher and LCM alike
 
 
-def demo_config(out: Path, recipe: str = "demo", changes: dict | None = None, eval_samples: int | None = None):
-    """The demo of ``recipe`` with dotted ``changes`` to its tree (``{"loop.max_steps": 100}``)."""
+def demo_config(
+    out: Path,
+    recipe: str = "demo",
+    changes: dict | None = None,
+    eval_samples: int | None = None,
+    teacher: str | Path | None = None,
+):
+    """The demo of ``recipe`` with dotted ``changes`` to its tree (``{"loop.max_steps": 100}``), distilling
+    ``teacher`` (default: the shipped one); a flow-matching teacher takes :data:`lcm.config.recipes.FLOW` too."""
     evaluation = EVALUATION[recipe] if recipe in EVALUATION else {}
+    flow = teacher is not None and (Path(teacher) / "transformer").is_dir()
+    teacher_change = {"model": str(teacher)} if teacher is not None else {}
     return DemoConfig(
         out=Path(out),
         recipe=recipe,
-        run=recipe_config(recipe, changes),
+        run=recipe_config(recipe, {**(FLOW if flow else {}), **teacher_change, **(changes or {})}),
         eval_samples=eval_samples or evaluation["samples"],
         w_eval=evaluation["w"],
     )
@@ -85,11 +95,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     seed, data_dir, lcd, optim = cfg.run.loop.seed, cfg.run.data.data_dir, cfg.run.method, cfg.run.resolved().optim
 
     teacher, lcm = LatentDiffusion.from_pretrained(teacher_path), LatentDiffusion.from_pretrained(lcm_dir)
-    evaluator = FashionEvaluator(teacher_path / "classifier", data_dir)
+    evaluator = FashionEvaluator(embedded_classifier(teacher_path), data_dir)
     prompts = fashion_eval_prompts(cfg.eval_samples, seed)
     rows, grid = [], []
     grid_prompts, grid_seeds = class_prompts(), list(range(10))
-    for model, method, sampler in ((teacher, "teacher DDIM", Sampler.DDIM), (lcm, "LCM", Sampler.LCM)):
+    teacher_method = "teacher Euler" if teacher.is_flow else "teacher DDIM"
+    for model, method, sampler in ((teacher, teacher_method, Sampler.DDIM), (lcm, "LCM", Sampler.LCM)):
         for steps in (1, 2, 4, 8):
             rows.append(evaluate_row(model, Row(method, sampler, steps, cfg.w_eval), prompts, evaluator))
             grid.append(generate(model, grid_prompts, sampler, steps, cfg.w_eval, grid_seeds))
@@ -98,15 +109,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     grid_path = save_labelled_grid(torch.cat(grid), cfg.out / "demo_grid.png", row_labels, grid_prompts, scale=2)
     table = _table(rows)
     header = (
-        f"# lcm demo\n\nLCD of the shipped Fashion-MNIST teacher, recipe {cfg.recipe}: {summary['steps']} steps, "
+        f"# lcm demo\n\nLCD of the {'flow-matching' if teacher.is_flow else 'shipped'} Fashion-MNIST teacher "
+        f"({teacher_path}), recipe {cfg.recipe}: {summary['steps']} steps, "
         f"batch {cfg.run.data.batch_size}, {lcd.solver.value} solver, k = {1000 // lcd.num_solver_steps}, "
         f"w ~ U[{lcd.w_min}, {lcd.w_max}], learning rate {optim.learning_rate:g} ({optim.lr_schedule}; "
         f"{lcd.w_lr_scale:g}x on the w projection), "
         f"{summary['wall_seconds']:.0f} s of training. "
-        f"Teacher DDIM with {DEFAULT_SPACING} timesteps. "
+        f"{teacher_method[0].upper() + teacher_method[1:]} with "
+        f"{'FlowMatchEulerDiscreteScheduler' if teacher.is_flow else DEFAULT_SPACING} timesteps. "
         f"Every row: {cfg.eval_samples} images, guidance w = {cfg.w_eval}, the same prompts and seeds. FD-clf and "
         "KID-clf are computed in the shipped classifier's features against the 10,000 test images (not FID).\n\n"
-        "Grid rows: teacher DDIM 1, 2, 4, 8 steps; LCM 1, 2, 4, 8 steps.\n\n"
+        f"Grid rows: {teacher_method} 1, 2, 4, 8 steps; LCM 1, 2, 4, 8 steps.\n\n"
     )
     (cfg.out / "results.md").write_text(header + table)
     config = {"recipe": cfg.recipe, "eval_samples": cfg.eval_samples, "w_eval": cfg.w_eval, "run": cfg.run.to_dict()}

@@ -49,6 +49,8 @@ __all__ = [
     "Sampler",
     "consistency_denoiser",
     "default_model_path",
+    "embedded_classifier",
+    "flow_teacher_path",
     "default_sampling_path",
     "generate",
     "img2img_latents",
@@ -68,6 +70,21 @@ def default_model_path() -> Path:
     if not (path / "unet").is_dir():
         raise ValueError(f"the shipped teacher is missing from {path}; reinstall the package or give --model")
     return path
+
+
+def flow_teacher_path() -> Path:
+    """The shipped embedded flow-matching teacher (an SD3-class MMDiT on the Fashion teacher's VAE)."""
+    path = ASSETS / "fashion-flow-teacher"
+    if not (path / "transformer").is_dir():
+        raise ValueError(f"the shipped flow teacher is missing from {path}; reinstall the package or give --teacher")
+    return path
+
+
+def embedded_classifier(model_dir: str | Path) -> Path:
+    """The classifier behind the embedded family's offline metrics: the model folder's own ``classifier/``, else the
+    shipped teacher's (the flow teacher shares its VAE and data, and ships without a copy)."""
+    own = Path(model_dir) / "classifier"
+    return own if (own / "model.safetensors").is_file() else default_model_path() / "classifier"
 
 
 def default_sampling_path() -> Path:

@@ -14,16 +14,17 @@ DEMO_FLAGS = ("loop.max_steps", "data.batch_size", "method.solver", "loop.seed",
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from dataclasses import replace
     from pathlib import Path
 
     from lcm.demo import demo_config, run_demo
+    from lcm.sample import flow_teacher_path
 
     check_int(args.eval_samples, "--eval-samples", 2, MAX_IMAGES)
-    cfg = demo_config(Path(args.out), "quick" if args.quick else args.recipe, typed_settings(args), args.eval_samples)
-    if args.teacher:
-        cfg = replace(cfg, run=replace(cfg.run, model=args.teacher))
-    run_demo(cfg)
+    teacher = flow_teacher_path() if args.teacher == "flow" else args.teacher
+    if teacher is not None and not Path(teacher).is_dir():
+        raise ValueError(f"--teacher {teacher}: no such folder (give a teacher folder, or flow for the shipped one)")
+    recipe = "quick" if args.quick else args.recipe
+    run_demo(demo_config(Path(args.out), recipe, typed_settings(args), args.eval_samples, teacher))
     return 0
 
 
@@ -53,6 +54,10 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--quick", action="store_true", help="a minute-long smoke run (20 steps, 100 images per row)")
     p.add_argument("--eval-samples", type=int, help="images per table row (default: the recipe's, 1000 for demo)")
-    p.add_argument("--teacher", help="a Fashion teacher folder from lcm train-teacher (default: the shipped one)")
+    p.add_argument(
+        "--teacher",
+        help="flow: the shipped flow-matching teacher (an SD3-class MMDiT, distilled at w = 3); or a Fashion teacher "
+        "folder from lcm train-teacher (default: the shipped UNet teacher)",
+    )
     add_knob_flags(p, DEMO_FLAGS, default="the recipe's")
     p.set_defaults(func=run_demo)

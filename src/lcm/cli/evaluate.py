@@ -35,7 +35,9 @@ def run_eval(args: argparse.Namespace) -> int:
     plan = plan_eval(
         out=Path(args.out),
         teacher=args.teacher,
-        teacher_samplers=[x.strip() for x in args.teacher_samplers.split(",") if x.strip()],
+        teacher_samplers=None
+        if args.teacher_samplers is None
+        else [x.strip() for x in args.teacher_samplers.split(",") if x.strip()],
         teacher_steps=int_list(args.teacher_steps, "--teacher-steps"),
         lcms=[(folder, name or None) for folder, _, name in (spec.partition("=") for spec in args.lcm or [])],
         lcm_steps=int_list(args.lcm_steps, "--lcm-steps"),
@@ -86,13 +88,11 @@ def add_parser(sub) -> None:
         ". The stack is one more method: rows 'LoRA stack' at --lcm-steps with an LCM-LoRA among them, else "
         "'teacher SAMPLER + LoRA' rows with the teacher samplers",
     )
-    samplers, teacher_steps, lcm_steps = (
-        _listed(DEFAULT[k]) for k in ("teacher_samplers", "teacher_steps", "lcm_steps")
-    )
+    teacher_steps, lcm_steps = (_listed(DEFAULT[k]) for k in ("teacher_steps", "lcm_steps"))
     p.add_argument(
         "--teacher-samplers",
-        default=samplers,
-        help=f"teacher samplers, comma-separated; '' for none (default {samplers})",
+        help="teacher samplers, comma-separated; '' for none (default ddim,dpm,dpmpp; for a flow-matching teacher "
+        "ddim,heun: Euler, the flow's DDIM, and Heun)",
     )
     p.add_argument("--teacher-steps", default=teacher_steps, help=f"teacher steps (default {teacher_steps})")
     p.add_argument("--lcm-steps", default=lcm_steps, help=f"LCM steps (default {lcm_steps})")

@@ -14,7 +14,7 @@ from lcm.config.knobs import override
 from lcm.config.run import RunConfig
 from lcm.maths.timesteps import DEFAULT_NUM_SOLVER_STEPS
 
-__all__ = ["EVALUATION", "RECIPES", "recipe_config"]
+__all__ = ["EVALUATION", "FLOW", "RECIPES", "recipe_config"]
 
 # The demo recipe (docs/fidelity.md): k = 100 (N = 10), w ~ U[1, 5], rate 2e-4 with a cosine decay to 10% after 100
 # warm-up steps, the zero-initialised w projection at 10x the rate; 750 steps of batch 32, so that lcm demo ends in
@@ -34,6 +34,13 @@ DEMO: dict[str, Any] = {
     "loop.log_every": 15,
     "loop.validate_every": 0,
     "loop.compile": "off",
+}
+
+# What every recipe changes for a flow-matching teacher (lcm demo --teacher flow): its student, an MMDiT, takes no w
+# input, so it is distilled at the one w the demo evaluates; its pairs lie one N-th of the unshifted σ range apart.
+FLOW: dict[str, Any] = {
+    "method.w_min": 3.0,
+    "method.w_max": 3.0,
 }
 
 RECIPES: dict[str, dict[str, Any]] = {

@@ -15,7 +15,8 @@ from lcm.maths.timesteps import DEFAULT_SPACING, SPACINGS
 from lcm.models.formats import read_record, samples_with_tcd
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.lora import LoraSpec, accelerator_of
-from lcm.sample import Sampler, default_model_path
+from lcm.models.text import is_packaged_encoder
+from lcm.sample import Sampler, default_model_path, embedded_classifier
 
 __all__ = [
     "DEFAULT_CLIP_MODEL",
@@ -29,7 +30,9 @@ __all__ = [
 ]
 
 # Teacher samplers by the name a user gives, with the name of their rows.
-TEACHER_SAMPLERS = {"ddim": "DDIM", "dpm": "DPM-Solver", "dpmpp": "DPM-Solver++"}
+TEACHER_SAMPLERS = {"ddim": "DDIM", "dpm": "DPM-Solver", "dpmpp": "DPM-Solver++", "heun": "Heun"}
+# A flow-matching teacher's: Euler (DDIM's update, the ddim sampler) and Heun
+FLOW_TEACHER_SAMPLERS = ("ddim", "heun")
 # Timestep spacings of the teacher samplers; "config" keeps the teacher's scheduler config.
 TEACHER_SPACINGS = SPACINGS
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
@@ -96,22 +99,32 @@ def _distilled(folder: Path | None) -> tuple[str, Sampler]:
     return "LCM", Sampler.LCM
 
 
+def _is_flow(teacher: str) -> bool:
+    """A flow-matching teacher folder (or hub id): it keeps its network in ``transformer/``."""
+    local = local_path_or_none(teacher, owner_required=True)
+    return local is not None and (local / "transformer").is_dir() and not (local / "unet").is_dir()
+
+
 def _methods(
     teacher: str,
-    teacher_samplers: Sequence[str],
+    teacher_samplers: Sequence[str] | None,
     teacher_steps: Sequence[int],
     lcms: Sequence[tuple[str, str | None]],
     lcm_steps: Sequence[int],
     loras: Sequence[LoraSpec] = (),
 ) -> tuple[Method, ...]:
-    if bad := [x for x in teacher_samplers if x not in TEACHER_SAMPLERS]:
-        raise ValueError(f"--teacher-samplers: unknown sampler(s) {bad}; choose from {', '.join(TEACHER_SAMPLERS)}")
+    flow = _is_flow(teacher)
+    known = FLOW_TEACHER_SAMPLERS if flow else tuple(x for x in TEACHER_SAMPLERS if x not in FLOW_TEACHER_SAMPLERS[1:])
+    if teacher_samplers is None:
+        teacher_samplers = known
+    if bad := [x for x in teacher_samplers if x not in known]:
+        family = "a flow-matching teacher" if flow else "this teacher"
+        raise ValueError(f"--teacher-samplers: {bad} not for {family}; choose from {', '.join(known)}")
+    names = {**TEACHER_SAMPLERS, **({"ddim": "Euler"} if flow else {})}
     for flag, steps in (("--teacher-steps", teacher_steps), ("--lcm-steps", lcm_steps)):
         if any(s < 1 for s in steps):
             raise ValueError(f"{flag}: steps must be at least 1, got {list(steps)}")
-    methods = [
-        Method(f"teacher {TEACHER_SAMPLERS[x]}", teacher, Sampler(x), tuple(teacher_steps)) for x in teacher_samplers
-    ]
+    methods = [Method(f"teacher {names[x]}", teacher, Sampler(x), tuple(teacher_steps)) for x in teacher_samplers]
     for folder, name in lcms:
         path = local_path_or_none(folder, owner_required=True)
         if path is not None and not path.exists():
@@ -124,7 +137,7 @@ def _methods(
             methods.append(Method("LoRA stack", teacher, Sampler.LCM, tuple(lcm_steps), tuple(loras)))
         else:
             methods += [
-                Method(f"teacher {TEACHER_SAMPLERS[x]} + LoRA", teacher, Sampler(x), tuple(teacher_steps), tuple(loras))
+                Method(f"teacher {names[x]} + LoRA", teacher, Sampler(x), tuple(teacher_steps), tuple(loras))
                 for x in teacher_samplers
             ]
     if not methods:
@@ -159,7 +172,7 @@ def plan_eval(
     *,
     out: Path,
     teacher: str | None = None,
-    teacher_samplers: Sequence[str] = tuple(TEACHER_SAMPLERS),
+    teacher_samplers: Sequence[str] | None = None,
     teacher_steps: Sequence[int] = (1, 2, 4, 8, 25, 50),
     lcms: Sequence[tuple[str, str | None]] = (),
     lcm_steps: Sequence[int] = (1, 2, 4, 8),
@@ -201,9 +214,9 @@ def plan_eval(
     if num_samples < 2:
         raise ValueError(f"--num-samples must be at least 2 (a covariance needs two images), got {num_samples}")
 
-    embedded_teacher = Path(teacher, "classifier", "model.safetensors").is_file()
+    embedded_teacher = Path(teacher, "classifier", "model.safetensors").is_file() or is_packaged_encoder(teacher)
     if classifier is None and embedded_teacher:
-        classifier = str(Path(teacher) / "classifier")
+        classifier = str(embedded_classifier(teacher))
     prompts = prompts or (EMBEDDED if embedded_teacher else None)
     if prompts is None:
         raise ValueError("--prompts is required for this teacher: a .txt file (a prompt a line) or a data set")

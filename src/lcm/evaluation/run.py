@@ -80,8 +80,9 @@ class Row:
 
 def nfe_per_image(sampler: Sampler, steps: int, w: float) -> int:
     """Network evaluations per image: CFG doubles each teacher step (one batched 2B forward); an LCM takes w as an
-    input. DPM-Solver(++) 2M is multistep: one evaluation per step."""
-    return steps * (2 if sampler is not Sampler.LCM and w != 0 else 1)
+    input. DPM-Solver(++) 2M is multistep: one evaluation per step; Heun makes 2N − 1 (its last step is Euler's)."""
+    calls = 2 * steps - 1 if sampler is Sampler.HEUN else steps
+    return calls * (2 if sampler is not Sampler.LCM and w != 0 else 1)
 
 
 def fill_prompt_cache(model: LatentDiffusion, prompts: EvalPrompts) -> bool:

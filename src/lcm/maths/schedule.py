@@ -1,4 +1,4 @@
-"""Noise schedules: a discrete-time VP diffusion model's and a rectified flow's (docs/design.md §1, §7).
+"""Noise schedules: a discrete-time VP diffusion model's and a rectified flow's (docs/design.md §1, §15).
 
 ``z_t = α_t z_0 + σ_t ε`` with ``α_t = √ᾱ_t``, ``σ_t = √(1 − ᾱ_t)`` and ``λ_t = log(α_t / σ_t)``, for integer
 ``t ∈ {0, …, T−1}``. Non-integer ``t`` (the midpoints of the 2nd-order solvers) is handled as DPM-Solver's discrete

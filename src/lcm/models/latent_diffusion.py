@@ -445,7 +445,7 @@ class LatentDiffusion:
 
     def _boundary(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(c_skip, c_out) per sample. A flow model's x̂0 = z − σ·v̂ is z itself at σ = 0, so its consistency output
-        is x̂0 as it stands (c_skip 0, c_out 1): the form ``FlowMatchLCMScheduler`` samples with (docs/design.md §7)."""
+        is x̂0 as it stands (c_skip 0, c_out 1): the form ``FlowMatchLCMScheduler`` samples with (docs/design.md §15)."""
         if self.is_flow:
             return torch.zeros_like(t, dtype=torch.float64), torch.ones_like(t, dtype=torch.float64)
         return boundary_scalings(t, self.sigma_data, self.timestep_scaling)
