@@ -12,7 +12,7 @@ import torch
 from lcm.maths.parameterization import Denoised, PredictionType, to_denoised, to_model_output
 from lcm.maths.schedule import FlowSchedule, schedule_from_config
 from lcm.maths.solvers import Solver, solve
-from lcm.maths.timesteps import FlowGrid, Sampler, flow_consistency_timesteps, flow_timesteps, sampler_timesteps
+from lcm.maths.timesteps import FlowGrid, Sampler, flow_timesteps, flow_trailing_timesteps, sampler_timesteps
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.text import TextEmbeddings
 from lcm.sample import sample_latents
@@ -129,19 +129,23 @@ def test_flow_schedule_refusals():
 
 
 # --- sampling against StableDiffusion3Pipeline --------------------------------------------------------------------
+@pytest.mark.parametrize("spacing", ["config", "trailing"])
 @pytest.mark.parametrize("steps", [1, 4])
-def test_euler_sampler_matches_sd3_pipeline(flow_model, steps, parity):
+def test_euler_sampler_matches_sd3_pipeline(flow_model, steps, spacing, parity):
+    """Euler (the ddim sampler) on the scheduler's own timesteps ("config": what the SD3 pipeline does by default)
+    and on the trailing ones (every step a jump: the pipeline given those σ)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     model, seeds, w = flow_model, [3, 4], 2.0
     cond, uncond = _text(2, 0), _text(2, 1)
-    ours = sample_latents(model, cond, uncond, Sampler.DDIM, steps, w, seeds)
+    ours = sample_latents(model, cond, uncond, Sampler.DDIM, steps, w, seeds, timestep_spacing=spacing)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     z = torch.cat([torch.randn(1, *model.latent_shape, generator=g) for g in gens])
     pipe = _sd3_pipeline(model, FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config))
+    sigmas = {"sigmas": [1 - i / steps for i in range(steps)]} if spacing == "trailing" else {}
     # diffusers' guidance_scale is 1 + w (docs/design.md §1)
-    ref = _pipeline_latents(pipe, cond, uncond, z, num_inference_steps=steps, guidance_scale=1 + w)
-    parity(ours, ref, 1e-5, f"{steps} steps")
+    ref = _pipeline_latents(pipe, cond, uncond, z, num_inference_steps=steps, guidance_scale=1 + w, **sigmas)
+    parity(ours, ref, 1e-5, f"{spacing}, {steps} steps")
 
 
 def test_heun_sampler_matches_flow_match_heun(flow_model, parity):
@@ -149,7 +153,7 @@ def test_heun_sampler_matches_flow_match_heun(flow_model, parity):
 
     model, seeds, w = flow_model, [5], 1.5
     cond, uncond = _text(1, 2), _text(1, 3)
-    ours = sample_latents(model, cond, uncond, Sampler.HEUN, 3, w, seeds)
+    ours = sample_latents(model, cond, uncond, Sampler.HEUN, 3, w, seeds, timestep_spacing="config")
     z = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(5))
     pipe = _sd3_pipeline(model, FlowMatchHeunDiscreteScheduler.from_config(model.scheduler_config))
     ref = _pipeline_latents(pipe, cond, uncond, z, num_inference_steps=3, guidance_scale=1 + w)
@@ -178,7 +182,7 @@ def test_consistency_sampler_matches_flow_match_lcm(flow_model, steps, parity):
     ref = _pipeline_latents(pipe, cond, cond, z, sigmas=u, guidance_scale=1.0)
     parity(ours, ref, 1e-5, f"{steps} steps")
     torch.testing.assert_close(
-        flow_consistency_timesteps(steps, lcm.schedule), scheduler.timesteps.double(), rtol=1e-6, atol=1e-4
+        flow_trailing_timesteps(steps, lcm.schedule), scheduler.timesteps.double(), rtol=1e-6, atol=1e-4
     )
 
 
@@ -478,3 +482,112 @@ def test_flow_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     assert straight.keys() == resumed.keys() and any(k.startswith("target.") for k in straight)
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+
+
+# --- Flux: packed latents, rotary ids, a guidance-distilled teacher ----------------------------------------------
+def _flux_pack(z: torch.Tensor) -> torch.Tensor:
+    from diffusers import FluxPipeline
+
+    b, c, h, w = z.shape
+    return FluxPipeline._pack_latents(z, b, c, h, w)
+
+
+def _flux_unpack(packed: torch.Tensor, side: int) -> torch.Tensor:
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._unpack_latents(packed, side, side, 8)
+
+
+def _flux_sample(pipe, cond: TextEmbeddings, z: torch.Tensor, **kwargs) -> torch.Tensor:
+    side = z.shape[-1] * 8
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        prompt_embeds=cond.hidden_states,
+        pooled_prompt_embeds=cond.pooled,
+        latents=_flux_pack(z.clone()),
+        height=side,
+        width=side,
+        output_type="latent",
+        **kwargs,
+    )
+    return _flux_unpack(out.images, side)
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    from tiny_models import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
+
+
+def test_flux_text_encoder_matches_the_pipeline(flux_folder):
+    """T5's states as the context and CLIP's pooled output, as FluxPipeline.encode_prompt makes them."""
+    from diffusers import FluxPipeline
+
+    model = LatentDiffusion.from_pretrained(flux_folder)
+    assert model.is_flow and model.schedule.dynamic_shift and model.latent_shape == (4, 8, 8)
+    ours = model.encode_prompts(["a photo of a cat", ""])
+    pipe = FluxPipeline.from_pretrained(flux_folder)
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(["a photo of a cat", ""], None)
+    assert ours.hidden_states.shape == (2, 512, 32)
+    torch.testing.assert_close(ours.hidden_states, embeds, rtol=0, atol=0)
+    torch.testing.assert_close(ours.pooled, pooled, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_flux_euler_matches_flux_pipeline(flux_folder, steps, parity):
+    """The guidance-distilled teacher sampled with Euler: one call per step with guidance 1 + w (no CFG), the
+    dynamic shift at the image's token count, Flux's σ spacing (lcm's trailing rule), packed 2×2 patches."""
+    from diffusers import FluxPipeline
+
+    model = LatentDiffusion.from_pretrained(flux_folder)
+    cond, seeds, w = model.encode_prompts(PROMPTS), SEEDS, 2.5
+    ours = sample_latents(model, cond, None, Sampler.DDIM, steps, w, seeds)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    z = torch.cat([torch.randn(1, *model.latent_shape, generator=g) for g in gens])
+    ref = _flux_sample(
+        FluxPipeline.from_pretrained(flux_folder), cond, z, num_inference_steps=steps, guidance_scale=1 + w
+    )
+    parity(ours, ref, 1e-5, f"{steps} steps")
+
+
+@pytest.mark.parametrize("student", ["full", "lora"])
+def test_flux_distill_export_samples_in_the_flux_pipeline(student, flux_folder, captioned_images, tmp_path, parity):
+    """lcm distill of a guidance-distilled Flux: the student takes w through Flux's own guidance input (a w range,
+    not one w), the teacher is guided by it (one call); FluxPipeline.from_pretrained loads the export with
+    FlowMatchLCMScheduler (dynamic shift kept), or load_lora_weights the LoRA (every adapter), and samples what lcm
+    samples, at two w."""
+    from diffusers import FlowMatchLCMScheduler, FluxPipeline
+
+    from lcm.cli import main
+    from lcm.models.lora import adapted_modules
+    from lcm.models.student import add_lora
+
+    out = tmp_path / "lcm"
+    args = ["distill", "--teacher", str(flux_folder), "--data", str(captioned_images), "--out", str(out)]
+    args += ["--batch-size", "4", "--max-steps", "3", "--learning-rate", "1e-3", "--w-min", "1", "--w-max", "4"]
+    args += ["--validate-every", "0", "--solver", "heun", "--student", student, "--lora-rank", "4"]
+    assert main(args) == 0
+    model = LatentDiffusion.from_pretrained(out)
+    assert model.is_lcm and model.w_range == (1.0, 4.0)
+    if student == "full":
+        pipe = FluxPipeline.from_pretrained(out)
+        assert type(pipe.scheduler).__name__ == "FlowMatchLCMScheduler" and pipe.scheduler.config.use_dynamic_shifting
+    else:
+        pipe = FluxPipeline.from_pretrained(flux_folder)
+        pipe.scheduler = FlowMatchLCMScheduler.from_config(pipe.scheduler.config)
+        pipe.load_lora_weights(out)
+        fresh = add_lora(LatentDiffusion.from_pretrained(flux_folder, with_text_encoder=False).unet, rank=4)
+        assert set(adapted_modules(pipe.transformer)) == set(adapted_modules(fresh)) != set()
+    cond = model.encode_prompts(PROMPTS)
+    results = []
+    for w in (1.0, 3.0):
+        ours = sample_latents(model, cond, None, Sampler.LCM, 2, w, SEEDS)
+        gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+        z = torch.cat([torch.randn(1, *model.latent_shape, generator=g) for g in gens])
+        pipe.scheduler.step = functools.partial(type(pipe.scheduler).step, pipe.scheduler, generator=gens)
+        ref = _flux_sample(pipe, cond, z, num_inference_steps=2, guidance_scale=1 + w)
+        parity(ours, ref, 1e-5, f"{student}, w {w}")
+        results.append(ours)
+    assert (results[0] - results[1]).abs().max() > 1e-6  # w reaches the student

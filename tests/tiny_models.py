@@ -31,6 +31,7 @@ __all__ = [
     "SDXL_TIME_EMBED_DIM",
     "VAE_SCALE_FACTOR",
     "build_tiny_flow",
+    "build_tiny_flux",
     "build_tiny_sd3",
     "build_tiny_sd",
     "build_tiny_sdxl",
@@ -232,7 +233,7 @@ def _save(pipe: Any, path: Path) -> None:
     CLIPTokenizer (slow or fast, transformers 4 or 5), as a real SD checkpoint's ``tokenizer/`` is.
     """
     pipe.save_pretrained(path, safe_serialization=True)
-    for name in ("tokenizer", "tokenizer_2"):
+    for name in ("tokenizer", "tokenizer_2"):  # (Flux's tokenizer_2 is the tiny CLIP one too)
         if getattr(pipe, name, None) is not None:
             _write_bpe_files(path / name)
 
@@ -424,6 +425,48 @@ def build_tiny_sd3(path: Path, shift: float = 3.0, seed: int = 0, sample_size: i
         tokenizer_2=tiny_clip_tokenizer(),
         text_encoder_3=None,
         tokenizer_3=None,
+    )
+    _save(pipe, path)
+    return path
+
+
+def build_tiny_flux(path: Path, seed: int = 0, sample_size: int = 8, guidance: bool = True) -> Path:
+    """A ``FluxPipeline`` folder: a guidance-distilled ``FluxTransformer2DModel`` (one double and one single block,
+    two heads of 8, rotary axes 2 + 2 + 4) on packed 2×2 patches of 4-channel latents, a 32-d CLIP (pooled) and a
+    32-d T5 (context; it reads the tiny byte-level tokenizer, padded to Flux's 512 tokens), a VAE with a shift
+    factor whose ``sample_size`` fixes the default image size, and a dynamically shifted
+    ``FlowMatchEulerDiscreteScheduler`` (Flux's μ rule). Returns ``path``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    path = _check(path, sample_size)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=CLIP_HIDDEN,
+        guidance_embeds=guidance,
+        axes_dims_rope=(2, 2, 4),
+    )
+    vae = _tiny_vae(sample_size, scaling_factor=0.3611)
+    vae.register_to_config(shift_factor=0.1159)
+    t5 = T5EncoderModel(T5Config(vocab_size=CLIP_VOCAB_SIZE, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=CLIPTextModel(tiny_text_encoder_config()),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=t5,
+        tokenizer_2=tiny_clip_tokenizer(),
+        transformer=transformer,
     )
     _save(pipe, path)
     return path

@@ -25,7 +25,7 @@ import torch
 
 from lcm.config.sampling import DEFAULT_GAMMA, DEFAULT_STRENGTH
 from lcm.maths.consistency import consistency_function
-from lcm.maths.guidance import cfg_combine, w_embedding
+from lcm.maths.guidance import cfg_combine
 from lcm.maths.parameterization import Denoised, to_denoised
 from lcm.maths.sampling import (
     HostDenoiser,
@@ -39,7 +39,7 @@ from lcm.maths.sampling import (
     sample_tcd,
 )
 from lcm.maths.timesteps import Sampler, img2img_start, sampler_timesteps
-from lcm.models.formats import w_input_dim
+from lcm.models.formats import guidance_input, takes_w
 from lcm.models.latent_diffusion import LatentDiffusion, network_dtype
 from lcm.models.text import TextEmbeddings
 
@@ -142,17 +142,15 @@ def consistency_denoiser(
 ) -> HostDenoiser:
     """The distilled network's raw prediction ``(z, t) → Denoised(x̂0, ε̂)`` at one host-float ``t``.
 
-    The w-embedding of ``w`` is passed when the UNet takes one (an LCM-LoRA takes none: ``w`` is then unused). With
+    ``w`` is passed when the network takes it (a w-embedding, Flux's guidance; an LCM-LoRA takes none: ``w`` is
+    then unused). With
     ``negative_guidance`` S > 0 the network also runs on ``uncond`` (the negative prompt) in the same batched forward
     (2B: twice the UNet work per step) and the outputs combine as classifier-free guidance,
     ``out(c) + S·(out(c) − out(neg))``; being affine in the output at the same (z, t), this is the same combination
     of x̂0 and of ε̂. Without it, this is one unguided call, as the LCM and TCD pipelines of diffusers make.
     """
     unet, batch = model.unet, len(cond)
-    proj_dim = w_input_dim(unet)
-    emb = None
-    if proj_dim is not None:
-        emb = w_embedding(torch.full((batch,), float(w)), proj_dim).to(model.device, network_dtype(unet))
+    emb = model.w_input(torch.full((batch,), float(w))) if takes_w(unet) else None
     guided, scale = negative_guidance > 0, float(negative_guidance)
     if guided:
         if uncond is None or len(uncond) != batch:
@@ -194,19 +192,21 @@ def _run(
     if sampler is Sampler.LCM:
         if not negative_guidance:  # the model's own consistency function (one UNet call per step)
             ws = torch.full((len(cond),), float(w))
-            f = model.consistency_fn(cond, ws if w_input_dim(model.unet) is not None else None)
+            f = model.consistency_fn(cond, ws if takes_w(model.unet) else None)
         else:
             net = consistency_denoiser(model, cond, uncond, w, negative_guidance)
 
             def f(z: torch.Tensor, t: float) -> torch.Tensor:
                 return consistency_function(z, net(z, t).x0, *model.boundary_at(t))
 
-        return sample_lcm(f, z, timesteps, schedule, generators, after_step)
+        return sample_lcm(f, z, timesteps, schedule, generators, after_step, model.randn_per_image)
     if sampler is Sampler.TCD:
         net = consistency_denoiser(model, cond, uncond, w, negative_guidance)
         return sample_tcd(net, z, timesteps, schedule, gamma, generators, after_step)
     ws = torch.full((len(cond),), float(w))
-    denoiser = model.guided_denoiser(cond, uncond, ws) if w != 0 else model.denoiser(cond)
+    # a guidance-distilled teacher (Flux-dev) takes its guidance 1 + w at every w, 0 included
+    guided = w != 0 or guidance_input(model.unet)
+    denoiser = model.guided_denoiser(cond, uncond, ws) if guided else model.denoiser(cond)
     if sampler is Sampler.DDIM:
         return sample_ddim(denoiser, z, timesteps, schedule, after_step)
     if sampler is Sampler.HEUN:
@@ -242,7 +242,8 @@ def sample_latents(
     batch = len(seeds)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     z = randn_per_image((batch, *latent_shape(model, size)), gens).to(model.device)
-    ts = sampler_timesteps(sampler, steps, model.scheduler_config, model.schedule, spacing=timestep_spacing)
+    tokens = model.image_seq_len(*z.shape[-2:]) if model.is_flow else None  # a dynamic shift's input
+    ts = sampler_timesteps(sampler, steps, model.scheduler_config, model.schedule, 1.0, timestep_spacing, tokens)
     return _run(model, sampler, z, ts, cond, uncond, w, gens, gamma, negative_guidance)
 
 
@@ -319,6 +320,8 @@ def inpaint_timesteps(
     """The timesteps an inpainting run visits: the last ``int(steps·strength)`` of the sampler's ``steps``-step
     schedule, for every sampler, LCM included (``StableDiffusionInpaintPipeline.get_timesteps``; unlike LCM img2img,
     which spreads ``steps`` over part of the skipping grid)."""
+    if model.is_flow:
+        raise ValueError("inpainting is not supported for flow-matching models")
     full = sampler_timesteps(sampler, steps, model.scheduler_config, model.schedule, spacing=timestep_spacing)
     return full[img2img_start(len(full), strength) :]
 

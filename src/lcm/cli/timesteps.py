@@ -10,7 +10,7 @@ from lcm.maths.timesteps import DEFAULT_NUM_SOLVER_STEPS, SPACINGS, Sampler
 
 
 def run_timesteps(args: argparse.Namespace) -> int:
-    from lcm.maths.schedule import NoiseSchedule
+    from lcm.maths.schedule import schedule_from_config
     from lcm.maths.timesteps import sampler_timesteps
 
     check_int(args.original_steps, "--original-steps", 1, 1000)
@@ -27,13 +27,13 @@ def run_timesteps(args: argparse.Namespace) -> int:
                 f"--scheduler-config must hold a JSON object (a scheduler config), got {type(config).__name__}"
             )
     config = {**config, "original_inference_steps": args.original_steps}
-    schedule = NoiseSchedule.from_config(config)
+    schedule = schedule_from_config(config)  # a FlowMatch* config: a flow's schedule, real-valued t = 1000·σ
     sampler = Sampler(args.sampler)
     ts = sampler_timesteps(sampler, args.steps, config, schedule, args.strength, args.spacing)
     alpha, sigma = schedule.alpha_sigma(ts)
-    print(f"{'t':>4}  {'alpha_t':>8}  {'sigma_t':>8}")
+    print(f"{'t':>{8 if schedule.is_flow else 4}}  {'alpha_t':>8}  {'sigma_t':>8}")
     for t, a, s in zip(ts.tolist(), alpha.tolist(), sigma.tolist(), strict=True):
-        print(f"{t:>4d}  {a:8.6f}  {s:8.6f}")
+        print(f"{t:>4d}  {a:8.6f}  {s:8.6f}" if isinstance(t, int) else f"{t:>8.3f}  {a:8.6f}  {s:8.6f}")
     return 0
 
 
@@ -61,6 +61,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--scheduler-config",
         type=argparse.FileType("r"),
-        help="a diffusers scheduler_config.json (default: Stable Diffusion's scaled-linear schedule)",
+        help="a diffusers scheduler_config.json (default: Stable Diffusion's scaled-linear schedule; a FlowMatch* "
+        "config gives a flow-matching model's timesteps, t = 1000·sigma)",
     )
     p.set_defaults(func=run_timesteps)

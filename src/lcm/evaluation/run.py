@@ -185,7 +185,7 @@ def eval_reference(settings: EvalSettings, model: LatentDiffusion | None, data_d
         raise ValueError("reference images from a data set need a model to size them (give --teacher or --lcm)")
     with data_flag("--reference"):
         spec = parse_data_spec(text)  # a missing path fails here, before any image is generated
-    resolution = model.unet.config.sample_size * model.vae_scale_factor
+    resolution = model.latent_shape[-1] * model.vae_scale_factor
     channels = model.vae.config.in_channels
     n = settings.reference_samples
 

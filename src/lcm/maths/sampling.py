@@ -91,14 +91,17 @@ def sample_lcm(
     schedule: Schedule,
     generators: Sequence[torch.Generator],
     after_step: StepHook | None = None,
+    draw: Callable[..., torch.Tensor] = randn_per_image,
 ) -> torch.Tensor:
     """Multistep consistency sampling (Algorithm 1, Luo et al. 2023); ``z`` is the initial noise ``z_T``.
 
     ``f`` is called with one host-float timestep for the whole batch, so that ``f`` and the re-noising use cached
-    host coefficients: nothing in the loop waits on the device or spends time on per-step scalar tensors.
+    host coefficients: nothing in the loop waits on the device or spends time on per-step scalar tensors. ``draw``
+    (``(shape, generators, device, dtype) → noise``) draws the re-noising: :func:`randn_per_image`, or a model's
+    own layout (Flux's pipeline draws it on packed latents: ``LatentDiffusion.randn_per_image``).
     """
     # Every draw happens before the loop (image i's generator gives the same numbers in the same order).
-    noises = [randn_per_image(z.shape, generators, z.device, z.dtype) for _ in range(len(timesteps) - 1)]
+    noises = [draw(z.shape, generators, z.device, z.dtype) for _ in range(len(timesteps) - 1)]
     ts = [float(t) for t in timesteps.tolist()]
     for i, t in enumerate(ts):
         x0 = f(z, t)  # jump to the trajectory's origin

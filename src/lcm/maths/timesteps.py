@@ -28,7 +28,7 @@ __all__ = [
     "sampler_timesteps",
     "SkippingGrid",
     "ddim_timesteps",
-    "flow_consistency_timesteps",
+    "flow_trailing_timesteps",
     "flow_timesteps",
     "FlowGrid",
     "dpm_solver_timesteps",
@@ -86,16 +86,19 @@ def sampler_timesteps(
     A one-line ``ValueError`` for a strength that leaves no step, or (LCM) fewer grid points than ``steps``.
 
     A flow-matching model (:class:`FlowSchedule`; ``image_seq_len``: its token count, for a dynamic shift) samples
-    with Euler (the ``ddim`` sampler, DDIM's update being the flow's Euler step) or Heun on
-    ``FlowMatchEulerDiscreteScheduler``'s timesteps, and as an LCM on :func:`flow_consistency_timesteps`.
+    with Euler (the ``ddim`` sampler, DDIM's update being the flow's Euler step) or Heun, and as an LCM, on
+    :func:`flow_trailing_timesteps` (the "trailing" rule: every step a real jump, as Flux's pipeline spaces them);
+    any other spacing is ``FlowMatchEulerDiscreteScheduler``'s own (:func:`flow_timesteps`, SD3's pipeline).
     """
     if not 0 < strength <= 1:
         raise ValueError(f"strength must lie in (0, 1], got {strength}")
     if isinstance(schedule, FlowSchedule):
         if strength < 1:
             raise ValueError("img2img (strength < 1) is not supported for flow-matching models")
-        if sampler is Sampler.LCM:
-            return flow_consistency_timesteps(steps, schedule, image_seq_len)
+        if sampler is Sampler.LCM or (
+            sampler in (Sampler.DDIM, Sampler.HEUN) and (spacing or DEFAULT_SPACING) == "trailing"
+        ):
+            return flow_trailing_timesteps(steps, schedule, image_seq_len)
         if sampler in (Sampler.DDIM, Sampler.HEUN):
             return flow_timesteps(steps, schedule, image_seq_len)
         raise ValueError(f"a flow-matching model samples with ddim (Euler), heun or lcm, not {sampler.value}")
@@ -141,15 +144,14 @@ def flow_timesteps(num_steps: int, schedule: FlowSchedule, image_seq_len: int | 
     return T * schedule.shifted(torch.from_numpy(ts / T), image_seq_len)
 
 
-def flow_consistency_timesteps(
-    num_steps: int, schedule: FlowSchedule, image_seq_len: int | None = None
-) -> torch.Tensor:
-    """A flow LCM's timesteps (float64 ``[N]``, descending): unshifted u = 1, 1 − 1/N, …, 1/N ("trailing"),
-    shifted, as t = T·σ. 4 steps, shift 1: 1000, 750, 500, 250.
+def flow_trailing_timesteps(num_steps: int, schedule: FlowSchedule, image_seq_len: int | None = None) -> torch.Tensor:
+    """The "trailing" timesteps of a flow (float64 ``[N]``, descending): unshifted u = 1, 1 − 1/N, …, 1/N, shifted,
+    as t = T·σ. 4 steps, shift 1: 1000, 750, 500, 250.
 
-    A flow LCM is distilled at every σ (:class:`FlowGrid`), so any timesteps serve; these spend every step on a
-    real jump (diffusers' default linspace ends at σ = 1/T, one step that changes nothing). In diffusers:
-    ``pipe(..., sigmas=[1, 0.75, 0.5, 0.25])`` with ``FlowMatchLCMScheduler`` visits the same timesteps.
+    Every step is a real jump: ``FlowMatchEulerDiscreteScheduler``'s own rule spends its last step on σ = 1/T → 0,
+    which changes nothing (its 2 steps are 1 step). Flux's pipeline spaces its σ so; for SD3's, pass them:
+    ``pipe(..., sigmas=[1, 0.75, 0.5, 0.25])`` visits the same timesteps (the scheduler shifts them). A flow LCM is
+    distilled at every σ (:class:`FlowGrid`), so it samples on these or on any others.
     """
     _check_steps(num_steps, schedule.num_train_timesteps)
     u = 1.0 - torch.arange(num_steps, dtype=torch.float64) / num_steps
@@ -173,13 +175,15 @@ class FlowGrid:
         self.num_solver_steps, self.schedule, self.image_seq_len = num_solver_steps, schedule, image_seq_len
         self.k = schedule.num_train_timesteps // num_solver_steps  # the VP grid's skip, for the loss monitor's bins
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw ``batch_size`` pairs (t_{n+k}, t_n), each ``[B]`` float64."""
+    def sample(
+        self, batch_size: int, generator: torch.Generator | None = None, image_seq_len: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``batch_size`` pairs (t_{n+k}, t_n), each ``[B]`` float64 (``image_seq_len``: the batch's token
+        count, for a dynamic shift)."""
         step = 1.0 / self.num_solver_steps
         u = step + (1.0 - step) * torch.rand(batch_size, generator=generator, dtype=torch.float64)
-        T = self.schedule.num_train_timesteps
-        to_t = lambda v: T * self.schedule.shifted(v, self.image_seq_len)  # noqa: E731
-        return to_t(u), to_t((u - step).clamp(min=0.0))
+        T, tokens = self.schedule.num_train_timesteps, image_seq_len or self.image_seq_len
+        return T * self.schedule.shifted(u, tokens), T * self.schedule.shifted((u - step).clamp(min=0.0), tokens)
 
 
 class SkippingGrid:

@@ -23,7 +23,9 @@ __all__ = [
     "TUNE_RECORD",
     "consistency_scheduler_config",
     "flow_lcm_scheduler_config",
+    "guidance_input",
     "is_flow_network",
+    "is_flux_network",
     "is_sdxl",
     "lcm_scheduler_config",
     "lora_base",
@@ -31,6 +33,7 @@ __all__ = [
     "read_record",
     "samples_with_tcd",
     "safe_weights",
+    "takes_w",
     "w_input_dim",
 ]
 
@@ -112,6 +115,23 @@ def is_flow_network(network) -> bool:
     """A flow-matching transformer (SD3's MMDiT, ``SD3Transformer2DModel``): joint text-image attention, called with
     ``hidden_states``, ``encoder_hidden_states``, ``pooled_projections`` and ``timestep`` = 1000·σ."""
     return getattr(network, "module", network).config.get("joint_attention_dim") is not None
+
+
+def is_flux_network(network) -> bool:
+    """Flux's transformer (``FluxTransformer2DModel``): packed 2×2 latent patches with rotary position ids, the
+    timestep as σ, a guidance input when it is guidance-distilled."""
+    return getattr(network, "module", network).config.get("axes_dims_rope") is not None
+
+
+def guidance_input(network) -> bool:
+    """A guidance-distilled transformer (Flux-dev's ``guidance_embeds``): w enters as the guidance scale 1 + w, one
+    call, no classifier-free guidance."""
+    return is_flux_network(network) and bool(getattr(network, "module", network).config.get("guidance_embeds"))
+
+
+def takes_w(network) -> bool:
+    """The network takes the guidance weight as an input: a w-conditioned UNet's embedding, or Flux's guidance."""
+    return w_input_dim(network) is not None or guidance_input(network)
 
 
 def flow_lcm_scheduler_config(teacher_config: dict[str, Any]) -> dict[str, Any]:

@@ -37,11 +37,14 @@ from lcm.models.consistency_step import ConsistencyStep
 from lcm.models.formats import (
     LORA_META,
     consistency_scheduler_config,
+    guidance_input,
     is_flow_network,
+    is_flux_network,
     is_sdxl,
     lora_base,
     read_record,
     safe_weights,
+    takes_w,
     w_input_dim,
 )
 from lcm.models.lora import LoraSpec
@@ -55,6 +58,15 @@ from lcm.models.text import (
 )
 
 __all__ = ["ConsistencyStep", "LatentDiffusion", "network_device", "network_dtype"]
+
+
+def sample_size(network, vae) -> int:
+    """The native latent side: the network config's ``sample_size``, or for a network without one (Flux's
+    transformer) the VAE's image size over its scale factor (Flux: 1024 / 8 = 128, its pipeline's default)."""
+    size = getattr(network, "module", network).config.get("sample_size")
+    if size is None:
+        return int(vae.config.sample_size) // 2 ** (len(vae.config.block_out_channels) - 1)
+    return max(size) if isinstance(size, list | tuple) else size
 
 
 # diffusers' ``.dtype`` and ``.device`` walk every submodule on each call (its group-offloading check): about 1.5 ms
@@ -116,7 +128,7 @@ class LatentDiffusion:
         (:func:`lcm.models.lora.accelerator_of`) the model samples as an LCM, on the skipping grid of its
         ``lcm_lora.json`` when it has one, else LCM-LoRA's N = 50.
         """
-        from diffusers import AutoencoderKL, DDPMScheduler, SD3Transformer2DModel, UNet2DConditionModel
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         path, loras = str(path), tuple(loras)
         if (Path(path) / LORA_META).is_file():  # an exported LCM-LoRA: its base, the LoRA and any others given
@@ -139,13 +151,12 @@ class LatentDiffusion:
             if hub_unavailable(path, "transformer/config.json"):
                 raise ValueError(f"{path} is not a local folder, and {reason}: give a local model folder")
             flow = True
-        network_class, folder = (SD3Transformer2DModel, "transformer") if flow else (UNet2DConditionModel, "unet")
+        network_class, folder = (_transformer_class(path), "transformer") if flow else (UNet2DConditionModel, "unet")
         unet = safe_weights(
             f"{path}/{folder}", lambda **kw: network_class.from_pretrained(path, subfolder=folder, **kw)
         )
         vae = safe_weights(f"{path}/vae", lambda **kw: AutoencoderKL.from_pretrained(path, subfolder="vae", **kw))
-        size = unet.config.sample_size
-        side = (max(size) if isinstance(size, list | tuple) else size) * 2 ** (len(vae.config.block_out_channels) - 1)
+        side = sample_size(unet, vae) * 2 ** (len(vae.config.block_out_channels) - 1)
         if not isinstance(side, int) or not 1 <= side <= MAX_IMAGE_SIDE:
             raise ValueError(
                 f"{path}: its {folder}/config.json sample_size makes {side}-pixel images; at most {MAX_IMAGE_SIDE} "
@@ -244,8 +255,34 @@ class LatentDiffusion:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        size = self.unet.config.sample_size
+        size = sample_size(self.unet, self.vae)
         return (self.latent_channels, size, size)
+
+    def image_seq_len(self, latent_height: int, latent_width: int) -> int:
+        """The image tokens of a transformer at this latent size (what a dynamic shift reads): Flux packs 2×2
+        patches, SD3 patchifies by its ``patch_size``."""
+        patch = 2 if is_flux_network(self.unet) else int(self.unet.config.get("patch_size") or 1)
+        return (latent_height // patch) * (latent_width // patch)
+
+    def randn_per_image(self, shape, generators, device=None, dtype=torch.float32) -> torch.Tensor:
+        """Standard normal latents ``[B, C, h, w]``, image i from ``generators[i]``, drawn in the layout the model's
+        pipeline draws them: Flux's scheduler steps see packed latents ``[1, h/2·w/2, 4C]``, so a re-noising drawn
+        there is unpacked here; every other model draws ``[1, C, h, w]``."""
+        from lcm.maths.sampling import randn_per_image
+
+        if not is_flux_network(self.unet):
+            return randn_per_image(shape, generators, device or "cpu", dtype)
+        b, c, h, w = shape
+        packed = randn_per_image((b, (h // 2) * (w // 2), 4 * c), generators, device or "cpu", dtype)
+        return packed.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+    def w_input(self, w: torch.Tensor) -> torch.Tensor | None:
+        """What the network takes for guidance weights ``w`` ``[B]``: a w-conditioned UNet's embedding
+        (``timestep_cond``), a guidance-distilled transformer's guidance scale 1 + w (Flux's), else None."""
+        if guidance_input(self.unet):
+            return (1.0 + w.float()).to(self.device)
+        dim = w_input_dim(self.unet)
+        return None if dim is None else cached_w_embedding(w.cpu(), dim).to(self.device, network_dtype(self.unet))
 
     @property
     def is_inpainting(self) -> bool:
@@ -337,6 +374,8 @@ class LatentDiffusion:
 
     def _transformer_output(self, z, t, text: TextEmbeddings, timestep_cond, dtype) -> torch.Tensor:
         """An MMDiT's velocity at ``t`` = 1000·σ (pooled input: :meth:`TextEmbeddings.pooled_or_mean`)."""
+        if is_flux_network(self.unet):
+            return self._flux_output(z, t, text, timestep_cond, dtype)
         if timestep_cond is not None:
             raise ValueError("a flow-matching transformer takes no w-embedding: distil it at one guidance weight")
         return self.unet(
@@ -345,6 +384,28 @@ class LatentDiffusion:
             pooled_projections=text.pooled_or_mean().to(dtype),
             timestep=t.to(device=z.device, dtype=torch.float32),
         ).sample
+
+    def _flux_output(self, z, t, text: TextEmbeddings, guidance, dtype) -> torch.Tensor:
+        """Flux's velocity, as ``FluxPipeline`` calls its transformer: the latents packed into 2×2 patches
+        ``[B, h/2·w/2, 4C]`` with their (0, row, column) position ids, zero ids for the text tokens, the timestep as
+        σ = t/1000, and the guidance scale of a guidance-distilled model; the output unpacked to ``[B, C, h, w]``."""
+        if guidance_input(self.unet) and guidance is None:
+            raise ValueError("this Flux transformer is guidance-distilled: it needs the guidance weight w")
+        b, c, h, w = z.shape
+        packed = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+        img_ids = torch.zeros(h // 2, w // 2, 3, device=z.device)
+        img_ids[..., 1] += torch.arange(h // 2, device=z.device)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2, device=z.device)[None, :]
+        out = self.unet(
+            hidden_states=packed.to(dtype),
+            encoder_hidden_states=text.hidden_states.to(dtype),
+            pooled_projections=text.pooled_or_mean().to(dtype),
+            timestep=t.to(device=z.device, dtype=dtype) / 1000,
+            img_ids=img_ids.reshape(-1, 3).to(dtype),
+            txt_ids=torch.zeros(text.hidden_states.shape[1], 3, device=z.device, dtype=dtype),
+            guidance=None if guidance is None else guidance.to(device=z.device, dtype=torch.float32),
+        ).sample
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
     def _network_input(self, z: torch.Tensor) -> torch.Tensor:
         """``z``, or ``[z, mask, masked latents]`` for an inpainting UNet; the condition is repeated to z's batch,
@@ -381,7 +442,16 @@ class LatentDiffusion:
         return denoise
 
     def guided_denoiser(self, cond: TextEmbeddings, uncond: TextEmbeddings, w: torch.Tensor):
-        """Classifier-free guided denoiser, ``cond + w·(cond − uncond)``: ONE batched forward of 2B."""
+        """Classifier-free guided denoiser, ``cond + w·(cond − uncond)``: ONE batched forward of 2B. A
+        guidance-distilled teacher (Flux-dev) is guided by its guidance input instead, one forward of B, as its
+        pipeline samples it."""
+        if guidance_input(self.unet):
+            guidance = self.w_input(w)
+
+            def distilled(z: torch.Tensor, t: torch.Tensor) -> Denoised:
+                return self._to_denoised(self.unet_output(z, t, cond, guidance), z, t)
+
+            return distilled
         both = TextEmbeddings.cat([cond, uncond])
 
         def denoise(z: torch.Tensor, t: torch.Tensor) -> Denoised:
@@ -391,14 +461,10 @@ class LatentDiffusion:
         return denoise
 
     def consistency_fn(self, text: TextEmbeddings, w: torch.Tensor | None):
-        """The LCM's ``f(z, t) → x̂0``; the w-embedding is passed when the network takes one."""
-        proj_dim = w_input_dim(self.unet)
-        if proj_dim is not None and w is None:
+        """The LCM's ``f(z, t) → x̂0``; w is passed when the network takes it (:meth:`w_input`)."""
+        if takes_w(self.unet) and w is None:
             raise ValueError("this LCM is guidance-conditioned: give the guidance weight w")
-        if proj_dim is None:
-            emb = None
-        else:
-            emb = cached_w_embedding(w.cpu(), proj_dim).to(self.device, network_dtype(self.unet))
+        emb = self.w_input(w) if takes_w(self.unet) else None
         return lambda z, t: self.consistency_output(z, t, text, emb)
 
     def consistency_output(
@@ -468,3 +534,15 @@ class LatentDiffusion:
             values = (*self.schedule.alpha_sigma_at(t), *boundary)
             self._step_coefficients[key] = torch.tensor(values, dtype=torch.float32, device=device)
         return self._step_coefficients[key]
+
+
+def _transformer_class(path: str):
+    """The diffusers class of a model folder's (or hub id's) ``transformer/``: SD3's MMDiT or Flux's."""
+    import diffusers
+
+    name = diffusers.SD3Transformer2DModel.load_config(path, subfolder="transformer").get("_class_name")
+    if name not in ("SD3Transformer2DModel", "FluxTransformer2DModel"):
+        raise ValueError(
+            f"{path}/transformer is a {name}; SD3Transformer2DModel and FluxTransformer2DModel are supported"
+        )
+    return getattr(diffusers, name)

@@ -26,6 +26,7 @@ from lcm.models.formats import read_json_object, safe_weights
 __all__ = [
     "CLIPTextEncoder",
     "CachedPromptEmbeddings",
+    "FluxTextEncoder",
     "MiniLMTextEncoder",
     "PromptCache",
     "SD3TextEncoder",
@@ -335,6 +336,55 @@ class SD3TextEncoder(TextEncoder):
         return self
 
 
+class FluxTextEncoder(TextEncoder):
+    """Flux's two encoders, as ``FluxPipeline.encode_prompt`` uses them: T5's 512 token states are the context, the
+    CLIP text model's pooled output (77 tokens) the pooled embedding."""
+
+    T5_LENGTH = 512  # the pipeline's max_sequence_length
+
+    def __init__(self, model_dir: str, revision: str | None = None):
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
+
+        self.clip_tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer", revision=revision)
+        self.clip = safe_weights(
+            f"{model_dir}/text_encoder",
+            lambda **kw: CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", revision=revision, **kw),
+        )
+        self.t5_tokenizer = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2", revision=revision)
+        self.t5 = safe_weights(
+            f"{model_dir}/text_encoder_2",
+            lambda **kw: T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder_2", revision=revision, **kw),
+        )
+        _check_length(f"Flux ({model_dir})", self.clip_tokenizer.model_max_length, self.clip)
+        for model in (self.clip, self.t5):
+            model.eval().requires_grad_(False)
+        self.max_length, self.hidden_size = self.T5_LENGTH, int(self.t5.config.d_model)
+        self.name = f"Flux CLIP + T5 ({model_dir})"
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
+        if isinstance(prompts, str):
+            raise TypeError("encode takes a list of prompts, not a single string")
+        clip_ids = self.clip_tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.clip_tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        pooled = self.clip(clip_ids.to(self.clip.device), output_hidden_states=False).pooler_output
+        t5_ids = self.t5_tokenizer(
+            list(prompts), padding="max_length", max_length=self.T5_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
+        states = self.t5(t5_ids.to(self.t5.device), output_hidden_states=False)[0]
+        return TextEmbeddings(states, pooled.to(states.dtype))
+
+    def to(self, device) -> TextEncoder:
+        self.clip.to(device)
+        self.t5.to(device)
+        return self
+
+
 def write_reference(model_dir: Path, kind: str = "minilm", max_length: int = 16) -> None:
     """Record in a model folder which packaged text encoder it was trained with (weights are not copied)."""
     folder = Path(model_dir) / "text_encoder"
@@ -357,10 +407,19 @@ def load_text_encoder(model_dir: str | Path) -> TextEncoder:
             raise ValueError(f"{ref}: unknown packaged text encoder {spec.get('kind')!r}")
         return MiniLMTextEncoder(spec.get("max_length", 16))
     if _has_subfolder(model_dir, "transformer") and _has_subfolder(model_dir, "text_encoder_2"):
+        if _transformer_class_name(model_dir) == "FluxTransformer2DModel":
+            return FluxTextEncoder(str(model_dir))
         return SD3TextEncoder(str(model_dir))
     if _has_subfolder(model_dir, "text_encoder_2"):
         return SDXLTextEncoder(str(model_dir))
     return CLIPTextEncoder(str(model_dir))
+
+
+def _transformer_class_name(model_dir: str | Path) -> str | None:
+    """The ``_class_name`` of a model folder's (or hub id's) ``transformer/config.json``."""
+    from diffusers import SD3Transformer2DModel  # any model class reads a config.json
+
+    return SD3Transformer2DModel.load_config(str(model_dir), subfolder="transformer").get("_class_name")
 
 
 def _has_subfolder(model_dir: str | Path, name: str) -> bool:

@@ -28,7 +28,7 @@ from lcm.maths.guidance import w_embedding
 from lcm.maths.losses import consistency_loss
 from lcm.maths.solvers import solve
 from lcm.maths.timesteps import FlowGrid, MixedGrid, SkippingGrid, phase_edge_below, trajectory_targets
-from lcm.models.formats import w_input_dim
+from lcm.models.formats import guidance_input, w_input_dim
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import adapters_disabled
 from lcm.models.text import TextEmbeddings
@@ -127,7 +127,7 @@ class StudentTarget:
 
     @property
     def w_conditioned(self) -> bool:
-        return self.w_dim is not None
+        return self.w_dim is not None or guidance_input(self.student)
 
     def wrap(self, prepare):
         """Train through ``prepare(student)`` (Accelerate's distributed wrapper of the same weights); returns it."""
@@ -137,7 +137,10 @@ class StudentTarget:
 
     # --- the networks -----------------------------------------------------------------------------------------
     def w_emb(self, w: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-        """The student's ``timestep_cond`` for guidance weights ``w`` ``[B]``, at its own embedding size."""
+        """The student's ``timestep_cond`` for guidance weights ``w`` ``[B]``, at its own embedding size (a
+        guidance-distilled transformer's: its guidance scale 1 + w)."""
+        if guidance_input(self.student):
+            return (1.0 + w.float()).to(device)
         return w_embedding(w, self.w_dim).to(device) if self.w_dim is not None else None
 
     def compile(self) -> None:
@@ -223,7 +226,10 @@ class LCD(StudentTarget):
     ) -> LCDOutput:
         """Per-sample LCD loss for clean latents ``z0`` ``[B, C, h, w]`` (already VAE-scaled)."""
         batch, device = z0.shape[0], z0.device
-        t_start, t_end = self.grid.sample(batch, generator)  # t_{n+k}, t_n
+        if self.model.is_flow:  # a dynamic shift reads the batch's token count
+            t_start, t_end = self.grid.sample(batch, generator, self.model.image_seq_len(*z0.shape[-2:]))
+        else:
+            t_start, t_end = self.grid.sample(batch, generator)  # t_{n+k}, t_n
         noise = torch.randn(z0.shape, generator=generator).to(device)
         w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand(batch, generator=generator)
         w_emb = self.w_emb(w, device)

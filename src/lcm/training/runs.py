@@ -35,7 +35,7 @@ def build_dataset(cfg: DataConfig, model: LatentDiffusion):
     (Fashion-MNIST at its own 32×32×1), or a latent cache written with ``model``'s own encoders."""
     dataset = open_data(
         cfg.source,
-        resolution=cfg.resolution or model.unet.config.sample_size * model.vae_scale_factor,
+        resolution=cfg.resolution or model.latent_shape[-1] * model.vae_scale_factor,
         channels=model.vae.config.in_channels,
         image_column=cfg.image_column,
         caption_column=cfg.caption_column,

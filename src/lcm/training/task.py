@@ -132,7 +132,7 @@ class ConsistencyTask(Task):
     @property
     def w_projection(self) -> torch.nn.Parameter | None:
         """The full student's w projection (``time_embedding.cond_proj.weight``); None for a LoRA student."""
-        if self.kind is not StudentKind.FULL or not self.method.w_conditioned:
+        if self.kind is not StudentKind.FULL or self.method.w_dim is None:  # no UNet w projection (Flux: guidance)
             return None
         return self.student.time_embedding.cond_proj.weight
 
