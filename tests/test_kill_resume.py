@@ -160,3 +160,13 @@ def test_sigkill_ten_points_lcm_distill(tmp_path):
     (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     mode = f"distill:{teacher}:{images}"
     assert len(_survive(tmp_path, mode, kills=10, seed=3, export="unet/diffusion_pytorch_model.safetensors")) == 10
+
+
+@pytest.mark.slow
+def test_sigkill_eight_points_flow_distill(tmp_path, captioned_images):
+    """The same for a flow-matching (SD3-shaped) teacher: the exported transformer equals an uninterrupted run's."""
+    from tiny_models import build_tiny_flow
+
+    teacher = build_tiny_flow(tmp_path / "teacher", text_dim=384)
+    mode = f"distill:{teacher}:{captioned_images}"
+    assert len(_survive(tmp_path, mode, kills=8, seed=4, export="transformer/diffusion_pytorch_model.safetensors")) == 8

@@ -53,3 +53,25 @@ def test_two_processes_equal_one_at_twice_the_batch_and_resume(tmp_path):
     _launch(2, str(resumed), "4", "4", "latest")
     c = load_file(resumed / "model.safetensors")
     assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+@pytest.mark.slow
+def test_two_process_flow_distill_exports(tmp_path, captioned_images):
+    """lcm distill of a flow-matching (SD3-shaped) teacher on 2 processes: rank 0 alone writes the run folder and
+    the export, which loads as a flow LCM."""
+    from lcm.models.latent_diffusion import LatentDiffusion
+    from tiny_models import build_tiny_flow
+
+    teacher, out = build_tiny_flow(tmp_path / "teacher", text_dim=384), tmp_path / "lcm"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29614", "-m", "lcm.cli"]
+    command += ["distill", "--teacher", str(teacher), "--data", str(captioned_images), "--out", str(out)]
+    command += ["--batch-size", "2", "--max-steps", "4", "--w-min", "3", "--w-max", "3", "--checkpoint-every", "2"]
+    command += ["--validate-every", "0", "--solver", "heun"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    model = LatentDiffusion.from_pretrained(out)
+    assert model.is_flow and model.is_lcm
+    assert [h["step"] for h in json.loads((out / "train" / "train_history.json").read_text())] == [1, 2, 3, 4]

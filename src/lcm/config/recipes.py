@@ -37,10 +37,12 @@ DEMO: dict[str, Any] = {
 }
 
 # What every recipe changes for a flow-matching teacher (lcm demo --teacher flow): its student, an MMDiT, takes no w
-# input, so it is distilled at the one w the demo evaluates; its pairs lie one N-th of the unshifted σ range apart.
+# input, so it is distilled at the one w the demo evaluates; Heun's solver (docs/evaluation.md, "Flow-matching
+# teacher": 2,000 images, two seeds each, it beats Euler's at every step count by 12-22 FD-clf).
 FLOW: dict[str, Any] = {
     "method.w_min": 3.0,
     "method.w_max": 3.0,
+    "method.solver": "heun",
 }
 
 RECIPES: dict[str, dict[str, Any]] = {
