@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -377,7 +378,7 @@ def test_demo_grid_is_labelled(tmp_path, monkeypatch):
         return row_record(row, "model", metrics, fingerprint="-")
 
     monkeypatch.setattr(demo, "run_training", lambda *a, **k: {"steps": 1, "wall_seconds": 0.0})
-    monkeypatch.setattr(demo.LatentDiffusion, "from_pretrained", lambda *a, **k: object())
+    monkeypatch.setattr(demo.LatentDiffusion, "from_pretrained", lambda *a, **k: SimpleNamespace(is_flow=False))
     monkeypatch.setattr(demo, "FashionEvaluator", lambda *a, **k: None)
     monkeypatch.setattr(demo, "fashion_eval_prompts", lambda *a, **k: [])
     monkeypatch.setattr(demo, "evaluate_row", fake_row)

@@ -117,9 +117,11 @@ def _methods(
     known = FLOW_TEACHER_SAMPLERS if flow else tuple(x for x in TEACHER_SAMPLERS if x not in FLOW_TEACHER_SAMPLERS[1:])
     if teacher_samplers is None:
         teacher_samplers = known
+    if bad := [x for x in teacher_samplers if x not in TEACHER_SAMPLERS]:
+        raise ValueError(f"--teacher-samplers: unknown sampler(s) {bad}; choose from {', '.join(known)}")
     if bad := [x for x in teacher_samplers if x not in known]:
-        family = "a flow-matching teacher" if flow else "this teacher"
-        raise ValueError(f"--teacher-samplers: {bad} not for {family}; choose from {', '.join(known)}")
+        family = "a flow-matching teacher" if flow else "a teacher that is not flow-matching"
+        raise ValueError(f"--teacher-samplers: {bad} is not for {family}; choose from {', '.join(known)}")
     names = {**TEACHER_SAMPLERS, **({"ddim": "Euler"} if flow else {})}
     for flag, steps in (("--teacher-steps", teacher_steps), ("--lcm-steps", lcm_steps)):
         if any(s < 1 for s in steps):
