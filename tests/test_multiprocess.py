@@ -68,7 +68,7 @@ def test_two_process_flow_distill_exports(tmp_path, captioned_images):
     command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29614", "-m", "lcm.cli"]
     command += ["distill", "--teacher", str(teacher), "--data", str(captioned_images), "--out", str(out)]
     command += ["--batch-size", "2", "--max-steps", "4", "--w-min", "3", "--w-max", "3", "--checkpoint-every", "2"]
-    command += ["--validate-every", "0", "--solver", "heun"]
+    command += ["--validate-every", "0", "--solver", "heun", "--log-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
