@@ -591,3 +591,42 @@ def test_flux_distill_export_samples_in_the_flux_pipeline(student, flux_folder, 
         parity(ours, ref, 1e-5, f"{student}, w {w}")
         results.append(ours)
     assert (results[0] - results[1]).abs().max() > 1e-6  # w reaches the student
+
+
+def test_lcm_serve_and_lcm_sample_draw_a_flow_lcm(tmp_path):
+    """The shipped flow teacher as a flow LCM (its scheduler made FlowMatchLCMScheduler): lcm serve's HTTP API and
+    lcm sample draw what the library draws, seed by seed."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from lcm.cli import main
+    from lcm.images import to_uint8
+    from lcm.models.formats import flow_lcm_scheduler_config
+    from lcm.sample import flow_teacher_path, generate
+    from lcm.serve import Engine, create_app
+    from serve_client import local_client
+
+    teacher = LatentDiffusion.from_pretrained(flow_teacher_path())
+    lcm = teacher.with_network(teacher.unet, flow_lcm_scheduler_config(teacher.scheduler_config))
+    prompt = "a photo of a sneaker"
+    with torch.no_grad():
+        expected = to_uint8(generate(lcm, [prompt] * 2, Sampler.LCM, 2, 3.0, [3, 4]))[..., 0]
+    with local_client(create_app(Engine(lcm))) as client:
+        body = client.post("/api/generate", json={"prompt": prompt, "steps": 2, "seed": 3, "batch": 2}).json()
+    assert body["type"] == "image" and body["sampler"] == "lcm", body
+    for data_url, want in zip(body["images"], expected, strict=True):
+        with Image.open(io.BytesIO(base64.b64decode(data_url.partition(",")[2]))) as img:
+            np.testing.assert_array_equal(np.asarray(img), want)
+    # lcm sample on the teacher folder: Heun, the flow-only sampler, through the CLI
+    out = tmp_path / "heun"
+    args = ["sample", "--model", str(flow_teacher_path()), "--prompt", prompt, "--sampler", "heun", "--steps", "3"]
+    assert main([*args, "--num-images", "1", "--out", str(out)]) == 0
+    with torch.no_grad():
+        want = to_uint8(generate(teacher, [prompt], Sampler.HEUN, 3, 3.0, [0]))[0, ..., 0]
+    with Image.open(next(out.iterdir())) as img:
+        np.testing.assert_array_equal(np.asarray(img), want)
