@@ -348,9 +348,11 @@ def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def tiny_flow_transformer(seed: int = 0, sample_size: int = 8, text_dim: int = CLIP_HIDDEN):
+def tiny_flow_transformer(
+    seed: int = 0, sample_size: int = 8, text_dim: int = CLIP_HIDDEN, pooled_dim: int | None = None
+):
     """An SD3-shaped MMDiT (``SD3Transformer2DModel``): patch 2, one joint block, two heads of 8, context ``text_dim``
-    (token states and pooled), latents ``4 × sample_size²``; random weights from ``seed``."""
+    (pooled: ``pooled_dim``, default the same), latents ``4 × sample_size²``; random weights from ``seed``."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
@@ -364,9 +366,16 @@ def tiny_flow_transformer(seed: int = 0, sample_size: int = 8, text_dim: int = C
         num_attention_heads=2,
         joint_attention_dim=text_dim,
         caption_projection_dim=16,
-        pooled_projection_dim=text_dim,
+        pooled_projection_dim=pooled_dim or text_dim,
         pos_embed_max_size=sample_size // 2,
     )
+
+
+def _tiny_shifted_vae(sample_size: int, scaling_factor: float, shift_factor: float):
+    """:func:`_tiny_vae` with a latent shift (SD3's and Flux's VAEs centre their latents)."""
+    vae = _tiny_vae(sample_size, scaling_factor=scaling_factor)
+    vae.register_to_config(shift_factor=shift_factor)
+    return vae
 
 
 def build_tiny_flow(path: Path, shift: float = 3.0, seed: int = 0, sample_size: int = 8, text_dim: int = 384) -> Path:
@@ -380,9 +389,7 @@ def build_tiny_flow(path: Path, shift: float = 3.0, seed: int = 0, sample_size: 
 
     path = _check(path, sample_size)
     tiny_flow_transformer(seed, sample_size, text_dim).save_pretrained(path / "transformer", safe_serialization=True)
-    vae = _tiny_vae(sample_size, scaling_factor=1.5305)
-    vae.register_to_config(shift_factor=0.0609)
-    vae.save_pretrained(path / "vae", safe_serialization=True)
+    _tiny_shifted_vae(sample_size, 1.5305, 0.0609).save_pretrained(path / "vae", safe_serialization=True)
     FlowMatchEulerDiscreteScheduler(shift=shift).save_config(path / "scheduler")
     if text_dim == 384:
         write_reference(path)
@@ -394,26 +401,12 @@ def build_tiny_sd3(path: Path, shift: float = 3.0, seed: int = 0, sample_size: i
     which SD3 allows): two 32-d CLIPs with 16-d projections (pooled 32), an MMDiT whose context is 96 wide (the
     CLIPs' 64 zero-padded, as T5's width would pad them), a VAE with SD3's ``shift_factor``, and
     ``FlowMatchEulerDiscreteScheduler`` at ``shift``. Returns ``path``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     path = _check(path, sample_size)
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=sample_size,
-        patch_size=2,
-        in_channels=4,
-        out_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=96,
-        caption_projection_dim=16,
-        pooled_projection_dim=32,
-        pos_embed_max_size=sample_size // 2,
-    )
-    vae = _tiny_vae(sample_size, scaling_factor=1.5305)
-    vae.register_to_config(shift_factor=0.0609)
+    transformer = tiny_flow_transformer(seed, sample_size, text_dim=96, pooled_dim=32)
+    vae = _tiny_shifted_vae(sample_size, 1.5305, 0.0609)
     encoders = [CLIPTextModelWithProjection(tiny_text_encoder_config(projection_dim=16)) for _ in range(2)]
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -453,8 +446,7 @@ def build_tiny_flux(path: Path, seed: int = 0, sample_size: int = 8, guidance: b
         guidance_embeds=guidance,
         axes_dims_rope=(2, 2, 4),
     )
-    vae = _tiny_vae(sample_size, scaling_factor=0.3611)
-    vae.register_to_config(shift_factor=0.1159)
+    vae = _tiny_shifted_vae(sample_size, 0.3611, 0.1159)
     t5 = T5EncoderModel(T5Config(vocab_size=CLIP_VOCAB_SIZE, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4))
     scheduler = FlowMatchEulerDiscreteScheduler(
         use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096

@@ -186,34 +186,51 @@ class CLIPTextEncoder(_TransformersEncoder):
         return tokens.attention_mask.to(device) if use_mask else None
 
 
+def _two_clips(model_dir: str, revision: str | None, classes: tuple, name: str) -> tuple[list, list]:
+    """The ``tokenizer``/``text_encoder`` and ``tokenizer_2``/``text_encoder_2`` pairs of SDXL's or SD3's folder,
+    each encoder of its class in ``classes``, frozen, its prompt length checked."""
+    from transformers import CLIPTokenizer
+
+    subfolders = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+    tokenizers = [CLIPTokenizer.from_pretrained(model_dir, subfolder=t, revision=revision) for t, _ in subfolders]
+    models = [
+        safe_weights(
+            f"{model_dir}/{sub}",
+            lambda cls=cls, sub=sub, **kw: cls.from_pretrained(model_dir, subfolder=sub, revision=revision, **kw),
+        )
+        for cls, (_, sub) in zip(classes, subfolders, strict=True)
+    ]
+    for model, tokenizer in zip(models, tokenizers, strict=True):
+        _check_length(name, tokenizer.model_max_length, model)
+        model.eval().requires_grad_(False)
+    return tokenizers, models
+
+
+def _penultimate_states(tokenizers, models, prompts: Sequence[str]) -> tuple[list, list]:
+    """Each CLIP's penultimate hidden states ``[B, 77, D]`` and its first output (the pooled projection of a
+    ``CLIPTextModelWithProjection``), prompts padded to the tokenizer's length, as the SDXL and SD3 pipelines."""
+    states, firsts = [], []
+    for tokenizer, model in zip(tokenizers, models, strict=True):
+        ids = tokenizer(
+            list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(model.device)  # fmt: skip
+        out = model(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        firsts.append(out[0])
+    return states, firsts
+
+
 class SDXLTextEncoder(TextEncoder):
     """SDXL's two CLIP encoders: penultimate hidden states of both, concatenated, and the second's pooled
     projection. The empty prompt encodes to zeros when the model says so (``force_zeros_for_empty_prompt``)."""
 
     def __init__(self, model_dir: str, revision: str | None = None):
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        self.tokenizers = [
-            CLIPTokenizer.from_pretrained(model_dir, subfolder=sub, revision=revision)
-            for sub in ("tokenizer", "tokenizer_2")
-        ]
-        self.models = [
-            safe_weights(
-                f"{model_dir}/text_encoder",
-                lambda **kw: CLIPTextModel.from_pretrained(
-                    model_dir, subfolder="text_encoder", revision=revision, **kw
-                ),
-            ),
-            safe_weights(
-                f"{model_dir}/text_encoder_2",
-                lambda **kw: CLIPTextModelWithProjection.from_pretrained(
-                    model_dir, subfolder="text_encoder_2", revision=revision, **kw
-                ),
-            ),
-        ]
-        for model, tokenizer in zip(self.models, self.tokenizers, strict=True):
-            _check_length(f"SDXL ({model_dir})", tokenizer.model_max_length, model)
-            model.eval().requires_grad_(False)
+        self.tokenizers, self.models = _two_clips(
+            model_dir, revision, (CLIPTextModel, CLIPTextModelWithProjection), f"SDXL ({model_dir})"
+        )
         self.max_length = self.tokenizers[0].model_max_length
         self.hidden_size = sum(m.config.hidden_size for m in self.models)
         self.name = f"SDXL CLIP x2 ({model_dir})"
@@ -226,19 +243,8 @@ class SDXLTextEncoder(TextEncoder):
     def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
         if isinstance(prompts, str):
             raise TypeError("encode takes a list of prompts, not a single string")
-        states, pooled = [], None
-        for tokenizer, model in zip(self.tokenizers, self.models, strict=True):
-            ids = tokenizer(
-                list(prompts),
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(model.device)
-            out = model(ids, output_hidden_states=True)
-            states.append(out.hidden_states[-2])
-            pooled = out[0]  # the projection model's text_embeds
-        emb = TextEmbeddings(torch.cat(states, dim=-1), pooled)
+        states, pooled = _penultimate_states(self.tokenizers, self.models, prompts)
+        emb = TextEmbeddings(torch.cat(states, dim=-1), pooled[-1])  # the projection model's text_embeds
         if self.zeros_for_empty:
             empty = torch.tensor([p == "" for p in prompts], device=emb.hidden_states.device)
             emb.hidden_states[empty] = 0.0
@@ -260,24 +266,10 @@ class SD3TextEncoder(TextEncoder):
     T5_LENGTH = 256  # the pipeline's max_sequence_length
 
     def __init__(self, model_dir: str, revision: str | None = None):
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+        from transformers import CLIPTextModelWithProjection
 
-        self.tokenizers = [
-            CLIPTokenizer.from_pretrained(model_dir, subfolder=sub, revision=revision)
-            for sub in ("tokenizer", "tokenizer_2")
-        ]
-        self.models = [
-            safe_weights(
-                f"{model_dir}/{sub}",
-                lambda sub=sub, **kw: CLIPTextModelWithProjection.from_pretrained(
-                    model_dir, subfolder=sub, revision=revision, **kw
-                ),
-            )
-            for sub in ("text_encoder", "text_encoder_2")
-        ]
-        for model, tokenizer in zip(self.models, self.tokenizers, strict=True):
-            _check_length(f"SD3 ({model_dir})", tokenizer.model_max_length, model)
-            model.eval().requires_grad_(False)
+        clips = (CLIPTextModelWithProjection, CLIPTextModelWithProjection)
+        self.tokenizers, self.models = _two_clips(model_dir, revision, clips, f"SD3 ({model_dir})")
         self.t5 = self.t5_tokenizer = None
         if _has_subfolder(model_dir, "text_encoder_3"):
             from transformers import AutoTokenizer, T5EncoderModel
@@ -307,18 +299,7 @@ class SD3TextEncoder(TextEncoder):
     def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
         if isinstance(prompts, str):
             raise TypeError("encode takes a list of prompts, not a single string")
-        states, pooled = [], []
-        for tokenizer, model in zip(self.tokenizers, self.models, strict=True):
-            ids = tokenizer(
-                list(prompts),
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(model.device)
-            out = model(ids, output_hidden_states=True)
-            states.append(out.hidden_states[-2])
-            pooled.append(out[0])
+        states, pooled = _penultimate_states(self.tokenizers, self.models, prompts)
         clip = torch.cat(states, dim=-1)
         clip = torch.nn.functional.pad(clip, (0, self.width - clip.shape[-1]))
         if self.t5 is None:
