@@ -56,17 +56,9 @@ from lcm.models.text import (
     is_packaged_encoder,
     load_text_encoder,
 )
+from lcm.models.transformers import randn_in_layout, sample_size, transformer_class, transformer_output
 
 __all__ = ["ConsistencyStep", "LatentDiffusion", "network_device", "network_dtype"]
-
-
-def sample_size(network, vae) -> int:
-    """The native latent side: the network config's ``sample_size``, or for a network without one (Flux's
-    transformer) the VAE's image size over its scale factor (Flux: 1024 / 8 = 128, its pipeline's default)."""
-    size = getattr(network, "module", network).config.get("sample_size")
-    if size is None:
-        return int(vae.config.sample_size) // 2 ** (len(vae.config.block_out_channels) - 1)
-    return max(size) if isinstance(size, list | tuple) else size
 
 
 # diffusers' ``.dtype`` and ``.device`` walk every submodule on each call (its group-offloading check): about 1.5 ms
@@ -151,7 +143,7 @@ class LatentDiffusion:
             if hub_unavailable(path, "transformer/config.json"):
                 raise ValueError(f"{path} is not a local folder, and {reason}: give a local model folder")
             flow = True
-        network_class, folder = (_transformer_class(path), "transformer") if flow else (UNet2DConditionModel, "unet")
+        network_class, folder = (transformer_class(path), "transformer") if flow else (UNet2DConditionModel, "unet")
         unet = safe_weights(
             f"{path}/{folder}", lambda **kw: network_class.from_pretrained(path, subfolder=folder, **kw)
         )
@@ -265,16 +257,9 @@ class LatentDiffusion:
         return (latent_height // patch) * (latent_width // patch)
 
     def randn_per_image(self, shape, generators, device=None, dtype=torch.float32) -> torch.Tensor:
-        """Standard normal latents ``[B, C, h, w]``, image i from ``generators[i]``, drawn in the layout the model's
-        pipeline draws them: Flux's scheduler steps see packed latents ``[1, h/2·w/2, 4C]``, so a re-noising drawn
-        there is unpacked here; every other model draws ``[1, C, h, w]``."""
-        from lcm.maths.sampling import randn_per_image
-
-        if not is_flux_network(self.unet):
-            return randn_per_image(shape, generators, device or "cpu", dtype)
-        b, c, h, w = shape
-        packed = randn_per_image((b, (h // 2) * (w // 2), 4 * c), generators, device or "cpu", dtype)
-        return packed.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        """Standard normal latents drawn in the layout this model's pipeline draws them
+        (:func:`lcm.models.transformers.randn_in_layout`: Flux's packed patches, else as they are)."""
+        return randn_in_layout(self.unet, shape, generators, device, dtype)
 
     def w_input(self, w: torch.Tensor) -> torch.Tensor | None:
         """What the network takes for guidance weights ``w`` ``[B]``: a w-conditioned UNet's embedding
@@ -363,7 +348,7 @@ class LatentDiffusion:
         unet = self.unet
         dtype = network_dtype(unet)
         if is_flow_network(unet):
-            return self._transformer_output(z, t, text, timestep_cond, dtype)
+            return transformer_output(unet, self._network_input(z), t, text, timestep_cond, dtype)
         return unet(
             self._network_input(z).to(dtype),
             t.to(device=z.device, dtype=torch.float32),
@@ -371,41 +356,6 @@ class LatentDiffusion:
             timestep_cond=None if timestep_cond is None else timestep_cond.to(dtype),
             added_cond_kwargs=self._added_conditions(text, z, dtype),
         ).sample
-
-    def _transformer_output(self, z, t, text: TextEmbeddings, timestep_cond, dtype) -> torch.Tensor:
-        """An MMDiT's velocity at ``t`` = 1000·σ (pooled input: :meth:`TextEmbeddings.pooled_or_mean`)."""
-        if is_flux_network(self.unet):
-            return self._flux_output(z, t, text, timestep_cond, dtype)
-        if timestep_cond is not None:
-            raise ValueError("a flow-matching transformer takes no w-embedding: distil it at one guidance weight")
-        return self.unet(
-            hidden_states=self._network_input(z).to(dtype),
-            encoder_hidden_states=text.hidden_states.to(dtype),
-            pooled_projections=text.pooled_or_mean().to(dtype),
-            timestep=t.to(device=z.device, dtype=torch.float32),
-        ).sample
-
-    def _flux_output(self, z, t, text: TextEmbeddings, guidance, dtype) -> torch.Tensor:
-        """Flux's velocity, as ``FluxPipeline`` calls its transformer: the latents packed into 2×2 patches
-        ``[B, h/2·w/2, 4C]`` with their (0, row, column) position ids, zero ids for the text tokens, the timestep as
-        σ = t/1000, and the guidance scale of a guidance-distilled model; the output unpacked to ``[B, C, h, w]``."""
-        if guidance_input(self.unet) and guidance is None:
-            raise ValueError("this Flux transformer is guidance-distilled: it needs the guidance weight w")
-        b, c, h, w = z.shape
-        packed = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
-        img_ids = torch.zeros(h // 2, w // 2, 3, device=z.device)
-        img_ids[..., 1] += torch.arange(h // 2, device=z.device)[:, None]
-        img_ids[..., 2] += torch.arange(w // 2, device=z.device)[None, :]
-        out = self.unet(
-            hidden_states=packed.to(dtype),
-            encoder_hidden_states=text.hidden_states.to(dtype),
-            pooled_projections=text.pooled_or_mean().to(dtype),
-            timestep=t.to(device=z.device, dtype=dtype) / 1000,
-            img_ids=img_ids.reshape(-1, 3).to(dtype),
-            txt_ids=torch.zeros(text.hidden_states.shape[1], 3, device=z.device, dtype=dtype),
-            guidance=None if guidance is None else guidance.to(device=z.device, dtype=torch.float32),
-        ).sample
-        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
     def _network_input(self, z: torch.Tensor) -> torch.Tensor:
         """``z``, or ``[z, mask, masked latents]`` for an inpainting UNet; the condition is repeated to z's batch,
@@ -534,15 +484,3 @@ class LatentDiffusion:
             values = (*self.schedule.alpha_sigma_at(t), *boundary)
             self._step_coefficients[key] = torch.tensor(values, dtype=torch.float32, device=device)
         return self._step_coefficients[key]
-
-
-def _transformer_class(path: str):
-    """The diffusers class of a model folder's (or hub id's) ``transformer/``: SD3's MMDiT or Flux's."""
-    import diffusers
-
-    name = diffusers.SD3Transformer2DModel.load_config(path, subfolder="transformer").get("_class_name")
-    if name not in ("SD3Transformer2DModel", "FluxTransformer2DModel"):
-        raise ValueError(
-            f"{path}/transformer is a {name}; SD3Transformer2DModel and FluxTransformer2DModel are supported"
-        )
-    return getattr(diffusers, name)
