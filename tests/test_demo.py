@@ -147,6 +147,24 @@ CLASSES = [
 ]
 
 
+def test_demo_of_the_flow_teacher_takes_the_flow_overrides(tmp_path):
+    """``lcm demo --teacher flow``'s tree: the recipe, then the flow overrides (one w, Heun), then the user's flags."""
+    from lcm.config.recipes import FLOW
+    from lcm.demo import demo_config
+    from lcm.sample import flow_teacher_path
+
+    flow = demo_config(tmp_path, "demo", None, None, flow_teacher_path()).run
+    plain = demo_config(tmp_path, "demo").run
+    assert flow.model == str(flow_teacher_path()) and plain.model is None
+    method = flow.method
+    assert (method.w_min, method.w_max, method.solver.value) == (3.0, 3.0, "heun") == tuple(FLOW.values())
+    assert (plain.method.w_min, plain.method.w_max, plain.method.solver.value) == (1.0, 5.0, "ddim")
+    assert flow.loop.max_steps == plain.loop.max_steps  # the same budget
+    flags = demo_config(tmp_path, "demo", {"method.solver": "ddim"}, None, flow_teacher_path()).run
+    assert flags.method.solver.value == "ddim"
+
+
+@pytest.mark.slow
 @needs_data
 def test_demo_flow_quick_distils_the_flow_teacher(tmp_path):
     from lcm.sample import flow_teacher_path
