@@ -92,6 +92,8 @@ def sampler_timesteps(
     """
     if not 0 < strength <= 1:
         raise ValueError(f"strength must lie in (0, 1], got {strength}")
+    if spacing is not None and spacing not in SPACINGS:
+        raise ValueError(f"timestep spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     if isinstance(schedule, FlowSchedule):
         if strength < 1:
             raise ValueError("img2img (strength < 1) is not supported for flow-matching models")
@@ -104,8 +106,6 @@ def sampler_timesteps(
         raise ValueError(f"a flow-matching model samples with ddim (Euler), heun or lcm, not {sampler.value}")
     if sampler is Sampler.HEUN:
         raise ValueError("the heun sampler is for flow-matching models; use ddim, dpm or dpmpp")
-    if spacing is not None and spacing not in SPACINGS:
-        raise ValueError(f"timestep spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     num_train = schedule.num_train_timesteps
     if sampler.for_distilled:
         original = int(scheduler_config.get("original_inference_steps", DEFAULT_NUM_SOLVER_STEPS))
@@ -173,7 +173,6 @@ class FlowGrid:
                 f"the number of solver steps N must lie in [1, {schedule.num_train_timesteps}], got {num_solver_steps}"
             )
         self.num_solver_steps, self.schedule, self.image_seq_len = num_solver_steps, schedule, image_seq_len
-        self.k = schedule.num_train_timesteps // num_solver_steps  # the VP grid's skip, for the loss monitor's bins
 
     def sample(
         self, batch_size: int, generator: torch.Generator | None = None, image_seq_len: int | None = None

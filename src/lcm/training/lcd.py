@@ -26,7 +26,7 @@ from lcm.config.run import Consistency, LCDConfig, StudentKind
 from lcm.maths.ema import ema_update
 from lcm.maths.guidance import w_embedding
 from lcm.maths.losses import consistency_loss
-from lcm.maths.solvers import solve
+from lcm.maths.solvers import Solver, solve
 from lcm.maths.timesteps import FlowGrid, MixedGrid, SkippingGrid, phase_edge_below, trajectory_targets
 from lcm.models.formats import guidance_input, w_input_dim
 from lcm.models.latent_diffusion import LatentDiffusion
@@ -193,7 +193,7 @@ class LCD(StudentTarget):
             raise ValueError("--adversarial-weight is not built for flow-matching teachers")
         if cfg.coarse_num_solver_steps or cfg.coarse_fraction or cfg.timestep_bias:
             raise ValueError("coarse grids and --timestep-bias are for VP teachers; a flow teacher trains every σ")
-        if cfg.solver.value == "dpm":
+        if cfg.solver is Solver.DPM_SOLVER_2:
             raise ValueError("--solver dpm (noise form) cannot reach a flow's σ = 0; use ddim (Euler), heun or dpmpp")
 
     def before_optimizer_step(self, step: int) -> None:
