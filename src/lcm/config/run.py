@@ -157,7 +157,11 @@ class LCDConfig(ConsistencyConfig):
         flag="--method",
     )
     phases: int = knob(1, "PCM's phases M: the grid's N points split into M runs; must divide N", lo=1, hi=1000)
-    solver: Solver = knob(Solver.DDIM, "ODE solver of the teacher (Psi of one skipping step)")
+    solver: Solver = knob(
+        Solver.DDIM,
+        "ODE solver of the teacher (Psi of one skipping step): ddim (a flow teacher's Euler step), dpm "
+        "(DPM-Solver-2; not for flow teachers), dpmpp (DPM-Solver++(2S)), heun (flow-matching teachers only)",
+    )
     w_min: float = knob(2.0, "smallest guidance w drawn (the paper's w; diffusers' guidance_scale - 1)", lo=0)
     w_max: float = knob(14.0, "largest guidance w drawn", lo=0)
     w_lr_scale: float = knob(
