@@ -18,7 +18,7 @@ from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import StudentKind, add_lora, full_student
 from lcm.training.lcd import LCD, LCDConfig
 from lcm.training.loop import train
-from tiny_models import build_tiny_sd
+from tiny_models import build_tiny_sd, tiny_unet
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +157,21 @@ def test_full_student_starts_equal_to_teacher(sd_folder):
         ref = model.unet(z, t, encoder_hidden_states=ctx).sample
         out = student(z, t, encoder_hidden_states=ctx, timestep_cond=w_embedding(torch.tensor([3.0, 9.0]))).sample
     torch.testing.assert_close(out, ref)
+
+
+def test_full_student_of_a_unet_built_in_memory():
+    """diffusers' from_config lists unset keys in ``_use_default_values`` and drops them when the config is reused: the
+    student's ``time_cond_proj_dim`` must survive that (a teacher built in memory, not loaded from a folder)."""
+    from diffusers import UNet2DConditionModel
+
+    keys = ("block_out_channels", "down_block_types", "up_block_types", "cross_attention_dim", "norm_num_groups")
+    teacher = UNet2DConditionModel.from_config(
+        {k: tiny_unet().config[k] for k in ("sample_size", "layers_per_block", *keys)}
+    )
+    assert "time_cond_proj_dim" in teacher.config.get("_use_default_values", [])
+    student = full_student(teacher)
+    assert student.config.time_cond_proj_dim == 256
+    assert torch.all(student.time_embedding.cond_proj.weight == 0)
 
 
 def test_lcd_config_validation():

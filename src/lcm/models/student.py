@@ -33,7 +33,9 @@ def full_student(teacher_unet, w_embedding_dim: int = W_EMBEDDING_DIM):
         # already w-conditioned (e.g. distilling an LCM further), or a flow MMDiT, which takes no w: distilled at one w
         student = copy.deepcopy(teacher_unet)
     else:
-        config = {**teacher_unet.config, "time_cond_proj_dim": w_embedding_dim}
+        # diffusers drops every key listed in "_use_default_values" (set on a UNet built in memory by from_config)
+        config = {k: v for k, v in teacher_unet.config.items() if k != "_use_default_values"}
+        config["time_cond_proj_dim"] = w_embedding_dim
         student = UNet2DConditionModel.from_config(config)
         missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
         assert missing == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
