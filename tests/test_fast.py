@@ -85,6 +85,16 @@ def test_bfloat16_sampling_is_close_to_float32(tiny_lcm):
     assert images.dtype == torch.float32 and (images - eager).abs().mean() < 0.05
 
 
+def test_vae_upcast_only_in_fp16(tiny_lcm):
+    """diffusers' rule: SD's VAE (``force_upcast``) overflows in fp16 and decodes in float32 there; bf16 has float32's
+    range, so the VAE runs in bf16 like the UNet."""
+    for dtype, vae_dtype in ((torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        model = LatentDiffusion.from_pretrained(tiny_lcm)
+        assert model.vae.config.force_upcast
+        optimize(model, torch.device("cpu"), dtype, Compile.OFF)
+        assert (model.unet.dtype, model.vae.dtype) == (dtype, vae_dtype)
+
+
 def test_device_and_dtype_flags_are_checked():
     assert parse_device("cpu") == torch.device("cpu")
     assert parse_dtype(None, torch.device("cpu")) == torch.float32

@@ -3,7 +3,7 @@
 The defaults are the fastest correct ones per device: CUDA when present; half precision (bf16 where supported, else
 fp16) on CUDA and float32 on the CPU; compiled networks on CUDA (``torch.compile`` with fixed shapes, CUDA graphs,
 channels-last), eager on the CPU unless asked (a one-off compile of under a minute per shape pays only for many
-images). The VAE stays in float32 where its config asks for it (SD's VAE overflows in fp16).
+images). The VAE stays in float32 in fp16 where its config asks for it (SD's VAE overflows in fp16; bf16 does not).
 
 Compiled on the CPU means AOTInductor packages of the UNet's forward and the VAE's decode, one per input shape
 (:mod:`lcm.models.aot`): no guards and no Python inside a call. Compilation is paid once per architecture and shape:
@@ -102,7 +102,8 @@ def optimize(model, device: torch.device, dtype: torch.dtype, compile: Compile =
 
     ``build=False`` (CPU): compile nothing here, but run the packages another process puts in the cache as soon as
     they are there (:class:`~lcm.models.aot.FixedShapeForward`)."""
-    upcast_vae = bool(model.vae.config.get("force_upcast", False)) and dtype != torch.float32
+    # diffusers' rule: only fp16 overflows in SD's VAE; bf16 has float32's range
+    upcast_vae = bool(model.vae.config.get("force_upcast", False)) and dtype == torch.float16
     _place(model.unet, device, dtype)
     _place(model.vae, device, torch.float32 if upcast_vae else dtype)
     if model.text_encoder is not None:
