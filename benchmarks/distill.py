@@ -128,7 +128,8 @@ def run_rows(args, device) -> list[dict]:
     settings alike; the first step (compilation included) is reported apart."""
     weights = [float(x) for x in args.adversarial.split(",")]
     modes = [mode == "compiled" for mode in args.modes.split(",")]
-    settings = [(compiled, cached, lam) for compiled in modes for cached in (False, True) for lam in weights]
+    caches = [cache == "yes" for cache in args.cache.split(",")]
+    settings = [(compiled, cached, lam) for compiled in modes for cached in caches for lam in weights]
     rows = [Row(teacher(args, device), args, device, *setting) for setting in settings]
     first = [row.step() for row in rows]
     for _ in range(args.warmup):
@@ -171,7 +172,8 @@ def peak_memory_per_setting(args, device) -> list[float]:
         return []
     peaks = []
     for mode in args.modes.split(","):
-        for cached, lam in ((c, float(x)) for c in (False, True) for x in args.adversarial.split(",")):
+        caches = [cache == "yes" for cache in args.cache.split(",")]
+        for cached, lam in ((c, float(x)) for c in caches for x in args.adversarial.split(",")):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             row = Row(teacher(args, device), args, device, mode == "compiled", cached, lam)
@@ -191,9 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per row (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (default 3)")
     p.add_argument("--modes", default="eager,compiled", help="eager,compiled (default both)")
+    p.add_argument("--cache", default="no,yes", help="no,yes: without and with the latent cache (default both)")
     p.add_argument("--adversarial", default="0", help="comma-separated --adversarial-weight values (default 0)")
     p.add_argument("--out", default="benchmarks/results/distill.json", help="JSON output")
     args = p.parse_args(argv)
+    if {*args.modes.split(","), *args.cache.split(",")} - {"eager", "compiled", "no", "yes"}:
+        p.error("--modes takes eager,compiled and --cache no,yes")
     device = parse_device(args.device)
     args.batch_size = args.batch_size or (12 if args.arch == "sd15" else 32)
     rows = run_rows(args, device)
