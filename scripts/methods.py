@@ -7,7 +7,8 @@ evaluation, two training seeds each.
 Every run is the ``demo-1500`` recipe (lcm.config.recipes: k = 100, w ~ U[1, 5], cosine rate, 1,500 steps of batch
 32) with only ``--method`` (and PCM's ``--phases``) changed, and for METHOD+adv the adversarial term at
 λ = ADVERSARIAL_WEIGHT (its other settings the defaults); each (method, seed) distils into OUT/METHOD-sSEED and is
-sampled with its own sampler (LCM: multistep; TCD: γ = 0.3; PCM: γ = 0, deterministic) at 1, 2, 4 and 8 steps, w = 3,
+sampled with its own sampler (LCM: multistep; TCD: γ = 0.3; PCM: γ = 0, deterministic) at 1, 2, 4 and 8 steps, w = 3
+(for METHOD-cfgfree, PCM's CFG-free variant, real classifier-free guidance at w: two network calls per step),
 the same prompts and noise in every row, FD-clf and prompt accuracy (the shipped classifier's features against the
 10,000 test images; not FID). Rows are ``lcm eval``'s records in OUT/METHOD-sSEED/results.json; finished runs and
 rows are kept, so the command resumes. Mean ± half the range over seeds.
@@ -37,10 +38,12 @@ BASE = {
     "pcm2": {"method.consistency": "pcm", "method.phases": 2},
     "pcm4": {"method.consistency": "pcm", "method.phases": 4},  # on N = 20 (k = 50): 4 does not divide 10
 }
+# PCM's CFG-free variant: an unguided teacher, 10% empty captions, no w input; sampled with real guidance at w
+CFG_FREE = {f"{name}-cfgfree": {**BASE[name], "method.cfg_free": True} for name in ("pcm2", "pcm4")}
 ADVERSARIAL_WEIGHT = 0.1
 RECIPE = "demo-1500"  # the budget of every row: 1,500 steps of batch 32
 ADVERSARIAL = {f"{name}+adv": {**c, "method.adversarial_weight": ADVERSARIAL_WEIGHT} for name, c in BASE.items()}
-METHODS = {**BASE, **ADVERSARIAL}
+METHODS = {**BASE, **ADVERSARIAL, **CFG_FREE}
 STEPS = (1, 2, 4, 8)
 
 

@@ -46,6 +46,33 @@ def test_tcd_with_s_at_zero_and_pcm_with_one_phase_are_the_lcm_loss(tiny_sd, mon
     assert not torch.allclose(_losses(tiny_sd, consistency=Consistency.PCM, phases=2), lcm)
 
 
+def _cfg_free_losses(tiny_sd, cond_prompts=("a", "b", "c", "d"), **settings):
+    """The per-sample LCD loss of one batch from a full student whose w projection is zero (so the w-embedding
+    adds exactly nothing): guided at w = 0 and CFG-free must then meet."""
+    model = LatentDiffusion.from_pretrained(tiny_sd)
+    student = full_student(model.unet)
+    target = copy.deepcopy(student)
+    with torch.no_grad():
+        for name, p in target.named_parameters():
+            p.add_(0 if "cond_proj" in name else 1e-3)
+    method = LCD(model, student, StudentKind.FULL, LCDConfig(num_solver_steps=10, **settings), target)
+    z0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    cond, uncond = model.encode_prompts(list(cond_prompts)), model.encode_prompts([""] * 4)
+    with torch.no_grad():
+        return method.loss(z0, cond, uncond, torch.Generator().manual_seed(7)).loss
+
+
+def test_cfg_free_distillation_is_unguided_lcd_with_caption_dropout(tiny_sd):
+    """CFG-free without caption dropout is LCD at w = 0 (the teacher's conditional ODE); with every caption dropped
+    it is the same loss on empty prompts; a guided teacher (w = 3) gives another loss."""
+    free = _cfg_free_losses(tiny_sd, cfg_free=True, caption_dropout=0.0)
+    torch.testing.assert_close(free, _cfg_free_losses(tiny_sd, w_min=0.0, w_max=0.0), rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(free, _cfg_free_losses(tiny_sd, w_min=3.0, w_max=3.0), rtol=1e-3)
+    dropped = _cfg_free_losses(tiny_sd, cfg_free=True, caption_dropout=1.0)
+    assert torch.equal(dropped, _cfg_free_losses(tiny_sd, [""] * 4, cfg_free=True, caption_dropout=0.0))
+    assert not torch.allclose(dropped, free, rtol=1e-3)
+
+
 def test_phase_edges_and_trajectory_targets():
     grid = SkippingGrid(10, 1000)  # k = 100: 99, 199, ..., 999
     t = torch.tensor([99, 199, 499, 599, 999])
@@ -90,20 +117,28 @@ def test_the_trajectory_function_is_ddims_jump_and_keeps_its_boundaries(tiny_sd)
         )
 
 
-@pytest.mark.parametrize("method", ["pcm", "tcd"])
-def test_a_distilled_pcm_or_tcd_samples_in_diffusers_with_tcd_scheduler(method, tiny_sd, captioned_images, tmp_path):
+@pytest.mark.parametrize("method, cfg_free", [("pcm", False), ("tcd", False), ("pcm", True)])
+def test_a_distilled_pcm_or_tcd_samples_in_diffusers_with_tcd_scheduler(
+    method, cfg_free, tiny_sd, captioned_images, tmp_path
+):
     """``lcm distill --method pcm --phases 2`` (or tcd) exports a model that records its method; ``lcm sample``
     draws with TCD's sampler (γ = 0 and the phases' steps for PCM), and diffusers' pipeline with TCDScheduler at the
-    same γ and steps draws the same pixels."""
+    same γ and steps draws the same pixels. ``--cfg-free``: a UNet without a w input, which both sample with real
+    classifier-free guidance, ``guidance_scale`` = 1 + w against the empty negative prompt."""
     from diffusers import StableDiffusionPipeline, TCDScheduler
 
     out = tmp_path / method
     args = ["distill", "--teacher", str(tiny_sd), "--data", str(captioned_images), "--out", str(out), "--method"]
     args += [method, "--num-solver-steps", "10", "--max-steps", "2", "--batch-size", "2", "--validate-every", "0"]
-    assert main([*args, *(["--phases", "2"] if method == "pcm" else [])]) == 0
+    args += ["--phases", "2"] if method == "pcm" else []
+    assert main([*args, *(["--cfg-free", "--caption-dropout", "0.5"] if cfg_free else [])]) == 0
     record = json.loads((out / "lcm_distill.json").read_text())["lcd"]
-    assert record["consistency"] == method
+    assert (record["consistency"], record["cfg_free"]) == (method, cfg_free)
     model = LatentDiffusion.from_pretrained(out)
+    assert model.cfg_free == cfg_free and (model.unet.config.time_cond_proj_dim is None) == cfg_free
+    if cfg_free:
+        sample = ["sample", "--model", str(out), "--prompt", "a cat", "--negative-guidance", "1"]
+        assert main([*sample, "--out", str(tmp_path / "refused")]) == 2
     steps, gamma = (2, 0.0) if method == "pcm" else (4, 0.3)
     assert (model.default_sampler.value, model.default_steps, model.default_gamma) == ("tcd", steps, gamma)
     assert (

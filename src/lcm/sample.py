@@ -119,6 +119,11 @@ def _check_sampler(model: LatentDiffusion, sampler: Sampler, negative_guidance: 
         )
     if negative_guidance < 0:
         raise ValueError(f"negative guidance must be >= 0, got {negative_guidance}")
+    if negative_guidance and model.cfg_free:
+        raise ValueError(
+            "this model was distilled CFG-free: its w is real classifier-free guidance against the negative prompt "
+            "already; give w instead of negative guidance"
+        )
     if negative_guidance and not sampler.for_distilled:
         raise ValueError(
             "negative guidance is for LCMs (lcm, tcd samplers); a teacher's negative prompt is the unconditional "
@@ -189,6 +194,8 @@ def _run(
     """Run ``sampler`` from the latent ``z`` along ``timesteps`` (already cut for img2img), ``after_step`` called
     after every step (inpainting's blend)."""
     schedule = model.schedule
+    if model.cfg_free and sampler.for_distilled:  # its w is real guidance: out(c) + w·(out(c) − out(neg))
+        w, negative_guidance = 0.0, float(w)
     if sampler is Sampler.LCM:
         if not negative_guidance:  # the model's own consistency function (one UNet call per step)
             ws = torch.full((len(cond),), float(w))

@@ -189,6 +189,19 @@ class LCDConfig(ConsistencyConfig):
         "paper's uniform draw; 1 draws the top point N times as often as the lowest",
         lo=0,
     )
+    cfg_free: bool = knob(
+        False,
+        "CFG-free distillation (PCM's variant): the teacher's solver runs unguided (its conditional prediction), "
+        "--caption-dropout of the captions are the empty prompt, and the student takes no w; the model then samples "
+        "with real classifier-free guidance at w (two network calls per step, negative prompts work)",
+    )
+    caption_dropout: float = knob(
+        0.1,
+        "with --cfg-free: fraction of captions replaced by the empty prompt, so that the student also learns the "
+        "unconditional trajectory that guidance at sampling needs",
+        lo=0,
+        hi=1,
+    )
     adversarial_weight: float = knob(
         0.0,
         "λ of the adversarial term (docs/methods.md §4): a discriminator on the frozen teacher's encoder features "

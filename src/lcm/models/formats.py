@@ -182,8 +182,9 @@ def read_record(folder: str | Path) -> dict[str, Any]:
     """The distillation / fine-tuning record of an exported model folder (empty for any other folder).
 
     Returns ``{"w_range": (low, high) | None, "sigma_data": float | None, "timestep_scaling": float | None,
-    "consistency": "lcm" | "tcd" | "pcm", "phases": int}``. The w range is the LCD range, or LCF's single w for a
-    model last fine-tuned without a teacher; ``consistency`` and ``phases`` say which sampler the model was trained for.
+    "consistency": "lcm" | "tcd" | "pcm", "phases": int, "cfg_free": bool}``. The w range is the LCD range, or LCF's
+    single w for a model last fine-tuned without a teacher; ``consistency`` and ``phases`` say which sampler the model
+    was trained for, ``cfg_free`` that it samples with real classifier-free guidance at w.
     """
     folder = Path(folder)
     for name in (DISTILL_RECORD, LORA_META):
@@ -191,7 +192,14 @@ def read_record(folder: str | Path) -> dict[str, Any]:
             record = read_json_object(folder / name)
             break
     else:
-        return {"w_range": None, "sigma_data": None, "timestep_scaling": None, "consistency": "lcm", "phases": 1}
+        return {
+            "w_range": None,
+            "sigma_data": None,
+            "timestep_scaling": None,
+            "consistency": "lcm",
+            "phases": 1,
+            "cfg_free": False,
+        }
     lcd, lcf = record.get("lcd") or {}, record.get("lcf") or {}
     settings = record.get("consistency") or lcf or lcd
     if lcf and lcf.get("w") is not None:
@@ -206,4 +214,5 @@ def read_record(folder: str | Path) -> dict[str, Any]:
         "timestep_scaling": settings.get("timestep_scaling"),
         "consistency": str(lcd.get("consistency", "lcm")),
         "phases": int(lcd.get("phases", 1)),
+        "cfg_free": bool(lcd.get("cfg_free", False)),
     }

@@ -91,6 +91,7 @@ class LatentDiffusion:
     timestep_scaling: float = TIMESTEP_SCALING
     consistency: str = "lcm"  # what it was distilled for: lcm, tcd or pcm (its default sampler)
     phases: int = 1  # PCM's
+    cfg_free: bool = False  # distilled CFG-free: sampled with real classifier-free guidance at w
     # An inpainting UNet's extra input, [B, 1 + C, h, w]: the latent-size mask and the masked image's latents, put
     # beside z on the channel axis at every call (:meth:`with_inpaint_condition`); None for a text-to-image UNet.
     inpaint_condition: torch.Tensor | None = None
@@ -181,8 +182,9 @@ class LatentDiffusion:
         """Take the w range and consistency constants an export recorded (docs/design.md §4)."""
         record = read_record(folder)
         if record["w_range"] is not None or record["consistency"] != "lcm":
-            self.consistency, self.phases = record["consistency"], record["phases"]
-        self.w_range = record["w_range"] or self.w_range
+            self.consistency, self.phases, self.cfg_free = record["consistency"], record["phases"], record["cfg_free"]
+        if not self.cfg_free:  # a CFG-free model's w is its teacher's guidance: the family's usual default
+            self.w_range = record["w_range"] or self.w_range
         self.sigma_data = float(record["sigma_data"] or self.sigma_data)
         scaling = record["timestep_scaling"] or self.scheduler_config.get("timestep_scaling")
         self.timestep_scaling = float(scaling or self.timestep_scaling)

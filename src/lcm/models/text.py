@@ -63,6 +63,17 @@ class TextEmbeddings:
     def index(self, idx: torch.Tensor) -> TextEmbeddings:
         return TextEmbeddings(self.hidden_states[idx], None if self.pooled is None else self.pooled[idx])
 
+    def where(self, keep: torch.Tensor, other: TextEmbeddings) -> TextEmbeddings:
+        """Per sample, these embeddings where ``keep`` ``[B]`` is true, else ``other``'s (one embedding, or one per
+        sample): caption dropout."""
+        other = other if len(other) == len(self) else TextEmbeddings.cat([other] * len(self))
+
+        def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.where(keep.view(-1, *[1] * (a.ndim - 1)), a, b.to(a.dtype))
+
+        pooled = None if self.pooled is None else pick(self.pooled, other.pooled)
+        return TextEmbeddings(pick(self.hidden_states, other.hidden_states), pooled)
+
     @staticmethod
     def cat(items: Sequence[TextEmbeddings]) -> TextEmbeddings:
         pooled = [e.pooled for e in items]

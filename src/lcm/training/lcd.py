@@ -2,11 +2,13 @@
 
 One call of :meth:`LCD.loss`, for a batch of clean latents z0 and their text conditions:
 
-1. draw (t_{n+k}, t_n) on the skipping grid, noise ε and a guidance weight w ~ U[w_min, w_max] per sample;
+1. draw (t_{n+k}, t_n) on the skipping grid, noise ε and a guidance weight w ~ U[w_min, w_max] per sample (with
+   ``--cfg-free``: the captions to replace by the empty prompt instead, and no w reaches student or teacher);
 2. ``z_{t_{n+k}} = α z0 + σ ε``;
 3. the student's consistency output ``f_θ(z_{t_{n+k}}, w, c, t_{n+k})``;
 4. without gradients: one solver step of the guided teacher, ``ẑ_{t_n} = Ψ(z_{t_{n+k}}, t_{n+k} → t_n)``
-   (Eq. 8 with the augmented PF-ODE, Eq. 13), and the target's ``f_θ⁻(ẑ_{t_n}, w, c, t_n)``;
+   (Eq. 8 with the augmented PF-ODE, Eq. 13; ``--cfg-free``: the unguided PF-ODE), and the target's
+   ``f_θ⁻(ẑ_{t_n}, w, c, t_n)``;
 5. ``d(f_θ, f_θ⁻)`` per sample.
 
 With ``--method tcd`` or ``pcm`` both outputs map onto an earlier point s of the trajectory instead of its clean end
@@ -189,8 +191,9 @@ class LCD(StudentTarget):
         """What a flow teacher's distillation does not have yet, refused in one line each."""
         if cfg.consistency is not Consistency.LCM:
             raise ValueError(f"--method {cfg.consistency.value} is not built for flow-matching teachers; use lcm")
-        if cfg.adversarial_weight > 0:
-            raise ValueError("--adversarial-weight is not built for flow-matching teachers")
+        if cfg.adversarial_weight > 0 or cfg.cfg_free:
+            flag = "--adversarial-weight" if cfg.adversarial_weight > 0 else "--cfg-free"
+            raise ValueError(f"{flag} is not built for flow-matching teachers")
         if cfg.coarse_num_solver_steps or cfg.coarse_fraction or cfg.timestep_bias:
             raise ValueError("coarse grids and --timestep-bias are for VP teachers; a flow teacher trains every σ")
         if cfg.solver is Solver.DPM_SOLVER_2:
@@ -233,6 +236,9 @@ class LCD(StudentTarget):
         noise = torch.randn(z0.shape, generator=generator).to(device)
         w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand(batch, generator=generator)
         w_emb = self.w_emb(w, device)
+        if self.cfg.cfg_free:  # the student takes no w and learns the unguided trajectory, conditional or not
+            dropped = torch.rand(batch, generator=generator) < self.cfg.caption_dropout
+            cond, w_emb = cond.where(~dropped.to(device), uncond), None
         z_start = self.model.schedule.add_noise(z0, noise, t_start)
         t_start, t_end = t_start.to(device), t_end.to(device)
 
@@ -244,7 +250,10 @@ class LCD(StudentTarget):
 
         with torch.no_grad():
             with self._teacher_context():
-                teacher = self.model.guided_denoiser(cond, uncond, w.to(device))
+                if self.cfg.cfg_free:
+                    teacher = self.model.denoiser(cond)
+                else:
+                    teacher = self.model.guided_denoiser(cond, uncond, w.to(device))
                 z_end = solve(self.cfg.solver, teacher, z_start, t_start, t_end, self.model.schedule)
             if s is None:
                 target = self.target_model.consistency_output(z_end.to(z0.dtype), t_end, cond, w_emb)

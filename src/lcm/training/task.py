@@ -30,11 +30,12 @@ from lcm.training.loop import Task, Validation
 __all__ = ["ConsistencyTask", "DistillTask", "FinetuneTask", "encode_batch", "make_student"]
 
 
-def make_student(model: LatentDiffusion, student: StudentConfig, seed: int):
-    """(student, target) for ``student.kind``: a w-conditioned full UNet with an EMA copy, or LoRA adapters (target
-    None). A UNet that already carries LoRA adapters (a loaded LCM-LoRA) keeps them and trains them further."""
+def make_student(model: LatentDiffusion, student: StudentConfig, seed: int, w_input: bool = True):
+    """(student, target) for ``student.kind``: a full UNet (w-conditioned unless ``w_input`` is false: CFG-free
+    distillation) with an EMA copy, or LoRA adapters (target None). A UNet that already carries LoRA adapters (a
+    loaded LCM-LoRA) keeps them and trains them further."""
     if student.kind is StudentKind.FULL:
-        unet = full_student(model.unet)
+        unet = full_student(model.unet) if w_input else copy.deepcopy(model.unet).float().train().requires_grad_(True)
         return unet, copy.deepcopy(unet).requires_grad_(False)
     if getattr(model.unet, "peft_config", None):
         for name, p in model.unet.named_parameters():
@@ -153,7 +154,7 @@ class ConsistencyTask(Task):
         lcm = self.model.with_network(unet, scheduler, self.cfg.sigma_data, self.cfg.timestep_scaling)
         consistency = getattr(self.cfg, "consistency", None)  # LCD's --method; LCF keeps the LCM's own
         if consistency is not None:
-            lcm.consistency, lcm.phases = consistency.value, self.cfg.phases
+            lcm.consistency, lcm.phases, lcm.cfg_free = consistency.value, self.cfg.phases, self.cfg.cfg_free
         sampler, gamma = lcm.default_sampler, lcm.default_gamma
         prompts = [p for p in self.validation_prompts for _ in self.validation_seeds]
         seeds = [s for _ in self.validation_prompts for s in self.validation_seeds]
@@ -231,8 +232,9 @@ class DistillTask(ConsistencyTask):
         provenance: dict | None = None,
     ):
         cfg, student, validation = cfg or LCDConfig(), student or StudentConfig(), validation or ValidationConfig()
-        unet, target = make_student(model, student, seed)
-        w = validation.w if validation.w is not None else default_w((cfg.w_min, cfg.w_max), model.is_embedded)
+        unet, target = make_student(model, student, seed, w_input=not cfg.cfg_free)
+        w_range = None if cfg.cfg_free else (cfg.w_min, cfg.w_max)  # CFG-free: real guidance at the usual w
+        w = validation.w if validation.w is not None else default_w(w_range, model.is_embedded)
         method = LCD(model, unet, student.kind, cfg, target, seed)
         super().__init__(model, method, student, w, validation, provenance)
 
@@ -265,6 +267,8 @@ class FinetuneTask(ConsistencyTask):
     ):
         if not model.is_lcm:
             raise ValueError("lcm finetune needs an LCM (the output of lcm distill); for a teacher use lcm distill")
+        if model.cfg_free:
+            raise ValueError("lcm finetune of a CFG-free model is not built: its consistency fine-tuning feeds a w")
         cfg, student, validation = cfg or LCFConfig(), student or StudentConfig(), validation or ValidationConfig()
         unet, target = make_student(model, student, seed)
         method = LCF(model, unet, student.kind, cfg, target)
