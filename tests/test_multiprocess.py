@@ -75,3 +75,29 @@ def test_two_process_flow_distill_exports(tmp_path, captioned_images):
     model = LatentDiffusion.from_pretrained(out)
     assert model.is_flow and model.is_lcm
     assert [h["step"] for h in json.loads((out / "train" / "train_history.json").read_text())] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_two_process_adversarial_distill_keeps_one_discriminator(tmp_path, tiny_sd, captioned_images):
+    """lcm distill --adversarial-weight on 2 processes: each rank sees other data, yet the discriminator's gradients
+    are averaged over the ranks, so both hold the same heads and moments after every step."""
+    from safetensors.torch import load_file
+
+    from lcm.models.latent_diffusion import LatentDiffusion
+
+    out, heads = tmp_path / "tcd-adv", tmp_path / "heads"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29615"]
+    command += [str(WORKER.with_name("mp_adversarial.py")), str(heads), "distill", "--teacher", str(tiny_sd)]
+    command += ["--data", str(captioned_images), "--out", str(out), "--method", "tcd", "--adversarial-weight", "0.1"]
+    command += ["--batch-size", "2", "--max-steps", "3", "--num-solver-steps", "10", "--validate-every", "0"]
+    env = {**os.environ, "PYTHONPATH": str(WORKER.parent), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    ranks = [load_file(f"{heads}-rank-{r}.safetensors") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and any(k.startswith("optim.") for k in ranks[0])
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    history = json.loads((out / "train" / "train_history.json").read_text())
+    assert history[-1]["step"] == 3
+    assert LatentDiffusion.from_pretrained(out).consistency == "tcd"
