@@ -207,8 +207,9 @@ class LCD(StudentTarget):
 
     @property
     def w_range(self) -> tuple[float, float]:
-        """The guidance weights this run trains on: w ~ U[w_min, w_max]."""
-        return self.cfg.w_min, self.cfg.w_max
+        """The guidance weights this run trains on: w ~ U[w_min, w_max] (CFG-free: none, so the loss is not logged
+        by w)."""
+        return (0.0, 0.0) if self.cfg.cfg_free else (self.cfg.w_min, self.cfg.w_max)
 
     def target_times(
         self, t_start: torch.Tensor, t_end: torch.Tensor, generator: torch.Generator
