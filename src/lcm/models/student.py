@@ -21,15 +21,16 @@ __all__ = [
 ]
 
 
-def full_student(teacher_unet, w_embedding_dim: int = W_EMBEDDING_DIM):
-    """A copy of the teacher UNet that also takes the w-embedding as ``timestep_cond`` (a flow MMDiT: a plain copy).
+def full_student(teacher_unet, w_embedding_dim: int | None = W_EMBEDDING_DIM):
+    """A copy of the teacher UNet that also takes the w-embedding as ``timestep_cond`` (a flow MMDiT, or
+    ``w_embedding_dim`` None for CFG-free distillation: a plain copy).
 
     The new projection ``time_embedding.cond_proj`` is zero-initialised, so the student starts exactly equal to the
     teacher (diffusers' script leaves it random).
     """
     from diffusers import UNet2DConditionModel
 
-    if w_input_dim(teacher_unet) is not None or is_flow_network(teacher_unet):
+    if w_embedding_dim is None or w_input_dim(teacher_unet) is not None or is_flow_network(teacher_unet):
         # already w-conditioned (e.g. distilling an LCM further), or a flow MMDiT, which takes no w: distilled at one w
         student = copy.deepcopy(teacher_unet)
     else:

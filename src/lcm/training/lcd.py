@@ -57,8 +57,8 @@ class LossMonitor:
 
     T_BINS, W_BINS = 4, 2
 
-    def __init__(self, num_train_timesteps: int, w_range: tuple[float, float], w_projection=None):
-        self.T, (self.w_lo, self.w_hi) = num_train_timesteps, w_range
+    def __init__(self, num_train_timesteps: int, w_range: tuple[float, float] | None, w_projection=None):
+        self.T, (self.w_lo, self.w_hi) = num_train_timesteps, w_range or (0.0, 0.0)  # None: no w bins
         self.w_projection = w_projection
         self.sums = self.counts = None
         self.grad_sq, self.grad_steps = None, 0
@@ -206,10 +206,9 @@ class LCD(StudentTarget):
         self.grid = self.coarse_grid if coarse else self.after_curriculum
 
     @property
-    def w_range(self) -> tuple[float, float]:
-        """The guidance weights this run trains on: w ~ U[w_min, w_max] (CFG-free: none, so the loss is not logged
-        by w)."""
-        return (0.0, 0.0) if self.cfg.cfg_free else (self.cfg.w_min, self.cfg.w_max)
+    def w_range(self) -> tuple[float, float] | None:
+        """The guidance weights this run trains on: w ~ U[w_min, w_max]; None for CFG-free (no w reaches a network)."""
+        return None if self.cfg.cfg_free else (self.cfg.w_min, self.cfg.w_max)
 
     def target_times(
         self, t_start: torch.Tensor, t_end: torch.Tensor, generator: torch.Generator
@@ -236,10 +235,11 @@ class LCD(StudentTarget):
             t_start, t_end = self.grid.sample(batch, generator)  # t_{n+k}, t_n
         noise = torch.randn(z0.shape, generator=generator).to(device)
         w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand(batch, generator=generator)
-        w_emb = self.w_emb(w, device)
         if self.cfg.cfg_free:  # the student takes no w and learns the unguided trajectory, conditional or not
             dropped = torch.rand(batch, generator=generator) < self.cfg.caption_dropout
             cond, w_emb = cond.where(~dropped.to(device), uncond), None
+        else:
+            w_emb = self.w_emb(w, device)
         z_start = self.model.schedule.add_noise(z0, noise, t_start)
         t_start, t_end = t_start.to(device), t_end.to(device)
 

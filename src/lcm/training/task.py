@@ -15,7 +15,7 @@ import torch
 
 from lcm.config.run import LCDConfig, LCFConfig, StudentConfig, StudentKind, ValidationConfig
 from lcm.images import save_grid
-from lcm.maths.guidance import default_w
+from lcm.maths.guidance import W_EMBEDDING_DIM, default_w
 from lcm.maths.timesteps import Sampler
 from lcm.models.export import export_lcm_folder, export_lora
 from lcm.models.formats import consistency_scheduler_config
@@ -35,7 +35,7 @@ def make_student(model: LatentDiffusion, student: StudentConfig, seed: int, w_in
     distillation) with an EMA copy, or LoRA adapters (target None). A UNet that already carries LoRA adapters (a
     loaded LCM-LoRA) keeps them and trains them further."""
     if student.kind is StudentKind.FULL:
-        unet = full_student(model.unet) if w_input else copy.deepcopy(model.unet).float().train().requires_grad_(True)
+        unet = full_student(model.unet, W_EMBEDDING_DIM if w_input else None)
         return unet, copy.deepcopy(unet).requires_grad_(False)
     if getattr(model.unet, "peft_config", None):
         for name, p in model.unet.named_parameters():
@@ -233,9 +233,9 @@ class DistillTask(ConsistencyTask):
     ):
         cfg, student, validation = cfg or LCDConfig(), student or StudentConfig(), validation or ValidationConfig()
         unet, target = make_student(model, student, seed, w_input=not cfg.cfg_free)
-        w_range = None if cfg.cfg_free else (cfg.w_min, cfg.w_max)  # CFG-free: real guidance at the usual w
-        w = validation.w if validation.w is not None else default_w(w_range, model.is_embedded)
         method = LCD(model, unet, student.kind, cfg, target, seed)
+        # CFG-free: no distilled range, so real guidance at the family's usual w
+        w = validation.w if validation.w is not None else default_w(method.w_range, model.is_embedded)
         super().__init__(model, method, student, w, validation, provenance)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
