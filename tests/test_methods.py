@@ -91,6 +91,15 @@ def test_phase_edges_and_trajectory_targets():
         assert counts.min() > 0.8 * counts.float().mean()  # uniform
 
 
+def test_target_times_stay_on_the_batchs_device():
+    """TCD's and PCM's target times for timesteps on an accelerator, drawn with the loop's CPU generator: no CPU
+    tensor meets the accelerator's (the "meta" device stands in for CUDA: mixing it with the CPU fails alike)."""
+    grid = SkippingGrid(10, 1000)
+    t = torch.tensor([99, 499, 999]).to("meta")
+    assert trajectory_targets(t, grid, torch.Generator().manual_seed(0)).device.type == "meta"
+    assert phase_edge_below(t, grid, 2).device.type == "meta"
+
+
 def test_the_trajectory_function_is_ddims_jump_and_keeps_its_boundaries(tiny_sd):
     """f(z, t → s) against diffusers' DDIMScheduler.step (η = 0) from t to s; f(z, t → t) = z; f(z, t → 0) is the
     LCM's consistency output."""

@@ -235,7 +235,8 @@ def trajectory_targets(t_end: torch.Tensor, grid: SkippingGrid, generator: torch
     """TCD's target times for pairs ending at ``t_end`` ``[B]``: s drawn uniformly from 0 and the grid points at or
     below ``t_end``, so the trajectory consistency function learns to map onto every earlier point of the grid."""
     below = (t_end + 1) // grid.k  # grid points t_i = i·k − 1 ≤ t_end
-    choice = (torch.rand(t_end.shape, generator=generator) * (below + 1)).long()  # 0 … below
+    u = torch.rand(t_end.shape, generator=generator).to(t_end.device)  # drawn where the generator is (the CPU)
+    choice = (u * (below + 1)).long()  # 0 … below
     return torch.where(choice == 0, torch.zeros_like(t_end), choice * grid.k - 1)
 
 

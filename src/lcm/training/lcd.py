@@ -215,7 +215,7 @@ class LCD(StudentTarget):
     ) -> torch.Tensor | None:
         """Where the pair's outputs map to: None for the LCM (the clean end), TCD's drawn s, PCM's phase edge."""
         if self.cfg.consistency is Consistency.TCD:
-            return trajectory_targets(t_end, self.fine_grid, generator).to(t_end.device)
+            return trajectory_targets(t_end, self.fine_grid, generator)
         if self.cfg.consistency is Consistency.PCM:
             return phase_edge_below(t_start, self.fine_grid, self.cfg.phases)
         return None
