@@ -2,16 +2,19 @@
 evaluation, two training seeds each.
 
     python scripts/methods.py --out runs/methods [--methods lcm,tcd,pcm2,pcm4,tcd+adv,...] [--seeds 0,1]
-    python scripts/methods.py --out runs/methods --report            # the table of every finished run
+    python scripts/methods.py --out runs/methods --report --docs docs/eval   # docs/eval/methods.md and .png
 
 Every run is the ``demo-1500`` recipe (lcm.config.recipes: k = 100, w ~ U[1, 5], cosine rate, 1,500 steps of batch
-32) with only ``--method`` (and PCM's ``--phases``) changed, and for METHOD+adv the adversarial term at
+32; ``--recipe long`` for 10,000 steps) with only ``--method`` (and PCM's ``--phases``) changed, and for METHOD+adv
+the adversarial term at
 λ = ADVERSARIAL_WEIGHT (its other settings the defaults); each (method, seed) distils into OUT/METHOD-sSEED and is
 sampled with its own sampler (LCM: multistep; TCD: γ = 0.3; PCM: γ = 0, deterministic) at 1, 2, 4 and 8 steps, w = 3
 (for METHOD-cfgfree, PCM's CFG-free variant, real classifier-free guidance at w: two network calls per step),
 the same prompts and noise in every row, FD-clf and prompt accuracy (the shipped classifier's features against the
-10,000 test images; not FID). Rows are ``lcm eval``'s records in OUT/METHOD-sSEED/results.json; finished runs and
-rows are kept, so the command resumes. Mean ± half the range over seeds.
+10,000 test images; not FID). Rows are ``lcm eval``'s records in OUT/METHOD-sSEED/results.json; the teacher's
+reference row (DPM-Solver, 25 steps, the same prompts and noise) is OUT/teacher/results.json. Finished runs and
+rows are kept, so the command resumes. Mean ± half the range over seeds. The report (OUT/methods.md, or with
+``--docs DIR`` DIR/methods.md) is the whole document, with its plot (methods.png) beside it.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from pathlib import Path
 from lcm.config.recipes import EVALUATION, recipe_config
 from lcm.evaluation.metrics import FashionEvaluator
 from lcm.evaluation.plan import EvalSettings
+from lcm.evaluation.plots import line_panels
 from lcm.evaluation.prompts import fashion_eval_prompts
 from lcm.evaluation.report import markdown_table
 from lcm.evaluation.results import load_results
 from lcm.evaluation.run import Row, evaluate_rows
+from lcm.maths.timesteps import Sampler
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.sample import default_model_path
 from lcm.training.runs import run_training
@@ -41,10 +46,16 @@ BASE = {
 # PCM's CFG-free variant: an unguided teacher, 10% empty captions, no w input; sampled with real guidance at w
 CFG_FREE = {f"{name}-cfgfree": {**BASE[name], "method.cfg_free": True} for name in ("pcm2", "pcm4")}
 ADVERSARIAL_WEIGHT = 0.1
-RECIPE = "demo-1500"  # the budget of every row: 1,500 steps of batch 32
+RECIPES = ("demo-1500", "long")  # the budgets: 1,500 or 10,000 steps of batch 32
+TEACHER_ROW = ("teacher DPM-Solver", Sampler.DPM_SOLVER_2M, 25)  # the teacher's best row (docs/eval/table.md)
 ADVERSARIAL = {f"{name}+adv": {**c, "method.adversarial_weight": ADVERSARIAL_WEIGHT} for name, c in BASE.items()}
-METHODS = {**BASE, **ADVERSARIAL, **CFG_FREE}
+# "+adv1": the discriminator judges the student's 1-step sample from pure noise instead of its pair prediction
+ONE_STEP = {f"{name}1": {**c, "method.adversarial_input": "one-step"} for name, c in ADVERSARIAL.items()}
+METHODS = {**BASE, **ADVERSARIAL, **ONE_STEP, **CFG_FREE}
 STEPS = (1, 2, 4, 8)
+
+
+W = EVALUATION["demo-1500"]["w"]  # the w of every row
 
 
 def changes(method: str, seed: int) -> dict:
@@ -52,21 +63,28 @@ def changes(method: str, seed: int) -> dict:
     return {**METHODS[method], **extra, "loop.seed": seed, "loop.report_to": []}
 
 
-def run(out: Path, method: str, seed: int, samples: int, prompts, evaluator) -> None:
+def run(out: Path, recipe: str, method: str, seed: int, samples: int, prompts, evaluator) -> None:
     folder = out / f"{method}-s{seed}"
     if not (folder / "unet").is_dir():
-        run_training(recipe_config(RECIPE, changes(method, seed)), folder, resume="auto")
+        run_training(recipe_config(recipe, changes(method, seed)), folder, resume="auto")
     model = LatentDiffusion.from_pretrained(folder)
-    w = EVALUATION[RECIPE]["w"]
-    rows = [Row(method.upper(), model.default_sampler, s, w) for s in STEPS]
+    rows = [Row(method.upper(), model.default_sampler, s, W) for s in STEPS]
     settings = EvalSettings(num_samples=samples)
     evaluate_rows(model, rows, prompts, evaluator, folder / "results.json", settings)
+
+
+def teacher_row(out: Path, samples: int, prompts, evaluator) -> None:
+    """The teacher's best row on the same prompts and noise, the table's reference: OUT/teacher/results.json."""
+    model = LatentDiffusion.from_pretrained(default_model_path())
+    name, sampler, steps = TEACHER_ROW
+    settings = EvalSettings(num_samples=samples)
+    evaluate_rows(model, [Row(name, sampler, steps, W)], prompts, evaluator, out / "teacher" / "results.json", settings)
 
 
 def gamma_rows(out: Path, method: str, seed: int, gammas: list[float], samples: int, prompts, evaluator) -> None:
     """The run's 2/4/8-step rows sampled at other γ (TCD's sampler), in OUT/METHOD-sSEED/results-gamma.json."""
     model = LatentDiffusion.from_pretrained(out / f"{method}-s{seed}")
-    w = EVALUATION[RECIPE]["w"]
+    w = W
     rows = [Row(f"{method.upper()} γ {g:g}", model.default_sampler, s, w, gamma=g) for g in gammas for s in STEPS[1:]]
     path = out / f"{method}-s{seed}" / "results-gamma.json"
     evaluate_rows(model, rows, prompts, evaluator, path, EvalSettings(num_samples=samples))
@@ -88,34 +106,99 @@ def gamma_report(out: Path) -> str:
     return markdown_table(["method", "steps", "seeds", "FD-clf", "prompt accuracy"], rows)
 
 
-def report(out: Path) -> str:
+def finished_runs(out: Path) -> dict[str, list[dict[int, dict]]]:
+    """Method → one {steps: metrics} per training seed, for every run in OUT with all its rows."""
     runs: dict[str, list[dict]] = {}
     for path in sorted(out.glob("*-s*/results.json")):
         records = load_results(path)[1]
         if len(records) == len(STEPS):
             runs.setdefault(path.parent.name.rsplit("-s", 1)[0], []).append({r.steps: r.metrics for r in records})
+    return {m: runs[m] for m in METHODS if m in runs}
 
+
+def teacher_best(out: Path) -> float | None:
+    path = out / "teacher" / "results.json"
+    return load_results(path)[1][0].metrics["fd_clf"] if path.is_file() else None
+
+
+def report(out: Path) -> str:
     def cell(values: list[float], fmt: str) -> str:
         spread = f" ± {(max(values) - min(values)) / 2:{fmt}}" if len(values) > 1 else ""
         return f"{statistics.fmean(values):{fmt}}{spread}"
 
     header = ["method", "seeds", *(f"FD-clf {s}" for s in STEPS), *(f"acc {s}" for s in STEPS)]
     rows = []
-    for method in (m for m in METHODS if m in runs):
-        seeds = runs[method]
+    for method, seeds in finished_runs(out).items():
         fd = [cell([r[s]["fd_clf"] for r in seeds], ".1f") for s in STEPS]
         acc = [cell([r[s]["prompt_accuracy"] for r in seeds], ".3f") for s in STEPS]
         rows.append([method, len(seeds), *fd, *acc])
     return "Mean ± half the range over training seeds.\n\n" + markdown_table(header, rows)
 
 
+def plot(out: Path, path: Path) -> Path:
+    """FD-clf against steps, one panel per family (guided, + adversarial, CFG-free), the mean over seeds with
+    the teacher's best row as a flat line."""
+    runs, best = finished_runs(out), teacher_best(out)
+    families = [
+        ("guided", [m for m in BASE if m in runs]),
+        ("+ adversarial term", [m for m in {**ADVERSARIAL, **ONE_STEP} if m in runs]),
+        ("CFG-free (guided at sampling)", [m for m in CFG_FREE if m in runs]),
+    ]
+    panels = []
+    for title, methods in (f for f in families if f[1]):
+        series = {m: (list(STEPS), [statistics.fmean(r[s]["fd_clf"] for r in runs[m]) for s in STEPS]) for m in methods}
+        if best is not None:
+            series[f"teacher, {TEACHER_ROW[2]} steps"] = ([STEPS[0], STEPS[-1]], [best, best])
+        panels.append((title, series))
+    return line_panels(panels, path, "steps", f"FD-clf ↓ (w = {W:g})", logx=True, logy=True, xticks=STEPS)
+
+
+def document(out: Path, recipe: str, plot_name: str) -> str:
+    """The whole report: what was run, the table, the γ rows, the plot."""
+    steps = recipe_config(recipe).loop.max_steps
+    best = teacher_best(out)
+    images = next((load_results(p)[1][0].n_samples for p in sorted(out.glob("*-s*/results.json"))), 0)
+    reference = (
+        f"The teacher's best row on the same prompts and noise ({TEACHER_ROW[0]}, {TEACHER_ROW[2]} steps, "
+        f"OUT/teacher): **{best:.1f}**."
+        if best is not None
+        else "The teacher's reference row is not evaluated yet."
+    )
+    lines = [
+        f"# LCM, TCD and PCM on equal terms, with and without the adversarial term ({steps:,}-step budget)",
+        "",
+        f"Made by `python scripts/methods.py --out OUT --recipe {recipe}` (every method, two training seeds), then "
+        f"`--report --docs docs/eval`. Every run is the `{recipe}` recipe (lcm.config.recipes: k = 100, "
+        f"w ~ U[1, 5], cosine rate, {steps:,} steps of batch 32, full student) with only `--method` (and "
+        f"`--phases`) changed; `+adv` adds the adversarial term at λ = {ADVERSARIAL_WEIGHT:g} (its other settings "
+        "the defaults: the discriminator's rate 1e-4, levels up to t' = 500), judging the student's prediction for "
+        "the pair; `+adv1` the same term judging the student's 1-step sample from pure noise instead "
+        "(`--adversarial-input one-step`); `-cfgfree` is PCM's CFG-free variant "
+        f"(an unguided teacher, 10% empty captions, no w input; sampled with real guidance at w = {W:g}, two network "
+        "calls per step). PCM with 4 phases trains on N = 20 (k = 50): 4 does not divide 10. Each method samples with "
+        "its own sampler (LCM: multistep; TCD: γ = 0.3; PCM: γ = 0, deterministic, the phase edges at M steps), "
+        f"every row {images:,} images at w = {W:g} with `lcm eval`'s prompts and noise "
+        "(seed 0). FD-clf and prompt accuracy are in the shipped classifier's features against the 10,000 test "
+        "images (not FID); the VAE's own reconstructions of test images score 57.1. " + reference,
+        "",
+        report(out),
+        f"![FD-clf against steps]({plot_name})",
+    ]
+    if any(out.glob("*-s*/results-gamma.json")):
+        lines += ["", "TCD's sampler at other γ (`--gammas`; same prompts and noise):", "", gamma_report(out)]
+    lines += ["", "docs/methods.md discusses the rows, the w sweep and the evaluation-seed-1 rows."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="runs folder: OUT/METHOD-sSEED, OUT/teacher")
+    p.add_argument("--recipe", choices=RECIPES, default=RECIPES[0], help="training budget (default %(default)s)")
+    p.add_argument("--docs", type=Path, help="write the report and its plot here instead of OUT")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     p.add_argument("--samples", type=int, default=2000, help="images per row")
-    p.add_argument("--report", action="store_true", help="only write OUT/methods.md from finished runs")
+    p.add_argument("--report", action="store_true", help="only write the report from finished runs")
     p.add_argument("--gammas", default="", help="comma-separated γ: also sample each run at 2, 4, 8 steps with these")
     a = p.parse_args()
     methods = [m for m in a.methods.split(",") if m]
@@ -123,17 +206,18 @@ def main() -> None:
         p.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     if not a.report:
         prompts, evaluator = fashion_eval_prompts(a.samples, 0), FashionEvaluator(default_model_path() / "classifier")
+        teacher_row(a.out, a.samples, prompts, evaluator)
         for method in methods:  # both seeds of a method before the next: a row is whole as soon as possible
             for seed in (int(s) for s in a.seeds.split(",")):
-                run(a.out, method, seed, a.samples, prompts, evaluator)
+                run(a.out, a.recipe, method, seed, a.samples, prompts, evaluator)
                 if a.gammas:
                     gammas = [float(g) for g in a.gammas.split(",")]
                     gamma_rows(a.out, method, seed, gammas, a.samples, prompts, evaluator)
-    table = report(a.out)
-    if any(a.out.glob("*-s*/results-gamma.json")):
-        table += "\n\nOther γ (TCD's sampler):\n\n" + gamma_report(a.out)
-    (a.out / "methods.md").write_text(table)
-    print(table)
+    docs = a.docs or a.out
+    plot(a.out, docs / "methods.png")
+    text = document(a.out, a.recipe, "methods.png")
+    (docs / "methods.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

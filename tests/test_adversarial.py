@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from lcm.config import Consistency, LCDConfig, StudentKind
+from lcm.config import AdversarialInput, Consistency, LCDConfig, StudentKind
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import full_student
-from lcm.training.adversarial import encoder_features, renoise
+from lcm.training.adversarial import AdversarialTerm, encoder_features, renoise
 from lcm.training.lcd import LCD
 
 
@@ -43,6 +43,46 @@ def test_weight_zero_is_no_discriminator_and_the_term_leaves_the_consistency_dra
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert all(p.grad is None for p in method.model.unet.parameters())  # the teacher stays frozen
     assert all(p.grad is None for p in method.adversarial.heads.parameters())  # its step is its own
+
+
+@pytest.mark.parametrize("consistency", [Consistency.LCM, Consistency.TCD, Consistency.PCM])
+def test_one_step_input_judges_the_students_one_step_sample(tiny_sd, monkeypatch, consistency):
+    """--adversarial-input one-step: the discriminator sees the student's 1-step sample from pure noise (at the
+    clean end, s = None), and that sample is what lcm sample's 1-step sampler draws from the same noise."""
+    from lcm.maths.timesteps import Sampler, sampler_timesteps
+    from lcm.sample import _run, default_model_path
+
+    seen = {}
+    original_one_step, original_generator_loss = LCD.one_step, AdversarialTerm.generator_loss
+
+    def one_step(self, z, cond, w_emb):
+        seen["z"], seen["out"] = z, original_one_step(self, z, cond, w_emb)
+        return seen["out"]
+
+    def generator_loss(self, model, prediction, s, *args):
+        seen["fake"], seen["s"] = prediction, s
+        return original_generator_loss(self, model, prediction, s, *args)
+
+    monkeypatch.setattr(LCD, "one_step", one_step)
+    monkeypatch.setattr(AdversarialTerm, "generator_loss", generator_loss)
+    phases = {"phases": 2} if consistency is Consistency.PCM else {}
+    settings = {"consistency": consistency, "adversarial_weight": 0.1, **phases}
+    out, method = _losses(tiny_sd, adversarial_input=AdversarialInput.ONE_STEP, **settings)
+    assert seen["fake"] is seen["out"] and seen["s"] is None
+    assert not torch.equal(out.loss, _losses(tiny_sd, **settings)[0].loss)  # another input, another term
+
+    # the reference: the sampling code's 1-step sampler (LCM's, or TCD's at any γ) on the student as a model
+    ts = sampler_timesteps(Sampler.LCM, 1, LatentDiffusion.from_pretrained(default_model_path()).scheduler_config,
+                           method.model.schedule)  # fmt: skip
+    assert ts.tolist() == [method.model.schedule.num_train_timesteps - 1]  # a 1-step sample starts at T − 1
+    sampler = Sampler.LCM if consistency is Consistency.LCM else Sampler.TCD
+    cond, uncond = method.model.encode_prompts(["a", "b", "c", "d"]), method.model.encode_prompts([""] * 4)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    with torch.no_grad():  # at one w for the whole batch (the loss drew one per sample)
+        w = 3.0
+        mine = original_one_step(method, seen["z"], cond, method.w_emb(torch.full((4,), w), seen["z"].device))
+        reference = _run(method.student_model, sampler, seen["z"], ts, cond, uncond, w, gens, 0.3, 0.0)
+    torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_renoising_has_the_forward_processes_marginal(tiny_sd):

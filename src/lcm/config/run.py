@@ -30,6 +30,7 @@ from lcm.maths.timesteps import DEFAULT_NUM_SOLVER_STEPS
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
+    "AdversarialInput",
     "LR_SCHEDULES",
     "MIXED_PRECISION",
     "TRACKERS",
@@ -147,6 +148,13 @@ class Consistency(str, Enum):
     PCM = "pcm"  # the edge of its phase (Wang et al. 2024, phased consistency)
 
 
+class AdversarialInput(str, Enum):
+    """What the adversarial term's discriminator judges against training latents (docs/methods.md §4)."""
+
+    PREDICTION = "prediction"  # the student's output for the pair, at its target time s
+    ONE_STEP = "one-step"  # the student's 1-step sample: pure noise at t = T − 1 mapped to the clean end
+
+
 @dataclass(frozen=True)
 class LCDConfig(ConsistencyConfig):
     consistency: Consistency = knob(
@@ -215,11 +223,19 @@ class LCDConfig(ConsistencyConfig):
         "level t' ~ U[s, max(s, this)]",
         lo=0,
     )
+    adversarial_input: AdversarialInput = knob(
+        AdversarialInput.PREDICTION,
+        "what the discriminator judges: prediction (the student's output for the pair, at its target time s) or "
+        "one-step (its 1-step sample from pure noise, as a 1-step generator is used; one more student forward and "
+        "backward per step)",
+    )
     timestep_scaling: float = TIMESTEP_SCALING  # consistency constants (docs/design.md §2)
     sigma_data: float = SIGMA_DATA
 
     def __post_init__(self):
         validate(self)
+        if self.adversarial_input is AdversarialInput.ONE_STEP and not self.adversarial_weight > 0:
+            raise ValueError("--adversarial-input one-step is the adversarial term's: add --adversarial-weight > 0")
         if self.w_min > self.w_max:
             raise ValueError(f"--w-min must not exceed --w-max, got --w-min {self.w_min:g} > --w-max {self.w_max:g}")
         coarse = self.coarse_num_solver_steps

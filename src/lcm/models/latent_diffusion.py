@@ -385,6 +385,11 @@ class LatentDiffusion:
         alpha, sigma = self.schedule.alpha_sigma(t.to(z.device))  # on the device: no host round trip
         return to_denoised(out.to(z.dtype), z, alpha, sigma, self.prediction_type)
 
+    def denoised(self, z: torch.Tensor, t: torch.Tensor, text: TextEmbeddings, w_emb: torch.Tensor | None) -> Denoised:
+        """The network's raw prediction (x̂0, ε̂) at per-sample ``t`` ``[B]``, in float32+ (no consistency
+        boundary scalings: what TCD's sampler steps with)."""
+        return self._to_denoised(self.unet_output(z, t, text, w_emb).float(), z, t)
+
     def denoiser(self, text: TextEmbeddings):
         """Unguided denoiser ``(z, t) → Denoised`` conditioned on ``text``."""
 
@@ -429,8 +434,7 @@ class LatentDiffusion:
         :class:`ConsistencyStep`, its coefficients a cached tensor, and a compiled model runs it as one graph.
         """
         if isinstance(t, torch.Tensor):
-            out = self.unet_output(z, t, text, w_emb).float()
-            x0 = self._to_denoised(out, z, t).x0
+            x0 = self.denoised(z, t, text, w_emb).x0
             c_skip, c_out = self._boundary(t.to(z.device))
             return consistency_function(z, x0, c_skip, c_out)
         t_batch = torch.full((z.shape[0],), float(t), device=z.device)
@@ -449,8 +453,7 @@ class LatentDiffusion:
         for per-sample ``t``, ``s ≤ t`` ``[B]`` (TCD's and PCM's target: the point of the trajectory at s, reached
         by the exponential integrator, i.e. DDIM, from the network's prediction at t). ``s = 0`` is the clean end
         (α, σ = 1, 0), so there it is :meth:`consistency_output` exactly; ``s = t`` gives z (the boundary)."""
-        out = self.unet_output(z, t, text, w_emb).float()
-        x0, eps = self._to_denoised(out, z, t)
+        x0, eps = self.denoised(z, t, text, w_emb)
         s = s.to(z.device)
         alpha, sigma = (c.to(z.dtype) for c in self.schedule.alpha_sigma_to(s))
         z_s = consistency_function(x0, eps, alpha, sigma)  # α_s x̂0 + σ_s ε̂

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from lcm.config.run import Consistency, LCDConfig, StudentKind
+from lcm.config.run import AdversarialInput, Consistency, LCDConfig, StudentKind
 from lcm.maths.ema import ema_update
 from lcm.maths.guidance import w_embedding
 from lcm.maths.losses import consistency_loss
@@ -265,7 +265,20 @@ class LCD(StudentTarget):
         if self.adversarial is None:
             return LCDOutput(loss, t_start, w)
         # its draws come after every draw above: λ > 0 keeps them all
-        adversarial = self.adversarial.generator_loss(
-            self.model, prediction, s, z0, cond, generator, self._teacher_context
-        )
+        if self.cfg.adversarial_input is AdversarialInput.ONE_STEP:
+            fake, s = self.one_step(torch.randn(z0.shape, generator=generator).to(device, z0.dtype), cond, w_emb), None
+        else:
+            fake = prediction
+        adversarial = self.adversarial.generator_loss(self.model, fake, s, z0, cond, generator, self._teacher_context)
         return LCDOutput(loss + adversarial.to(loss.dtype), t_start, w, consistency=loss)
+
+    def one_step(self, z: torch.Tensor, cond: TextEmbeddings, w_emb: torch.Tensor | None) -> torch.Tensor:
+        """The student's 1-step sample from pure noise ``z`` at t = T − 1, as the method's sampler draws it
+        (``--adversarial-input one-step``): the LCM's consistency output; TCD's and PCM's step to t = 0 from the
+        raw prediction, α_0·x̂0 + σ_0·ε̂ (:func:`lcm.maths.sampling.sample_tcd`)."""
+        t = torch.full((z.shape[0],), self.model.schedule.num_train_timesteps - 1, device=z.device)
+        if self.cfg.consistency is Consistency.LCM:
+            return self.student_model.consistency_output(z, t, cond, w_emb)
+        x0, eps = self.student_model.denoised(z, t, cond, w_emb)
+        alpha, sigma = self.model.schedule.alpha_sigma_at(0.0)
+        return alpha * x0 + sigma * eps
