@@ -6,8 +6,8 @@ evaluation, two training seeds each.
 
 Every run is the ``demo-1500`` recipe (lcm.config.recipes: k = 100, w ~ U[1, 5], cosine rate, 1,500 steps of batch
 32; ``--recipe long`` for 10,000 steps) with only ``--method`` (and PCM's ``--phases``) changed, and for METHOD+adv
-the adversarial term at
-λ = ADVERSARIAL_WEIGHT (its other settings the defaults); each (method, seed) distils into OUT/METHOD-sSEED and is
+the adversarial term at λ = ADVERSARIAL_WEIGHT (its other settings the defaults; METHOD+adv1 judging the 1-step
+sample); each (method, seed) distils into OUT/METHOD-sSEED and is
 sampled with its own sampler (LCM: multistep; TCD: γ = 0.3; PCM: γ = 0, deterministic) at 1, 2, 4 and 8 steps, w = 3
 (for METHOD-cfgfree, PCM's CFG-free variant, real classifier-free guidance at w: two network calls per step),
 the same prompts and noise in every row, FD-clf and prompt accuracy (the shipped classifier's features against the
@@ -53,8 +53,6 @@ ADVERSARIAL = {f"{name}+adv": {**c, "method.adversarial_weight": ADVERSARIAL_WEI
 ONE_STEP = {f"{name}1": {**c, "method.adversarial_input": "one-step"} for name, c in ADVERSARIAL.items()}
 METHODS = {**BASE, **ADVERSARIAL, **ONE_STEP, **CFG_FREE}
 STEPS = (1, 2, 4, 8)
-
-
 W = EVALUATION["demo-1500"]["w"]  # the w of every row
 
 
@@ -84,8 +82,7 @@ def teacher_row(out: Path, samples: int, prompts, evaluator) -> None:
 def gamma_rows(out: Path, method: str, seed: int, gammas: list[float], samples: int, prompts, evaluator) -> None:
     """The run's 2/4/8-step rows sampled at other γ (TCD's sampler), in OUT/METHOD-sSEED/results-gamma.json."""
     model = LatentDiffusion.from_pretrained(out / f"{method}-s{seed}")
-    w = W
-    rows = [Row(f"{method.upper()} γ {g:g}", model.default_sampler, s, w, gamma=g) for g in gammas for s in STEPS[1:]]
+    rows = [Row(f"{method.upper()} γ {g:g}", model.default_sampler, s, W, gamma=g) for g in gammas for s in STEPS[1:]]
     path = out / f"{method}-s{seed}" / "results-gamma.json"
     evaluate_rows(model, rows, prompts, evaluator, path, EvalSettings(num_samples=samples))
 

@@ -29,7 +29,15 @@ from lcm.maths.ema import ema_update
 from lcm.maths.guidance import w_embedding
 from lcm.maths.losses import consistency_loss
 from lcm.maths.solvers import Solver, solve
-from lcm.maths.timesteps import FlowGrid, MixedGrid, SkippingGrid, phase_edge_below, trajectory_targets
+from lcm.maths.timesteps import (
+    FlowGrid,
+    MixedGrid,
+    Sampler,
+    SkippingGrid,
+    phase_edge_below,
+    sampler_timesteps,
+    trajectory_targets,
+)
 from lcm.models.formats import guidance_input, w_input_dim
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import adapters_disabled
@@ -276,7 +284,9 @@ class LCD(StudentTarget):
         """The student's 1-step sample from pure noise ``z`` at t = T − 1, as the method's sampler draws it
         (``--adversarial-input one-step``): the LCM's consistency output; TCD's and PCM's step to t = 0 from the
         raw prediction, α_0·x̂0 + σ_0·ε̂ (:func:`lcm.maths.sampling.sample_tcd`)."""
-        t = torch.full((z.shape[0],), self.model.schedule.num_train_timesteps - 1, device=z.device)
+        # where a 1-step sample starts (the one timestep rule's: T − 1), the same for LCM's and TCD's samplers
+        start = sampler_timesteps(Sampler.LCM, 1, self.model.scheduler_config, self.model.schedule)
+        t = start.to(z.device).expand(z.shape[0])
         if self.cfg.consistency is Consistency.LCM:
             return self.student_model.consistency_output(z, t, cond, w_emb)
         x0, eps = self.student_model.denoised(z, t, cond, w_emb)
