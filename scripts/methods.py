@@ -3,12 +3,14 @@ evaluation, two training seeds each.
 
     python scripts/methods.py --out runs/methods [--methods lcm,tcd,pcm2,pcm4,tcd+adv,...] [--seeds 0,1]
     python scripts/methods.py --out runs/methods --report --docs docs/eval   # docs/eval/methods.md and .png
+    python scripts/methods.py --out runs/demo --recipe demo --methods lcm,tcd+adv1   # docs/eval/methods_demo.md
 
 Every run is the ``demo-1500`` recipe (lcm.config.recipes: k = 100, w ~ U[1, 5], cosine rate, 1,500 steps of batch
-32; ``--recipe long`` for 10,000 steps) with only ``--method`` (and PCM's ``--phases``) changed, and for METHOD+adv
-the adversarial term at λ = ADVERSARIAL_WEIGHT (its other settings the defaults; METHOD+adv1 judging the 1-step
-sample); each (method, seed) distils into OUT/METHOD-sSEED and is
-sampled with its own sampler (LCM: multistep; TCD: γ = 0.3; PCM: γ = 0, deterministic) at 1, 2, 4 and 8 steps, w = 3
+32; ``--recipe demo`` for lcm demo's 750, ``--recipe long`` for 10,000) with only ``--method`` (and PCM's
+``--phases``) changed, and for METHOD+adv the adversarial term at λ = ADVERSARIAL_WEIGHT (its other settings the
+defaults; METHOD+adv1 judging the 1-step sample), for METHOD+dmd the distribution-matching term at λ = DMD_WEIGHT;
+each (method, seed) distils into OUT/METHOD-sSEED and is sampled with its own sampler (LCM: multistep; TCD: γ = 0.3;
+PCM: γ = 0, deterministic) at 1, 2, 4 and 8 steps, w = 3
 (for METHOD-cfgfree, PCM's CFG-free variant, real classifier-free guidance at w: two network calls per step),
 the same prompts and noise in every row, FD-clf and prompt accuracy (the shipped classifier's features against the
 10,000 test images; not FID). Rows are ``lcm eval``'s records in OUT/METHOD-sSEED/results.json; the teacher's
@@ -46,12 +48,15 @@ BASE = {
 # PCM's CFG-free variant: an unguided teacher, 10% empty captions, no w input; sampled with real guidance at w
 CFG_FREE = {f"{name}-cfgfree": {**BASE[name], "method.cfg_free": True} for name in ("pcm2", "pcm4")}
 ADVERSARIAL_WEIGHT = 0.1
-RECIPES = ("demo-1500", "long")  # the budgets: 1,500 or 10,000 steps of batch 32
+RECIPES = ("demo-1500", "demo", "long")  # the budgets: 1,500, 750 (lcm demo's) or 10,000 steps of batch 32
 TEACHER_ROW = ("teacher DPM-Solver", Sampler.DPM_SOLVER_2M, 25)  # the teacher's best row (docs/eval/table.md)
 ADVERSARIAL = {f"{name}+adv": {**c, "method.adversarial_weight": ADVERSARIAL_WEIGHT} for name, c in BASE.items()}
 # "+adv1": the discriminator judges the student's 1-step sample from pure noise instead of its pair prediction
 ONE_STEP = {f"{name}1": {**c, "method.adversarial_input": "one-step"} for name, c in ADVERSARIAL.items()}
-METHODS = {**BASE, **ADVERSARIAL, **ONE_STEP, **CFG_FREE}
+# "+dmd": the distribution-matching term (DMD2's gradient on the 1-step sample) at DMD_WEIGHT instead
+DMD_WEIGHT = 1.0
+DMD = {f"{name}+dmd": {**c, "method.dmd_weight": DMD_WEIGHT} for name, c in BASE.items()}
+METHODS = {**BASE, **ADVERSARIAL, **ONE_STEP, **DMD, **CFG_FREE}
 STEPS = (1, 2, 4, 8)
 W = EVALUATION["demo-1500"]["w"]  # the w of every row
 
@@ -139,6 +144,7 @@ def plot(out: Path, path: Path) -> Path:
     families = [
         ("guided", [m for m in BASE if m in runs]),
         ("+ adversarial term", [m for m in {**ADVERSARIAL, **ONE_STEP} if m in runs]),
+        ("+ distribution matching", [m for m in DMD if m in runs]),
         ("CFG-free (guided at sampling)", [m for m in CFG_FREE if m in runs]),
     ]
     panels = []
@@ -164,13 +170,15 @@ def document(out: Path, recipe: str, plot_name: str) -> str:
     lines = [
         f"# LCM, TCD and PCM on equal terms, with and without the adversarial term ({steps:,}-step budget)",
         "",
-        f"Made by `python scripts/methods.py --out OUT --recipe {recipe}` (every method, two training seeds), then "
-        f"`--report --docs docs/eval`. Every run is the `{recipe}` recipe (lcm.config.recipes: k = 100, "
+        f"Made by `python scripts/methods.py --out OUT --recipe {recipe}` (the rows below, two training seeds "
+        f"each), then `--report --docs docs/eval`. Every run is the `{recipe}` recipe (lcm.config.recipes: k = 100, "
         f"w ~ U[1, 5], cosine rate, {steps:,} steps of batch 32, full student) with only `--method` (and "
         f"`--phases`) changed; `+adv` adds the adversarial term at λ = {ADVERSARIAL_WEIGHT:g} (its other settings "
         "the defaults: the discriminator's rate 1e-4, levels up to t' = 500), judging the student's prediction for "
         "the pair; `+adv1` the same term judging the student's 1-step sample from pure noise instead "
-        "(`--adversarial-input one-step`); `-cfgfree` is PCM's CFG-free variant "
+        f"(`--adversarial-input one-step`); `+dmd` adds the distribution-matching term at λ = {DMD_WEIGHT:g} instead "
+        "(DMD2's gradient on the 1-step sample, `--dmd-weight`, the fake score's rate the default 4e-4); "
+        "`-cfgfree` is PCM's CFG-free variant "
         f"(an unguided teacher, 10% empty captions, no w input; sampled with real guidance at w = {W:g}, two network "
         "calls per step). PCM with 4 phases trains on N = 20 (k = 50): 4 does not divide 10. Each method samples with "
         "its own sampler (LCM: multistep; TCD: γ = 0.3; PCM: γ = 0, deterministic, the phase edges at M steps), "
@@ -210,10 +218,10 @@ def main() -> None:
                 if a.gammas:
                     gammas = [float(g) for g in a.gammas.split(",")]
                     gamma_rows(a.out, method, seed, gammas, a.samples, prompts, evaluator)
-    docs = a.docs or a.out
-    plot(a.out, docs / "methods.png")
-    text = document(a.out, a.recipe, "methods.png")
-    (docs / "methods.md").write_text(text)
+    docs, name = a.docs or a.out, "methods" if a.recipe == RECIPES[0] else f"methods_{a.recipe}"
+    plot(a.out, docs / f"{name}.png")
+    text = document(a.out, a.recipe, f"{name}.png")
+    (docs / f"{name}.md").write_text(text)
     print(text)
 
 

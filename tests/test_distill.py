@@ -256,11 +256,18 @@ def _run(folder, out, max_steps, resume=None, crash_after=None, kind=StudentKind
 
 
 @pytest.mark.parametrize(
-    ("kind", "adversarial"), [(StudentKind.FULL, 0.0), (StudentKind.LORA, 0.0), (StudentKind.LORA, 0.5)]
+    ("kind", "terms"),
+    [
+        (StudentKind.FULL, {}),
+        (StudentKind.LORA, {}),
+        (StudentKind.LORA, {"adversarial_weight": 0.5}),
+        (StudentKind.FULL, {"dmd_weight": 0.5, "dmd_lr": 1e-3}),
+    ],
 )
-def test_resume_after_a_crash_equals_an_uninterrupted_run(sd_folder, tmp_path, kind, adversarial):
-    """Weights, EMA target and (with --adversarial-weight) the discriminator's heads and AdamW moments."""
-    settings = {"kind": kind, "adversarial_weight": adversarial}
+def test_resume_after_a_crash_equals_an_uninterrupted_run(sd_folder, tmp_path, kind, terms):
+    """Weights, EMA target and (with --adversarial-weight) the discriminator's heads and AdamW moments, (with
+    --dmd-weight) the fake score's weights and moments."""
+    settings = {"kind": kind, **terms}
     straight = _run(sd_folder, tmp_path / "a", 6, **settings)
     _run(sd_folder, tmp_path / "b", 6, crash_after=5, **settings)  # dies during step 6; checkpoint at step 4
     assert (tmp_path / "b" / "train" / "checkpoints" / "step-4").is_dir()
@@ -268,7 +275,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(sd_folder, tmp_path, k
     resumed = _run(sd_folder, tmp_path / "b", 6, resume="latest", **settings)
     a, b = straight.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
-    assert any(k.startswith("adversarial.optim.") for k in a) == (adversarial > 0)
+    assert any(k.startswith("adversarial.optim.") for k in a) == ("adversarial_weight" in terms)
+    assert any(k.startswith("dmd.optim.") for k in a) == ("dmd_weight" in terms)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
     history = (tmp_path / "a" / "train" / "train_history.json").read_text()

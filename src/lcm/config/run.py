@@ -229,11 +229,23 @@ class LCDConfig(ConsistencyConfig):
         "one-step (its 1-step sample from pure noise, as a 1-step generator is used; one more student forward and "
         "backward per step)",
     )
+    dmd_weight: float = knob(
+        0.0,
+        "λ of the distribution-matching term (DMD2; docs/methods.md §5): the student's 1-step sample is moved towards "
+        "what the guided teacher denoises it into and away from what a fake score trained on the student's own "
+        "samples does; full students; 0 turns it off",
+        lo=0,
+    )
+    dmd_lr: float = knob(
+        4e-4, "the fake score's learning rate (its own AdamW; one update per optimiser step)", lo=0, open_lo=True
+    )
     timestep_scaling: float = TIMESTEP_SCALING  # consistency constants (docs/design.md §2)
     sigma_data: float = SIGMA_DATA
 
     def __post_init__(self):
         validate(self)
+        if self.dmd_weight > 0 and self.cfg_free:
+            raise ValueError("--dmd-weight needs a w-conditioned student: drop --cfg-free")
         if self.adversarial_input is AdversarialInput.ONE_STEP and not self.adversarial_weight > 0:
             raise ValueError("--adversarial-input one-step is the adversarial term's: add --adversarial-weight > 0")
         if self.w_min > self.w_max:

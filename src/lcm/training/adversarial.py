@@ -29,7 +29,14 @@ from torch import nn
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.text import TextEmbeddings
 
-__all__ = ["AdversarialTerm", "encoder_features", "renoise"]
+__all__ = [
+    "AdversarialTerm",
+    "average_gradients",
+    "encoder_features",
+    "load_optimizer_state",
+    "optimizer_state",
+    "renoise",
+]
 
 
 class _Enough(Exception):
@@ -186,21 +193,10 @@ class AdversarialTerm:
         self.optimizer.zero_grad(set_to_none=True)
         if torch.isfinite(loss):
             loss.backward()
-            self._all_reduce()
+            average_gradients(self.heads.parameters())
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._add("adv_d", loss.detach())
-
-    def _all_reduce(self) -> None:
-        """Average the heads' gradients over processes (every rank keeps identical heads)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        for p in self.heads.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= dist.get_world_size()
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         total, count = self.sums.get(name, (0.0, 0))
@@ -216,18 +212,40 @@ class AdversarialTerm:
     # --- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
-        moments = self.optimizer.state_dict()["state"]
-        for i, values in moments.items():
-            for key, value in values.items():
-                state[f"optim.{i}.{key}"] = torch.as_tensor(value)
-        return state
+        return {**state, **optimizer_state(self.optimizer)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.heads.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("heads.")})
-        moments: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in state.items():
-            if key.startswith("optim."):
-                _, i, name = key.split(".", 2)
-                moments.setdefault(int(i), {})[name] = value.clone()
-        saved = self.optimizer.state_dict()
-        self.optimizer.load_state_dict({"state": moments, "param_groups": saved["param_groups"]})
+        load_optimizer_state(self.optimizer, state)
+
+
+def average_gradients(parameters) -> None:
+    """Average the parameters' gradients over processes (every rank keeps identical copies); nothing in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimiser's moments and steps as flat tensors, ``optim.<param index>.<name>`` (a checkpoint's part)."""
+    state = {}
+    for i, values in optimizer.state_dict()["state"].items():
+        for key, value in values.items():
+            state[f"optim.{i}.{key}"] = torch.as_tensor(value)
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`optimizer_state`: the ``optim.`` keys of ``state`` back into ``optimizer``."""
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            moments.setdefault(int(i), {})[name] = value.clone()
+    saved = optimizer.state_dict()
+    optimizer.load_state_dict({"state": moments, "param_groups": saved["param_groups"]})

@@ -43,6 +43,7 @@ from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import adapters_disabled
 from lcm.models.text import TextEmbeddings
 from lcm.training.adversarial import AdversarialTerm
+from lcm.training.distribution_matching import DistributionMatching
 
 __all__ = ["LCD", "LCDConfig", "LCDOutput", "LossMonitor", "StudentTarget"]
 
@@ -112,6 +113,14 @@ class StudentTarget:
     """Student, target and the consistency function shared by LCD and LCF."""
 
     adversarial: AdversarialTerm | None = None  # LCD's --adversarial-weight
+    distribution_matching: DistributionMatching | None = None  # LCD's --dmd-weight
+
+    @property
+    def extra_terms(self) -> dict:
+        """The terms beside the consistency loss that train networks of their own, by checkpoint prefix: each has
+        ``step()`` (after the student's optimiser step), ``read()`` (log means) and a state dict."""
+        terms = {"adversarial": self.adversarial, "dmd": self.distribution_matching}
+        return {name: term for name, term in terms.items() if term is not None}
 
     def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg, target=None):
         self.model, self.student, self.kind, self.cfg = model, student, StudentKind(kind), cfg
@@ -184,6 +193,10 @@ class LCD(StudentTarget):
         if cfg.adversarial_weight > 0:
             lr, t_max = cfg.adversarial_lr, cfg.adversarial_max_t
             self.adversarial = AdversarialTerm(model, cfg.adversarial_weight, lr, t_max, seed)
+        if cfg.dmd_weight > 0:
+            if self.kind is not StudentKind.FULL:
+                raise ValueError("--dmd-weight is built for full students (its fake score copies the student's UNet)")
+            self.distribution_matching = DistributionMatching(model, student, cfg.dmd_weight, cfg.dmd_lr)
         # The teacher is ``model`` itself: its frozen original UNet, or for LoRA the student (the model's own UNet,
         # adapted in place) with its adapters disabled. The skipping grid: a curriculum or mixed skips, if asked.
         T, bias = model.schedule.num_train_timesteps, cfg.timestep_bias
@@ -199,8 +212,14 @@ class LCD(StudentTarget):
         """What a flow teacher's distillation does not have yet, refused in one line each."""
         if cfg.consistency is not Consistency.LCM:
             raise ValueError(f"--method {cfg.consistency.value} is not built for flow-matching teachers; use lcm")
-        if cfg.adversarial_weight > 0 or cfg.cfg_free:
-            flag = "--adversarial-weight" if cfg.adversarial_weight > 0 else "--cfg-free"
+        if cfg.adversarial_weight > 0 or cfg.dmd_weight > 0 or cfg.cfg_free:
+            flag = (
+                "--adversarial-weight"
+                if cfg.adversarial_weight > 0
+                else "--dmd-weight"
+                if cfg.dmd_weight > 0
+                else "--cfg-free"
+            )
             raise ValueError(f"{flag} is not built for flow-matching teachers")
         if cfg.coarse_num_solver_steps or cfg.coarse_fraction or cfg.timestep_bias:
             raise ValueError("coarse grids and --timestep-bias are for VP teachers; a flow teacher trains every σ")
@@ -270,15 +289,24 @@ class LCD(StudentTarget):
                 target = self.target_model.trajectory_output(z_end.to(z0.dtype), t_end, s, cond, w_emb)
 
         loss = consistency_loss(prediction, target, self.cfg.loss, self.cfg.huber_c)
-        if self.adversarial is None:
+        if not self.extra_terms:
             return LCDOutput(loss, t_start, w)
-        # its draws come after every draw above: λ > 0 keeps them all
-        if self.cfg.adversarial_input is AdversarialInput.ONE_STEP:
-            fake, s = self.one_step(torch.randn(z0.shape, generator=generator).to(device, z0.dtype), cond, w_emb), None
-        else:
-            fake = prediction
-        adversarial = self.adversarial.generator_loss(self.model, fake, s, z0, cond, generator, self._teacher_context)
-        return LCDOutput(loss + adversarial.to(loss.dtype), t_start, w, consistency=loss)
+        # the terms' draws come after every draw above: λ > 0 keeps them all
+        one_step = self.adversarial_input_one_step or self.distribution_matching is not None
+        if one_step:
+            x = self.one_step(torch.randn(z0.shape, generator=generator).to(device, z0.dtype), cond, w_emb)
+        extra = torch.zeros_like(loss)
+        if self.adversarial is not None:
+            fake, s = (x, None) if self.adversarial_input_one_step else (prediction, s)
+            ctx = self._teacher_context
+            extra = extra + self.adversarial.generator_loss(self.model, fake, s, z0, cond, generator, ctx)
+        if self.distribution_matching is not None:
+            extra = extra + self.distribution_matching.generator_loss(x, cond, uncond, w, w_emb, generator)
+        return LCDOutput(loss + extra.to(loss.dtype), t_start, w, consistency=loss)
+
+    @property
+    def adversarial_input_one_step(self) -> bool:
+        return self.adversarial is not None and self.cfg.adversarial_input is AdversarialInput.ONE_STEP
 
     def one_step(self, z: torch.Tensor, cond: TextEmbeddings, w_emb: torch.Tensor | None) -> torch.Tensor:
         """The student's 1-step sample from pure noise ``z`` at t = T − 1, as the method's sampler draws it

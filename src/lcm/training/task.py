@@ -91,9 +91,11 @@ class ConsistencyTask(Task):
 
     def log_metrics(self) -> dict[str, float]:
         """Per-t / per-w loss and the w projection's norms since the last log line (see :class:`LossMonitor`), and
-        the adversarial term's means when there is one."""
-        adversarial = self.method.adversarial
-        return {**self.monitor.read(), **(adversarial.read() if adversarial is not None else {})}
+        the extra terms' means (adversarial, distribution matching) when there are any."""
+        logs = self.monitor.read()
+        for term in self.method.extra_terms.values():
+            logs.update(term.read())
+        return logs
 
     def compile(self) -> None:
         self.method.compile()
@@ -103,8 +105,8 @@ class ConsistencyTask(Task):
 
     def after_optimizer_step(self, step: int) -> None:
         self.method.update_target()
-        if self.method.adversarial is not None:
-            self.method.adversarial.step()
+        for term in self.method.extra_terms.values():
+            term.step()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.kind is StudentKind.FULL:
@@ -112,14 +114,13 @@ class ConsistencyTask(Task):
             state.update({f"target.{k}": v for k, v in self.method.target.state_dict().items()})
         else:
             state = {f"lora.{n}": p for n, p in self.student.named_parameters() if p.requires_grad}
-        if self.method.adversarial is not None:
-            state.update({f"adversarial.{k}": v for k, v in self.method.adversarial.state_dict().items()})
+        for name, term in self.method.extra_terms.items():
+            state.update({f"{name}.{k}": v for k, v in term.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if self.method.adversarial is not None:
-            prefix = "adversarial."
-            self.method.adversarial.load_state_dict({k[12:]: v for k, v in state.items() if k.startswith(prefix)})
+        for name, term in self.method.extra_terms.items():
+            term.load_state_dict({k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")})
         if self.kind is StudentKind.FULL:
             self.student.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("student.")})
             self.method.target.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("target.")})

@@ -1,0 +1,119 @@
+"""The distribution-matching term of ``lcm distill --dmd-weight λ`` (docs/methods.md §5): DMD2's gradient (Yin et al.
+2024, arXiv 2405.14867) on the student's 1-step sample, beside the consistency loss.
+
+x is the student's 1-step sample from pure noise, as its 1-step sampler draws it (:meth:`LCD.one_step`). It is
+diffused to a level t ~ U{T/50, …, 49T/50}, x_t = α_t·x + σ_t·ε, and denoised twice:
+
+    x̂0_real: the frozen teacher with classifier-free guidance at the sample's w (the distribution to match)
+    x̂0_fake: the fake score, a copy of the student's network as the run starts (so it takes the same w input),
+             trained online to denoise the student's own 1-step samples (the distribution the student has)
+
+    g = (x̂0_fake − x̂0_real) / mean|x − x̂0_real|        (per sample; the mean over the sample's elements)
+
+g is the KL gradient between the student's 1-step distribution and the teacher's, at level t, normalised per sample.
+The student adds λ·½·mean((x − sg(x − g))²) per sample, whose gradient on x is λ·g/numel: the sample moves towards
+what the teacher denoises it into and away from what the student's own distribution does. No gradient goes through
+either score network.
+
+The fake score trains once per optimiser step, on the (detached) samples, levels and noise the student's step drew,
+with the ε-prediction loss and its own AdamW; its weights, moments and step are part of every checkpoint.
+Cost per micro-batch: one more student forward and backward (the 1-step sample; shared with
+``--adversarial-input one-step``), a guided teacher forward (2B), and the fake score's forward and backward.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from lcm.models.latent_diffusion import LatentDiffusion
+from lcm.models.text import TextEmbeddings
+from lcm.training.adversarial import average_gradients, load_optimizer_state, optimizer_state
+
+__all__ = ["DistributionMatching"]
+
+LEVELS = (0.02, 0.98)  # the fraction of T between which the levels are drawn (DMD2's)
+
+
+class DistributionMatching:
+    """The fake score of one distillation run: its network and optimiser, the student's term, and the fake score's
+    step on the samples the student's step drew."""
+
+    def __init__(self, model: LatentDiffusion, student: nn.Module, weight: float, lr: float):
+        self.model, self.weight = model, weight
+        self.fake = copy.deepcopy(student).requires_grad_(True).train()
+        self.fake_model = model.with_network(self.fake)
+        T = model.schedule.num_train_timesteps
+        self.levels = (round(LEVELS[0] * T), round(LEVELS[1] * T))
+        self.optimizer = torch.optim.AdamW(self.fake.parameters(), lr=lr, betas=(0.0, 0.99), weight_decay=0.0)
+        self.pending: list[tuple] = []  # (sample, level, noise, cond, w_emb) per micro-batch, detached
+        self.sums: dict[str, tuple[torch.Tensor | float, int]] = {}
+
+    def generator_loss(
+        self,
+        x: torch.Tensor,
+        cond: TextEmbeddings,
+        uncond: TextEmbeddings,
+        w: torch.Tensor,
+        w_emb: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """λ·½·mean((x − sg(x − g))²) per sample ``[B]`` for the student's 1-step samples ``x`` at guidance ``w``
+        (``w_emb``: the student's input for it); keeps the samples for :meth:`step`."""
+        batch, device = x.shape[0], x.device
+        t = torch.randint(self.levels[0], self.levels[1] + 1, (batch,), generator=generator).to(device)
+        noise = torch.randn(x.shape, generator=generator).to(device, x.dtype)
+        fake_noise = torch.randn(x.shape, generator=generator).to(device, x.dtype)
+        fake_t = torch.randint(self.levels[0], self.levels[1] + 1, (batch,), generator=generator).to(device)
+        with torch.no_grad():
+            z_t = self.model.schedule.add_noise(x.detach(), noise, t)
+            real = self.model.guided_denoiser(cond, uncond, w.to(device))(z_t, t).x0.float()
+            fake = self.fake_model.denoised(z_t, t, cond, w_emb).x0.float()
+            scale = (x.detach().float() - real).abs().flatten(1).mean(1).clamp(min=1e-8)
+            g = torch.nan_to_num((fake - real) / scale.reshape(-1, *(1,) * (x.ndim - 1)))
+        self.pending.append((x.detach(), fake_t, fake_noise, cond, None if w_emb is None else w_emb.detach()))
+        self._add("dmd_grad", g.abs().mean())
+        loss = 0.5 * (x.float() - (x.detach().float() - g)).square().flatten(1).mean(1)
+        return self.weight * loss
+
+    def step(self) -> None:
+        """One update of the fake score on the samples kept since the last one (ε-prediction loss); skipped, and its
+        gradients dropped, when the loss is not finite."""
+        if not self.pending:
+            return
+        losses = []
+        for x, t, noise, cond, w_emb in self.pending:
+            z_t = self.model.schedule.add_noise(x, noise, t)
+            eps = self.fake_model.denoised(z_t, t, cond, w_emb).eps
+            losses.append((eps - noise.float()).square().mean())
+        self.pending.clear()
+        loss = torch.stack(losses).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):
+            loss.backward()
+            average_gradients(self.fake.parameters())
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._add("dmd_fake", loss.detach())
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        total, count = self.sums.get(name, (0.0, 0))
+        self.sums[name] = (total + value.float(), count + 1)
+
+    def read(self) -> dict[str, float]:
+        """Means since the last read: |g| (the normalised gradient the student's samples get) and the fake score's
+        denoising loss."""
+        out = {name: float(total) / count for name, (total, count) in self.sums.items()}
+        self.sums = {}
+        return out
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"fake.{k}": v for k, v in self.fake.state_dict().items()}
+        return {**state, **optimizer_state(self.optimizer)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.fake.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("fake.")})
+        load_optimizer_state(self.optimizer, state)
