@@ -113,3 +113,26 @@ def test_settings_the_term_cannot_serve_are_refused(tiny_sd):
     model = LatentDiffusion.from_pretrained(tiny_sd)
     with pytest.raises(ValueError, match="full students"):
         LCD(model, model.unet, StudentKind.LORA, LCDConfig(num_solver_steps=10, dmd_weight=1.0))
+
+
+def test_the_fake_scores_w_projection_learns_at_the_students_w_rate(tiny_sd):
+    """AdamW's first step moves each weight by about lr: the fake score's zero-initialised w projection moves exactly
+    --w-lr-scale times as far as at scale 1, every other weight exactly as far."""
+    method = _method(tiny_sd, dmd_weight=1.0)
+    model = method.model
+    _, cond, uncond = _batch(model)
+    w = torch.tensor([1.0, 2.0, 3.0, 5.0])
+    samples = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    moved = []
+    for scale in (1.0, 10.0):
+        term = DistributionMatching(model, method.student, 1.0, 1e-3, scale)
+        before = copy.deepcopy(term.fake.state_dict())
+        term.generator_loss(samples, cond, uncond, w, method.w_emb(w, samples.device), torch.Generator().manual_seed(4))
+        term.step()
+        moved.append({k: v - before[k] for k, v in term.fake.state_dict().items()})
+    name = "time_embedding.cond_proj.weight"
+    assert moved[0][name].abs().max() > 0
+    torch.testing.assert_close(moved[1][name], 10 * moved[0][name], rtol=1e-5, atol=0)
+    for key in moved[0]:
+        if key != name:
+            torch.testing.assert_close(moved[1][key], moved[0][key], rtol=0, atol=0, msg=key)

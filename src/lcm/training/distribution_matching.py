@@ -16,7 +16,8 @@ what the teacher denoises it into and away from what the student's own distribut
 either score network.
 
 The fake score trains once per optimiser step, on the (detached) samples, levels and noise the student's step drew,
-with the ε-prediction loss and its own AdamW; its weights, moments and step are part of every checkpoint.
+with the ε-prediction loss and its own AdamW (its w projection at the student's ``--w-lr-scale``); its weights,
+moments and step are part of every checkpoint.
 Cost per micro-batch: one more student forward and backward (the 1-step sample; shared with
 ``--adversarial-input one-step``), a guided teacher forward (2B), and the fake score's forward and backward.
 """
@@ -41,13 +42,20 @@ class DistributionMatching:
     """The fake score of one distillation run: its network and optimiser, the student's term, and the fake score's
     step on the samples the student's step drew."""
 
-    def __init__(self, model: LatentDiffusion, student: nn.Module, weight: float, lr: float):
+    def __init__(self, model: LatentDiffusion, student: nn.Module, weight: float, lr: float, w_lr_scale: float = 1.0):
         self.model, self.weight = model, weight
         self.fake = copy.deepcopy(student).requires_grad_(True).train()
         self.fake_model = model.with_network(self.fake)
         T = model.schedule.num_train_timesteps
         self.levels = (round(LEVELS[0] * T), round(LEVELS[1] * T))
-        self.optimizer = torch.optim.AdamW(self.fake.parameters(), lr=lr, betas=(0.0, 0.99), weight_decay=0.0)
+        # its w projection learns at the student's w rate (zero-initialised in both, it must learn as fast how the
+        # student's samples depend on w, or it models their mixture over w and pushes each w towards the others)
+        projection = getattr(getattr(self.fake, "time_embedding", None), "cond_proj", None)
+        projection = getattr(projection, "weight", None)
+        groups = [{"params": [p for p in self.fake.parameters() if p is not projection]}]
+        if projection is not None:
+            groups.append({"params": [projection], "lr": lr * w_lr_scale})
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.0, 0.99), weight_decay=0.0)
         self.pending: list[tuple] = []  # (sample, level, noise, cond, w_emb) per micro-batch, detached
         self.sums: dict[str, tuple[torch.Tensor | float, int]] = {}
 
