@@ -204,6 +204,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     p.add_argument("--samples", type=int, default=2000, help="images per row")
     p.add_argument("--report", action="store_true", help="only write the report from finished runs")
+    p.add_argument("--name", help="the report's file stem (default methods, or methods_RECIPE for other recipes)")
     p.add_argument("--gammas", default="", help="comma-separated γ: also sample each run at 2, 4, 8 steps with these")
     a = p.parse_args()
     methods = [m for m in a.methods.split(",") if m]
@@ -218,7 +219,7 @@ def main() -> None:
                 if a.gammas:
                     gammas = [float(g) for g in a.gammas.split(",")]
                     gamma_rows(a.out, method, seed, gammas, a.samples, prompts, evaluator)
-    docs, name = a.docs or a.out, "methods" if a.recipe == RECIPES[0] else f"methods_{a.recipe}"
+    docs, name = a.docs or a.out, a.name or ("methods" if a.recipe == RECIPES[0] else f"methods_{a.recipe}")
     plot(a.out, docs / f"{name}.png")
     text = document(a.out, a.recipe, f"{name}.png")
     (docs / f"{name}.md").write_text(text)
