@@ -66,36 +66,44 @@ def changes(method: str, seed: int) -> dict:
     return {**METHODS[method], **extra, "loop.seed": seed, "loop.report_to": []}
 
 
-def run(out: Path, recipe: str, method: str, seed: int, samples: int, prompts, evaluator) -> None:
+def results_name(kind: str, eval_seed: int) -> str:
+    """``kind``.json for the evaluation seed 0 (the table's), ``kind``-seedN.json for another (``--eval-seed``)."""
+    return f"{kind}.json" if eval_seed == 0 else f"{kind}-seed{eval_seed}.json"
+
+
+def run(out: Path, recipe: str, method: str, seed: int, samples: int, prompts, evaluator, eval_seed: int) -> None:
     folder = out / f"{method}-s{seed}"
     if not (folder / "unet").is_dir():
         run_training(recipe_config(recipe, changes(method, seed)), folder, resume="auto")
     model = LatentDiffusion.from_pretrained(folder)
     rows = [Row(method.upper(), model.default_sampler, s, W) for s in STEPS]
-    settings = EvalSettings(num_samples=samples)
-    evaluate_rows(model, rows, prompts, evaluator, folder / "results.json", settings)
+    settings = EvalSettings(num_samples=samples, seed=eval_seed)
+    evaluate_rows(model, rows, prompts, evaluator, folder / results_name("results", eval_seed), settings)
 
 
-def teacher_row(out: Path, samples: int, prompts, evaluator) -> None:
+def teacher_row(out: Path, samples: int, prompts, evaluator, eval_seed: int) -> None:
     """The teacher's best row on the same prompts and noise, the table's reference: OUT/teacher/results.json."""
     model = LatentDiffusion.from_pretrained(default_model_path())
     name, sampler, steps = TEACHER_ROW
-    settings = EvalSettings(num_samples=samples)
-    evaluate_rows(model, [Row(name, sampler, steps, W)], prompts, evaluator, out / "teacher" / "results.json", settings)
+    settings = EvalSettings(num_samples=samples, seed=eval_seed)
+    path = out / "teacher" / results_name("results", eval_seed)
+    evaluate_rows(model, [Row(name, sampler, steps, W)], prompts, evaluator, path, settings)
 
 
-def gamma_rows(out: Path, method: str, seed: int, gammas: list[float], samples: int, prompts, evaluator) -> None:
+def gamma_rows(
+    out: Path, method: str, seed: int, gammas: list[float], samples: int, prompts, evaluator, eval_seed: int
+) -> None:
     """The run's 2/4/8-step rows sampled at other γ (TCD's sampler), in OUT/METHOD-sSEED/results-gamma.json."""
     model = LatentDiffusion.from_pretrained(out / f"{method}-s{seed}")
     rows = [Row(f"{method.upper()} γ {g:g}", model.default_sampler, s, W, gamma=g) for g in gammas for s in STEPS[1:]]
-    path = out / f"{method}-s{seed}" / "results-gamma.json"
-    evaluate_rows(model, rows, prompts, evaluator, path, EvalSettings(num_samples=samples))
+    path = out / f"{method}-s{seed}" / results_name("results-gamma", eval_seed)
+    evaluate_rows(model, rows, prompts, evaluator, path, EvalSettings(num_samples=samples, seed=eval_seed))
 
 
-def gamma_report(out: Path) -> str:
+def gamma_report(out: Path, eval_seed: int = 0) -> str:
     """FD-clf and prompt accuracy of every γ row, mean ± half the range over seeds."""
     cells: dict[tuple[str, int], list[dict]] = {}
-    for path in sorted(out.glob("*-s*/results-gamma.json")):
+    for path in sorted(out.glob(f"*-s*/{results_name('results-gamma', eval_seed)}")):
         for r in load_results(path)[1]:
             cells.setdefault((r.method, r.steps), []).append(r.metrics)
     rows = []
@@ -108,39 +116,39 @@ def gamma_report(out: Path) -> str:
     return markdown_table(["method", "steps", "seeds", "FD-clf", "prompt accuracy"], rows)
 
 
-def finished_runs(out: Path) -> dict[str, list[dict[int, dict]]]:
+def finished_runs(out: Path, eval_seed: int = 0) -> dict[str, list[dict[int, dict]]]:
     """Method → one {steps: metrics} per training seed, for every run in OUT with all its rows."""
     runs: dict[str, list[dict]] = {}
-    for path in sorted(out.glob("*-s*/results.json")):
+    for path in sorted(out.glob(f"*-s*/{results_name('results', eval_seed)}")):
         records = load_results(path)[1]
         if len(records) == len(STEPS):
             runs.setdefault(path.parent.name.rsplit("-s", 1)[0], []).append({r.steps: r.metrics for r in records})
     return {m: runs[m] for m in METHODS if m in runs}
 
 
-def teacher_best(out: Path) -> float | None:
-    path = out / "teacher" / "results.json"
+def teacher_best(out: Path, eval_seed: int = 0) -> float | None:
+    path = out / "teacher" / results_name("results", eval_seed)
     return load_results(path)[1][0].metrics["fd_clf"] if path.is_file() else None
 
 
-def report(out: Path) -> str:
+def report(out: Path, eval_seed: int = 0) -> str:
     def cell(values: list[float], fmt: str) -> str:
         spread = f" ± {(max(values) - min(values)) / 2:{fmt}}" if len(values) > 1 else ""
         return f"{statistics.fmean(values):{fmt}}{spread}"
 
     header = ["method", "seeds", *(f"FD-clf {s}" for s in STEPS), *(f"acc {s}" for s in STEPS)]
     rows = []
-    for method, seeds in finished_runs(out).items():
+    for method, seeds in finished_runs(out, eval_seed).items():
         fd = [cell([r[s]["fd_clf"] for r in seeds], ".1f") for s in STEPS]
         acc = [cell([r[s]["prompt_accuracy"] for r in seeds], ".3f") for s in STEPS]
         rows.append([method, len(seeds), *fd, *acc])
     return "Mean ± half the range over training seeds.\n\n" + markdown_table(header, rows)
 
 
-def plot(out: Path, path: Path) -> Path:
+def plot(out: Path, path: Path, eval_seed: int = 0) -> Path:
     """FD-clf against steps, one panel per family (guided, + adversarial, CFG-free), the mean over seeds with
     the teacher's best row as a flat line."""
-    runs, best = finished_runs(out), teacher_best(out)
+    runs, best = finished_runs(out, eval_seed), teacher_best(out, eval_seed)
     families = [
         ("guided", [m for m in BASE if m in runs]),
         ("+ adversarial term", [m for m in {**ADVERSARIAL, **ONE_STEP} if m in runs]),
@@ -156,11 +164,12 @@ def plot(out: Path, path: Path) -> Path:
     return line_panels(panels, path, "steps", f"FD-clf ↓ (w = {W:g})", logx=True, logy=True, xticks=STEPS)
 
 
-def document(out: Path, recipe: str, plot_name: str) -> str:
+def document(out: Path, recipe: str, plot_name: str, eval_seed: int = 0) -> str:
     """The whole report: what was run, the table, the γ rows, the plot."""
     steps = recipe_config(recipe).loop.max_steps
-    best = teacher_best(out)
-    images = next((load_results(p)[1][0].n_samples for p in sorted(out.glob("*-s*/results.json"))), 0)
+    best = teacher_best(out, eval_seed)
+    results = sorted(out.glob(f"*-s*/{results_name('results', eval_seed)}"))
+    images = next((load_results(p)[1][0].n_samples for p in results), 0)
     reference = (
         f"The teacher's best row on the same prompts and noise ({TEACHER_ROW[0]}, {TEACHER_ROW[2]} steps, "
         f"OUT/teacher): **{best:.1f}**."
@@ -182,15 +191,16 @@ def document(out: Path, recipe: str, plot_name: str) -> str:
         f"(an unguided teacher, 10% empty captions, no w input; sampled with real guidance at w = {W:g}, two network "
         "calls per step). PCM with 4 phases trains on N = 20 (k = 50): 4 does not divide 10. Each method samples with "
         "its own sampler (LCM: multistep; TCD: γ = 0.3; PCM: γ = 0, deterministic, the phase edges at M steps), "
-        f"every row {images:,} images at w = {W:g} with `lcm eval`'s prompts and noise "
-        "(seed 0). FD-clf and prompt accuracy are in the shipped classifier's features against the 10,000 test "
-        "images (not FID); the VAE's own reconstructions of test images score 57.1. " + reference,
+        f"every row {images:,} images at w = {W:g} with `lcm eval`'s prompts and noise (seed {eval_seed}). "
+        "FD-clf and prompt accuracy are in the shipped classifier's features against the 10,000 test images "
+        "(not FID); the VAE's own reconstructions of test images score 57.1. " + reference,
         "",
-        report(out),
+        report(out, eval_seed),
         f"![FD-clf against steps]({plot_name})",
     ]
-    if any(out.glob("*-s*/results-gamma.json")):
-        lines += ["", "TCD's sampler at other γ (`--gammas`; same prompts and noise):", "", gamma_report(out)]
+    if any(out.glob(f"*-s*/{results_name('results-gamma', eval_seed)}")):
+        table = gamma_report(out, eval_seed)
+        lines += ["", "TCD's sampler at other γ (`--gammas`; same prompts and noise):", "", table]
     lines += ["", "docs/methods.md discusses the rows, the w sweep and the evaluation-seed-1 rows."]
     return "\n".join(lines) + "\n"
 
@@ -204,6 +214,9 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     p.add_argument("--samples", type=int, default=2000, help="images per row")
     p.add_argument("--report", action="store_true", help="only write the report from finished runs")
+    p.add_argument(
+        "--eval-seed", type=int, default=0, help="evaluation seed (prompts and noise; default 0, the table's)"
+    )
     p.add_argument("--name", help="the report's file stem (default methods, or methods_RECIPE for other recipes)")
     p.add_argument("--gammas", default="", help="comma-separated γ: also sample each run at 2, 4, 8 steps with these")
     a = p.parse_args()
@@ -211,17 +224,18 @@ def main() -> None:
     if unknown := [m for m in methods if m not in METHODS]:
         p.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     if not a.report:
-        prompts, evaluator = fashion_eval_prompts(a.samples, 0), FashionEvaluator(default_model_path() / "classifier")
-        teacher_row(a.out, a.samples, prompts, evaluator)
+        prompts = fashion_eval_prompts(a.samples, a.eval_seed)
+        evaluator = FashionEvaluator(default_model_path() / "classifier")
+        teacher_row(a.out, a.samples, prompts, evaluator, a.eval_seed)
         for method in methods:  # both seeds of a method before the next: a row is whole as soon as possible
             for seed in (int(s) for s in a.seeds.split(",")):
-                run(a.out, a.recipe, method, seed, a.samples, prompts, evaluator)
+                run(a.out, a.recipe, method, seed, a.samples, prompts, evaluator, a.eval_seed)
                 if a.gammas:
                     gammas = [float(g) for g in a.gammas.split(",")]
-                    gamma_rows(a.out, method, seed, gammas, a.samples, prompts, evaluator)
+                    gamma_rows(a.out, method, seed, gammas, a.samples, prompts, evaluator, a.eval_seed)
     docs, name = a.docs or a.out, a.name or ("methods" if a.recipe == RECIPES[0] else f"methods_{a.recipe}")
-    plot(a.out, docs / f"{name}.png")
-    text = document(a.out, a.recipe, f"{name}.png")
+    plot(a.out, docs / f"{name}.png", a.eval_seed)
+    text = document(a.out, a.recipe, f"{name}.png", a.eval_seed)
     (docs / f"{name}.md").write_text(text)
     print(text)
 
