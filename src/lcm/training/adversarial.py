@@ -31,6 +31,7 @@ from lcm.models.text import TextEmbeddings
 
 __all__ = [
     "AdversarialTerm",
+    "TrainedTerm",
     "average_gradients",
     "encoder_features",
     "load_optimizer_state",
@@ -115,19 +116,66 @@ def _per_sample(maps: list[torch.Tensor], f: Callable[[torch.Tensor], torch.Tens
     return torch.stack([f(m.float()).flatten(1).mean(1) for m in maps]).mean(0)
 
 
-class AdversarialTerm:
+class TrainedTerm:
+    """What a term beside the consistency loss that trains a network of its own shares (the discriminator, DMD's fake
+    score): the network's update once per optimiser step, running means for the log, and the network's weights and
+    AdamW moments as checkpoint state (``PREFIX.<weight>``, ``optim.<index>.<moment>``)."""
+
+    network: nn.Module
+    optimizer: torch.optim.Optimizer
+    prefix: str
+
+    def __init__(self) -> None:
+        self.pending: list[tuple] = []  # what the student's micro-batches saw since the last update, detached
+        self.sums: dict[str, tuple[torch.Tensor | float, int]] = {}  # name → (sum on the device, count)
+
+    def _update(self, loss: torch.Tensor, name: str) -> None:
+        """One update of the network on ``loss`` (logged as ``name``); skipped, and its gradients dropped, when the
+        loss is not finite."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):
+            loss.backward()
+            average_gradients(self.network.parameters())
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._add(name, loss.detach())
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        total, count = self.sums.get(name, (0.0, 0))
+        self.sums[name] = (total + value.float(), count + 1)
+
+    def read(self) -> dict[str, float]:
+        """The means of the logged values since the last read."""
+        out = {name: float(total) / count for name, (total, count) in self.sums.items()}
+        self.sums = {}
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"{self.prefix}.{k}": v for k, v in self.network.state_dict().items()}
+        return {**state, **optimizer_state(self.optimizer)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        start = len(self.prefix) + 1
+        self.network.load_state_dict({k[start:]: v for k, v in state.items() if k.startswith(f"{self.prefix}.")})
+        load_optimizer_state(self.optimizer, state)
+
+
+class AdversarialTerm(TrainedTerm):
     """The discriminator of one distillation run: its heads and optimiser, the generator loss the student adds, and
-    the discriminator's step on the features the student's step saw."""
+    the discriminator's step on the features the student's step saw (logged: ``adv_g``, the generator term as the
+    student sees it; ``adv_d``, the discriminator's loss; ``adv_d_real`` and ``adv_d_fake``, its mean logits)."""
+
+    prefix = "heads"
 
     def __init__(self, model: LatentDiffusion, weight: float, lr: float, t_max: float, seed: int = 0):
+        super().__init__()
         self.weight, self.t_max = weight, min(float(t_max), model.schedule.num_train_timesteps - 1)
         channels = self._channels(model)
         with torch.random.fork_rng(devices=[]):  # the heads' initialisation leaves the global stream alone
             torch.manual_seed(seed)
             self.heads = _Heads(channels).to(model.device)
+        self.network = self.heads
         self.optimizer = torch.optim.AdamW(self.heads.parameters(), lr=lr, betas=(0.0, 0.99), weight_decay=0.0)
-        self.pending: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # (real, fake) features per batch
-        self.sums: dict[str, tuple[torch.Tensor | float, int]] = {}  # name → (sum on the device, count)
 
     @staticmethod
     def _channels(model: LatentDiffusion) -> list[int]:
@@ -189,34 +237,7 @@ class AdversarialTerm:
             self._add("adv_d_real", _per_sample(d_real, lambda x: x).detach().mean())
             self._add("adv_d_fake", _per_sample(d_fake, lambda x: x).detach().mean())
         self.pending.clear()
-        loss = torch.stack(losses).mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            loss.backward()
-            average_gradients(self.heads.parameters())
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._add("adv_d", loss.detach())
-
-    def _add(self, name: str, value: torch.Tensor) -> None:
-        total, count = self.sums.get(name, (0.0, 0))
-        self.sums[name] = (total + value.float(), count + 1)
-
-    def read(self) -> dict[str, float]:
-        """Means since the last read: the generator term (−D(fake) as the student sees it), the discriminator's
-        loss and its mean logits on real and fake."""
-        out = {name: float(total) / count for name, (total, count) in self.sums.items()}
-        self.sums = {}
-        return out
-
-    # --- checkpoints ------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
-        return {**state, **optimizer_state(self.optimizer)}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.heads.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("heads.")})
-        load_optimizer_state(self.optimizer, state)
+        self._update(torch.stack(losses).mean(), "adv_d")
 
 
 def average_gradients(parameters) -> None:

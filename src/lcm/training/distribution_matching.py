@@ -31,20 +31,23 @@ from torch import nn
 
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.text import TextEmbeddings
-from lcm.training.adversarial import average_gradients, load_optimizer_state, optimizer_state
+from lcm.training.adversarial import TrainedTerm
 
 __all__ = ["DistributionMatching"]
 
 LEVELS = (0.02, 0.98)  # the fraction of T between which the levels are drawn (DMD2's)
 
 
-class DistributionMatching:
+class DistributionMatching(TrainedTerm):
     """The fake score of one distillation run: its network and optimiser, the student's term, and the fake score's
-    step on the samples the student's step drew."""
+    step on the samples the student's step drew (logged: ``dmd_grad``, mean |g|; ``dmd_fake``, its ε loss)."""
+
+    prefix = "fake"
 
     def __init__(self, model: LatentDiffusion, student: nn.Module, weight: float, lr: float, w_lr_scale: float = 1.0):
+        super().__init__()
         self.model, self.weight = model, weight
-        self.fake = copy.deepcopy(student).requires_grad_(True).train()
+        self.fake = self.network = copy.deepcopy(student).requires_grad_(True).train()
         self.fake_model = model.with_network(self.fake)
         T = model.schedule.num_train_timesteps
         self.levels = (round(LEVELS[0] * T), round(LEVELS[1] * T))
@@ -56,8 +59,6 @@ class DistributionMatching:
         if projection is not None:
             groups.append({"params": [projection], "lr": lr * w_lr_scale})
         self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.0, 0.99), weight_decay=0.0)
-        self.pending: list[tuple] = []  # (sample, level, noise, cond, w_emb) per micro-batch, detached
-        self.sums: dict[str, tuple[torch.Tensor | float, int]] = {}
 
     def generator_loss(
         self,
@@ -97,31 +98,4 @@ class DistributionMatching:
             eps = self.fake_model.denoised(z_t, t, cond, w_emb).eps
             losses.append((eps - noise.float()).square().mean())
         self.pending.clear()
-        loss = torch.stack(losses).mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            loss.backward()
-            average_gradients(self.fake.parameters())
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._add("dmd_fake", loss.detach())
-
-    def _add(self, name: str, value: torch.Tensor) -> None:
-        total, count = self.sums.get(name, (0.0, 0))
-        self.sums[name] = (total + value.float(), count + 1)
-
-    def read(self) -> dict[str, float]:
-        """Means since the last read: |g| (the normalised gradient the student's samples get) and the fake score's
-        denoising loss."""
-        out = {name: float(total) / count for name, (total, count) in self.sums.items()}
-        self.sums = {}
-        return out
-
-    # --- checkpoints ------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"fake.{k}": v for k, v in self.fake.state_dict().items()}
-        return {**state, **optimizer_state(self.optimizer)}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.fake.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("fake.")})
-        load_optimizer_state(self.optimizer, state)
+        self._update(torch.stack(losses).mean(), "dmd_fake")
