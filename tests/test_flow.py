@@ -431,7 +431,9 @@ def test_flow_lcd_refuses_what_it_does_not_have(flow_model, tiny_sd):
     student = full_student(flow_model.unet)
     for cfg, message in [
         (LCDConfig(consistency=Consistency.TCD), "not built for flow"),
-        (LCDConfig(adversarial_weight=0.1), "not built for flow"),
+        (LCDConfig(adversarial_weight=0.1), "--adversarial-weight is not built for flow"),
+        (LCDConfig(dmd_weight=1.0), "--dmd-weight is not built for flow"),
+        (LCDConfig(cfg_free=True), "--cfg-free is not built for flow"),
         (LCDConfig(timestep_bias=1.0), "every σ"),
         (LCDConfig(solver=Solver.DPM_SOLVER_2), "cannot reach"),
     ]:

@@ -214,14 +214,8 @@ class LCD(StudentTarget):
         """What a flow teacher's distillation does not have yet, refused in one line each."""
         if cfg.consistency is not Consistency.LCM:
             raise ValueError(f"--method {cfg.consistency.value} is not built for flow-matching teachers; use lcm")
-        if cfg.adversarial_weight > 0 or cfg.dmd_weight > 0 or cfg.cfg_free:
-            flag = (
-                "--adversarial-weight"
-                if cfg.adversarial_weight > 0
-                else "--dmd-weight"
-                if cfg.dmd_weight > 0
-                else "--cfg-free"
-            )
+        unbuilt = {"--adversarial-weight": cfg.adversarial_weight > 0, "--dmd-weight": cfg.dmd_weight > 0}
+        if flag := next((f for f, on in {**unbuilt, "--cfg-free": cfg.cfg_free}.items() if on), None):
             raise ValueError(f"{flag} is not built for flow-matching teachers")
         if cfg.coarse_num_solver_steps or cfg.coarse_fraction or cfg.timestep_bias:
             raise ValueError("coarse grids and --timestep-bias are for VP teachers; a flow teacher trains every σ")
