@@ -288,8 +288,7 @@ class LCD(StudentTarget):
         if not self.extra_terms:
             return LCDOutput(loss, t_start, w)
         # the terms' draws come after every draw above: λ > 0 keeps them all
-        one_step = self.adversarial_input_one_step or self.distribution_matching is not None
-        if one_step:
+        if self.adversarial_input_one_step or self.distribution_matching is not None:  # drawn once for both terms
             x = self.one_step(torch.randn(z0.shape, generator=generator).to(device, z0.dtype), cond, w_emb)
         extra = torch.zeros_like(loss)
         if self.adversarial is not None:
