@@ -312,6 +312,55 @@ def test_cli_eval_with_a_w_sweep(tmp_path, capsys):
     assert "## w = 1" in (out / "results.md").read_text()
 
 
+def _as_tcd(tmp_path: Path) -> Path:
+    """The shipped LCM's folder, its record saying it was distilled with --method tcd (it then samples with TCD's)."""
+    import shutil
+
+    import lcm.sample
+
+    folder = tmp_path / "tcd"
+    shutil.copytree(lcm.sample.ASSETS / "fashion-lcm", folder)
+    record = json.loads((folder / "lcm_distill.json").read_text())
+    record["lcd"]["consistency"] = "tcd"
+    (folder / "lcm_distill.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_eval_samples_tcd_models_at_the_given_gamma(tmp_path, monkeypatch, capsys):
+    tcd, lcm = str(_as_tcd(tmp_path)), str(Path(TEACHER).parent / "fashion-lcm")
+    plan = plan_eval(out=tmp_path, teacher_samplers=(), lcms=[(tcd, None), (lcm, "LCM")], gamma=1, device="cpu")
+    assert [(m.name, m.sampler, m.gamma) for m in plan.methods] == [
+        ("TCD (tcd) γ 1", Sampler.TCD, 1.0),
+        ("LCM", Sampler.LCM, None),  # γ is TCD's sampler's only
+    ]
+    assert plan_eval(out=tmp_path, teacher_samplers=(), lcms=[(tcd, None)], device="cpu").methods[0].gamma is None
+
+    calls = []
+    real = eval_run.generate
+
+    def recording(model, prompts, sampler, steps, *args, gamma, **kwargs):
+        calls.append((sampler, gamma))
+        return real(model, prompts, sampler, steps, *args, gamma=gamma, **kwargs)
+
+    monkeypatch.setattr(eval_run, "generate", recording)
+    args = ["eval", "--lcm", tcd, "--teacher-samplers", "", "--lcm-steps", "2", "--num-samples", "4"]
+    assert main([*args, "--batch-size", "4", "--gamma", "1", "--out", str(tmp_path / "e")]) == 0
+    assert set(calls) == {(Sampler.TCD, 1.0)}
+    assert [r.method for r in load_results(tmp_path / "e" / "results.json")[1]] == ["TCD γ 1"]
+    calls.clear()
+    assert main([*args, "--batch-size", "4", "--out", str(tmp_path / "d")]) == 0
+    assert set(calls) == {(Sampler.TCD, 0.3)}  # the model's own
+    capsys.readouterr()
+
+    for extra, message in (
+        (["--lcm", lcm, "--gamma", "0.5"], "--gamma is TCD's sampler's"),
+        (["--lcm", tcd, "--gamma", "1.5"], "--gamma must be between 0 and 1, got 1.5"),
+    ):
+        assert main(["eval", "--out", str(tmp_path / "o"), "--teacher-samplers", "", *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

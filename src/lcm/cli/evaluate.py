@@ -6,6 +6,7 @@ import argparse
 import inspect
 
 from lcm.cli.common import add_lora_flags, check_int, float_list, int_list, lora_specs
+from lcm.config.sampling import SampleConfig
 from lcm.evaluation.plan import TEACHER_SPACINGS, plan_eval
 from lcm.limits import MAX_BATCH, MAX_IMAGES, MAX_SEED
 
@@ -26,6 +27,8 @@ def run_eval(args: argparse.Namespace) -> int:
     check_int(args.batch_size, "--batch-size", 1, MAX_BATCH)
     check_int(args.reference_samples, "--reference-samples", 1, MAX_IMAGES)
     check_int(args.seed, "--seed", 0, MAX_SEED)
+    if args.gamma is not None:
+        SampleConfig(gamma=args.gamma)  # its range, one line naming --gamma
     if args.sweep_w:
         ws = float_list(args.sweep_w, "--sweep-w")
     elif args.w is not None:
@@ -60,6 +63,7 @@ def run_eval(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir) if args.data_dir else None,
         device=args.device,
         overwrite=args.overwrite,
+        gamma=args.gamma,
     )
     run_eval(plan)
     print(f"\ntable: {plan.out / 'results.md'}\nrows: {plan.out / 'results.json'}\nplots: {plan.out}/*.png")
@@ -107,6 +111,12 @@ def add_parser(sub) -> None:
         "--w", type=float, help="guidance w of every row (default: 3 for the Fashion teacher, 6.5 for others)"
     )
     p.add_argument("--sweep-w", help="comma-separated w values: every row at each w, plus the trade-off plot")
+    p.add_argument(
+        "--gamma",
+        type=float,
+        help="TCD's γ in [0, 1] for the --lcm models that sample with TCD's sampler (TCD, multi-phase PCM); their "
+        "rows are named 'NAME γ G' (default: each model's own: 0.3 for TCD, 0 for PCM)",
+    )
     for flag, name, text in (
         ("--num-samples", "num_samples", "images per row"),
         ("--seed", "seed", "prompt and noise seed; image i uses seed*1e6 + i"),

@@ -49,6 +49,7 @@ class Method:
     sampler: Sampler
     steps: tuple[int, ...]
     loras: tuple[LoraSpec, ...] = ()  # stacked on ``model``
+    gamma: float | None = None  # TCD's γ of a model sampled with TCD's sampler; None: the model's own
 
     @property
     def identity(self) -> str:
@@ -112,6 +113,7 @@ def _methods(
     lcms: Sequence[tuple[str, str | None]],
     lcm_steps: Sequence[int],
     loras: Sequence[LoraSpec] = (),
+    gamma: float | None = None,
 ) -> tuple[Method, ...]:
     flow = _is_flow(teacher)
     known = FLOW_TEACHER_SAMPLERS if flow else tuple(x for x in TEACHER_SAMPLERS if x not in FLOW_TEACHER_SAMPLERS[1:])
@@ -133,7 +135,12 @@ def _methods(
             raise ValueError(f"--lcm {folder}: no such folder")
         kind, sampler = _distilled(path)
         label = name or (kind if len(lcms) == 1 else f"{kind} ({Path(folder).name})")
-        methods.append(Method(label, folder, sampler, tuple(lcm_steps)))
+        if sampler is Sampler.TCD and gamma is not None:  # its rows are named by the γ, so they never mix
+            methods.append(Method(f"{label} γ {gamma:g}", folder, sampler, tuple(lcm_steps), gamma=gamma))
+        else:
+            methods.append(Method(label, folder, sampler, tuple(lcm_steps)))
+    if gamma is not None and not any(m.gamma is not None for m in methods):
+        raise ValueError("--gamma is TCD's sampler's: give an --lcm that samples with it (TCD, multi-phase PCM)")
     if loras:  # the stack on the teacher: an LCM with an LCM-LoRA among them, else sampled as the teacher
         if accelerator_of(loras, base_is_lcm=False) is not None:
             methods.append(Method("LoRA stack", teacher, Sampler.LCM, tuple(lcm_steps), tuple(loras)))
@@ -197,16 +204,18 @@ def plan_eval(
     data_dir: Path | None = None,
     device: str | None = None,
     overwrite: bool = False,
+    gamma: float | None = None,
 ) -> EvalPlan:
     """The evaluation of ``teacher`` (default: the shipped one), the LCMs ``lcms`` ((folder or hub id, row name
-    or None)) and a stack of ``loras`` on the teacher, with every default filled in (docs/design.md §6).
+    or None)) and a stack of ``loras`` on the teacher, with every default filled in (docs/design.md §6). ``gamma``
+    samples the LCMs that sample with TCD's sampler at that γ instead of their own.
 
     The embedded Fashion teacher defaults to its captions as prompts, FD-clf / KID-clf / prompt accuracy in its own
     classifier's features and the test split as reference; other teachers need ``prompts`` and default to FID / KID
     against the prompts' data set (or ``reference``) and the CLIP score. ``ws`` defaults to the teacher's w.
     """
     teacher = teacher or str(default_model_path())
-    methods = _methods(teacher, teacher_samplers, teacher_steps, lcms, lcm_steps, loras)
+    methods = _methods(teacher, teacher_samplers, teacher_steps, lcms, lcm_steps, loras, gamma)
     if teacher_spacing not in TEACHER_SPACINGS:
         raise ValueError(
             f"--teacher-spacing: unknown spacing {teacher_spacing!r}; choose from {', '.join(TEACHER_SPACINGS)}"

@@ -276,7 +276,7 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> list[Record]:
                     plan.batch_size,
                     timestep_spacing=spacing,
                     cache_prompts=cache,
-                    gamma=model.default_gamma,
+                    gamma=model.default_gamma if method.gamma is None else method.gamma,
                 )
 
             if method.identity not in cached:  # not timed: the prompts' text embeddings, the first calls' lazy set-up
@@ -284,7 +284,7 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> list[Record]:
                 sample(prompts.prompts[:2], prompts.seeds[:2])
 
             values = evaluate_sampling(sample, prompts, evaluator, plan.batch_size, progress)
-            row = Row(method.name, method.sampler, steps, w, spacing)
+            row = Row(method.name, method.sampler, steps, w, spacing, method.gamma)
             record = row_record(row, method.identity, values, fingerprints[method.identity])
             done[record.key] = record
             save_results(path, s, list(done.values()))
