@@ -462,3 +462,32 @@ def test_distill_cli_resume_latest_continues_from_the_checkpoint(sd_folder, imag
     a = load_file(tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_student_starts_student_and_target_from_a_distilled_folder(sd_folder, tmp_path):
+    """--init-student: the student and its EMA target start as the folder's network, read back here with diffusers'
+    own loader; a LoRA student, a folder of another shape and a missing folder are refused in one line."""
+    from diffusers import UNet2DConditionModel
+
+    from lcm.config import RunConfig, StudentConfig
+    from lcm.training.task import DistillTask
+
+    _run(sd_folder, tmp_path / "first", 2)  # exports a distilled model folder
+    reference = UNet2DConditionModel.from_pretrained(tmp_path / "first" / "unet").state_dict()
+    teacher = LatentDiffusion.from_pretrained(sd_folder)
+    task = DistillTask(teacher, LCDConfig(init_student=str(tmp_path / "first")), StudentConfig())
+    assert any(
+        not torch.equal(v, teacher.unet.state_dict()[k]) for k, v in reference.items() if k in teacher.unet.state_dict()
+    )
+    for network in (task.method.student, task.method.target):
+        state = network.state_dict()
+        assert state.keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+
+    with pytest.raises(ValueError, match="^--init-student starts a full student from a model folder: drop --student"):
+        RunConfig(student=StudentConfig(kind=StudentKind.LORA), method=LCDConfig(init_student="x"))
+    with pytest.raises(ValueError, match="^--init-student .*: its network is not this student's shape"):
+        DistillTask(teacher, LCDConfig(init_student=str(tmp_path / "first"), cfg_free=True), StudentConfig())
+    with pytest.raises(ValueError, match="^--init-student .*absent: not a model folder"):
+        DistillTask(teacher, LCDConfig(init_student=str(tmp_path / "absent")), StudentConfig())

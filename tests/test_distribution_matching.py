@@ -136,3 +136,39 @@ def test_the_fake_scores_w_projection_learns_at_the_students_w_rate(tiny_sd):
     for key in moved[0]:
         if key != name:
             torch.testing.assert_close(moved[1][key], moved[0][key], rtol=0, atol=0, msg=key)
+
+
+def test_k_fake_updates_are_k_adamw_steps_at_fresh_levels_and_noise(tiny_sd):
+    """--dmd-fake-updates 3: the student's term is the one update's, to the bit (the extra draws come after every
+    other), and the fake score ends where three AdamW steps written out here, each at its own draws, take it."""
+    one = _method(tiny_sd, dmd_weight=1.0, dmd_lr=1e-3)
+    three = _method(tiny_sd, dmd_weight=1.0, dmd_lr=1e-3, dmd_fake_updates=3)
+    model, term = one.model, three.distribution_matching
+    _, cond, uncond = _batch(model)
+    w = torch.tensor([1.0, 2.0, 3.0, 5.0])
+    w_emb = one.w_emb(w, torch.device("cpu"))
+    samples = 0.5 * torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    fake = copy.deepcopy(term.fake)
+    losses = [
+        m.distribution_matching.generator_loss(samples, cond, uncond, w, w_emb, torch.Generator().manual_seed(7))
+        for m in (one, three)
+    ]
+    assert torch.equal(losses[0], losses[1])
+    term.step()
+
+    g = torch.Generator().manual_seed(7)
+    lo, hi = term.levels
+    torch.randint(lo, hi + 1, (4,), generator=g), torch.randn(samples.shape, generator=g)  # the student's term's
+    optimizer = torch.optim.AdamW(fake.parameters(), lr=1e-3, betas=(0.0, 0.99), weight_decay=0.0)
+    for _ in range(3):
+        noise = torch.randn(samples.shape, generator=g)
+        t = torch.randint(lo, hi + 1, (4,), generator=g)
+        z_t = model.schedule.add_noise(samples, noise, t)
+        eps = fake(z_t, t, encoder_hidden_states=cond.hidden_states, timestep_cond=w_emb).sample
+        optimizer.zero_grad()
+        (eps.float() - noise).square().mean().backward()
+        optimizer.step()
+    for (k, a), b in zip(fake.state_dict().items(), term.fake.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
+    assert all(state["step"] == 3 for state in term.optimizer.state.values())
+    assert not term.pending

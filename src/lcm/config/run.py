@@ -236,8 +236,19 @@ class LCDConfig(ConsistencyConfig):
         "samples does; full students; 0 turns it off",
         lo=0,
     )
-    dmd_lr: float = knob(
-        4e-4, "the fake score's learning rate (its own AdamW; one update per optimiser step)", lo=0, open_lo=True
+    dmd_lr: float = knob(4e-4, "the fake score's learning rate (its own AdamW)", lo=0, open_lo=True)
+    dmd_fake_updates: int = knob(
+        1,
+        "updates of the fake score per optimiser step, each on the step's samples at fresh levels and noise (DMD2's "
+        "two time-scale rule: 5)",
+        lo=1,
+        hi=100,
+    )
+    init_student: str | None = knob(
+        None,
+        "start the full student (its EMA target and the fake score too) from this distilled model folder instead of "
+        "the teacher: a second stage on a model lcm distill made from the same teacher, e.g. with --dmd-weight",
+        default_text="the teacher",
     )
     timestep_scaling: float = TIMESTEP_SCALING  # consistency constants (docs/design.md §2)
     sigma_data: float = SIGMA_DATA
@@ -246,6 +257,8 @@ class LCDConfig(ConsistencyConfig):
         validate(self)
         if self.dmd_weight > 0 and self.cfg_free:
             raise ValueError("--dmd-weight needs a w-conditioned student: drop --cfg-free")
+        if self.dmd_fake_updates > 1 and not self.dmd_weight > 0:
+            raise ValueError("--dmd-fake-updates is the distribution-matching term's: add --dmd-weight > 0")
         if self.adversarial_input is AdversarialInput.ONE_STEP and not self.adversarial_weight > 0:
             raise ValueError("--adversarial-input one-step is the adversarial term's: add --adversarial-weight > 0")
         if self.w_min > self.w_max:
@@ -404,6 +417,8 @@ class RunConfig:
             object.__setattr__(self, "method", METHODS[self.command]())
         if type(self.method) is not METHODS[self.command]:
             raise ValueError(f"lcm {self.command} takes a {METHODS[self.command].__name__}")
+        if getattr(self.method, "init_student", None) and self.student.kind is not StudentKind.FULL:
+            raise ValueError("--init-student starts a full student from a model folder: drop --student lora")
 
     def resolved(self) -> RunConfig:
         """The defaults that depend on other settings, filled in (the learning rate)."""

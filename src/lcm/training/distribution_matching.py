@@ -15,8 +15,9 @@ The student adds λ·½·mean((x − sg(x − g))²) per sample, whose gradient 
 what the teacher denoises it into and away from what the student's own distribution does. No gradient goes through
 either score network.
 
-The fake score trains once per optimiser step, on the (detached) samples, levels and noise the student's step drew,
-with the ε-prediction loss and its own AdamW (its w projection at the student's ``--w-lr-scale``); its weights,
+The fake score trains once per optimiser step (``--dmd-fake-updates K``: K times, DMD2's two time-scale rule), on the
+(detached) samples the student's step drew, at levels and noise drawn for each update in that step, with the
+ε-prediction loss and its own AdamW (its w projection at the student's ``--w-lr-scale``); its weights,
 moments and step are part of every checkpoint.
 Cost per micro-batch: one more student forward and backward (the 1-step sample; shared with
 ``--adversarial-input one-step``), a guided teacher forward (2B), and the fake score's forward and backward.
@@ -44,9 +45,17 @@ class DistributionMatching(TrainedTerm):
 
     prefix = "fake"
 
-    def __init__(self, model: LatentDiffusion, student: nn.Module, weight: float, lr: float, w_lr_scale: float = 1.0):
+    def __init__(
+        self,
+        model: LatentDiffusion,
+        student: nn.Module,
+        weight: float,
+        lr: float,
+        w_lr_scale: float = 1.0,
+        updates: int = 1,
+    ):
         super().__init__()
-        self.model, self.weight = model, weight
+        self.model, self.weight, self.updates = model, weight, updates
         self.fake = self.network = copy.deepcopy(student).requires_grad_(True).train()
         self.fake_model = model.with_network(self.fake)
         T = model.schedule.num_train_timesteps
@@ -74,28 +83,34 @@ class DistributionMatching(TrainedTerm):
         batch, device = x.shape[0], x.device
         t = torch.randint(self.levels[0], self.levels[1] + 1, (batch,), generator=generator).to(device)
         noise = torch.randn(x.shape, generator=generator).to(device, x.dtype)
-        fake_noise = torch.randn(x.shape, generator=generator).to(device, x.dtype)
-        fake_t = torch.randint(self.levels[0], self.levels[1] + 1, (batch,), generator=generator).to(device)
+        draws = []  # (levels, noise) of each of the fake score's updates
+        for _ in range(self.updates):
+            fake_noise = torch.randn(x.shape, generator=generator).to(device, x.dtype)
+            fake_t = torch.randint(self.levels[0], self.levels[1] + 1, (batch,), generator=generator).to(device)
+            draws.append((fake_t, fake_noise))
         with torch.no_grad():
             z_t = self.model.schedule.add_noise(x.detach(), noise, t)
             real = self.model.guided_denoiser(cond, uncond, w.to(device))(z_t, t).x0.float()
             fake = self.fake_model.denoised(z_t, t, cond, w_emb).x0.float()
             scale = (x.detach().float() - real).abs().flatten(1).mean(1).clamp(min=1e-8)
             g = torch.nan_to_num((fake - real) / scale.reshape(-1, *(1,) * (x.ndim - 1)))
-        self.pending.append((x.detach(), fake_t, fake_noise, cond, None if w_emb is None else w_emb.detach()))
+        self.pending.append((x.detach(), draws, cond, None if w_emb is None else w_emb.detach()))
         self._add("dmd_grad", g.abs().mean())
         loss = 0.5 * (x.float() - (x.detach().float() - g)).square().flatten(1).mean(1)
         return self.weight * loss
 
     def step(self) -> None:
-        """One update of the fake score on the samples kept since the last one (ε-prediction loss); skipped, and its
-        gradients dropped, when the loss is not finite."""
+        """The fake score's updates (``updates`` of them) on the samples kept since the last step, each at its own
+        levels and noise (ε-prediction loss); an update is skipped, and its gradients dropped, when its loss is not
+        finite."""
         if not self.pending:
             return
-        losses = []
-        for x, t, noise, cond, w_emb in self.pending:
-            z_t = self.model.schedule.add_noise(x, noise, t)
-            eps = self.fake_model.denoised(z_t, t, cond, w_emb).eps
-            losses.append((eps - noise.float()).square().mean())
+        for k in range(self.updates):
+            losses = []
+            for x, draws, cond, w_emb in self.pending:
+                t, noise = draws[k]
+                z_t = self.model.schedule.add_noise(x, noise, t)
+                eps = self.fake_model.denoised(z_t, t, cond, w_emb).eps
+                losses.append((eps - noise.float()).square().mean())
+            self._update(torch.stack(losses).mean(), "dmd_fake")
         self.pending.clear()
-        self._update(torch.stack(losses).mean(), "dmd_fake")

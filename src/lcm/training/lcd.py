@@ -197,7 +197,7 @@ class LCD(StudentTarget):
             if self.kind is not StudentKind.FULL:
                 raise ValueError("--dmd-weight is built for full students (its fake score copies the student's UNet)")
             self.distribution_matching = DistributionMatching(
-                model, student, cfg.dmd_weight, cfg.dmd_lr, cfg.w_lr_scale
+                model, student, cfg.dmd_weight, cfg.dmd_lr, cfg.w_lr_scale, cfg.dmd_fake_updates
             )
         # The teacher is ``model`` itself: its frozen original UNet, or for LoRA the student (the model's own UNet,
         # adapted in place) with its adapters disabled. The skipping grid: a curriculum or mixed skips, if asked.

@@ -30,18 +30,39 @@ from lcm.training.loop import Task, Validation
 __all__ = ["ConsistencyTask", "DistillTask", "FinetuneTask", "encode_batch", "make_student"]
 
 
-def make_student(model: LatentDiffusion, student: StudentConfig, seed: int, w_input: bool = True):
+def make_student(
+    model: LatentDiffusion, student: StudentConfig, seed: int, w_input: bool = True, init: str | None = None
+):
     """(student, target) for ``student.kind``: a full UNet (w-conditioned unless ``w_input`` is false: CFG-free
     distillation) with an EMA copy, or LoRA adapters (target None). A UNet that already carries LoRA adapters (a
-    loaded LCM-LoRA) keeps them and trains them further."""
+    loaded LCM-LoRA) keeps them and trains them further. ``init``: a distilled model folder whose network the full
+    student (and so its target) starts from instead of the teacher's."""
     if student.kind is StudentKind.FULL:
         unet = full_student(model.unet, W_EMBEDDING_DIM if w_input else None)
+        if init is not None:
+            load_network(unet, init)
         return unet, copy.deepcopy(unet).requires_grad_(False)
     if getattr(model.unet, "peft_config", None):
         for name, p in model.unet.named_parameters():
             p.requires_grad_("lora_" in name)
         return model.unet.train(), None
     return add_lora(model.unet, student.lora_rank, student.lora_alpha, student.lora_targets, seed).train(), None
+
+
+def load_network(student: torch.nn.Module, folder: str) -> None:
+    """``student``'s weights, in place, from the network of the distilled model ``folder``; one line when it is not a
+    model folder or its network is not the student's shape."""
+    try:
+        network = LatentDiffusion.from_pretrained(folder, with_text_encoder=False).unet
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--init-student {folder}: not a model folder ({str(err).splitlines()[0]})") from None
+    try:
+        student.load_state_dict(network.state_dict(), strict=True)
+    except RuntimeError:
+        raise ValueError(
+            f"--init-student {folder}: its network is not this student's shape (made from another teacher, or with "
+            "another --cfg-free)"
+        ) from None
 
 
 class ConsistencyTask(Task):
@@ -233,7 +254,7 @@ class DistillTask(ConsistencyTask):
         provenance: dict | None = None,
     ):
         cfg, student, validation = cfg or LCDConfig(), student or StudentConfig(), validation or ValidationConfig()
-        unet, target = make_student(model, student, seed, w_input=not cfg.cfg_free)
+        unet, target = make_student(model, student, seed, w_input=not cfg.cfg_free, init=cfg.init_student)
         method = LCD(model, unet, student.kind, cfg, target, seed)
         # CFG-free: no distilled range, so real guidance at the family's usual w
         w = validation.w if validation.w is not None else default_w(method.w_range, model.is_embedded)
