@@ -489,5 +489,5 @@ def test_init_student_starts_student_and_target_from_a_distilled_folder(sd_folde
         RunConfig(student=StudentConfig(kind=StudentKind.LORA), method=LCDConfig(init_student="x"))
     with pytest.raises(ValueError, match="^--init-student .*: its network is not this student's shape"):
         DistillTask(teacher, LCDConfig(init_student=str(tmp_path / "first"), cfg_free=True), StudentConfig())
-    with pytest.raises(ValueError, match="^--init-student .*absent: not a model folder"):
+    with pytest.raises(ValueError, match="^--init-student .*absent: no model folder at"):
         DistillTask(teacher, LCDConfig(init_student=str(tmp_path / "absent")), StudentConfig())

@@ -40,7 +40,7 @@ def make_student(
     if student.kind is StudentKind.FULL:
         unet = full_student(model.unet, W_EMBEDDING_DIM if w_input else None)
         if init is not None:
-            load_network(unet, init)
+            _load_network(unet, init)
         return unet, copy.deepcopy(unet).requires_grad_(False)
     if getattr(model.unet, "peft_config", None):
         for name, p in model.unet.named_parameters():
@@ -49,19 +49,19 @@ def make_student(
     return add_lora(model.unet, student.lora_rank, student.lora_alpha, student.lora_targets, seed).train(), None
 
 
-def load_network(student: torch.nn.Module, folder: str) -> None:
+def _load_network(student: torch.nn.Module, folder: str) -> None:
     """``student``'s weights, in place, from the network of the distilled model ``folder``; one line when it is not a
     model folder or its network is not the student's shape."""
     try:
         network = LatentDiffusion.from_pretrained(folder, with_text_encoder=False).unet
     except (OSError, ValueError) as err:
-        raise ValueError(f"--init-student {folder}: not a model folder ({str(err).splitlines()[0]})") from None
+        raise ValueError(f"--init-student {folder}: {str(err).splitlines()[0]}") from None
     try:
         student.load_state_dict(network.state_dict(), strict=True)
     except RuntimeError:
         raise ValueError(
-            f"--init-student {folder}: its network is not this student's shape (made from another teacher, or with "
-            "another --cfg-free)"
+            f"--init-student {folder}: its network is not this student's shape (give a model lcm distill made from "
+            "this teacher, with the same --cfg-free)"
         ) from None
 
 
