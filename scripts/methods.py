@@ -9,7 +9,8 @@ Every run is the ``demo-1500`` recipe (lcm.config.recipes: k = 100, w ~ U[1, 5],
 32; ``--recipe demo`` for lcm demo's 750, ``--recipe long`` for 10,000) with only ``--method`` (and PCM's
 ``--phases``) changed, and for METHOD+adv the adversarial term at λ = ADVERSARIAL_WEIGHT (its other settings the
 defaults; METHOD+adv1 judging the 1-step sample), for METHOD+dmd the distribution-matching term at λ = DMD_WEIGHT;
-each (method, seed) distils into OUT/METHOD-sSEED and is sampled with its own sampler (LCM: multistep; TCD: γ = 0.3;
+A>B is a second stage, B's settings for 300 (or 1,000) steps on run A's model (SECOND). Each (method, seed) distils into
+OUT/METHOD-sSEED and is sampled with its own sampler (LCM: multistep; TCD: γ = 0.3;
 PCM: γ = 0, deterministic) at 1, 2, 4 and 8 steps, w = 3
 (for METHOD-cfgfree, PCM's CFG-free variant, real classifier-free guidance at w: two network calls per step),
 the same prompts and noise in every row, FD-clf and prompt accuracy (the shipped classifier's features against the
@@ -35,7 +36,7 @@ from lcm.evaluation.results import load_results
 from lcm.evaluation.run import Row, evaluate_rows
 from lcm.maths.timesteps import Sampler
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.sample import default_model_path
+from lcm.sample import default_model_path, default_sampling_path
 from lcm.training.runs import run_training
 
 # name → dotted overrides of the demo recipe; "+adv" adds the adversarial term at ADVERSARIAL_WEIGHT
@@ -56,13 +57,35 @@ ONE_STEP = {f"{name}1": {**c, "method.adversarial_input": "one-step"} for name, 
 # "+dmd": the distribution-matching term (DMD2's gradient on the 1-step sample) at DMD_WEIGHT instead
 DMD_WEIGHT = 1.0
 DMD = {f"{name}+dmd": {**c, "method.dmd_weight": DMD_WEIGHT} for name, c in BASE.items()}
-METHODS = {**BASE, **ADVERSARIAL, **ONE_STEP, **DMD, **CFG_FREE}
+# "A>B": a second stage of SECOND_STAGE_STEPS steps (1,000 for "-1k") with B's settings, its full student (and the
+# fake score) started from run A of the same seed (--init-student), as Hyper-SD and DMD2 train a 1-step generator on
+# a trained model; "A>A" continues A itself as long, the control. SHIPPED as A: the shipped LCM (lcm demo --recipe
+# long, 10,000 steps)
+SECOND_STAGE_STEPS = 300
+STAGE = {"method.dmd_weight": DMD_WEIGHT, "method.dmd_fake_updates": 5}  # DMD2's two time-scale rule
+SHIPPED = "shipped"
+SECOND = {
+    "tcd+adv1>dmd5": ("tcd+adv1", {**BASE["tcd"], **STAGE}),
+    "tcd+adv1>tcd+adv1": ("tcd+adv1", ONE_STEP["tcd+adv1"]),
+    "shipped>lcm+dmd5": (SHIPPED, STAGE),
+    "shipped>lcm": (SHIPPED, BASE["lcm"]),
+    "shipped>lcm+dmd5-1k": (SHIPPED, {**STAGE, "loop.max_steps": 1000}),
+    "shipped>lcm-1k": (SHIPPED, {"loop.max_steps": 1000}),
+}
+METHODS = {**BASE, **ADVERSARIAL, **ONE_STEP, **DMD, **CFG_FREE, **{name: c for name, (_, c) in SECOND.items()}}
 STEPS = (1, 2, 4, 8)
 W = EVALUATION["demo-1500"]["w"]  # the w of every row
 
 
-def changes(method: str, seed: int) -> dict:
+def changes(method: str, seed: int, out: Path | None = None) -> dict:
     extra = {"method.num_solver_steps": 20} if method.startswith("pcm4") else {}  # 4 phases need N divisible by 4
+    if method in SECOND:  # the first stage's run of this seed, then the second's own (shorter) schedule
+        base = SECOND[method][0]
+        first = default_sampling_path() if base == SHIPPED else Path(out) / f"{base}-s{seed}"
+        if not (first / "unet").is_dir():
+            raise SystemExit(f"{method} starts from {first}: make it first (--methods {SECOND[method][0]})")
+        steps = METHODS[method].get("loop.max_steps", SECOND_STAGE_STEPS)
+        extra |= {"method.init_student": str(first), "loop.max_steps": steps, "optim.lr_warmup_steps": steps // 10}
     return {**METHODS[method], **extra, "loop.seed": seed, "loop.report_to": []}
 
 
@@ -74,7 +97,7 @@ def results_name(kind: str, eval_seed: int) -> str:
 def run(out: Path, recipe: str, method: str, seed: int, samples: int, prompts, evaluator, eval_seed: int) -> None:
     folder = out / f"{method}-s{seed}"
     if not (folder / "unet").is_dir():
-        run_training(recipe_config(recipe, changes(method, seed)), folder, resume="auto")
+        run_training(recipe_config(recipe, changes(method, seed, out)), folder, resume="auto")
     model = LatentDiffusion.from_pretrained(folder)
     rows = [Row(method.upper(), model.default_sampler, s, W) for s in STEPS]
     settings = EvalSettings(num_samples=samples, seed=eval_seed)
@@ -198,6 +221,15 @@ def document(out: Path, recipe: str, plot_name: str, eval_seed: int = 0) -> str:
         report(out, eval_seed),
         f"![FD-clf against steps]({plot_name})",
     ]
+    if any(path.parent.name.rsplit("-s", 1)[0] in SECOND for path in results):
+        lines += [
+            "",
+            f"`A>B` rows are second stages: run A's model (the same training seed; `shipped`: the shipped LCM, made "
+            f"by `lcm demo --recipe long`) trained {SECOND_STAGE_STEPS} more steps (`-1k`: 1,000) with B's settings "
+            "(`--init-student`; a new optimiser, a warm-up of a tenth of the steps and the recipe's rate "
+            f"schedule); `dmd5` is the distribution-matching term at λ = {DMD_WEIGHT:g} with five fake-score updates "
+            "per step (`--dmd-fake-updates 5`), `A>A` the control: A's own settings for as long.",
+        ]
     if any(out.glob(f"*-s*/{results_name('results-gamma', eval_seed)}")):
         table = gamma_report(out, eval_seed)
         lines += ["", "TCD's sampler at other γ (`--gammas`; same prompts and noise):", "", table]

@@ -3,6 +3,7 @@ it exports samples in diffusers with the scheduler its authors use."""
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,3 +188,32 @@ def test_method_settings_are_checked(tiny_sd, captioned_images, tmp_path, capsys
     with pytest.raises(SystemExit):  # argparse names the choices
         main([*args, "--method", "dmd"])
     assert "invalid choice: 'dmd' (choose from 'lcm', 'tcd', 'pcm')" in capsys.readouterr().err
+
+
+def test_every_row_of_the_methods_script_is_a_valid_run_config(tmp_path):
+    """scripts/methods.py's rows are dotted overrides of its recipes: each must build a run-config tree (a mistyped
+    key or value fails here, not an hour into a table); a second stage starts from its first stage's run of the
+    same seed, or the shipped LCM, and refuses to start without it."""
+    import runpy
+
+    from lcm.config.recipes import recipe_config
+    from lcm.sample import ASSETS
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "methods.py"))
+    methods, second = script["METHODS"], script["SECOND"]
+    with pytest.raises(SystemExit, match="make it first"):
+        script["changes"]("tcd+adv1>dmd5", 1, tmp_path)
+    for base, _ in second.values():
+        if base != script["SHIPPED"]:
+            (tmp_path / f"{base}-s1" / "unet").mkdir(parents=True, exist_ok=True)
+    for name in methods:
+        cfg = recipe_config("demo-1500", script["changes"](name, 1, tmp_path))
+        assert cfg.loop.seed == 1, name
+        if name in second:
+            base = second[name][0]
+            first = ASSETS / "fashion-lcm" if base == script["SHIPPED"] else tmp_path / f"{base}-s1"
+            assert cfg.method.init_student == str(first), name
+            assert cfg.loop.max_steps == (1000 if name.endswith("-1k") else 300), name
+            assert cfg.optim.lr_warmup_steps == cfg.loop.max_steps // 10, name
+        else:
+            assert cfg.method.init_student is None and cfg.loop.max_steps == 1500, name
