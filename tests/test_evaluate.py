@@ -222,6 +222,8 @@ def test_nfe_counts_guided_teacher_steps_twice():
     assert nfe_per_image(Sampler.DDIM, 25, 3.0) == 50
     assert nfe_per_image(Sampler.DPM_SOLVER_PP_2M, 8, 0.0) == 8
     assert nfe_per_image(Sampler.LCM, 4, 3.0) == 4
+    assert nfe_per_image(Sampler.TCD, 4, 3.0) == 4  # TCD and PCM models take w as an input too
+    assert nfe_per_image(Sampler.TCD, 4, 3.0, cfg_free=True) == 8  # real guidance: two calls a step
 
 
 def test_prompts_from_a_text_file_and_a_data_set(tmp_path):

@@ -78,11 +78,13 @@ class Row:
     gamma: float | None = None  # TCD's γ; None: the model's own (LatentDiffusion.default_gamma)
 
 
-def nfe_per_image(sampler: Sampler, steps: int, w: float) -> int:
-    """Network evaluations per image: CFG doubles each teacher step (one batched 2B forward); an LCM takes w as an
-    input. DPM-Solver(++) 2M is multistep: one evaluation per step; Heun makes 2N − 1 (its last step is Euler's)."""
+def nfe_per_image(sampler: Sampler, steps: int, w: float, cfg_free: bool = False) -> int:
+    """Network evaluations per image: CFG doubles each teacher step (one batched 2B forward); a distilled model
+    (LCM, TCD or PCM sampler) takes w as an input, unless it was distilled CFG-free (``cfg_free``: real guidance).
+    DPM-Solver(++) 2M is multistep: one evaluation per step; Heun makes 2N − 1 (its last step is Euler's)."""
     calls = 2 * steps - 1 if sampler is Sampler.HEUN else steps
-    return calls * (2 if sampler is not Sampler.LCM and w != 0 else 1)
+    guided = (not sampler.for_distilled or cfg_free) and w != 0
+    return calls * (2 if guided else 1)
 
 
 def fill_prompt_cache(model: LatentDiffusion, prompts: EvalPrompts) -> bool:
@@ -120,7 +122,8 @@ def evaluate_row(
             gamma=model.default_gamma if row.gamma is None else row.gamma,
         )
 
-    return row_record(row, str(model.source), evaluate_sampling(sample, prompts, evaluator, batch_size))
+    values = evaluate_sampling(sample, prompts, evaluator, batch_size)
+    return row_record(row, str(model.source), values, cfg_free=model.cfg_free)
 
 
 def evaluate_rows(
@@ -149,7 +152,9 @@ def evaluate_rows(
     return records
 
 
-def row_record(row: Row, model: str, values: dict[str, float], fingerprint: str | None = None) -> Record:
+def row_record(
+    row: Row, model: str, values: dict[str, float], fingerprint: str | None = None, cfg_free: bool = False
+) -> Record:
     """The :class:`Record` of ``row`` sampled from ``model`` (a folder or hub id) with the ``values`` of
     :func:`evaluate_sampling`: the one schema of every evaluated row (``lcm eval``, ``lcm demo``, the scripts)."""
     from lcm import __version__
@@ -164,7 +169,7 @@ def row_record(row: Row, model: str, values: dict[str, float], fingerprint: str 
         metrics={k: v for k, v in values.items() if k not in ("n_samples", "seconds_per_image")},
         n_samples=int(values["n_samples"]),
         seconds_per_image=values["seconds_per_image"],
-        nfe_per_image=nfe_per_image(row.sampler, row.steps, row.w),
+        nfe_per_image=nfe_per_image(row.sampler, row.steps, row.w, cfg_free),
         git_commit=source_revision(),
         lcm_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -285,7 +290,7 @@ def run_eval(plan: EvalPlan, progress: bool = True) -> list[Record]:
 
             values = evaluate_sampling(sample, prompts, evaluator, plan.batch_size, progress)
             row = Row(method.name, method.sampler, steps, w, spacing, method.gamma)
-            record = row_record(row, method.identity, values, fingerprints[method.identity])
+            record = row_record(row, method.identity, values, fingerprints[method.identity], model.cfg_free)
             done[record.key] = record
             save_results(path, s, list(done.values()))
             tqdm.write(f"{method.name} {steps} steps w={w:g}: " + brief(record))
