@@ -71,6 +71,7 @@ SECOND = {
     "shipped>lcm": (SHIPPED, BASE["lcm"]),
     "shipped>lcm+dmd5-1k": (SHIPPED, {**STAGE, "loop.max_steps": 1000}),
     "shipped>lcm-1k": (SHIPPED, {"loop.max_steps": 1000}),
+    "shipped>lcm+dmd5+adv1": (SHIPPED, {**STAGE, **ONE_STEP["lcm+adv1"]}),  # DMD2's pair of terms
 }
 METHODS = {**BASE, **ADVERSARIAL, **ONE_STEP, **DMD, **CFG_FREE, **{name: c for name, (_, c) in SECOND.items()}}
 STEPS = (1, 2, 4, 8)
@@ -169,7 +170,7 @@ def report(out: Path, eval_seed: int = 0) -> str:
 
 
 def plot(out: Path, path: Path, eval_seed: int = 0) -> Path:
-    """FD-clf against steps, one panel per family (guided, + adversarial, CFG-free), the mean over seeds with
+    """FD-clf against steps, one panel per family (guided, + a term, CFG-free, second stages), the mean over seeds with
     the teacher's best row as a flat line."""
     runs, best = finished_runs(out, eval_seed), teacher_best(out, eval_seed)
     families = [
@@ -177,6 +178,7 @@ def plot(out: Path, path: Path, eval_seed: int = 0) -> Path:
         ("+ adversarial term", [m for m in {**ADVERSARIAL, **ONE_STEP} if m in runs]),
         ("+ distribution matching", [m for m in DMD if m in runs]),
         ("CFG-free (guided at sampling)", [m for m in CFG_FREE if m in runs]),
+        ("second stage", [m for m in SECOND if m in runs]),
     ]
     panels = []
     for title, methods in (f for f in families if f[1]):
