@@ -237,19 +237,11 @@ class LCDConfig(ConsistencyConfig):
         lo=0,
     )
     dmd_lr: float = knob(4e-4, "the fake score's learning rate (its own AdamW)", lo=0, open_lo=True)
-    dmd_fake_updates: int = knob(
-        1,
-        "updates of the fake score per optimiser step, each on the step's samples at fresh levels and noise (DMD2's "
-        "two time-scale rule: 5)",
-        lo=1,
-        hi=100,
-    )
+    dmd_fake_updates: int = knob(1, "fake-score updates per training step (DMD2's two time-scale rule: 5)", lo=1, hi=20)
     init_student: str | None = knob(
-        None,
-        "start the full student (its EMA target and the fake score too) from this distilled model folder instead of "
-        "the teacher: a second stage on a model lcm distill made from the same teacher, e.g. with --dmd-weight",
-        default_text="the teacher",
-    )
+        None, "start the full student (its target, the fake score) from this model lcm distill made from the same "
+        "teacher, not from the teacher: a second stage, e.g. with --dmd-weight", default_text="the teacher",
+    )  # fmt: skip
     timestep_scaling: float = TIMESTEP_SCALING  # consistency constants (docs/design.md §2)
     sigma_data: float = SIGMA_DATA
 
