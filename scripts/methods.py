@@ -67,6 +67,7 @@ SHIPPED = "shipped"
 SECOND = {
     "tcd+adv1>dmd5": ("tcd+adv1", {**BASE["tcd"], **STAGE}),
     "tcd+adv1>tcd+adv1": ("tcd+adv1", ONE_STEP["tcd+adv1"]),
+    "tcd+adv1>dmd5+adv1": ("tcd+adv1", {**ONE_STEP["tcd+adv1"], **STAGE}),
     "shipped>lcm+dmd5": (SHIPPED, STAGE),
     "shipped>lcm": (SHIPPED, BASE["lcm"]),
     "shipped>lcm+dmd5-1k": (SHIPPED, {**STAGE, "loop.max_steps": 1000}),
