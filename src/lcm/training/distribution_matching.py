@@ -20,7 +20,7 @@ The fake score trains once per optimiser step (``--dmd-fake-updates K``: K times
 ε-prediction loss and its own AdamW (its w projection at the student's ``--w-lr-scale``); its weights,
 moments and step are part of every checkpoint.
 Cost per micro-batch: one more student forward and backward (the 1-step sample; shared with
-``--adversarial-input one-step``), a guided teacher forward (2B), and the fake score's forward and backward.
+``--adversarial-input one-step``), a guided teacher forward (2B), and K of the fake score's forwards and backwards.
 """
 
 from __future__ import annotations
