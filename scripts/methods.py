@@ -73,6 +73,10 @@ SECOND = {
     "shipped>lcm+dmd5-1k": (SHIPPED, {**STAGE, "loop.max_steps": 1000}),
     "shipped>lcm-1k": (SHIPPED, {"loop.max_steps": 1000}),
     "shipped>lcm+dmd5+adv1": (SHIPPED, {**STAGE, **ONE_STEP["lcm+adv1"]}),  # DMD2's pair of terms
+    # the same with the adversarial term at 3x its weight
+    "shipped>lcm+dmd5+adv1x3": (SHIPPED, {**STAGE, **ONE_STEP["lcm+adv1"], "method.adversarial_weight": 0.3}),
+    # ... or with the student's rate at a quarter of the recipe's 2e-4
+    "shipped>lcm+dmd5+adv1-lr5e-5": (SHIPPED, {**STAGE, **ONE_STEP["lcm+adv1"], "optim.learning_rate": 5e-5}),
 }
 METHODS = {**BASE, **ADVERSARIAL, **ONE_STEP, **DMD, **CFG_FREE, **{name: c for name, (_, c) in SECOND.items()}}
 STEPS = (1, 2, 4, 8)
@@ -231,7 +235,8 @@ def document(out: Path, recipe: str, plot_name: str, eval_seed: int = 0) -> str:
             f"by `lcm demo --recipe long`) trained {SECOND_STAGE_STEPS} more steps (`-1k`: 1,000) with B's settings "
             "(`--init-student`; a new optimiser, a warm-up of a tenth of the steps and the recipe's rate "
             f"schedule); `dmd5` is the distribution-matching term at λ = {DMD_WEIGHT:g} with five fake-score updates "
-            "per step (`--dmd-fake-updates 5`), `A>A` the control: A's own settings for as long.",
+            "per step (`--dmd-fake-updates 5`), `A>A` the control: A's own settings for as long; `adv1x3` the "
+            "1-step-judging adversarial term at 3x its λ, `-lr5e-5` the student's rate 5e-5 instead of the recipe's.",
         ]
     if any(out.glob(f"*-s*/{results_name('results-gamma', eval_seed)}")):
         table = gamma_report(out, eval_seed)
