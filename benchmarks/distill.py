@@ -33,7 +33,7 @@ from lcm.data.captions import class_prompts
 from lcm.models.fast import parse_device, use_compile_cache
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.text import TextEmbeddings, TextEncoder
-from lcm.sample import default_model_path
+from lcm.shipped import default_model_path
 from lcm.training.task import DistillTask
 
 HERE = Path(__file__).resolve().parent

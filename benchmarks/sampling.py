@@ -31,7 +31,8 @@ from lcm.models.fast import Compile, optimize, parse_device, parse_dtype
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import full_student
 from lcm.models.text import TextEmbeddings
-from lcm.sample import Sampler, default_model_path, sample_latents
+from lcm.sample import Sampler, sample_latents
+from lcm.shipped import default_model_path
 
 HERE = Path(__file__).resolve().parent
 

@@ -58,7 +58,7 @@ def keystrokes():
 
 
 def model_folder(given: str | None) -> tuple[Path, str]:
-    from lcm.sample import ASSETS
+    from lcm.shipped import ASSETS
 
     if given:
         return Path(given), given

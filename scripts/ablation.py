@@ -28,7 +28,8 @@ from lcm.evaluation.results import Record
 from lcm.evaluation.run import Row, evaluate_rows
 from lcm.maths.solvers import Solver
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.sample import Sampler, default_model_path
+from lcm.sample import Sampler
+from lcm.shipped import default_model_path
 from lcm.training.runs import run_training
 
 T = 1000  # the teacher's training timesteps

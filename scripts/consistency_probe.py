@@ -29,7 +29,7 @@ from lcm.maths.sampling import randn_per_image
 from lcm.maths.solvers import ddim_step
 from lcm.models.formats import w_input_dim
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.sample import default_model_path
+from lcm.shipped import default_model_path
 
 
 @torch.no_grad()

@@ -31,7 +31,8 @@ from lcm.evaluation.report import markdown_table
 from lcm.evaluation.results import load_results
 from lcm.evaluation.run import Row, evaluate_rows
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.sample import Sampler, default_model_path
+from lcm.sample import Sampler
+from lcm.shipped import default_model_path
 from lcm.training.runs import run_training
 
 BASE = "before-fidelity"  # the lcm demo recipe before this ablation (lcm.config.recipes): k = 20, a constant rate

@@ -26,7 +26,8 @@ from lcm.evaluation.prompts import EvalPrompts
 from lcm.evaluation.report import markdown_table
 from lcm.evaluation.run import Row, evaluate_rows
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.sample import Sampler, default_model_path
+from lcm.sample import Sampler
+from lcm.shipped import default_model_path
 from lcm.training.runs import run_training
 
 

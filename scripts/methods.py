@@ -36,7 +36,7 @@ from lcm.evaluation.results import load_results
 from lcm.evaluation.run import Row, evaluate_rows
 from lcm.maths.timesteps import Sampler
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.sample import default_model_path, default_sampling_path
+from lcm.shipped import default_model_path, default_sampling_path
 from lcm.training.runs import run_training
 
 # name → dotted overrides of the demo recipe; "+adv" adds the adversarial term at ADVERSARIAL_WEIGHT

@@ -41,7 +41,7 @@ from lcm.maths.solvers import ddim_step
 from lcm.maths.timesteps import Sampler, lcm_timesteps, sampler_timesteps, tcd_intermediate_timesteps
 from lcm.models.formats import w_input_dim
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.sample import default_model_path
+from lcm.shipped import default_model_path
 
 ROWS = ("teacher ODE", "ODE every step", "LCM", "ODE then LCM", "LCM then ODE", "ODE then ODE", "TCD ODE every step")
 

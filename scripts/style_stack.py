@@ -30,7 +30,8 @@ from lcm.evaluation.run import Row, evaluate_rows
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.lora import LoraSpec
 from lcm.models.merge import merge_loras
-from lcm.sample import Sampler, default_model_path
+from lcm.sample import Sampler
+from lcm.shipped import default_model_path
 from lcm.training.runs import run_training
 
 # The style: a rank-8 LoRA of the teacher tuned with its own loss on the style's classes (1,000 steps of batch 32).

@@ -21,7 +21,8 @@ from lcm.evaluation.plan import EvalSettings
 from lcm.evaluation.prompts import fashion_eval_prompts
 from lcm.evaluation.run import Row, evaluate_rows
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.sample import Sampler, default_model_path
+from lcm.sample import Sampler
+from lcm.shipped import default_model_path
 
 
 def main() -> None:

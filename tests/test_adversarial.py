@@ -50,7 +50,8 @@ def test_one_step_input_judges_the_students_one_step_sample(tiny_sd, monkeypatch
     """--adversarial-input one-step: the discriminator sees the student's 1-step sample from pure noise (at the
     clean end, s = None), and that sample is what lcm sample's 1-step sampler draws from the same noise."""
     from lcm.maths.timesteps import Sampler, sampler_timesteps
-    from lcm.sample import _run, default_model_path
+    from lcm.sample import _run
+    from lcm.shipped import default_model_path
 
     seen = {}
     original_one_step, original_generator_loss = LCD.one_step, AdversarialTerm.generator_loss

@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from lcm.cli import main
-from lcm.sample import default_model_path
+from lcm.shipped import default_model_path
 
 
 def _one_line(capsys, command: str, *expected: str) -> str:

@@ -13,7 +13,8 @@ from lcm.data.fashion_mnist import DEBIAN_DIR
 from lcm.evaluation.metrics import FashionEvaluator
 from lcm.evaluation.results import load_results
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.sample import Sampler, default_model_path, generate
+from lcm.sample import Sampler, generate
+from lcm.shipped import default_model_path
 
 needs_data = pytest.mark.skipif(
     not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(), reason="needs the Debian package dataset-fashion-mnist"
@@ -104,7 +105,7 @@ def test_demo_recipes_differ_only_in_length_evaluation_and_speed(tmp_path):
 
 
 def test_shipped_lcm_is_a_w_conditioned_lcm_and_the_shipped_weights_stay_small():
-    from lcm.sample import default_sampling_path
+    from lcm.shipped import default_sampling_path
 
     path = default_sampling_path()
     assert path.name == "fashion-lcm"
@@ -118,7 +119,7 @@ def test_shipped_lcm_is_a_w_conditioned_lcm_and_the_shipped_weights_stay_small()
 def test_shipped_flow_teacher_draws_the_prompted_garment():
     """The embedded flow-matching teacher (an MMDiT on the same VAE) draws each prompted class with Euler 25 steps,
     by the shipped classifier's judgement; its folder is an SD3-layout diffusers folder with a model card."""
-    from lcm.sample import embedded_classifier, flow_teacher_path
+    from lcm.shipped import embedded_classifier, flow_teacher_path
 
     path = flow_teacher_path()
     card = (path / "README.md").read_text()
@@ -151,7 +152,7 @@ def test_demo_of_the_flow_teacher_takes_the_flow_overrides(tmp_path):
     """``lcm demo --teacher flow``'s tree: the recipe, then the flow overrides (one w, Heun), then the user's flags."""
     from lcm.config.recipes import FLOW
     from lcm.demo import demo_config
-    from lcm.sample import flow_teacher_path
+    from lcm.shipped import flow_teacher_path
 
     flow = demo_config(tmp_path, "demo", None, None, flow_teacher_path()).run
     plain = demo_config(tmp_path, "demo").run
@@ -167,7 +168,7 @@ def test_demo_of_the_flow_teacher_takes_the_flow_overrides(tmp_path):
 @pytest.mark.slow
 @needs_data
 def test_demo_flow_quick_distils_the_flow_teacher(tmp_path):
-    from lcm.sample import flow_teacher_path
+    from lcm.shipped import flow_teacher_path
 
     out = tmp_path / "demo"
     assert main(["demo", "--teacher", "flow", "--quick", "--eval-samples", "40", "--out", str(out)]) == 0

@@ -19,7 +19,8 @@ from lcm.evaluation.prompts import EMBEDDED, load_prompts
 from lcm.evaluation.results import Record, load_results, save_results
 from lcm.evaluation.run import nfe_per_image, run_eval
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.sample import Sampler, default_model_path
+from lcm.sample import Sampler
+from lcm.shipped import default_model_path
 
 TEACHER = str(default_model_path())
 
@@ -318,10 +319,10 @@ def _as_tcd(tmp_path: Path) -> Path:
     """The shipped LCM's folder, its record saying it was distilled with --method tcd (it then samples with TCD's)."""
     import shutil
 
-    import lcm.sample
+    import lcm.shipped
 
     folder = tmp_path / "tcd"
-    shutil.copytree(lcm.sample.ASSETS / "fashion-lcm", folder)
+    shutil.copytree(lcm.shipped.ASSETS / "fashion-lcm", folder)
     record = json.loads((folder / "lcm_distill.json").read_text())
     record["lcd"]["consistency"] = "tcd"
     (folder / "lcm_distill.json").write_text(json.dumps(record))

@@ -174,9 +174,9 @@ def test_serve_answers_at_once_and_switches_to_what_another_process_compiles(mon
     fills an empty AOT cache, then runs the packages, drawing what the eager engine draws."""
     import time
 
-    from lcm.sample import default_sampling_path
     from lcm.serve.engine import load_engine
     from lcm.serve.protocol import Request
+    from lcm.shipped import default_sampling_path
 
     monkeypatch.setenv("LCM_CACHE", str(tmp_path / "cache"))
     cpu = torch.device("cpu")

@@ -372,7 +372,8 @@ def test_flow_lcd_step_equals_hand_computed_reference(flow_model, solver):
     solver on the flow's λ, checked by its own tests), the target's f at the pair's end, pseudo-Huber."""
     import copy
 
-    from lcm.config.run import LCDConfig, StudentKind
+    from lcm.config.method import LCDConfig
+    from lcm.config.run import StudentKind
     from lcm.models.student import full_student
     from lcm.training.lcd import LCD
 
@@ -424,7 +425,8 @@ def test_flow_lcd_step_equals_hand_computed_reference(flow_model, solver):
 
 
 def test_flow_lcd_refuses_what_it_does_not_have(flow_model, tiny_sd):
-    from lcm.config.run import Consistency, LCDConfig, StudentKind
+    from lcm.config.method import Consistency, LCDConfig
+    from lcm.config.run import StudentKind
     from lcm.models.student import full_student
     from lcm.training.lcd import LCD
 
@@ -447,7 +449,7 @@ def test_flow_lcd_refuses_what_it_does_not_have(flow_model, tiny_sd):
 def test_flow_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     """A flow student's weights and EMA target after a crash and --resume latest equal an uninterrupted run's."""
     from lcm.config import LoopConfig, OptimConfig, StudentConfig
-    from lcm.config.run import LCDConfig
+    from lcm.config.method import LCDConfig
     from lcm.data.loader import batch_stream
     from lcm.data.sources import collate_skip_none
     from lcm.training.loop import train
@@ -609,8 +611,9 @@ def test_lcm_serve_and_lcm_sample_draw_a_flow_lcm(tmp_path):
     from lcm.cli import main
     from lcm.images import to_uint8
     from lcm.models.formats import flow_lcm_scheduler_config
-    from lcm.sample import flow_teacher_path, generate
+    from lcm.sample import generate
     from lcm.serve import Engine, create_app
+    from lcm.shipped import flow_teacher_path
     from serve_client import local_client
 
     teacher = LatentDiffusion.from_pretrained(flow_teacher_path())

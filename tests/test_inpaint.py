@@ -229,7 +229,7 @@ def test_lcm_sample_inpaints_with_mask_files(tmp_path, capsys):
     ``generate`` draws with them; the black region of the result stays the init image's."""
     from lcm.cli import main
     from lcm.images import load_image, load_mask, to_uint8
-    from lcm.sample import default_sampling_path
+    from lcm.shipped import default_sampling_path
 
     model = LatentDiffusion.from_pretrained(default_sampling_path())
     side = model.latent_shape[1] * model.vae_scale_factor

@@ -183,7 +183,7 @@ def test_lcm_eval_scores_a_stack_as_one_more_method(tmp_path, capsys):
     """``lcm eval --lora``: the stack on the teacher is its own rows (an LCM with an LCM-LoRA among them, the teacher
     samplers without), named with every LoRA and its scale, reused when rerun and redone when a file changes."""
     from lcm.evaluation.results import load_results
-    from lcm.sample import default_model_path
+    from lcm.shipped import default_model_path
 
     unet = LatentDiffusion.from_pretrained(default_model_path(), with_text_encoder=False).unet
     style, accelerator = tmp_path / "style.safetensors", tmp_path / "lcm.safetensors"

@@ -197,7 +197,7 @@ def test_every_row_of_the_methods_script_is_a_valid_run_config(tmp_path):
     import runpy
 
     from lcm.config.recipes import recipe_config
-    from lcm.sample import ASSETS
+    from lcm.shipped import ASSETS
 
     script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "methods.py"))
     methods, second = script["METHODS"], script["SECOND"]

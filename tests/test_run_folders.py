@@ -94,7 +94,7 @@ def test_a_python_api_resume_with_other_settings_is_refused(finished, tmp_path):
 def test_typing_the_default_teacher_on_resume_is_not_a_change(tmp_path, capsys):
     """A run started without --teacher (the shipped one) resumes with --teacher naming that same folder."""
     from lcm.cli.flags import _where
-    from lcm.sample import default_model_path
+    from lcm.shipped import default_model_path
 
     assert _where(str(default_model_path())) == _where(None)
     assert _where(os.path.relpath(default_model_path())) == _where(str(default_model_path()))

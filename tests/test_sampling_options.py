@@ -23,7 +23,8 @@ from lcm.maths.guidance import guidance_scale_from_w, w_embedding
 from lcm.maths.sampling import randn_per_image
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.text import TextEmbeddings
-from lcm.sample import Sampler, default_model_path, generate, img2img_latents, sample_latents
+from lcm.sample import Sampler, generate, img2img_latents, sample_latents
+from lcm.shipped import default_model_path
 from test_img2img_tcd_parity import SD, contexts, tiny_unet, tiny_vae
 
 SEEDS = [5, 6, 7]

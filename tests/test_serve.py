@@ -20,15 +20,16 @@ pytest.importorskip("httpx")
 
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
-import lcm.sample  # noqa: E402
+import lcm.shipped  # noqa: E402
 from lcm.cli import main  # noqa: E402
 from lcm.images import to_uint8  # noqa: E402
 from lcm.models.latent_diffusion import LatentDiffusion  # noqa: E402
-from lcm.sample import Sampler, default_model_path, generate  # noqa: E402
+from lcm.sample import Sampler, generate  # noqa: E402
 from lcm.serve import Engine, Limits, create_app, serve_model_path  # noqa: E402
 from lcm.serve import engine as engine_module  # noqa: E402
 from lcm.serve.protocol import Request  # noqa: E402
 from lcm.serve.server import is_loopback  # noqa: E402
+from lcm.shipped import default_model_path  # noqa: E402
 from serve_client import local_client  # noqa: E402
 
 PROMPT = "a photo of a sneaker"
@@ -134,9 +135,9 @@ def test_websocket_lcm_image_equals_the_library(lcm_engine):
 
 
 def test_default_model_prefers_the_shipped_lcm(tmp_path, monkeypatch):
-    assert serve_model_path() in (default_model_path(), lcm.sample.ASSETS / "fashion-lcm")
+    assert serve_model_path() in (default_model_path(), lcm.shipped.ASSETS / "fashion-lcm")
     (tmp_path / "fashion-lcm" / "unet").mkdir(parents=True)
-    monkeypatch.setattr(lcm.sample, "ASSETS", tmp_path)
+    monkeypatch.setattr(lcm.shipped, "ASSETS", tmp_path)
     assert serve_model_path() == tmp_path / "fashion-lcm"
 
 

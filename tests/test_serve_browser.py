@@ -37,9 +37,9 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from lcm.models.latent_diffusion import LatentDiffusion  # noqa: E402
-from lcm.sample import default_sampling_path  # noqa: E402
 from lcm.serve import Engine, Limits, create_app  # noqa: E402
 from lcm.serve.server import start_in_thread  # noqa: E402
+from lcm.shipped import default_sampling_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,10 @@ pytest.importorskip("httpx")
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
 from lcm.models.latent_diffusion import LatentDiffusion  # noqa: E402
-from lcm.sample import default_model_path  # noqa: E402
 from lcm.serve import Engine, Limits, create_app  # noqa: E402
 from lcm.serve.hosts import host_allowed, host_name  # noqa: E402
 from lcm.serve.server import start_in_thread  # noqa: E402
+from lcm.shipped import default_model_path  # noqa: E402
 from serve_client import local_client  # noqa: E402
 
 PROMPT = "a photo of a sneaker"

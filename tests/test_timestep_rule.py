@@ -12,7 +12,8 @@ from PIL import Image
 from lcm.cli import main
 from lcm.maths.timesteps import Sampler, sampler_timesteps
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.sample import default_model_path, generate
+from lcm.sample import generate
+from lcm.shipped import default_model_path
 
 
 def _printed(capsys) -> list[int]:

@@ -27,7 +27,8 @@ from lcm.evaluation.run import Row, evaluate_row
 from lcm.images import save_labelled_grid
 from lcm.maths.timesteps import DEFAULT_SPACING
 from lcm.models.latent_diffusion import LatentDiffusion
-from lcm.sample import Sampler, default_model_path, embedded_classifier, generate
+from lcm.sample import Sampler, generate
+from lcm.shipped import default_model_path, embedded_classifier
 from lcm.training.runs import run_training
 
 __all__ = ["DemoConfig", "demo_config", "run_demo"]

@@ -19,7 +19,6 @@ generator is drawn from in this order, the order diffusers' pipelines draw from 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -48,10 +47,6 @@ __all__ = [
     "DEFAULT_STRENGTH",
     "Sampler",
     "consistency_denoiser",
-    "default_model_path",
-    "embedded_classifier",
-    "flow_teacher_path",
-    "default_sampling_path",
     "generate",
     "img2img_latents",
     "inpaint_latents",
@@ -60,38 +55,6 @@ __all__ = [
     "repaint_mask",
     "sample_latents",
 ]
-
-ASSETS = Path(__file__).parent / "assets"
-
-
-def default_model_path() -> Path:
-    """The shipped embedded Fashion-MNIST teacher."""
-    path = ASSETS / "fashion-teacher"
-    if not (path / "unet").is_dir():
-        raise ValueError(f"the shipped teacher is missing from {path}; reinstall the package or give --model")
-    return path
-
-
-def flow_teacher_path() -> Path:
-    """The shipped embedded flow-matching teacher (an SD3-class MMDiT on the Fashion teacher's VAE)."""
-    path = ASSETS / "fashion-flow-teacher"
-    if not (path / "transformer").is_dir():
-        raise ValueError(f"the shipped flow teacher is missing from {path}; reinstall the package or give --teacher")
-    return path
-
-
-def embedded_classifier(model_dir: str | Path) -> Path:
-    """The classifier behind the embedded family's offline metrics: the model folder's own ``classifier/``, else the
-    shipped teacher's (the flow teacher shares its VAE and data, and ships without a copy)."""
-    own = Path(model_dir) / "classifier"
-    return own if (own / "model.safetensors").is_file() else default_model_path() / "classifier"
-
-
-def default_sampling_path() -> Path:
-    """What ``lcm sample`` and ``lcm serve`` draw with when no model is given: the shipped embedded LCM
-    (``assets/fashion-lcm``, see its model card), or the shipped teacher where a package lacks it."""
-    path = ASSETS / "fashion-lcm"
-    return path if (path / "unet").is_dir() else default_model_path()
 
 
 def latent_shape(model: LatentDiffusion, size: tuple[int, int] | None = None) -> tuple[int, int, int]:

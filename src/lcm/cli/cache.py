@@ -19,7 +19,7 @@ def run_cache(args: argparse.Namespace) -> int:
     from lcm.data.sources import parse_data_spec
     from lcm.models.fast import parse_device
     from lcm.models.latent_diffusion import LatentDiffusion
-    from lcm.sample import default_model_path
+    from lcm.shipped import default_model_path
     from lcm.training.runs import build_dataset
 
     check_int(args.batch_size, "--batch-size", 1, MAX_BATCH)

@@ -17,7 +17,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lcm.demo import demo_config, run_demo
-    from lcm.sample import flow_teacher_path
+    from lcm.shipped import flow_teacher_path
 
     check_int(args.eval_samples, "--eval-samples", 2, MAX_IMAGES)
     teacher = flow_teacher_path() if args.teacher == "flow" else args.teacher

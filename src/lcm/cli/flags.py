@@ -190,7 +190,7 @@ def run_config_from(args: argparse.Namespace, command: str) -> RunConfig:
 def _where(model: str | None) -> str | None:
     """A model string as the folder it names (the shipped teacher for None), or the hub id it is."""
     from lcm.locations import local_path_or_none
-    from lcm.sample import default_model_path
+    from lcm.shipped import default_model_path
 
     local = local_path_or_none(str(model or default_model_path()))
     return str(local.resolve()) if local is not None else model

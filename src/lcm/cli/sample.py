@@ -20,7 +20,7 @@ def _vae_scale_factor(model: str | None) -> int | None:
     """The VAE scale factor from the model folder's ``vae/config.json`` (no weights are read); None when the
     folder is not here (a hub id: checked once the model is loaded)."""
     from lcm.models.formats import LORA_META, lora_base
-    from lcm.sample import default_sampling_path
+    from lcm.shipped import default_sampling_path
 
     path = Path(model).expanduser() if model else default_sampling_path()
     if (path / LORA_META).is_file():
@@ -35,7 +35,7 @@ def _vae_scale_factor(model: str | None) -> int | None:
 def _made_for_tcd(model: str | None, sampler: Sampler | None) -> bool:
     """Whether the model's own sampler may be TCD's (a TCD or PCM export, from its record; a hub id: maybe)."""
     from lcm.models.formats import read_record, samples_with_tcd
-    from lcm.sample import default_sampling_path
+    from lcm.shipped import default_sampling_path
 
     if sampler is not None:
         return False
@@ -140,7 +140,8 @@ def run_sample(args: argparse.Namespace) -> int:
     from lcm.maths.timesteps import sampler_timesteps
     from lcm.models.fast import optimize
     from lcm.models.latent_diffusion import LatentDiffusion
-    from lcm.sample import default_model_path, default_sampling_path, generate, inpaint_timesteps, latent_shape
+    from lcm.sample import generate, inpaint_timesteps, latent_shape
+    from lcm.shipped import default_model_path, default_sampling_path
 
     cfg, device, dtype = check_flags(args)
     # A LoRA needs a base model: the shipped teacher; otherwise the shipped LCM.

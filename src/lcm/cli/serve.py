@@ -45,9 +45,9 @@ def run_serve(args: argparse.Namespace) -> int:
     import torch
 
     from lcm.models.fast import parse_device, parse_dtype
-    from lcm.sample import default_model_path
     from lcm.serve import create_app, load_engine, serve_model_path
     from lcm.serve.server import bind, is_loopback, run, url
+    from lcm.shipped import default_model_path
 
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)

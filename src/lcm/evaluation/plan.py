@@ -16,7 +16,8 @@ from lcm.models.formats import read_record, samples_with_tcd
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.lora import LoraSpec, accelerator_of
 from lcm.models.text import is_packaged_encoder
-from lcm.sample import Sampler, default_model_path, embedded_classifier
+from lcm.sample import Sampler
+from lcm.shipped import default_model_path, embedded_classifier
 
 __all__ = [
     "DEFAULT_CLIP_MODEL",

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 import lcm.sample as library
+import lcm.shipped
 from lcm.config.sampling import DISTILLED_STEPS
 from lcm.maths.timesteps import sampler_timesteps
 from lcm.models.latent_diffusion import LatentDiffusion
@@ -37,8 +38,8 @@ __all__ = ["BackgroundCompile", "Engine", "Result", "encode_png", "load_engine",
 
 
 def serve_model_path() -> Path:
-    """The model ``lcm serve`` shows without ``--model``: :func:`lcm.sample.default_sampling_path`."""
-    return library.default_sampling_path()
+    """The model ``lcm serve`` shows without ``--model``: :func:`lcm.shipped.default_sampling_path`."""
+    return lcm.shipped.default_sampling_path()  # read at call time: a test points ASSETS elsewhere
 
 
 @dataclass(frozen=True)

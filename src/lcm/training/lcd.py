@@ -24,7 +24,8 @@ from typing import NamedTuple
 
 import torch
 
-from lcm.config.run import AdversarialInput, Consistency, LCDConfig, StudentKind
+from lcm.config.method import AdversarialInput, Consistency, LCDConfig
+from lcm.config.run import StudentKind
 from lcm.maths.ema import ema_update
 from lcm.maths.guidance import w_embedding
 from lcm.maths.losses import consistency_loss

@@ -17,7 +17,8 @@ from dataclasses import replace
 
 import torch
 
-from lcm.config.run import LCFConfig, StudentKind
+from lcm.config.method import LCFConfig
+from lcm.config.run import StudentKind
 from lcm.maths.losses import consistency_loss
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.text import TextEmbeddings

@@ -68,7 +68,7 @@ def run_training(cfg: RunConfig, out: str | Path, resume: str | None = None) -> 
 
 
 def _default_teacher() -> Path:
-    from lcm.sample import default_model_path
+    from lcm.shipped import default_model_path
 
     return default_model_path()
 

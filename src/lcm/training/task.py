@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from lcm.config.run import LCDConfig, LCFConfig, StudentConfig, StudentKind, ValidationConfig
+from lcm.config.method import LCDConfig, LCFConfig
+from lcm.config.run import StudentConfig, StudentKind, ValidationConfig
 from lcm.images import save_grid
 from lcm.maths.guidance import W_EMBEDDING_DIM, default_w
 from lcm.maths.timesteps import Sampler

@@ -370,7 +370,7 @@ def train_flow_teacher(cfg: TeacherTrainConfig) -> dict:
 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
-    from lcm.sample import default_model_path
+    from lcm.shipped import default_model_path
 
     source = Path(cfg.vae_from) if cfg.vae_from else default_model_path()
     cfg.out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from lcm.config.run import StudentConfig, StudentKind, TuneConfig, ValidationConfig
+from lcm.config.method import TuneConfig
+from lcm.config.run import StudentConfig, StudentKind, ValidationConfig
 from lcm.images import save_grid
 from lcm.maths.guidance import default_w
 from lcm.maths.parameterization import to_model_output
