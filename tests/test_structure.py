@@ -82,3 +82,25 @@ def test_the_skipping_grid_default_is_written_once():
     ]
     assert not hits, hits
     assert len(re.findall(r"^DEFAULT_NUM_SOLVER_STEPS = 50$", (SRC / "maths" / "timesteps.py").read_text(), re.M)) == 1
+
+
+def test_every_function_has_a_caller_outside_the_tests():
+    """A function of src/ that nothing in src/, scripts/ or benchmarks/ names is dead code (framework hooks and
+    functions a decorator registers, such as a web route, are called by name elsewhere)."""
+    hooks = {"extra_repr"}  # torch.nn.Module's
+    texts = [
+        p.read_text() for d in (SRC, SRC.parents[1] / "scripts", SRC.parents[1] / "benchmarks") for p in d.rglob("*.py")
+    ]
+    words = re.findall(r"\w+", "\n".join(texts))
+    counts = {w: 0 for w in words}
+    for w in words:
+        counts[w] += 1
+    unused = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or node.name.startswith("__"):
+                continue
+            registered = any(isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) for d in node.decorator_list)
+            if counts[node.name] <= 1 and not registered and node.name not in hooks:
+                unused.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}")
+    assert not unused, unused

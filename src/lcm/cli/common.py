@@ -69,18 +69,6 @@ def check_int(value: int | None, flag: str, low: int, high: int | None = None) -
     raise ValueError(f"{flag} must be {allowed}, got {value}")
 
 
-def check_float(value: float | None, flag: str, low: float, *, open_low: bool = False, high: float | None = None):
-    """``ValueError`` naming ``flag`` unless ``value`` is a finite number in its range; None passes (unset)."""
-    if value is None:
-        return
-    above = value > low if open_low else value >= low
-    if math.isfinite(value) and above and (high is None or value < high):
-        return
-    bound = f"> {low}" if open_low else f">= {low}"
-    allowed = f"a number {bound}" + (f" and < {high}" if high is not None else "")
-    raise ValueError(f"{flag} must be {allowed}, got {value}")
-
-
 def add_speed_args(p: argparse.ArgumentParser, compile_note: str) -> argparse._ArgumentGroup:
     """``--device``, ``--dtype`` and ``--compile`` of the commands that run a model (sample, serve); returns their
     argument group."""
