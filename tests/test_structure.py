@@ -104,3 +104,14 @@ def test_every_function_has_a_caller_outside_the_tests():
             if counts[node.name] <= 1 and not registered and node.name not in hooks:
                 unused.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}")
     assert not unused, unused
+
+
+def test_the_command_line_functions_stay_short():
+    """cli/ parses and dispatches: no function of it runs over 60 lines (the work lives in the library)."""
+    long = [
+        f"{path.relative_to(SRC)}:{node.lineno} {node.name}"
+        for path in (SRC / "cli").rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 60
+    ]
+    assert not long, long
