@@ -209,10 +209,11 @@ def document(out: Path, recipe: str, plot_name: str, eval_seed: int = 0) -> str:
     lines = [
         f"# LCM, TCD and PCM on equal terms, with and without the adversarial term ({steps:,}-step budget)",
         "",
-        f"Made by `python scripts/methods.py --out OUT --recipe {recipe}` (the rows below, two training seeds "
-        f"each), then `--report --docs docs/eval`. Every run is the `{recipe}` recipe (lcm.config.recipes: k = 100, "
-        f"w ~ U[1, 5], cosine rate, {steps:,} steps of batch 32, full student) with only `--method` (and "
-        f"`--phases`) changed; `+adv` adds the adversarial term at λ = {ADVERSARIAL_WEIGHT:g} (its other settings "
+        f"Made by `python scripts/methods.py --out OUT --recipe {recipe}` (the rows below; the `seeds` column "
+        f"counts each row's training seeds), then `--report --docs docs/eval`. Every run is the `{recipe}` recipe "
+        f"(lcm.config.recipes: k = 100, w ~ U[1, 5], cosine rate, {steps:,} steps of batch 32, full student) "
+        "with only `--method` (and `--phases`) changed; "
+        f"`+adv` adds the adversarial term at λ = {ADVERSARIAL_WEIGHT:g} (its other settings "
         "the defaults: the discriminator's rate 1e-4, levels up to t' = 500), judging the student's prediction for "
         "the pair; `+adv1` the same term judging the student's 1-step sample from pure noise instead "
         f"(`--adversarial-input one-step`); `+dmd` adds the distribution-matching term at λ = {DMD_WEIGHT:g} instead "
