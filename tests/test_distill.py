@@ -262,12 +262,20 @@ def _run(folder, out, max_steps, resume=None, crash_after=None, kind=StudentKind
         (StudentKind.LORA, {}),
         (StudentKind.LORA, {"adversarial_weight": 0.5}),
         (StudentKind.FULL, {"dmd_weight": 0.5, "dmd_lr": 1e-3}),
+        (StudentKind.LORA, {"regression_weight": 0.5}),
     ],
 )
 def test_resume_after_a_crash_equals_an_uninterrupted_run(sd_folder, tmp_path, kind, terms):
     """Weights, EMA target and (with --adversarial-weight) the discriminator's heads and AdamW moments, (with
-    --dmd-weight) the fake score's weights and moments."""
+    --dmd-weight) the fake score's weights and moments; (with --regression-weight) the pairs drawn after the crash."""
     settings = {"kind": kind, **terms}
+    if "regression_weight" in terms:
+        from lcm.training.regression import make_pairs, save_pairs
+
+        about = {"teacher": "sd", "sampler": "dpm", "steps": 2, "w_min": 2.0, "w_max": 6.0, "seed": 1, "prompts": ""}
+        teacher = LatentDiffusion.from_pretrained(sd_folder)
+        save_pairs(tmp_path / "pairs.safetensors", make_pairs(teacher, [f"p{i}" for i in range(6)], about))
+        settings["regression_pairs"] = str(tmp_path / "pairs.safetensors")
     straight = _run(sd_folder, tmp_path / "a", 6, **settings)
     _run(sd_folder, tmp_path / "b", 6, crash_after=5, **settings)  # dies during step 6; checkpoint at step 4
     assert (tmp_path / "b" / "train" / "checkpoints" / "step-4").is_dir()

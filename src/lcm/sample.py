@@ -54,6 +54,7 @@ __all__ = [
     "latent_shape",
     "repaint_mask",
     "sample_latents",
+    "teacher_latents",
 ]
 
 
@@ -147,7 +148,7 @@ def _run(
     timesteps: torch.Tensor,
     cond: TextEmbeddings,
     uncond: TextEmbeddings,
-    w: float,
+    w: float | torch.Tensor,
     generators: list[torch.Generator],
     gamma: float,
     negative_guidance: float,
@@ -155,7 +156,7 @@ def _run(
     after_step: StepHook | None = None,
 ) -> torch.Tensor:
     """Run ``sampler`` from the latent ``z`` along ``timesteps`` (already cut for img2img), ``after_step`` called
-    after every step (inpainting's blend)."""
+    after every step (inpainting's blend). ``w``: one for the batch, or per image ``[B]`` (teacher samplers)."""
     schedule = model.schedule
     if model.cfg_free and sampler.for_distilled:  # its w is real guidance: out(c) + w·(out(c) − out(neg))
         w, negative_guidance = 0.0, float(w)
@@ -173,9 +174,10 @@ def _run(
     if sampler is Sampler.TCD:
         net = consistency_denoiser(model, cond, uncond, w, negative_guidance)
         return sample_tcd(net, z, timesteps, schedule, gamma, generators, after_step)
-    ws = torch.full((len(cond),), float(w))
+    per_image = isinstance(w, torch.Tensor)
+    ws = w.float().cpu() if per_image else torch.full((len(cond),), float(w))
     # a guidance-distilled teacher (Flux-dev) takes its guidance 1 + w at every w, 0 included
-    guided = w != 0 or guidance_input(model.unet)
+    guided = per_image or w != 0 or guidance_input(model.unet)
     denoiser = model.guided_denoiser(cond, uncond, ws) if guided else model.denoiser(cond)
     if sampler is Sampler.DDIM:
         return sample_ddim(denoiser, z, timesteps, schedule, after_step)
@@ -215,6 +217,21 @@ def sample_latents(
     tokens = model.image_seq_len(*z.shape[-2:]) if model.is_flow else None  # a dynamic shift's input
     ts = sampler_timesteps(sampler, steps, model.scheduler_config, model.schedule, 1.0, timestep_spacing, tokens)
     return _run(model, sampler, z, ts, cond, uncond, w, gens, gamma, negative_guidance)
+
+
+@torch.no_grad()
+def teacher_latents(
+    model: LatentDiffusion, z: torch.Tensor, cond, uncond, sampler: Sampler, steps: int, w: torch.Tensor
+) -> torch.Tensor:
+    """A teacher sampler's latents from the noise ``z`` ``[B, C, h, w]`` at a guidance weight per image, ``w``
+    ``[B]`` (each image as :func:`sample_latents` draws it at its own w from the same noise)."""
+    if sampler.for_distilled or model.is_lcm:
+        raise ValueError(f"teacher samplers (ddim, dpm, dpmpp, heun) on a teacher only, not {sampler.value}")
+    if w.shape != (z.shape[0],):
+        raise ValueError(f"give one guidance weight per image: {tuple(w.shape)} for {z.shape[0]} images")
+    tokens = model.image_seq_len(*z.shape[-2:]) if model.is_flow else None
+    ts = sampler_timesteps(sampler, steps, model.scheduler_config, model.schedule, 1.0, None, tokens)
+    return _run(model, sampler, z, ts, cond, uncond, w, [], DEFAULT_GAMMA, 0.0)
 
 
 @torch.no_grad()

@@ -9,10 +9,10 @@ import sys
 from collections.abc import Sequence
 
 from lcm import __version__
-from lcm.cli import cache, consistency, demo, evaluate, merge, sample, serve, timesteps, train_teacher
+from lcm.cli import cache, consistency, demo, evaluate, merge, pairs, sample, serve, timesteps, train_teacher
 from lcm.models.formats import ALLOW_PICKLE_ENV
 
-COMMANDS = (demo, train_teacher, sample, merge, serve, consistency, cache, evaluate, timesteps)
+COMMANDS = (demo, train_teacher, sample, merge, serve, consistency, cache, pairs, evaluate, timesteps)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -128,6 +128,16 @@ class LCDConfig(ConsistencyConfig):
     )
     dmd_lr: float = knob(4e-4, "the fake score's learning rate (its own AdamW)", lo=0, open_lo=True)
     dmd_fake_updates: int = knob(1, "fake-score updates per training step (DMD2's two time-scale rule: 5)", lo=1, hi=20)
+    regression_weight: float = knob(
+        0.0,
+        "λ of the regression term (DMD's; docs/methods.md §6): the student's 1-step sample from each drawn pair's "
+        "noise is regressed onto the teacher's sample from it (mean squared error in latent space), over the pairs "
+        "of --regression-pairs; 0 turns it off",
+        lo=0,
+    )
+    regression_pairs: str | None = knob(
+        None, "the regression term's pairs: a file lcm pairs made with this run's teacher", default_text="none"
+    )
     init_student: str | None = knob(
         None, "start the full student (its target, the fake score) from this model lcm distill made from the same "
         "teacher, not from the teacher: a second stage, e.g. with --dmd-weight", default_text="the teacher",
@@ -141,6 +151,12 @@ class LCDConfig(ConsistencyConfig):
             raise ValueError("--dmd-weight needs a w-conditioned student: drop --cfg-free")
         if self.dmd_fake_updates > 1 and not self.dmd_weight > 0:
             raise ValueError("--dmd-fake-updates is the distribution-matching term's: add --dmd-weight > 0")
+        if (self.regression_weight > 0) != (self.regression_pairs is not None):
+            raise ValueError("--regression-weight > 0 and --regression-pairs FILE go together: give both or neither")
+        if self.regression_weight > 0 and self.cfg_free:
+            raise ValueError(
+                "--regression-weight needs a w-conditioned student (its pairs are guided): drop --cfg-free"
+            )
         if self.adversarial_input is AdversarialInput.ONE_STEP and not self.adversarial_weight > 0:
             raise ValueError("--adversarial-input one-step is the adversarial term's: add --adversarial-weight > 0")
         if self.w_min > self.w_max:

@@ -45,6 +45,7 @@ from lcm.models.student import adapters_disabled
 from lcm.models.text import TextEmbeddings
 from lcm.training.adversarial import AdversarialTerm
 from lcm.training.distribution_matching import DistributionMatching
+from lcm.training.regression import RegressionTerm
 
 __all__ = ["LCD", "LCDConfig", "LCDOutput", "LossMonitor", "StudentTarget"]
 
@@ -115,6 +116,7 @@ class StudentTarget:
 
     adversarial: AdversarialTerm | None = None  # LCD's --adversarial-weight
     distribution_matching: DistributionMatching | None = None  # LCD's --dmd-weight
+    regression: RegressionTerm | None = None  # LCD's --regression-weight (no network of its own)
 
     @property
     def extra_terms(self) -> dict:
@@ -200,6 +202,9 @@ class LCD(StudentTarget):
             self.distribution_matching = DistributionMatching(
                 model, student, cfg.dmd_weight, cfg.dmd_lr, cfg.w_lr_scale, cfg.dmd_fake_updates
             )
+        if cfg.regression_weight > 0:
+            with self._teacher_context():  # the probe of the pairs' teacher: a LoRA student with adapters off
+                self.regression = RegressionTerm(model, cfg.regression_pairs, cfg.regression_weight)
         # The teacher is ``model`` itself: its frozen original UNet, or for LoRA the student (the model's own UNet,
         # adapted in place) with its adapters disabled. The skipping grid: a curriculum or mixed skips, if asked.
         T, bias = model.schedule.num_train_timesteps, cfg.timestep_bias
@@ -216,6 +221,7 @@ class LCD(StudentTarget):
         if cfg.consistency is not Consistency.LCM:
             raise ValueError(f"--method {cfg.consistency.value} is not built for flow-matching teachers; use lcm")
         unbuilt = {"--adversarial-weight": cfg.adversarial_weight > 0, "--dmd-weight": cfg.dmd_weight > 0}
+        unbuilt["--regression-weight"] = cfg.regression_weight > 0
         if flag := next((f for f, on in {**unbuilt, "--cfg-free": cfg.cfg_free}.items() if on), None):
             raise ValueError(f"{flag} is not built for flow-matching teachers")
         if cfg.coarse_num_solver_steps or cfg.coarse_fraction or cfg.timestep_bias:
@@ -286,7 +292,7 @@ class LCD(StudentTarget):
                 target = self.target_model.trajectory_output(z_end.to(z0.dtype), t_end, s, cond, w_emb)
 
         loss = consistency_loss(prediction, target, self.cfg.loss, self.cfg.huber_c)
-        if not self.extra_terms:
+        if not self.extra_terms and self.regression is None:
             return LCDOutput(loss, t_start, w)
         # the terms' draws come after every draw above: λ > 0 keeps them all
         if self.adversarial_input_one_step or self.distribution_matching is not None:  # drawn once for both terms
@@ -298,6 +304,10 @@ class LCD(StudentTarget):
             extra = extra + self.adversarial.generator_loss(self.model, fake, s, z0, cond, generator, ctx)
         if self.distribution_matching is not None:
             extra = extra + self.distribution_matching.generator_loss(x, cond, uncond, w, w_emb, generator)
+        if self.regression is not None:  # its draws last of all
+            extra = extra + self.regression.generator_loss(
+                self.one_step, self.w_emb, batch, generator, device, z0.dtype
+            )
         return LCDOutput(loss + extra.to(loss.dtype), t_start, w, consistency=loss)
 
     @property
