@@ -62,6 +62,9 @@ DMD = {f"{name}+dmd": {**c, "method.dmd_weight": DMD_WEIGHT} for name, c in BASE
 # a trained model; "A>A" continues A itself as long, the control. SHIPPED as A: the shipped LCM (lcm demo --recipe
 # long, 10,000 steps)
 SECOND_STAGE_STEPS = 300
+# the regression term's pairs: `lcm pairs --out OUT/pairs.safetensors --count 12000` (the shipped teacher, DPM-Solver
+# 25 steps, w ~ U[1, 5], noise seeds 7,000,000 + i)
+PAIRS_FILE = "pairs.safetensors"
 STAGE = {"method.dmd_weight": DMD_WEIGHT, "method.dmd_fake_updates": 5}  # DMD2's two time-scale rule
 SHIPPED = "shipped"
 SECOND = {
@@ -72,12 +75,28 @@ SECOND = {
     "shipped>lcm": (SHIPPED, BASE["lcm"]),
     "shipped>lcm+dmd5-1k": (SHIPPED, {**STAGE, "loop.max_steps": 1000}),
     "shipped>lcm-1k": (SHIPPED, {"loop.max_steps": 1000}),
+    "shipped>lcm-3k": (SHIPPED, {"loop.max_steps": 3000}),  # the control of the regression term's 3,000-step stage
+    # the regression term (λ = 1) on OUT/PAIRS_FILE, 3,000 steps
+    "shipped>lcm+reg1-3k": (SHIPPED, {"method.regression_weight": 1.0, "loop.max_steps": 3000}),
     "shipped>lcm+dmd5+adv1": (SHIPPED, {**STAGE, **ONE_STEP["lcm+adv1"]}),  # DMD2's pair of terms
     # the same with the adversarial term at 3x its weight
     "shipped>lcm+dmd5+adv1x3": (SHIPPED, {**STAGE, **ONE_STEP["lcm+adv1"], "method.adversarial_weight": 0.3}),
     # ... or with the student's rate at a quarter of the recipe's 2e-4
     "shipped>lcm+dmd5+adv1-lr5e-5": (SHIPPED, {**STAGE, **ONE_STEP["lcm+adv1"], "optim.learning_rate": 5e-5}),
 }
+# ... and with the discriminator's levels capped lower than the default t' ≤ 500 (LADD: low levels judge detail)
+SECOND |= {
+    f"shipped>lcm+dmd5+adv1-lr5e-5-t{t}": (
+        SHIPPED,
+        {**SECOND["shipped>lcm+dmd5+adv1-lr5e-5"][1], "method.adversarial_max_t": float(t)},
+    )
+    for t in (50, 100)
+}
+# ... or with the discriminator's rate at 10x its default 1e-4: in 300 steps at 1e-4 its hinge loss stays near chance
+SECOND["shipped>lcm+dmd5+adv1-lr5e-5-dlr1e-3"] = (
+    SHIPPED,
+    {**SECOND["shipped>lcm+dmd5+adv1-lr5e-5"][1], "method.adversarial_lr": 1e-3},
+)
 METHODS = {**BASE, **ADVERSARIAL, **ONE_STEP, **DMD, **CFG_FREE, **{name: c for name, (_, c) in SECOND.items()}}
 STEPS = (1, 2, 4, 8)
 W = EVALUATION["demo-1500"]["w"]  # the w of every row
@@ -92,6 +111,11 @@ def changes(method: str, seed: int, out: Path | None = None) -> dict:
             raise SystemExit(f"{method} starts from {first}: make it first (--methods {SECOND[method][0]})")
         steps = METHODS[method].get("loop.max_steps", SECOND_STAGE_STEPS)
         extra |= {"method.init_student": str(first), "loop.max_steps": steps, "optim.lr_warmup_steps": steps // 10}
+    if METHODS[method].get("method.regression_weight"):
+        pairs = Path(out) / PAIRS_FILE
+        if not pairs.is_file():
+            raise SystemExit(f"{method} regresses onto {pairs}: make it first (lcm pairs --out {pairs} --count 12000)")
+        extra["method.regression_pairs"] = str(pairs)
     return {**METHODS[method], **extra, "loop.seed": seed, "loop.report_to": []}
 
 

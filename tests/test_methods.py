@@ -209,6 +209,9 @@ def test_every_row_of_the_methods_script_is_a_valid_run_config(tmp_path):
     for base, _ in second.values():
         if base != script["SHIPPED"]:
             (tmp_path / f"{base}-s1" / "unet").mkdir(parents=True, exist_ok=True)
+    with pytest.raises(SystemExit, match="lcm pairs"):
+        script["changes"]("shipped>lcm+reg1-3k", 1, tmp_path)
+    (tmp_path / script["PAIRS_FILE"]).touch()
     for name in methods:
         cfg = recipe_config("demo-1500", script["changes"](name, 1, tmp_path))
         assert cfg.loop.seed == 1, name
@@ -216,7 +219,9 @@ def test_every_row_of_the_methods_script_is_a_valid_run_config(tmp_path):
             base = second[name][0]
             first = ASSETS / "fashion-lcm" if base == script["SHIPPED"] else tmp_path / f"{base}-s1"
             assert cfg.method.init_student == str(first), name
-            assert cfg.loop.max_steps == (1000 if name.endswith("-1k") else 300), name
+            assert cfg.loop.max_steps == {"-1k": 1000, "-3k": 3000}.get(name[-3:], 300), name
+            regression = cfg.method.regression_weight > 0
+            assert cfg.method.regression_pairs == (str(tmp_path / script["PAIRS_FILE"]) if regression else None)
             assert cfg.optim.lr_warmup_steps == cfg.loop.max_steps // 10, name
         else:
             assert cfg.method.init_student is None and cfg.loop.max_steps == 1500, name
