@@ -56,7 +56,7 @@ STEPS = (1, 2, 4, 8)
 def make_pairs(path: Path, n: int, batch: int = 250) -> dict:
     """``n`` pairs, made once into ``path``; a file of fewer, made in whole batches, is extended (pair i does not
     depend on ``n``)."""
-    old = torch.load(path) if path.is_file() else None
+    old = torch.load(path, weights_only=True) if path.is_file() else None
     done = len(old["prompts"]) if old else 0
     if done >= n:
         return {key: value[:n] for key, value in old.items()}

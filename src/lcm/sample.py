@@ -220,17 +220,12 @@ def sample_latents(
 
 
 @torch.no_grad()
-def teacher_latents(
-    model: LatentDiffusion, z: torch.Tensor, cond, uncond, sampler: Sampler, steps: int, w: torch.Tensor
-) -> torch.Tensor:
-    """A teacher sampler's latents from the noise ``z`` ``[B, C, h, w]`` at a guidance weight per image, ``w``
-    ``[B]`` (each image as :func:`sample_latents` draws it at its own w from the same noise)."""
-    if sampler.for_distilled or model.is_lcm:
-        raise ValueError(f"teacher samplers (ddim, dpm, dpmpp, heun) on a teacher only, not {sampler.value}")
-    if w.shape != (z.shape[0],):
-        raise ValueError(f"give one guidance weight per image: {tuple(w.shape)} for {z.shape[0]} images")
-    tokens = model.image_seq_len(*z.shape[-2:]) if model.is_flow else None
-    ts = sampler_timesteps(sampler, steps, model.scheduler_config, model.schedule, 1.0, None, tokens)
+def teacher_latents(model: LatentDiffusion, z, cond, uncond, sampler: Sampler, steps: int, w: torch.Tensor):
+    """A teacher sampler's latents from the noise ``z`` ``[B, C, h, w]`` at a guidance weight per image ``w`` ``[B]``
+    (each image as :func:`sample_latents` draws it at its own w from the same noise). VP teachers."""
+    if sampler.for_distilled or model.is_lcm or model.is_flow or w.shape != (z.shape[0],):
+        raise ValueError(f"a VP teacher's sampler and one w per image, not {sampler.value} and {tuple(w.shape)}")
+    ts = sampler_timesteps(sampler, steps, model.scheduler_config, model.schedule)
     return _run(model, sampler, z, ts, cond, uncond, w, [], DEFAULT_GAMMA, 0.0)
 
 
