@@ -62,8 +62,8 @@ DMD = {f"{name}+dmd": {**c, "method.dmd_weight": DMD_WEIGHT} for name, c in BASE
 # a trained model; "A>A" continues A itself as long, the control. SHIPPED as A: the shipped LCM (lcm demo --recipe
 # long, 10,000 steps)
 SECOND_STAGE_STEPS = 300
-# the regression term's pairs: `lcm pairs --out OUT/pairs.safetensors --count 12000` (the shipped teacher, DPM-Solver
-# 25 steps, w ~ U[1, 5], noise seeds 7,000,000 + i)
+# the regression term's pairs: `lcm pairs --out OUT/pairs.safetensors --count 12000 --w-min 1 --w-max 5` (the
+# shipped teacher, DPM-Solver 25 steps, w ~ U[1, 5], noise seeds 7,000,000 + i)
 PAIRS_FILE = "pairs.safetensors"
 STAGE = {"method.dmd_weight": DMD_WEIGHT, "method.dmd_fake_updates": 5}  # DMD2's two time-scale rule
 SHIPPED = "shipped"
@@ -114,7 +114,10 @@ def changes(method: str, seed: int, out: Path | None = None) -> dict:
     if METHODS[method].get("method.regression_weight"):
         pairs = Path(out) / PAIRS_FILE
         if not pairs.is_file():
-            raise SystemExit(f"{method} regresses onto {pairs}: make it first (lcm pairs --out {pairs} --count 12000)")
+            raise SystemExit(
+                f"{method} regresses onto {pairs}: make it first "
+                f"(lcm pairs --out {pairs} --count 12000 --w-min 1 --w-max 5)"
+            )
         extra["method.regression_pairs"] = str(pairs)
     return {**METHODS[method], **extra, "loop.seed": seed, "loop.report_to": []}
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from lcm.cli.common import check_int
+from lcm.config.method import LCDConfig
 from lcm.limits import MAX_BATCH, MAX_IMAGES, MAX_SEED, MAX_STEPS
 
 TEACHER_SAMPLERS = ("dpm", "dpmpp", "ddim")  # a VP teacher's
@@ -92,8 +94,13 @@ def add_parser(sub) -> None:
         "--sampler", choices=TEACHER_SAMPLERS, default="dpm", help="the teacher's sampler (default dpm: DPM-Solver)"
     )
     p.add_argument("--steps", type=int, default=25, help="the teacher's steps (default 25)")
-    p.add_argument("--w-min", type=float, default=1.0, help="lowest guidance weight w (default 1, as lcm distill)")
-    p.add_argument("--w-max", type=float, default=5.0, help="highest guidance weight w (default 5, as lcm distill)")
+    w = {f.name: f.default for f in dataclasses.fields(LCDConfig) if f.name in ("w_min", "w_max")}
+    p.add_argument(
+        "--w-min", type=float, default=w["w_min"], help=f"lowest w, as lcm distill's (default {w['w_min']:g})"
+    )
+    p.add_argument(
+        "--w-max", type=float, default=w["w_max"], help=f"highest w, as lcm distill's (default {w['w_max']:g})"
+    )
     p.add_argument(
         "--seed",
         type=int,
