@@ -96,6 +96,8 @@ def test_the_term_is_the_1_step_samples_squared_error_and_leaves_the_consistency
     torch.testing.assert_close(out.loss - out.consistency, expected.expand(4), rtol=1e-4, atol=1e-6)
     wrong_w = 0.5 * (one_step(3.0) - x0).pow(2).mean()
     assert (wrong_w - expected).abs() > 1e-3 * expected  # the pair's own w is what the test pins down
+    torch.testing.assert_close(method.regression.read()["reg"], float(expected / 0.5), rtol=1e-4, atol=1e-6)
+    assert method.regression.read() == {}  # logged once, without λ
     out.loss.mean().backward()
     assert all(p.grad is None for p in method.model.unet.parameters())  # the teacher stays frozen
     assert all(p.grad is None for p in method.target.parameters())

@@ -146,6 +146,7 @@ class RegressionTerm:
 
     def __init__(self, model: LatentDiffusion, path: str | Path, weight: float):
         self.model, self.weight = model, weight
+        self.sums: tuple[torch.Tensor | float, int] = (0.0, 0)  # the error's sum over micro-batches, their count
         self.pairs = load_pairs(path)
         if tuple(self.pairs.z.shape[1:]) != tuple(model.latent_shape):
             shape = tuple(self.pairs.z.shape[1:])
@@ -164,4 +165,12 @@ class RegressionTerm:
         idx = torch.randint(0, len(self.pairs), (batch,), generator=generator)
         text = self.model.encode_prompts([self.pairs.prompts[i] for i in idx], cache=True)
         x = one_step(self.pairs.z[idx].to(device, dtype), text, w_emb(self.pairs.w[idx], device))
-        return self.weight * (x.float() - self.pairs.x0[idx].to(device)).pow(2).mean(dim=tuple(range(1, x.ndim)))
+        error = (x.float() - self.pairs.x0[idx].to(device)).pow(2).mean(dim=tuple(range(1, x.ndim)))
+        total, count = self.sums
+        self.sums = (total + error.detach().mean(), count + 1)
+        return self.weight * error
+
+    def read(self) -> dict[str, float]:
+        """``reg``: the mean squared error (without λ) of the micro-batches since the last read."""
+        (total, count), self.sums = self.sums, (0.0, 0)
+        return {"reg": float(total) / count} if count else {}

@@ -113,10 +113,12 @@ class ConsistencyTask(Task):
 
     def log_metrics(self) -> dict[str, float]:
         """Per-t / per-w loss and the w projection's norms since the last log line (see :class:`LossMonitor`), and
-        the extra terms' means (adversarial, distribution matching) when there are any."""
+        the extra terms' means (adversarial, distribution matching, regression) when there are any."""
         logs = self.monitor.read()
         for term in self.method.extra_terms.values():
             logs.update(term.read())
+        if getattr(self.method, "regression", None) is not None:
+            logs.update(self.method.regression.read())
         return logs
 
     def compile(self) -> None:
