@@ -37,6 +37,7 @@ from lcm.evaluation.run import Row, evaluate_rows
 from lcm.maths.timesteps import Sampler
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.shipped import default_model_path, default_sampling_path
+from lcm.training.regression import load_pairs
 from lcm.training.runs import run_training
 
 # name → dotted overrides of the demo recipe; "+adv" adds the adversarial term at ADVERSARIAL_WEIGHT
@@ -97,6 +98,22 @@ SECOND["shipped>lcm+dmd5+adv1-lr5e-5-dlr1e-3"] = (
     SHIPPED,
     {**SECOND["shipped>lcm+dmd5+adv1-lr5e-5"][1], "method.adversarial_lr": 1e-3},
 )
+# the regression term at λ = 1, 2 or 4, alone or with the 1-step-judging adversarial term beside it (DMD2's term with
+# DMD's regression), over 3,000 or 6,000 steps: "shipped>lcm+reg2+adv1-6k"
+SECOND |= {
+    f"shipped>lcm+reg{lam}{'+adv1' * adv}-{k}k": (
+        SHIPPED,
+        {
+            **(ONE_STEP["lcm+adv1"] if adv else {}),
+            "method.regression_weight": float(lam),
+            "loop.max_steps": k * 1000,
+        },
+    )
+    for lam in (1, 2, 4)
+    for adv in (False, True)
+    for k in (3, 6)
+    if (lam, adv, k) != (1, False, 3)  # defined above
+}
 METHODS = {**BASE, **ADVERSARIAL, **ONE_STEP, **DMD, **CFG_FREE, **{name: c for name, (_, c) in SECOND.items()}}
 STEPS = (1, 2, 4, 8)
 W = EVALUATION["demo-1500"]["w"]  # the w of every row
@@ -260,12 +277,20 @@ def document(out: Path, recipe: str, plot_name: str, eval_seed: int = 0) -> str:
         lines += [
             "",
             f"`A>B` rows are second stages: run A's model (the same training seed; `shipped`: the shipped LCM, made "
-            f"by `lcm demo --recipe long`) trained {SECOND_STAGE_STEPS} more steps (`-1k`: 1,000) with B's settings "
+            f"by `lcm demo --recipe long`) trained {SECOND_STAGE_STEPS} more steps (`-1k`, `-3k`, `-6k`: 1,000, 3,000, "
+            "6,000) with B's settings "
             "(`--init-student`; a new optimiser, a warm-up of a tenth of the steps and the recipe's rate "
             f"schedule); `dmd5` is the distribution-matching term at λ = {DMD_WEIGHT:g} with five fake-score updates "
             "per step (`--dmd-fake-updates 5`), `A>A` the control: A's own settings for as long; `adv1x3` the "
             "1-step-judging adversarial term at 3x its λ, `-lr5e-5` the student's rate 5e-5 instead of the recipe's.",
         ]
+    if (out / PAIRS_FILE).is_file() and any("+reg" in path.parent.name for path in results):
+        count = len(load_pairs(out / PAIRS_FILE))
+        lines[-1] += (
+            f" `+regλ` adds the regression term at λ (`--regression-weight`) over the {count:,} pairs of "
+            f"OUT/{PAIRS_FILE} (`lcm pairs --count {count} --w-min 1 --w-max 5`: the shipped teacher's DPM-Solver "
+            "25-step samples at w ~ U[1, 5])."
+        )
     if any(out.glob(f"*-s*/{results_name('results-gamma', eval_seed)}")):
         table = gamma_report(out, eval_seed)
         lines += ["", "TCD's sampler at other γ (`--gammas`; same prompts and noise):", "", table]

@@ -219,7 +219,7 @@ def test_every_row_of_the_methods_script_is_a_valid_run_config(tmp_path):
             base = second[name][0]
             first = ASSETS / "fashion-lcm" if base == script["SHIPPED"] else tmp_path / f"{base}-s1"
             assert cfg.method.init_student == str(first), name
-            assert cfg.loop.max_steps == {"-1k": 1000, "-3k": 3000}.get(name[-3:], 300), name
+            assert cfg.loop.max_steps == {"-1k": 1000, "-3k": 3000, "-6k": 6000}.get(name[-3:], 300), name
             regression = cfg.method.regression_weight > 0
             assert cfg.method.regression_pairs == (str(tmp_path / script["PAIRS_FILE"]) if regression else None)
             assert cfg.optim.lr_warmup_steps == cfg.loop.max_steps // 10, name
