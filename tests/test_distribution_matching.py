@@ -30,7 +30,7 @@ def _batch(model):
 def test_weight_zero_is_no_term_and_the_term_leaves_the_consistency_draws_alone(tiny_sd, consistency):
     method = _method(tiny_sd, consistency=consistency)
     plain = method.loss(*_batch(method.model), torch.Generator().manual_seed(7)).loss
-    assert method.distribution_matching is None and not method.extra_terms
+    assert method.distribution_matching is None and not method.terms
     # λ so small that it cannot move a float32 loss of this size: what is left is the consistency loss, bit for bit
     method = _method(tiny_sd, consistency=consistency, dmd_weight=1e-30)
     assert torch.equal(method.loss(*_batch(method.model), torch.Generator().manual_seed(7)).loss, plain)

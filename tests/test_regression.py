@@ -122,3 +122,28 @@ def test_pairs_of_another_teacher_or_shape_and_half_given_flags_are_refused(tiny
         LCDConfig(regression_pairs=str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="drop --cfg-free"):
         LCDConfig(regression_weight=1.0, regression_pairs="p.safetensors", cfg_free=True)
+
+
+def test_the_task_logs_every_terms_means_and_checkpoints_only_the_trained_ones(tiny_sd, tmp_path):
+    """The run's log line carries the regression term's ``reg`` beside the adversarial term's logs (the method's
+    ``terms``), while the checkpoint holds only the terms with networks of their own (``trained_terms``)."""
+    from lcm.training.task import DistillTask
+
+    _pair_file(tiny_sd, tmp_path / "p.safetensors")
+    cfg = LCDConfig(
+        num_solver_steps=10,
+        regression_weight=0.5,
+        regression_pairs=str(tmp_path / "p.safetensors"),
+        adversarial_weight=0.1,
+    )
+    task = DistillTask(LatentDiffusion.from_pretrained(tiny_sd), cfg)
+    assert set(task.method.terms) == {"adversarial", "regression"} and set(task.method.trained_terms) == {"adversarial"}
+    out = task.method.loss(*_batch(task.model), torch.Generator().manual_seed(7))
+    task.monitor.add(out)
+    out.loss.mean().backward()
+    task.after_optimizer_step(1)  # the discriminator's update, which logs its own loss
+    logs = task.log_metrics()
+    assert logs["reg"] > 0 and any(name.startswith("loss_t") for name in logs)
+    assert {"adv_g", "adv_d", "adv_d_real", "adv_d_fake"} <= set(logs)
+    assert not any(k.startswith("regression.") for k in task.state_dict())
+    assert any(k.startswith("adversarial.") for k in task.state_dict())

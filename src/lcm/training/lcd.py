@@ -43,7 +43,7 @@ from lcm.models.formats import guidance_input, w_input_dim
 from lcm.models.latent_diffusion import LatentDiffusion
 from lcm.models.student import adapters_disabled
 from lcm.models.text import TextEmbeddings
-from lcm.training.adversarial import AdversarialTerm
+from lcm.training.adversarial import AdversarialTerm, TrainedTerm
 from lcm.training.distribution_matching import DistributionMatching
 from lcm.training.regression import RegressionTerm
 
@@ -119,11 +119,17 @@ class StudentTarget:
     regression: RegressionTerm | None = None  # LCD's --regression-weight (no network of its own)
 
     @property
-    def extra_terms(self) -> dict:
-        """The terms beside the consistency loss that train networks of their own, by checkpoint prefix: each has
-        ``step()`` (after the student's optimiser step), ``read()`` (log means) and a state dict."""
-        terms = {"adversarial": self.adversarial, "dmd": self.distribution_matching}
+    def terms(self) -> dict:
+        """Every term beside the consistency loss, by name: each has ``read()``, the means it logs since the last
+        read."""
+        terms = {"adversarial": self.adversarial, "dmd": self.distribution_matching, "regression": self.regression}
         return {name: term for name, term in terms.items() if term is not None}
+
+    @property
+    def trained_terms(self) -> dict:
+        """The terms that train networks of their own, by checkpoint prefix: each also has ``step()`` (after the
+        student's optimiser step) and a state dict."""
+        return {name: term for name, term in self.terms.items() if isinstance(term, TrainedTerm)}
 
     def __init__(self, model: LatentDiffusion, student, kind: StudentKind, cfg, target=None):
         self.model, self.student, self.kind, self.cfg = model, student, StudentKind(kind), cfg
@@ -292,7 +298,7 @@ class LCD(StudentTarget):
                 target = self.target_model.trajectory_output(z_end.to(z0.dtype), t_end, s, cond, w_emb)
 
         loss = consistency_loss(prediction, target, self.cfg.loss, self.cfg.huber_c)
-        if not self.extra_terms and self.regression is None:
+        if not self.terms:
             return LCDOutput(loss, t_start, w)
         # the terms' draws come after every draw above: λ > 0 keeps them all
         if self.adversarial_input_one_step or self.distribution_matching is not None:  # drawn once for both terms

@@ -113,12 +113,10 @@ class ConsistencyTask(Task):
 
     def log_metrics(self) -> dict[str, float]:
         """Per-t / per-w loss and the w projection's norms since the last log line (see :class:`LossMonitor`), and
-        the extra terms' means (adversarial, distribution matching, regression) when there are any."""
+        the means every other term logs (the method's ``terms``: adversarial, distribution matching, regression)."""
         logs = self.monitor.read()
-        for term in self.method.extra_terms.values():
+        for term in self.method.terms.values():
             logs.update(term.read())
-        if getattr(self.method, "regression", None) is not None:
-            logs.update(self.method.regression.read())
         return logs
 
     def compile(self) -> None:
@@ -129,7 +127,7 @@ class ConsistencyTask(Task):
 
     def after_optimizer_step(self, step: int) -> None:
         self.method.update_target()
-        for term in self.method.extra_terms.values():
+        for term in self.method.trained_terms.values():
             term.step()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -138,12 +136,12 @@ class ConsistencyTask(Task):
             state.update({f"target.{k}": v for k, v in self.method.target.state_dict().items()})
         else:
             state = {f"lora.{n}": p for n, p in self.student.named_parameters() if p.requires_grad}
-        for name, term in self.method.extra_terms.items():
+        for name, term in self.method.trained_terms.items():
             state.update({f"{name}.{k}": v for k, v in term.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, term in self.method.extra_terms.items():
+        for name, term in self.method.trained_terms.items():
             term.load_state_dict({k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")})
         if self.kind is StudentKind.FULL:
             self.student.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("student.")})
