@@ -114,6 +114,21 @@ SECOND |= {
     for k in (3, 6)
     if (lam, adv, k) != (1, False, 3)  # defined above
 }
+# third stages on the λ = 4 regression stage: the adversarial term added once the regression has run its 6,000 steps
+# (LADD and SANA-Sprint train their discriminator on an already distilled model), 1,000 steps beside the same
+# regression, its discriminator's rate 1e-3 (at 1e-4 its hinge loss stays near chance over 300 steps), and the control:
+# the regression alone for as long
+SECOND |= {
+    f"shipped>lcm+reg4-6k>lcm+reg4{'+adv1-dlr1e-3' * adv}-1k": (
+        "shipped>lcm+reg4-6k",
+        {
+            **({**ONE_STEP["lcm+adv1"], "method.adversarial_lr": 1e-3} if adv else {}),
+            "method.regression_weight": 4.0,
+            "loop.max_steps": 1000,
+        },
+    )
+    for adv in (False, True)
+}
 METHODS = {**BASE, **ADVERSARIAL, **ONE_STEP, **DMD, **CFG_FREE, **{name: c for name, (_, c) in SECOND.items()}}
 STEPS = (1, 2, 4, 8)
 W = EVALUATION["demo-1500"]["w"]  # the w of every row
@@ -282,7 +297,9 @@ def document(out: Path, recipe: str, plot_name: str, eval_seed: int = 0) -> str:
             "(`--init-student`; a new optimiser, a warm-up of a tenth of the steps and the recipe's rate "
             f"schedule); `dmd5` is the distribution-matching term at λ = {DMD_WEIGHT:g} with five fake-score updates "
             "per step (`--dmd-fake-updates 5`), `A>A` the control: A's own settings for as long; `adv1x3` the "
-            "1-step-judging adversarial term at 3x its λ, `-lr5e-5` the student's rate 5e-5 instead of the recipe's.",
+            "1-step-judging adversarial term at 3x its λ, `-lr5e-5` the student's rate 5e-5 instead of the recipe's, "
+            "`-dlr1e-3` the discriminator's rate 1e-3 instead of 1e-4; `A>B>C` a third stage on the second stage "
+            "A>B's run.",
         ]
     if (out / PAIRS_FILE).is_file() and any("+reg" in path.parent.name for path in results):
         count = len(load_pairs(out / PAIRS_FILE))
