@@ -115,7 +115,7 @@ SECOND |= {
     if (lam, adv, k) != (1, False, 3)  # defined above
 }
 # third stages on the λ = 4 regression stage: the adversarial term added once the regression has run its 6,000 steps
-# (LADD and SANA-Sprint train their discriminator on an already distilled model), 1,000 steps beside the same
+# (so its discriminator judges samples the regression has already brought close), 1,000 steps beside the same
 # regression, its discriminator's rate 1e-3 (at 1e-4 its hinge loss stays near chance over 300 steps), and the control:
 # the regression alone for as long
 SECOND |= {
