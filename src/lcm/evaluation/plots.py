@@ -18,13 +18,9 @@ def line_panels(
     panels: Sequence[tuple[str, Series]], path: str | Path, xlabel: str, ylabel: str | Sequence[str], **options: Any
 ) -> Path:
     """Draw ``line_figure(panels, xlabel, ylabel, **options)`` into the PNG at ``path``."""
-    import matplotlib.pyplot as plt
-
-    fig = line_figure(panels, xlabel, ylabel, **options)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    line_figure(panels, xlabel, ylabel, **options).savefig(path, dpi=110)
     return path
 
 
@@ -44,10 +40,8 @@ def line_figure(
     ``ylabel`` and ``logy`` are one value for all panels or one per panel; ``annotate`` writes a text next to each
     point of a label. A panel with more than three or long labels has its legend under it, off the points.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.ticker import LogFormatter
     from matplotlib.transforms import ScaledTranslation
 
@@ -57,7 +51,9 @@ def line_figure(
     below = [len(series) > 3 or max(map(len, series), default=0) > 24 for _, series in panels]
     legend_height = max((0.15 + 0.14 * len(s) for (_, s), b in zip(panels, below, strict=True) if b), default=0.0)
     figsize = (panel_size[0] * len(panels), panel_size[1] + legend_height)
-    fig, axes = plt.subplots(1, len(panels), figsize=figsize, squeeze=False)
+    fig = Figure(figsize=figsize)  # not pyplot's: nothing global to close, no display backend
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, series), label_y, log_y, legend_below in zip(axes[0], panels, ylabels, logys, below, strict=True):
         for label, (x, y) in series.items():
             ax.plot(x, y, marker="o", markersize=4, label=label)
