@@ -17,12 +17,15 @@ the same prompts and noise in every row, FD-clf and prompt accuracy (the shipped
 10,000 test images; not FID). Rows are ``lcm eval``'s records in OUT/METHOD-sSEED/results.json; the teacher's
 reference row (DPM-Solver, 25 steps, the same prompts and noise) is OUT/teacher/results.json. Finished runs and
 rows are kept, so the command resumes. Mean ± half the range over seeds. The report (OUT/methods.md, or with
-``--docs DIR`` DIR/methods.md) is the whole document, with its plot (methods.png) beside it.
+``--docs DIR`` DIR/methods.md) is the whole document, with its plot (methods.png) beside it. With ``--docs``, every
+run's rows (its results*.json, no weights) are also kept in DIR/records/NAME/METHOD-sSEED/ and the report is made
+from there: the rows outlive the run folders, and ``--report --docs DIR`` regenerates it from the repository alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 from pathlib import Path
 
@@ -219,6 +222,18 @@ def teacher_best(out: Path, eval_seed: int = 0) -> float | None:
     return load_results(path)[1][0].metrics["fd_clf"] if path.is_file() else None
 
 
+def keep_records(out: Path, records: Path) -> Path:
+    """Copy every run's (and the teacher's) results*.json from OUT into RECORDS, the same layout without the weights;
+    a file with fewer rows than the kept one (a run still being evaluated) does not replace it. Returns RECORDS."""
+    for path in sorted(out.glob("*/results*.json")):
+        target = records / path.parent.name / path.name
+        if target.is_file() and len(load_results(target)[1]) > len(load_results(path)[1]):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return records
+
+
 def report(out: Path, eval_seed: int = 0) -> str:
     def cell(values: list[float], fmt: str) -> str:
         spread = f" ± {(max(values) - min(values)) / 2:{fmt}}" if len(values) > 1 else ""
@@ -253,8 +268,10 @@ def plot(out: Path, path: Path, eval_seed: int = 0) -> Path:
     return line_panels(panels, path, "steps", f"FD-clf ↓ (w = {W:g})", logx=True, logy=True, xticks=STEPS)
 
 
-def document(out: Path, recipe: str, plot_name: str, eval_seed: int = 0) -> str:
-    """The whole report: what was run, the table, the γ rows, the plot."""
+def document(out: Path, recipe: str, plot_name: str, eval_seed: int = 0, pairs: Path | None = None) -> str:
+    """The whole report from the rows in OUT (the run folders or their kept records; PAIRS: the regression term's
+    pairs, default OUT/PAIRS_FILE): what was run, the table, the γ rows, the plot."""
+    pairs = pairs or out / PAIRS_FILE
     steps = recipe_config(recipe).loop.max_steps
     best = teacher_best(out, eval_seed)
     results = sorted(out.glob(f"*-s*/{results_name('results', eval_seed)}"))
@@ -301,8 +318,8 @@ def document(out: Path, recipe: str, plot_name: str, eval_seed: int = 0) -> str:
             "`-dlr1e-3` the discriminator's rate 1e-3 instead of 1e-4; `A>B>C` a third stage on the second stage "
             "A>B's run.",
         ]
-    if (out / PAIRS_FILE).is_file() and any("+reg" in path.parent.name for path in results):
-        count = len(load_pairs(out / PAIRS_FILE))
+    if pairs.is_file() and any("+reg" in path.parent.name for path in results):
+        count = len(load_pairs(pairs))
         lines[-1] += (
             f" `+regλ` adds the regression term at λ (`--regression-weight`) over the {count:,} pairs of "
             f"OUT/{PAIRS_FILE} (`lcm pairs --count {count} --w-min 1 --w-max 5`: the shipped teacher's DPM-Solver "
@@ -344,8 +361,9 @@ def main() -> None:
                     gammas = [float(g) for g in a.gammas.split(",")]
                     gamma_rows(a.out, method, seed, gammas, a.samples, prompts, evaluator, a.eval_seed)
     docs, name = a.docs or a.out, a.name or ("methods" if a.recipe == RECIPES[0] else f"methods_{a.recipe}")
-    plot(a.out, docs / f"{name}.png", a.eval_seed)
-    text = document(a.out, a.recipe, f"{name}.png", a.eval_seed)
+    rows = keep_records(a.out, a.docs / "records" / name) if a.docs else a.out
+    plot(rows, docs / f"{name}.png", a.eval_seed)
+    text = document(rows, a.recipe, f"{name}.png", a.eval_seed, pairs=a.out / PAIRS_FILE)
     (docs / f"{name}.md").write_text(text)
     print(text)
 

@@ -225,3 +225,41 @@ def test_every_row_of_the_methods_script_is_a_valid_run_config(tmp_path):
             assert cfg.optim.lr_warmup_steps == cfg.loop.max_steps // 10, name
         else:
             assert cfg.method.init_student is None and cfg.loop.max_steps == 1500, name
+
+
+def test_the_methods_report_is_remade_from_kept_records_once_the_runs_are_gone(tmp_path):
+    """scripts/methods.py --docs keeps every run's rows (no weights) in DOCS/records/NAME and makes the report from
+    there: deleting the run folders loses no row, and a run's partial results.json (still being evaluated) does not
+    replace its whole kept record."""
+    import runpy
+    import shutil
+
+    from lcm.evaluation.plan import EvalSettings
+    from lcm.evaluation.results import Record, load_results, save_results
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "methods.py"))
+    settings = EvalSettings(num_samples=8)
+
+    def write(folder: Path, method: str, fds: dict[int, float]) -> None:
+        records = [
+            Record(method, str(folder), "-", "lcm", steps, 3.0, {"fd_clf": fd, "prompt_accuracy": 0.5}, 8, 0.1, steps,
+                   None, "0", "2026-01-01")
+            for steps, fd in fds.items()
+        ]  # fmt: skip
+        save_results(folder / "results.json", settings, records)
+
+    out, docs = tmp_path / "runs", tmp_path / "docs"
+    write(out / "teacher", "TEACHER", {25: 55.0})
+    write(out / "lcm-s0", "LCM", {1: 200.0, 2: 70.0, 4: 66.0, 8: 68.0})
+    write(out / "lcm-s1", "LCM", {1: 210.0, 2: 72.0, 4: 70.0, 8: 72.0})
+    records = script["keep_records"](out, docs / "records" / "methods_long")
+    shutil.rmtree(out)
+    text = script["document"](records, "long", "methods_long.png")
+    assert "| lcm | 2 | 205.0 ± 5.0 | 71.0 ± 1.0 | 68.0 ± 2.0 | 70.0 ± 2.0 |" in text, text
+    assert "**55.0**" in text
+    write(out / "lcm-s1", "LCM", {1: 999.0})  # a new run of the same seed, evaluated at 1 step so far
+    script["keep_records"](out, records)
+    assert len(load_results(records / "lcm-s1" / "results.json")[1]) == 4
+    write(out / "lcm-s1", "LCM", {1: 209.0, 2: 72.0, 4: 70.0, 8: 72.0})  # ... and whole: it replaces the record
+    script["keep_records"](out, records)
+    assert "| lcm | 2 | 204.5 ± 4.5 |" in script["document"](records, "long", "methods_long.png")
